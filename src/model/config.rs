@@ -1,0 +1,307 @@
+//! Llama architecture configuration, read from HF `config.json` or GGUF metadata.
+
+use crate::source::gguf::Gguf;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RopeLayout {
+    /// HF `rotate_half`: dimension i pairs with i + head_dim/2.
+    #[default]
+    Half,
+    /// llama.cpp / original Meta: dimension 2i pairs with 2i+1.
+    Interleaved,
+}
+
+/// Llama 3.x RoPE frequency scaling (`rope_scaling.rope_type = "llama3"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rope_layout: RopeLayout,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    /// A small random-init config for tests and examples.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            rope_layout: RopeLayout::Half,
+            tie_word_embeddings: true,
+            max_position_embeddings: 512,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let nz = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (k, v) in nz {
+            if v == 0 {
+                bail!("field '{k}' must be positive");
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("head_dim ({}) must be even for RoPE", self.head_dim);
+        }
+        Ok(())
+    }
+
+    /// Parameter count implied by the config.
+    pub fn num_params(&self) -> usize {
+        let d = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d;
+        let emb = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
+        self.num_hidden_layers * layer + emb + d
+    }
+
+    /// Read an HF `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_hf_str(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn from_hf_str(text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).context("invalid JSON")?;
+        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        if !mt.is_empty() && mt != "llama" && mt != "mistral" {
+            bail!("field 'model_type' is '{mt}': only the Llama architecture is supported");
+        }
+        let req = |k: &str| -> Result<usize> {
+            v.get(k)
+                .with_context(|| format!("missing config field '{k}'"))?
+                .as_u64()
+                .map(|x| x as usize)
+                .with_context(|| format!("config field '{k}' is not a non-negative integer"))
+        };
+        let opt_f = |k: &str, d: f64| -> Result<f64> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(d),
+                Some(x) => x.as_f64().with_context(|| format!("config field '{k}' is not a number")),
+            }
+        };
+        let heads = req("num_attention_heads")?;
+        let hidden = req("hidden_size")?;
+        let kv = match v.get("num_key_value_heads") {
+            None | Some(serde_json::Value::Null) => heads,
+            Some(_) => req("num_key_value_heads")?,
+        };
+        let head_dim = match v.get("head_dim") {
+            None | Some(serde_json::Value::Null) => hidden / heads.max(1),
+            Some(_) => req("head_dim")?,
+        };
+        let rope_scaling = match v.get("rope_scaling") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(rs) => {
+                let ty = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+                match ty {
+                    "llama3" => Some(RopeScaling {
+                        factor: rs["factor"].as_f64().context("rope_scaling.factor missing")?,
+                        low_freq_factor: rs["low_freq_factor"].as_f64().context("rope_scaling.low_freq_factor missing")?,
+                        high_freq_factor: rs["high_freq_factor"].as_f64().context("rope_scaling.high_freq_factor missing")?,
+                        original_max_position_embeddings: rs["original_max_position_embeddings"]
+                            .as_u64()
+                            .context("rope_scaling.original_max_position_embeddings missing")?
+                            as usize,
+                    }),
+                    "default" | "" => None,
+                    other => bail!("config field 'rope_scaling.rope_type' = '{other}' is not supported (llama3 is)"),
+                }
+            }
+        };
+        let ids = |k: &str| -> Vec<u32> {
+            match v.get(k) {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+                _ => vec![],
+            }
+        };
+        let cfg = Self {
+            vocab_size: req("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: req("intermediate_size")?,
+            num_hidden_layers: req("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: opt_f("rms_norm_eps", 1e-6)?,
+            rope_theta: opt_f("rope_theta", 10000.0)?,
+            rope_scaling,
+            rope_layout: RopeLayout::Half,
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
+            max_position_embeddings: v.get("max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(4096) as usize,
+            bos_token_id: ids("bos_token_id").first().copied(),
+            eos_token_ids: ids("eos_token_id"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The HF `config.json` for this architecture (what `export` writes).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+        });
+        if let Some(b) = self.bos_token_id {
+            v["bos_token_id"] = b.into();
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [e] => v["eos_token_id"] = (*e).into(),
+            es => v["eos_token_id"] = es.into(),
+        }
+        if let Some(rs) = &self.rope_scaling {
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3",
+                "factor": rs.factor,
+                "low_freq_factor": rs.low_freq_factor,
+                "high_freq_factor": rs.high_freq_factor,
+                "original_max_position_embeddings": rs.original_max_position_embeddings,
+            });
+        }
+        v
+    }
+
+    /// Read the architecture from GGUF metadata (`{arch}.*` keys).
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch = g
+            .require("general.architecture")?
+            .as_str()
+            .with_context(|| format!("{}: metadata 'general.architecture' is not a string", g.path.display()))?
+            .to_string();
+        if arch != "llama" {
+            bail!("{}: general.architecture is '{arch}': only 'llama' is supported", g.path.display());
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = g.require_u64(&k("embedding_length"))? as usize;
+        let heads = g.require_u64(&k("attention.head_count"))? as usize;
+        let kv = match g.get(&k("attention.head_count_kv")) {
+            Some(_) => g.require_u64(&k("attention.head_count_kv"))? as usize,
+            None => heads,
+        };
+        let head_dim = match g.get(&k("attention.key_length")) {
+            Some(_) => g.require_u64(&k("attention.key_length"))? as usize,
+            None => hidden / heads.max(1),
+        };
+        let vocab = match g.get(&k("vocab_size")) {
+            Some(_) => g.require_u64(&k("vocab_size"))? as usize,
+            None => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(|t| t.as_array())
+                .map(|a| a.len())
+                .with_context(|| format!("{}: missing metadata field '{}'", g.path.display(), k("vocab_size")))?,
+        };
+        let tok_id = |key: &str| g.get(key).and_then(|v| v.as_u64()).map(|x| x as u32);
+        let cfg = Self {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: g.require_u64(&k("feed_forward_length"))? as usize,
+            num_hidden_layers: g.require_u64(&k("block_count"))? as usize,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: g.require_f64(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: g.get(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0),
+            rope_scaling: None,
+            rope_layout: RopeLayout::Half,
+            tie_word_embeddings: g.tensor("output.weight").is_none(),
+            max_position_embeddings: g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+            bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: tok_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        };
+        cfg.validate().with_context(|| format!("{}", g.path.display()))?;
+        Ok(cfg)
+    }
+
+    /// RoPE inverse frequencies (with llama3 scaling when configured).
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim as f64;
+        (0..self.head_dim / 2)
+            .map(|i| {
+                let f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd);
+                match &self.rope_scaling {
+                    None => f,
+                    Some(s) => {
+                        let old = s.original_max_position_embeddings as f64;
+                        let low_wl = old / s.low_freq_factor;
+                        let high_wl = old / s.high_freq_factor;
+                        let wl = 2.0 * std::f64::consts::PI / f;
+                        if wl < high_wl {
+                            f
+                        } else if wl > low_wl {
+                            f / s.factor
+                        } else {
+                            let smooth = (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 - smooth) * f / s.factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}

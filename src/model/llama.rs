@@ -1,0 +1,409 @@
+//! The Llama architecture in burn: RMSNorm, RoPE (half or interleaved), grouped-query
+//! attention with a KV cache, SwiGLU MLP, tied or untied output embedding.
+//!
+//! Weights keep the HF layout (`[out, in]` for projections) so canonical names, per-head
+//! slicing and export stay one-to-one with `transformers`.
+
+use super::config::{LlamaConfig, RopeLayout};
+use crate::source::{HostTensor, Weights};
+use anyhow::{bail, Result};
+use burn::module::{Module, Param};
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// One transformer block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub attn_norm: Param<Tensor<B, 1>>,
+    pub q: Param<Tensor<B, 2>>,
+    pub k: Param<Tensor<B, 2>>,
+    pub v: Param<Tensor<B, 2>>,
+    pub o: Param<Tensor<B, 2>>,
+    pub mlp_norm: Param<Tensor<B, 1>>,
+    pub gate: Param<Tensor<B, 2>>,
+    pub up: Param<Tensor<B, 2>>,
+    pub down: Param<Tensor<B, 2>>,
+}
+
+/// A Llama causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub embed: Param<Tensor<B, 2>>,
+    pub layers: Vec<Block<B>>,
+    pub norm: Param<Tensor<B, 1>>,
+    /// `None` when the output projection is tied to `embed`.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// Keys and values of past positions, per layer (`[batch, kv_heads, past, head_dim]`).
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Number of positions already cached.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: (0..n_layers).map(|_| None).collect(), len: 0 }
+    }
+}
+
+/// A borrowed parameter of either rank.
+pub enum ParamRef<'a, B: Backend> {
+    Vector(&'a Param<Tensor<B, 1>>),
+    Matrix(&'a Param<Tensor<B, 2>>),
+}
+
+impl<B: Backend> ParamRef<'_, B> {
+    /// The value, flattened to one dimension.
+    pub fn flat(&self) -> Tensor<B, 1> {
+        match self {
+            ParamRef::Vector(p) => p.val(),
+            ParamRef::Matrix(p) => p.val().flatten(0, 1),
+        }
+    }
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            ParamRef::Vector(p) => p.val().dims().to_vec(),
+            ParamRef::Matrix(p) => p.val().dims().to_vec(),
+        }
+    }
+}
+
+fn param<B: Backend, const D: usize>(t: &HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
+    let data = TensorData::new(t.data.clone(), t.shape.clone());
+    Param::from_tensor(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device))
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    HostTensor::new(shape, data)
+}
+
+/// Canonical HF names of a block's tensors, in field order.
+pub const BLOCK_TENSORS: [&str; 9] = [
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
+
+impl LlamaConfig {
+    /// Expected shape of every canonical tensor, in a stable order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, ff) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
+        for l in 0..self.num_hidden_layers {
+            let shapes = [vec![d], vec![q, d], vec![kv, d], vec![kv, d], vec![d, q], vec![d], vec![ff, d], vec![ff, d], vec![d, ff]];
+            for (n, s) in BLOCK_TENSORS.iter().zip(shapes) {
+                v.push((format!("model.layers.{l}.{n}"), s));
+            }
+        }
+        v.push(("model.norm.weight".into(), vec![d]));
+        if !self.tie_word_embeddings {
+            v.push(("lm_head.weight".into(), vec![self.vocab_size, d]));
+        }
+        v
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Build from canonical host weights, checking every name and shape.
+    pub fn from_weights(config: &LlamaConfig, w: &Weights, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let get = |name: &str, shape: &[usize]| -> Result<&HostTensor> {
+            let Some(t) = w.get(name) else {
+                bail!("missing tensor '{name}'");
+            };
+            if t.shape != shape {
+                bail!("tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
+            }
+            Ok(t)
+        };
+        let shapes = config.tensor_shapes();
+        let mut it = shapes.iter();
+        // Walk the expected-shape list in its order: embed, layers, norm, lm_head.
+        let mut take = || -> Result<&HostTensor> {
+            let (n, s) = it.next().expect("shape list");
+            get(n, s)
+        };
+        let embed = param::<B, 2>(take()?, device);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            layers.push(Block {
+                attn_norm: param(take()?, device),
+                q: param(take()?, device),
+                k: param(take()?, device),
+                v: param(take()?, device),
+                o: param(take()?, device),
+                mlp_norm: param(take()?, device),
+                gate: param(take()?, device),
+                up: param(take()?, device),
+                down: param(take()?, device),
+            });
+        }
+        let norm = param(take()?, device);
+        let lm_head = if config.tie_word_embeddings { None } else { Some(param(take()?, device)) };
+        Ok(Self { embed, layers, norm, lm_head, config: config.clone() })
+    }
+
+    /// Every parameter with its canonical name, in a stable order.
+    pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), ParamRef::Matrix(&self.embed))];
+        for (l, b) in self.layers.iter().enumerate() {
+            let refs = [
+                ParamRef::Vector(&b.attn_norm),
+                ParamRef::Matrix(&b.q),
+                ParamRef::Matrix(&b.k),
+                ParamRef::Matrix(&b.v),
+                ParamRef::Matrix(&b.o),
+                ParamRef::Vector(&b.mlp_norm),
+                ParamRef::Matrix(&b.gate),
+                ParamRef::Matrix(&b.up),
+                ParamRef::Matrix(&b.down),
+            ];
+            for (n, r) in BLOCK_TENSORS.iter().zip(refs) {
+                v.push((format!("model.layers.{l}.{n}"), r));
+            }
+        }
+        v.push(("model.norm.weight".into(), ParamRef::Vector(&self.norm)));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".into(), ParamRef::Matrix(h)));
+        }
+        v
+    }
+
+    /// Replace every parameter's value through `f(name, flat value) -> flat value` (same
+    /// length). Parameter ids are kept, so optimizer state still matches.
+    pub fn map_params(self, mut f: impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Self {
+        fn m1<B: Backend>(p: Param<Tensor<B, 1>>, name: &str, f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Param<Tensor<B, 1>> {
+            p.map(|t| f(name, t))
+        }
+        fn m2<B: Backend>(p: Param<Tensor<B, 2>>, name: &str, f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Param<Tensor<B, 2>> {
+            p.map(|t| {
+                let [r, c] = t.dims();
+                f(name, t.flatten(0, 1)).reshape([r, c])
+            })
+        }
+        let n = |l: usize, i: usize| format!("model.layers.{l}.{}", BLOCK_TENSORS[i]);
+        let embed = m2(self.embed, "model.embed_tokens.weight", &mut f);
+        let layers = self
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(l, b)| Block {
+                attn_norm: m1(b.attn_norm, &n(l, 0), &mut f),
+                q: m2(b.q, &n(l, 1), &mut f),
+                k: m2(b.k, &n(l, 2), &mut f),
+                v: m2(b.v, &n(l, 3), &mut f),
+                o: m2(b.o, &n(l, 4), &mut f),
+                mlp_norm: m1(b.mlp_norm, &n(l, 5), &mut f),
+                gate: m2(b.gate, &n(l, 6), &mut f),
+                up: m2(b.up, &n(l, 7), &mut f),
+                down: m2(b.down, &n(l, 8), &mut f),
+            })
+            .collect();
+        let norm = m1(self.norm, "model.norm.weight", &mut f);
+        let lm_head = self.lm_head.map(|h| m2(h, "lm_head.weight", &mut f));
+        Self { embed, layers, norm, lm_head, config: self.config }
+    }
+
+    /// Copy every parameter back to the host under its canonical name.
+    pub fn to_weights(&self) -> Weights {
+        let mut w = Weights::default();
+        for (name, p) in self.params() {
+            let t = match p {
+                ParamRef::Vector(p) => host(p.val()),
+                ParamRef::Matrix(p) => host(p.val()),
+            };
+            w.insert(name, t);
+        }
+        w
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(|(_, p)| p.shape().iter().product::<usize>()).sum()
+    }
+
+    fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let hd = self.config.head_dim;
+        let inv = self.config.rope_inv_freq();
+        let mut cos = Vec::with_capacity(len * hd);
+        let mut sin = Vec::with_capacity(len * hd);
+        for p in start..start + len {
+            for i in 0..hd {
+                let f = match self.config.rope_layout {
+                    RopeLayout::Half => inv[i % (hd / 2)],
+                    RopeLayout::Interleaved => inv[i / 2],
+                };
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let mk = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [len, hd]).convert::<B::FloatElem>(), device).reshape([1, 1, len, hd]);
+        (mk(cos), mk(sin))
+    }
+
+    fn rope(&self, x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, hd] = x.dims();
+        let rotated = match self.config.rope_layout {
+            RopeLayout::Half => {
+                let x1 = x.clone().narrow(3, 0, hd / 2);
+                let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+                Tensor::cat(vec![x2.neg(), x1], 3)
+            }
+            RopeLayout::Interleaved => {
+                let pairs = x.clone().reshape([b, h, t, hd / 2, 2]);
+                let a = pairs.clone().narrow(4, 0, 1);
+                let c = pairs.narrow(4, 1, 1);
+                Tensor::cat(vec![c.neg(), a], 4).reshape([b, h, t, hd])
+            }
+        };
+        x * cos.clone() + rotated * sin.clone()
+    }
+
+    fn rms_norm<const D: usize>(&self, x: Tensor<B, D>, w: &Param<Tensor<B, 1>>) -> Tensor<B, D> {
+        let eps = self.config.rms_norm_eps;
+        let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let mut shape = [1usize; D];
+        shape[D - 1] = w.val().dims()[0];
+        x * (ms + eps).sqrt().recip() * w.val().reshape(shape)
+    }
+
+    /// Hidden states after the final norm: `[batch, seq, hidden]`.
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let cfg = &self.config;
+        let device = tokens.device();
+        let [b, t] = tokens.dims();
+        let (nh, nkv, hd, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size);
+        let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let (cos, sin) = self.rope_tables(past, t, &device);
+        let total = past + t;
+        let mask = (t > 1).then(|| {
+            let mut m = vec![0f32; t * total];
+            for i in 0..t {
+                for j in (past + i + 1)..total {
+                    m[i * total + j] = -1e9;
+                }
+            }
+            Tensor::<B, 2>::from_data(TensorData::new(m, [t, total]).convert::<B::FloatElem>(), &device).reshape([1, 1, t, total])
+        });
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.val().select(0, tokens.reshape([b * t])).reshape([b, t, d]);
+        for (l, blk) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(x.clone(), &blk.attn_norm);
+            let q = linear(h.clone(), &blk.q).reshape([b, t, nh, hd]).swap_dims(1, 2);
+            let k = linear(h.clone(), &blk.k).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let v = linear(h, &blk.v).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let q = self.rope(q, &cos, &sin);
+            let mut k = self.rope(k, &cos, &sin);
+            let mut v = v;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = c.layers[l].take() {
+                    k = Tensor::cat(vec![pk, k], 2);
+                    v = Tensor::cat(vec![pv, v], 2);
+                }
+                c.layers[l] = Some((k.clone(), v.clone()));
+            }
+            let rep = nh / nkv;
+            let (k, v) = if rep > 1 {
+                let r = |x: Tensor<B, 4>| x.unsqueeze_dim::<5>(2).repeat_dim(2, rep).reshape([b, nh, total, hd]);
+                (r(k), r(v))
+            } else {
+                (k, v)
+            };
+            let mut s = q.matmul(k.swap_dims(2, 3)) * scale;
+            if let Some(m) = &mask {
+                s = s + m.clone();
+            }
+            let a = softmax(s, 3).matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+            x = x + linear(a, &blk.o);
+            let h = self.rms_norm(x.clone(), &blk.mlp_norm);
+            let g = silu(linear(h.clone(), &blk.gate)) * linear(h, &blk.up);
+            x = x + linear(g, &blk.down);
+        }
+        if let Some(c) = cache {
+            c.len = total;
+        }
+        self.rms_norm(x, &self.norm)
+    }
+
+    /// Project hidden states to vocabulary logits.
+    pub fn logits_of(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        linear(h, head)
+    }
+
+    /// Logits `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let h = self.hidden(tokens, cache);
+        self.logits_of(h)
+    }
+
+    /// Negative log-likelihood of each next token: `[batch, seq-1]` (natural log).
+    pub fn token_nll(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, t] = tokens.dims();
+        let inputs = tokens.clone().narrow(1, 0, t - 1);
+        let targets = tokens.narrow(1, 1, t - 1);
+        let logp = log_softmax(self.forward(inputs, None), 2);
+        logp.gather(2, targets.reshape([b, t - 1, 1])).reshape([b, t - 1]).neg()
+    }
+
+    /// Mean next-token cross-entropy over the batch (a one-element tensor).
+    pub fn loss(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        self.token_nll(tokens).mean()
+    }
+}
+
+/// SiLU as `x / (1 + e^-x)`. burn-ndarray's own sigmoid is accurate only to ~5e-7 relative
+/// even in f64 (measured), which breaks finite-difference gradient checks.
+fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() / (x.neg().exp() + 1.0)
+}
+
+/// `x · Wᵀ` for HF-layout `W: [out, in]`, computed as `(W · xᵀ)ᵀ`: burn-ndarray copies a
+/// non-contiguous matmul operand, and the activations are far smaller than the weights.
+fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
+    let [b, t, i] = x.dims();
+    let w = w.val();
+    let o = w.dims()[0];
+    w.matmul(x.reshape([b * t, i]).transpose()).transpose().reshape([b, t, o])
+}
+
+/// Token ids as a `[batch, seq]` Int tensor.
+pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let b = rows.len();
+    let t = rows.first().map(|r| r.len()).unwrap_or(0);
+    let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
+    Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]).convert::<B::IntElem>(), device)
+}
+
+/// Random weights for a config (seeded): tests and tiny experiments.
+pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Weights {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut w = Weights::default();
+    for (name, shape) in cfg.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if shape.len() == 1 {
+            (0..n).map(|_| 1.0 + rng.random_range(-0.1f32..0.1)).collect()
+        } else {
+            let s = 1.0 / (shape[1] as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-s..s)).collect()
+        };
+        w.insert(name, HostTensor::new(shape, data));
+    }
+    w
+}

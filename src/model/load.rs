@@ -1,0 +1,52 @@
+//! Load a checkpoint (config + weights + tokenizer) from any model source.
+
+use super::config::LlamaConfig;
+use super::tokenizer::Tok;
+use crate::source::{self, gguf::Gguf, hfdir, Resolved, Source, Weights};
+use anyhow::{Context, Result};
+
+/// Everything read from a model source, on the host.
+pub struct Checkpoint {
+    pub config: LlamaConfig,
+    pub weights: Weights,
+    pub tokenizer: Tok,
+    /// The source string the user gave.
+    pub source: String,
+    /// The local file or directory it resolved to.
+    pub location: std::path::PathBuf,
+}
+
+/// Resolve and read a model source.
+pub fn load(source: &str) -> Result<Checkpoint> {
+    let parsed = Source::parse(source)?;
+    match parsed.resolve()? {
+        Resolved::Gguf(path) => {
+            let g = Gguf::open(&path)?;
+            let config = LlamaConfig::from_gguf(&g)?;
+            let weights = source::weights::from_gguf(&g, config.num_attention_heads, config.num_key_value_heads)?;
+            let tokenizer = Tok::from_gguf(&g)?;
+            check_complete(&config, &weights).with_context(|| format!("{}", path.display()))?;
+            Ok(Checkpoint { config, weights, tokenizer, source: source.to_string(), location: path })
+        }
+        Resolved::HfDir(dir) => {
+            let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
+            let files = hfdir::safetensors_files(&dir)?;
+            let weights = source::weights::from_safetensors(&files)?;
+            let mut tokenizer = Tok::from_hf_dir(&dir)?;
+            if tokenizer.bos_token.is_none() {
+                tokenizer.bos_token = config.bos_token_id.and_then(|i| tokenizer.inner.id_to_token(i));
+            }
+            check_complete(&config, &weights).with_context(|| format!("{}", dir.display()))?;
+            Ok(Checkpoint { config, weights, tokenizer, source: source.to_string(), location: dir })
+        }
+    }
+}
+
+/// Every tensor the config needs is present with the right shape.
+fn check_complete(cfg: &LlamaConfig, w: &Weights) -> Result<()> {
+    for (name, shape) in cfg.tensor_shapes() {
+        let t = w.get(&name).with_context(|| format!("missing tensor '{name}'"))?;
+        anyhow::ensure!(t.shape == shape, "tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! The model layer: config → weights → burn module, tokenizer, generation, export.
+
+pub mod config;
+pub mod export;
+pub mod generate;
+pub mod llama;
+pub mod load;
+pub mod names;
+pub mod tokenizer;
+
+pub use config::{LlamaConfig, RopeLayout};
+pub use llama::{tokens_tensor, KvCache, Llama, ParamRef};
+pub use load::{load, Checkpoint};
+pub use tokenizer::{Message, Tok};

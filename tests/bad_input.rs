@@ -1,0 +1,174 @@
+//! Bad input gives one clear error line that names the file and the problem, never a panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+/// Run the CLI; return (exit code, stderr).
+fn cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_codespot")).args(args).env("CODESPOT_OFFLINE", "1").output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_one_line_error(args: &[&str], needles: &[&str]) {
+    let (code, err) = cli(args);
+    assert_eq!(code, 1, "exit code for {args:?}; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected for {args:?}, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: '{n}' not in: {err}");
+    }
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = common::tiny_gguf(dir.path(), 1, true);
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [3usize, 20, 200, bytes.len() / 2, bytes.len() - 1] {
+        let p = dir.path().join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        let ps = p.to_str().unwrap();
+        assert_one_line_error(&["info", ps], &[ps, "truncated"]);
+    }
+}
+
+#[test]
+fn gguf_with_garbage_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = common::tiny_gguf(dir.path(), 1, true);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let p = dir.path().join("magic.gguf");
+    bytes[0] = b'X';
+    std::fs::write(&p, &bytes).unwrap();
+    assert_one_line_error(&["info", p.to_str().unwrap()], &["magic.gguf", "not a GGUF file"]);
+    // A huge string length in the first metadata key.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    let p = dir.path().join("len.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    assert_one_line_error(&["info", p.to_str().unwrap()], &["len.gguf", "metadata key #0", "runs past the end"]);
+}
+
+#[test]
+fn gguf_missing_metadata_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = common::tiny_gguf(dir.path(), 1, true);
+    let g = codespot::source::gguf::Gguf::open(&path).unwrap();
+    let meta: Vec<(&str, codespot::source::gguf::Value)> =
+        g.meta.iter().filter(|(k, _)| k.as_str() != "llama.feed_forward_length").map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let owned: Vec<(String, Vec<usize>, Vec<f32>)> = g.tensors.iter().map(|t| (t.name.clone(), t.shape(), g.read_f32(t))).collect();
+    let tensors: Vec<(&str, Vec<usize>, &[f32])> = owned.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice())).collect();
+    let p = dir.path().join("nofield.gguf");
+    codespot::source::gguf::write_f32(&p, &meta, &tensors).unwrap();
+    assert_one_line_error(&["info", p.to_str().unwrap()], &["nofield.gguf", "missing metadata field 'llama.feed_forward_length'"]);
+}
+
+fn hf_dir(dir: &Path) -> std::path::PathBuf {
+    let (path, _) = common::tiny_gguf(dir, 2, true);
+    let ck = codespot::model::load(path.to_str().unwrap()).unwrap();
+    let out = dir.join("hf");
+    codespot::model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false).unwrap();
+    out
+}
+
+#[test]
+fn safetensors_with_wrong_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = hf_dir(dir.path());
+    let st = out.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    bytes[8] = b'#'; // the JSON header no longer parses
+    std::fs::write(&st, &bytes).unwrap();
+    assert_one_line_error(&["info", out.to_str().unwrap()], &["model.safetensors", "invalid header"]);
+    // A header length larger than the file.
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&st, &bytes).unwrap();
+    assert_one_line_error(&["info", out.to_str().unwrap()], &["model.safetensors", "invalid header"]);
+}
+
+#[test]
+fn config_missing_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = hf_dir(dir.path());
+    let cfg = out.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("intermediate_size");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    assert_one_line_error(&["info", out.to_str().unwrap()], &["config.json", "missing config field 'intermediate_size'"]);
+    std::fs::write(&cfg, "{not json").unwrap();
+    assert_one_line_error(&["info", out.to_str().unwrap()], &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn missing_tensor_in_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = hf_dir(dir.path());
+    let ck = codespot::model::load(out.to_str().unwrap()).unwrap();
+    let mut w = ck.weights.clone();
+    w.tensors.remove("model.layers.1.mlp.down_proj.weight");
+    codespot::source::weights::save_safetensors(&w, &out.join("model.safetensors"), None).unwrap();
+    assert_one_line_error(&["info", out.to_str().unwrap()], &["hf", "missing tensor 'model.layers.1.mlp.down_proj.weight'"]);
+}
+
+#[test]
+fn unknown_scheme_and_missing_paths() {
+    assert_one_line_error(&["info", "s3://bucket/model"], &["unknown scheme 's3:'"]);
+    assert_one_line_error(&["info", "ftp:model"], &["unknown scheme 'ftp:'"]);
+    assert_one_line_error(&["info", "/no/such/model.gguf"], &["/no/such/model.gguf", "no such GGUF file"]);
+    assert_one_line_error(&["info", "/no/such/dir"], &["/no/such/dir", "no such file or directory"]);
+    assert_one_line_error(&["info", "hf:justone"], &["hf:OWNER/NAME"]);
+    assert_one_line_error(&["info", "pypi:pkg#x.gguf"], &["==VERSION"]);
+}
+
+#[test]
+fn offline_mode_is_honoured_for_hub_and_pypi() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |src: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_codespot"))
+            .args(["info", src])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", dir.path())
+            .env("CODESPOT_CACHE", dir.path())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run("hf:someone/some-model");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not in the HF cache and HF_HUB_OFFLINE is set"), "{err}");
+    let (code, err) = run("pypi:nonexistent-pkg==1.0#a.gguf");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("offline mode is on"), "{err}");
+}
+
+#[test]
+fn hub_cache_layout_is_read_offline() {
+    // A model placed in the HF cache layout (models--OWNER--NAME/snapshots/REV + refs/main)
+    // loads with HF_HUB_OFFLINE=1.
+    let dir = tempfile::tempdir().unwrap();
+    let src = hf_dir(dir.path());
+    let repo = dir.path().join("hub").join("models--acme--tiny");
+    let snap = repo.join("snapshots").join("abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "abc123").unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args(["info", "hf:acme/tiny", "--json"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.path())
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["config"]["num_hidden_layers"], 2);
+}

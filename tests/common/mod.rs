@@ -1,0 +1,117 @@
+//! Shared test helpers: tiny random models and a tiny byte-level GGUF.
+#![allow(dead_code)]
+
+use codespot::model::LlamaConfig;
+use codespot::source::gguf::{self, Value};
+use std::path::{Path, PathBuf};
+
+/// GPT-2's byte → unicode map (so every byte is one printable vocab symbol).
+pub fn byte_symbols() -> Vec<String> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![String::new(); 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).unwrap().to_string();
+    }
+    out
+}
+
+/// Vocabulary of a tiny byte-level model: 2 specials + 256 bytes + a few merges.
+pub fn tiny_vocab() -> (Vec<String>, Vec<u64>, Vec<String>) {
+    let mut tokens = vec!["<|im_start|>".to_string(), "<|im_end|>".to_string()];
+    let mut types = vec![3u64, 3];
+    let syms = byte_symbols();
+    tokens.extend(syms.iter().cloned());
+    types.extend(std::iter::repeat(1).take(256));
+    let sp = &syms[b' ' as usize];
+    let merges = vec![format!("{sp} {sp}"), "d e".into(), "de f".into(), "r e".into(), "re t".into()];
+    tokens.extend([format!("{sp}{sp}"), "de".into(), "def".into(), "re".into(), "ret".into()]);
+    types.extend([1, 1, 1, 1, 1]);
+    (tokens, types, merges)
+}
+
+/// Write a tiny random Llama as a GGUF (F32 tensors, llama.cpp's permuted Q/K rows) and
+/// return its path and config.
+pub fn tiny_gguf(dir: &Path, seed: u64, tied: bool) -> (PathBuf, LlamaConfig) {
+    let (tokens, types, merges) = tiny_vocab();
+    let mut cfg = LlamaConfig::tiny(tokens.len());
+    cfg.tie_word_embeddings = tied;
+    cfg.bos_token_id = Some(0);
+    cfg.eos_token_ids = vec![1];
+    let w = codespot::model::llama::random_weights(&cfg, seed);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::Str("llama".into())),
+        ("llama.block_count", Value::U64(cfg.num_hidden_layers as u64)),
+        ("llama.embedding_length", Value::U64(cfg.hidden_size as u64)),
+        ("llama.feed_forward_length", Value::U64(cfg.intermediate_size as u64)),
+        ("llama.attention.head_count", Value::U64(cfg.num_attention_heads as u64)),
+        ("llama.attention.head_count_kv", Value::U64(cfg.num_key_value_heads as u64)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F64(cfg.rms_norm_eps)),
+        ("llama.rope.freq_base", Value::F64(cfg.rope_theta)),
+        ("llama.context_length", Value::U64(512)),
+        ("tokenizer.ggml.model", Value::Str("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::Str("smollm".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::Str(t.clone())).collect())),
+        ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|t| Value::I64(*t as i64)).collect())),
+        ("tokenizer.ggml.merges", Value::Array(merges.iter().map(|m| Value::Str(m.clone())).collect())),
+        ("tokenizer.ggml.bos_token_id", Value::U64(0)),
+        ("tokenizer.ggml.eos_token_id", Value::U64(1)),
+        ("tokenizer.chat_template", Value::Str(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
+    ];
+    let to_gguf = |name: &str| -> String {
+        let hf = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        if let Some((_, g)) = hf.iter().find(|(h, _)| *h == name) {
+            return g.to_string();
+        }
+        let rest = name.strip_prefix("model.layers.").unwrap();
+        let (l, leaf) = rest.split_once('.').unwrap();
+        let g = match leaf {
+            "input_layernorm.weight" => "attn_norm.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            "self_attn.q_proj.weight" => "attn_q.weight",
+            "self_attn.k_proj.weight" => "attn_k.weight",
+            "self_attn.v_proj.weight" => "attn_v.weight",
+            "self_attn.o_proj.weight" => "attn_output.weight",
+            "mlp.gate_proj.weight" => "ffn_gate.weight",
+            "mlp.up_proj.weight" => "ffn_up.weight",
+            "mlp.down_proj.weight" => "ffn_down.weight",
+            _ => panic!("{leaf}"),
+        };
+        format!("blk.{l}.{g}")
+    };
+    let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, t) in &w.tensors {
+        let mut data = t.data.clone();
+        if name.ends_with("q_proj.weight") {
+            data = codespot::source::weights::permute_rows(&data, t.shape[0], t.shape[1], cfg.num_attention_heads);
+        } else if name.ends_with("k_proj.weight") {
+            data = codespot::source::weights::permute_rows(&data, t.shape[0], t.shape[1], cfg.num_key_value_heads);
+        }
+        owned.push((to_gguf(name), t.shape.clone(), data));
+    }
+    let tensors: Vec<(&str, Vec<usize>, &[f32])> = owned.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice())).collect();
+    let path = dir.join("tiny.gguf");
+    gguf::write_f32(&path, &meta, &tensors).unwrap();
+    (path, cfg)
+}
+
+/// The real default model's GGUF (fetched into the cache by `.ci/run` or on first use).
+pub fn default_gguf() -> PathBuf {
+    match codespot::source::Source::parse("default").unwrap().resolve().unwrap() {
+        codespot::source::Resolved::Gguf(p) => p,
+        other => panic!("default resolved to {other:?}"),
+    }
+}
