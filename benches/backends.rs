@@ -1,9 +1,10 @@
 //! CPU backend comparison at the default model's shapes: f32 matmul GFLOP/s at
 //! [2048×576]·[576×1536], and a forward+backward step of SmolLM2-135M at batch 4 × 256.
 //!
-//! `cargo bench --bench backends` measures ndarray + system OpenBLAS (the default);
-//! `CARGO_TARGET_DIR=target/alt cargo bench --bench backends --features bench-flex,bench-candle`
-//! adds burn-flex (rayon + simd) and burn-candle (a separate target dir keeps the main build).
+//! `cargo bench --bench backends` measures burn-flex (the default CPU backend). With
+//! `CARGO_TARGET_DIR=target/alt cargo bench --bench backends --features bench-ndarray,bench-candle`
+//! and `BACKEND=ndarray|candle|flex` it measures the others (one per process, so peak RSS is
+//! its own; a separate target dir keeps the main build; ndarray needs libopenblas-dev).
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -34,7 +35,13 @@ fn matmul_gflops<B: Backend>(dev: &B::Device) -> f64 {
 fn step_tokens_per_s<B: Backend>(ck: &model::Checkpoint, dev: &B::Device) -> f64 {
     let m = Llama::<Autodiff<B>>::from_weights(&ck.config, &ck.weights, dev).unwrap();
     let v = ck.config.vocab_size as u32;
-    let rows: Vec<Vec<u32>> = (0..4).map(|b| (0..257).map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..4)
+        .map(|b| {
+            (0..257)
+                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
+                .collect()
+        })
+        .collect();
     let run = || {
         let t = Instant::now();
         let loss = m.loss(tokens_tensor::<Autodiff<B>>(&rows, dev));
@@ -47,21 +54,64 @@ fn step_tokens_per_s<B: Backend>(ck: &model::Checkpoint, dev: &B::Device) -> f64
     (4 * 256) as f64 / median(times)
 }
 
+fn step_ckpt_tokens_per_s<B: Backend>(ck: &model::Checkpoint, dev: &B::Device) -> f64 {
+    type Bal = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    let m = Llama::<Autodiff<B, Bal>>::from_weights(&ck.config, &ck.weights, dev).unwrap();
+    let v = ck.config.vocab_size as u32;
+    let rows: Vec<Vec<u32>> = (0..4)
+        .map(|b| {
+            (0..257)
+                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
+                .collect()
+        })
+        .collect();
+    let run = || {
+        let t = Instant::now();
+        let loss = m.loss(tokens_tensor::<Autodiff<B, Bal>>(&rows, dev));
+        drop(loss.backward());
+        t.elapsed().as_secs_f64()
+    };
+    run();
+    (4 * 256) as f64 / median((0..3).map(|_| run()).collect())
+}
+
+fn decode_tokens_per_s<B: Backend>(ck: &model::Checkpoint, dev: &B::Device) -> f64 {
+    let m = Llama::<B>::from_weights(&ck.config, &ck.weights, dev).unwrap();
+    let prompt = ck.tokenizer.encode("def fibonacci(n):", false).unwrap();
+    let opts = model::generate::GenOptions {
+        max_tokens: 32,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let out = model::generate::generate(&m, &ck.tokenizer, &prompt, &opts, |_| {}).unwrap();
+    out.ids.len() as f64 / t.elapsed().as_secs_f64()
+}
+
 fn report<B: Backend>(name: &str, ck: &model::Checkpoint) {
     let dev = B::Device::default();
     let g = matmul_gflops::<B>(&dev);
     let s = step_tokens_per_s::<B>(ck, &dev);
-    println!("| {name:<28} | {g:>8.1} | {s:>10.1} |");
+    let c = step_ckpt_tokens_per_s::<B>(ck, &dev);
+    let d = decode_tokens_per_s::<B>(ck, &dev);
+    let rss = codespot::util::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0;
+    println!("| {name:<28} | {g:>8.1} | {s:>10.1} | {c:>10.1} | {d:>8.1} | {rss:>8.0} |");
 }
 
 fn main() {
     codespot::alloc::tune();
     let ck = model::load("default").expect("default model");
-    println!("| backend                      | sgemm GFLOP/s | fwd+bwd tokens/s |");
-    println!("|------------------------------|----------:|-----------:|");
-    report::<burn::backend::NdArray<f32>>("ndarray + openblas-system", &ck);
-    #[cfg(feature = "bench-flex")]
-    report::<burn::backend::Flex>("flex (rayon + simd)", &ck);
-    #[cfg(feature = "bench-candle")]
-    report::<burn::backend::Candle<f32, i64>>("candle", &ck);
+    // One backend per process (BACKEND=ndarray|flex|candle), so peak RSS is its own.
+    let which = std::env::var("BACKEND").unwrap_or_else(|_| "flex".into());
+    if std::env::var("HEADER").is_ok_and(|h| !h.is_empty()) {
+        println!("| backend                      | sgemm GFLOP/s | fwd+bwd tok/s | fwd+bwd ckpt tok/s | decode tok/s | peak RSS MiB |");
+        println!("|------------------------------|---------:|-----------:|-----------:|---------:|---------:|");
+    }
+    match which.as_str() {
+        "flex" => report::<burn::backend::Flex>("flex (rayon + simd)", &ck),
+        #[cfg(feature = "bench-ndarray")]
+        "ndarray" => report::<burn::backend::NdArray<f32>>("ndarray + openblas-system", &ck),
+        #[cfg(feature = "bench-candle")]
+        "candle" => report::<burn::backend::Candle<f32, i64>>("candle", &ck),
+        other => eprintln!("BACKEND={other} is not compiled in"),
+    }
 }

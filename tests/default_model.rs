@@ -19,19 +19,40 @@ fn checkpoint() -> &'static model::Checkpoint {
 /// prompt's ids with the Python `tokenizers` package (see the script's docstring).
 #[test]
 fn last_token_logits_match_independent_reference() {
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("tests/golden/smollm2_q4_1_logits.json").unwrap()).unwrap();
-    let ids: Vec<u32> = golden["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let want: Vec<f64> = golden["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/golden/smollm2_q4_1_logits.json").unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = golden["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let want: Vec<f64> = golden["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     let ck = checkpoint();
     // Our tokenizer gives the reference's ids for the same prompt.
-    assert_eq!(ck.tokenizer.encode(golden["prompt"].as_str().unwrap(), false).unwrap(), ids);
+    assert_eq!(
+        ck.tokenizer
+            .encode(golden["prompt"].as_str().unwrap(), false)
+            .unwrap(),
+        ids
+    );
     let dev = Default::default();
     let m = Llama::<Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
     let got = codespot::cli::last_logits(&m, &ids, &dev);
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0.0f64, |a, x| a.max(x.abs()));
-    let max_err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+    let max_err = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max);
     let rel = max_err / scale;
     println!("max |Δlogit| = {max_err:e}, relative to max |logit| {scale:.3}: {rel:e}");
     assert!(rel <= 1e-4, "max relative error {rel:e} > 1e-4");
@@ -60,7 +81,12 @@ fn tokenizer_round_trips_code_and_chat() {
     ];
     for s in samples {
         let ids = tok.encode(s, false).unwrap();
-        assert!(ids.len() < s.len(), "BPE should compress: {} ids for {} bytes", ids.len(), s.len());
+        assert!(
+            ids.len() < s.len(),
+            "BPE should compress: {} ids for {} bytes",
+            ids.len(),
+            s.len()
+        );
         assert_eq!(tok.decode(&ids).unwrap(), s);
     }
 }
@@ -68,7 +94,16 @@ fn tokenizer_round_trips_code_and_chat() {
 #[test]
 fn special_tokens_map_to_single_ids() {
     let tok = &checkpoint().tokenizer;
-    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>", "<filename>", "<jupyter_code>", "<empty_output>"];
+    let specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<repo_name>",
+        "<file_sep>",
+        "<filename>",
+        "<jupyter_code>",
+        "<empty_output>",
+    ];
     for (s, want) in specials.iter().zip([0u32, 1, 2, 3, 5, 6, 13, 16]) {
         assert_eq!(tok.encode(s, false).unwrap(), vec![want], "{s}");
         assert_eq!(tok.token_id(s), Some(want));
@@ -96,11 +131,21 @@ fn chat_generation_writes_python() {
     let ck = checkpoint();
     let dev = Default::default();
     let m = Llama::<Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
-    let prompt = ck.tokenizer.apply_chat(&[Message::user("Write a Python function is_prime(n).")], true).unwrap();
+    let prompt = ck
+        .tokenizer
+        .apply_chat(
+            &[Message::user("Write a Python function is_prime(n).")],
+            true,
+        )
+        .unwrap();
     let ids = ck.tokenizer.encode(&prompt, false).unwrap();
-    let opts = model::generate::GenOptions { max_tokens: 40, ..Default::default() };
+    let opts = model::generate::GenOptions {
+        max_tokens: 40,
+        ..Default::default()
+    };
     let mut streamed = String::new();
-    let out = model::generate::generate(&m, &ck.tokenizer, &ids, &opts, |s| streamed.push_str(s)).unwrap();
+    let out = model::generate::generate(&m, &ck.tokenizer, &ids, &opts, |s| streamed.push_str(s))
+        .unwrap();
     assert_eq!(streamed, out.text);
     assert!(out.text.contains("def is_prime(n"), "{}", out.text);
     // Greedy decoding is deterministic.
@@ -111,8 +156,19 @@ fn chat_generation_writes_python() {
 #[test]
 fn default_config_matches_smollm2_135m() {
     let c = &checkpoint().config;
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads), (30, 576, 9, 3));
-    assert_eq!((c.vocab_size, c.head_dim, c.intermediate_size), (49152, 64, 1536));
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
+        (30, 576, 9, 3)
+    );
+    assert_eq!(
+        (c.vocab_size, c.head_dim, c.intermediate_size),
+        (49152, 64, 1536)
+    );
     assert!(c.tie_word_embeddings);
     assert_eq!(c.rope_theta, 100000.0);
     assert_eq!(c.num_params(), checkpoint().weights.num_params());

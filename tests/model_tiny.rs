@@ -8,27 +8,31 @@ use burn::tensor::backend::Backend;
 use codespot::model::{self, tokens_tensor, KvCache, Llama, LlamaConfig, ParamRef, RopeLayout};
 use codespot::source::{HostTensor, Weights};
 
-
 type F64 = NdArray<f64>;
 type F64Ad = Autodiff<NdArray<f64>>;
 
 fn batch() -> Vec<Vec<u32>> {
-    vec![vec![3, 17, 42, 5, 60, 61, 2, 9, 33], vec![7, 7, 1, 0, 12, 50, 44, 3, 21]]
+    vec![
+        vec![3, 17, 42, 5, 60, 61, 2, 9, 33],
+        vec![7, 7, 1, 0, 12, 50, 44, 3, 21],
+    ]
 }
 
 /// Loss with element `i` of tensor `name` shifted by `delta`, all in f64 (the shift is applied
 /// on the f64 model, so no f32 rounding enters the finite difference).
 fn loss_of(cfg: &LlamaConfig, w: &Weights, name: &str, i: usize, delta: f64) -> f64 {
     let dev = Default::default();
-    let m = Llama::<F64>::from_weights(cfg, w, &dev).unwrap().map_params(|n, t| {
-        if n != name {
-            return t;
-        }
-        let mut v: Vec<f64> = t.into_data().convert::<f64>().into_vec().unwrap();
-        v[i] += delta;
-        let len = v.len();
-        burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [len]), &dev)
-    });
+    let m = Llama::<F64>::from_weights(cfg, w, &dev)
+        .unwrap()
+        .map_params(|n, t| {
+            if n != name {
+                return t;
+            }
+            let mut v: Vec<f64> = t.into_data().convert::<f64>().into_vec().unwrap();
+            v[i] += delta;
+            let len = v.len();
+            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [len]), &dev)
+        });
     let l = m.loss(tokens_tensor::<F64>(&batch(), &dev));
     l.into_data().convert::<f64>().into_vec::<f64>().unwrap()[0]
 }
@@ -44,17 +48,39 @@ fn check_gradients(tied: bool) {
     let mut checked = 0;
     for (name, p) in m.params() {
         let g: Vec<f64> = match p {
-            ParamRef::Vector(p) => p.val().grad(&grads).unwrap().into_data().convert::<f64>().into_vec().unwrap(),
-            ParamRef::Matrix(p) => p.val().grad(&grads).unwrap().flatten::<1>(0, 1).into_data().convert::<f64>().into_vec().unwrap(),
+            ParamRef::Vector(p) => p
+                .val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .convert::<f64>()
+                .into_vec()
+                .unwrap(),
+            ParamRef::Matrix(p) => p
+                .val()
+                .grad(&grads)
+                .unwrap()
+                .flatten::<1>(0, 1)
+                .into_data()
+                .convert::<f64>()
+                .into_vec()
+                .unwrap(),
         };
         let n = g.len();
         // Three elements per tensor: the largest gradient and two spread indices.
-        let big = (0..n).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        let big = (0..n)
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
         for &i in &[big, n / 3, (n * 7) / 11] {
             let eps = 1e-5;
-            let fd = (loss_of(&cfg, &w, &name, i, eps) - loss_of(&cfg, &w, &name, i, -eps)) / (2.0 * eps);
+            let fd = (loss_of(&cfg, &w, &name, i, eps) - loss_of(&cfg, &w, &name, i, -eps))
+                / (2.0 * eps);
             let err = (fd - g[i]).abs();
-            assert!(err <= 1e-9 + 1e-6 * g[i].abs().max(fd.abs()), "{name}[{i}]: autodiff {} vs finite difference {fd} (err {err})", g[i]);
+            assert!(
+                err <= 1e-9 + 1e-6 * g[i].abs().max(fd.abs()),
+                "{name}[{i}]: autodiff {} vs finite difference {fd} (err {err})",
+                g[i]
+            );
             checked += 1;
         }
     }
@@ -74,12 +100,19 @@ fn gradients_match_central_finite_differences_untied() {
 
 fn logits<B: Backend>(m: &Llama<B>, rows: &[Vec<u32>]) -> Vec<f64> {
     let dev = m.embed.val().device();
-    m.forward(tokens_tensor::<B>(rows, &dev), None).into_data().convert::<f64>().into_vec().unwrap()
+    m.forward(tokens_tensor::<B>(rows, &dev), None)
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .unwrap()
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -105,7 +138,11 @@ fn interleaved_rope_on_permuted_weights_equals_half_rope() {
     let inter = Llama::<F64>::from_weights(&icfg, &wp, &dev).unwrap();
     let a = logits(&half, &batch());
     let b = logits(&inter, &batch());
-    assert!(max_abs_diff(&a, &b) < 1e-10, "layouts disagree: {}", max_abs_diff(&a, &b));
+    assert!(
+        max_abs_diff(&a, &b) < 1e-10,
+        "layouts disagree: {}",
+        max_abs_diff(&a, &b)
+    );
     // And the permutation matters: interleaved RoPE on unpermuted weights differs.
     let wrong = Llama::<F64>::from_weights(&icfg, &w, &dev).unwrap();
     assert!(max_abs_diff(&a, &logits(&wrong, &batch())) > 1e-4);
@@ -116,7 +153,10 @@ fn permute_and_unpermute_are_inverse() {
     let data: Vec<f32> = (0..12 * 5).map(|x| x as f32).collect();
     let p = codespot::source::weights::permute_rows(&data, 12, 5, 3);
     assert_ne!(p, data);
-    assert_eq!(codespot::source::weights::unpermute_rows(&p, 12, 5, 3), data);
+    assert_eq!(
+        codespot::source::weights::unpermute_rows(&p, 12, 5, 3),
+        data
+    );
 }
 
 #[test]
@@ -130,9 +170,22 @@ fn kv_cache_decoding_matches_full_forward() {
     let v = cfg.vocab_size;
     let mut cache = KvCache::new(cfg.num_hidden_layers);
     // Prefill 4 tokens, then one at a time.
-    let mut got: Vec<f64> = m.forward(tokens_tensor::<F64>(&[seq[..4].to_vec()], &dev), Some(&mut cache)).into_data().convert::<f64>().into_vec().unwrap();
+    let mut got: Vec<f64> = m
+        .forward(
+            tokens_tensor::<F64>(&[seq[..4].to_vec()], &dev),
+            Some(&mut cache),
+        )
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .unwrap();
     for &t in &seq[4..] {
-        let l: Vec<f64> = m.forward(tokens_tensor::<F64>(&[vec![t]], &dev), Some(&mut cache)).into_data().convert::<f64>().into_vec().unwrap();
+        let l: Vec<f64> = m
+            .forward(tokens_tensor::<F64>(&[vec![t]], &dev), Some(&mut cache))
+            .into_data()
+            .convert::<f64>()
+            .into_vec()
+            .unwrap();
         got.extend(l);
     }
     assert_eq!(cache.len, seq.len());
@@ -147,15 +200,30 @@ fn map_params_and_to_weights_round_trip() {
     let dev = Default::default();
     let m = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap();
     let back = m.to_weights();
-    assert_eq!(back.tensors.keys().collect::<Vec<_>>(), w.tensors.keys().collect::<Vec<_>>());
+    assert_eq!(
+        back.tensors.keys().collect::<Vec<_>>(),
+        w.tensors.keys().collect::<Vec<_>>()
+    );
     for (k, t) in &w.tensors {
         assert_eq!(&back.tensors[k], t, "{k}");
     }
     // Zeroing through map_params touches exactly the named tensor.
-    let m = m.map_params(|name, t| if name == "model.layers.1.mlp.up_proj.weight" { t.zeros_like() } else { t });
+    let m = m.map_params(|name, t| {
+        if name == "model.layers.1.mlp.up_proj.weight" {
+            t.zeros_like()
+        } else {
+            t
+        }
+    });
     let z = m.to_weights();
-    assert!(z.tensors["model.layers.1.mlp.up_proj.weight"].data.iter().all(|&x| x == 0.0));
-    assert_eq!(z.tensors["model.layers.0.mlp.up_proj.weight"], w.tensors["model.layers.0.mlp.up_proj.weight"]);
+    assert!(z.tensors["model.layers.1.mlp.up_proj.weight"]
+        .data
+        .iter()
+        .all(|&x| x == 0.0));
+    assert_eq!(
+        z.tensors["model.layers.0.mlp.up_proj.weight"],
+        w.tensors["model.layers.0.mlp.up_proj.weight"]
+    );
 }
 
 #[test]
@@ -164,12 +232,25 @@ fn from_weights_reports_missing_and_misshapen_tensors() {
     let mut w = model::llama::random_weights(&cfg, 5);
     let dev = burn::tensor::Device::<F64>::default();
     w.tensors.remove("model.layers.1.self_attn.v_proj.weight");
-    let e = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap_err().to_string();
-    assert!(e.contains("missing tensor 'model.layers.1.self_attn.v_proj.weight'"), "{e}");
+    let e = Llama::<F64>::from_weights(&cfg, &w, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing tensor 'model.layers.1.self_attn.v_proj.weight'"),
+        "{e}"
+    );
     let mut w = model::llama::random_weights(&cfg, 5);
-    w.tensors.insert("model.norm.weight".into(), HostTensor::new(vec![3], vec![1.0; 3]));
-    let e = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap_err().to_string();
-    assert!(e.contains("'model.norm.weight' has shape [3], expected [32]"), "{e}");
+    w.tensors.insert(
+        "model.norm.weight".into(),
+        HostTensor::new(vec![3], vec![1.0; 3]),
+    );
+    let e = Llama::<F64>::from_weights(&cfg, &w, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'model.norm.weight' has shape [3], expected [32]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -187,21 +268,37 @@ fn gguf_load_unpermutes_and_export_round_trips_through_hf_dir() {
         }
         let out = dir.path().join(format!("export-{tied}"));
         model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false).unwrap();
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
             assert!(out.join(f).is_file(), "{f}");
         }
         let again = model::load(out.to_str().unwrap()).unwrap();
         assert_eq!(again.config.hidden_size, cfg.hidden_size);
         assert_eq!(again.config.tie_word_embeddings, tied);
         let dev = Default::default();
-        let a = logits(&Llama::<F64>::from_weights(&ck.config, &ck.weights, &dev).unwrap(), &batch());
-        let b = logits(&Llama::<F64>::from_weights(&again.config, &again.weights, &dev).unwrap(), &batch());
+        let a = logits(
+            &Llama::<F64>::from_weights(&ck.config, &ck.weights, &dev).unwrap(),
+            &batch(),
+        );
+        let b = logits(
+            &Llama::<F64>::from_weights(&again.config, &again.weights, &dev).unwrap(),
+            &batch(),
+        );
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let text = "<|im_start|>user\ndef ret  x<|im_end|>";
-        assert_eq!(ck.tokenizer.encode(text, false).unwrap(), again.tokenizer.encode(text, false).unwrap());
+        assert_eq!(
+            ck.tokenizer.encode(text, false).unwrap(),
+            again.tokenizer.encode(text, false).unwrap()
+        );
         assert_eq!(again.tokenizer.chat_template, ck.tokenizer.chat_template);
         // Exporting over an existing directory needs --force.
-        let e = model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false).unwrap_err();
+        let e = model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false)
+            .unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
     }
 }
@@ -215,7 +312,12 @@ fn tiny_tokenizer_uses_merges_and_special_tokens() {
     let ids = tok.encode("<|im_start|>def", false).unwrap();
     assert_eq!(ids, vec![0, tok.token_id("def").unwrap()]);
     let chat = tok.apply_chat(&[model::Message::user("hi")], true).unwrap();
-    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
-    assert_eq!(tok.decode(&tok.encode(&chat, false).unwrap()).unwrap(), chat);
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        tok.decode(&tok.encode(&chat, false).unwrap()).unwrap(),
+        chat
+    );
 }
-

@@ -20,7 +20,14 @@ pub struct GenOptions {
 
 impl Default for GenOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop: vec![] }
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: vec![],
+        }
     }
 }
 
@@ -43,7 +50,10 @@ pub fn sample(logits: &[f32], opts: &GenOptions, rng: &mut impl Rng) -> u32 {
         idx.truncate(opts.top_k);
     }
     let m = logits[idx[0]];
-    let mut p: Vec<f64> = idx.iter().map(|&i| (((logits[i] - m) / opts.temperature) as f64).exp()).collect();
+    let mut p: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - m) / opts.temperature) as f64).exp())
+        .collect();
     let z: f64 = p.iter().sum();
     p.iter_mut().for_each(|x| *x /= z);
     if opts.top_p < 1.0 {
@@ -96,9 +106,18 @@ pub fn generate<B: Backend>(
     let mut finish = "length";
     for _ in 0..opts.max_tokens {
         let t = input.len();
-        let logits = model.forward(tokens_tensor::<B>(&[input.clone()], &device), Some(&mut cache));
+        let logits = model.forward(
+            tokens_tensor::<B>(&[input.clone()], &device),
+            Some(&mut cache),
+        );
         let vocab = logits.dims()[2];
-        let last: Vec<f32> = logits.narrow(1, t - 1, 1).reshape([vocab]).into_data().convert::<f32>().into_vec().expect("f32");
+        let last: Vec<f32> = logits
+            .narrow(1, t - 1, 1)
+            .reshape([vocab])
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32");
         let next = sample(&last, opts, &mut rng);
         if stop_ids.contains(&next) {
             finish = "eos";
@@ -114,7 +133,11 @@ pub fn generate<B: Backend>(
         if let Some(pos) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             finish = "stop";
             let text = text[..pos].to_string();
-            return Ok(GenOutput { ids: out, text, finish });
+            return Ok(GenOutput {
+                ids: out,
+                text,
+                finish,
+            });
         }
         input = vec![next];
     }
@@ -122,5 +145,9 @@ pub fn generate<B: Backend>(
     if text.len() > printed && text.is_char_boundary(printed) {
         on_text(&text[printed..]);
     }
-    Ok(GenOutput { ids: out, text, finish })
+    Ok(GenOutput {
+        ids: out,
+        text,
+        finish,
+    })
 }

@@ -47,7 +47,10 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: (0..n_layers).map(|_| None).collect(), len: 0 }
+        Self {
+            layers: (0..n_layers).map(|_| None).collect(),
+            len: 0,
+        }
     }
 }
 
@@ -75,12 +78,19 @@ impl<B: Backend> ParamRef<'_, B> {
 
 fn param<B: Backend, const D: usize>(t: &HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
     let data = TensorData::new(t.data.clone(), t.shape.clone());
-    Param::from_tensor(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device))
+    Param::from_tensor(Tensor::<B, D>::from_data(
+        data.convert::<B::FloatElem>(),
+        device,
+    ))
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
     let shape = t.dims().to_vec();
-    let data = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data");
     HostTensor::new(shape, data)
 }
 
@@ -103,9 +113,22 @@ impl LlamaConfig {
         let (d, ff) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, d],
+        )];
         for l in 0..self.num_hidden_layers {
-            let shapes = [vec![d], vec![q, d], vec![kv, d], vec![kv, d], vec![d, q], vec![d], vec![ff, d], vec![ff, d], vec![d, ff]];
+            let shapes = [
+                vec![d],
+                vec![q, d],
+                vec![kv, d],
+                vec![kv, d],
+                vec![d, q],
+                vec![d],
+                vec![ff, d],
+                vec![ff, d],
+                vec![d, ff],
+            ];
             for (n, s) in BLOCK_TENSORS.iter().zip(shapes) {
                 v.push((format!("model.layers.{l}.{n}"), s));
             }
@@ -127,7 +150,10 @@ impl<B: Backend> Llama<B> {
                 bail!("missing tensor '{name}'");
             };
             if t.shape != shape {
-                bail!("tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
+                bail!(
+                    "tensor '{name}' has shape {:?}, expected {shape:?}",
+                    t.shape
+                );
             }
             Ok(t)
         };
@@ -154,13 +180,26 @@ impl<B: Backend> Llama<B> {
             });
         }
         let norm = param(take()?, device);
-        let lm_head = if config.tie_word_embeddings { None } else { Some(param(take()?, device)) };
-        Ok(Self { embed, layers, norm, lm_head, config: config.clone() })
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(param(take()?, device))
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            config: config.clone(),
+        })
     }
 
     /// Every parameter with its canonical name, in a stable order.
     pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), ParamRef::Matrix(&self.embed))];
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            ParamRef::Matrix(&self.embed),
+        )];
         for (l, b) in self.layers.iter().enumerate() {
             let refs = [
                 ParamRef::Vector(&b.attn_norm),
@@ -187,10 +226,18 @@ impl<B: Backend> Llama<B> {
     /// Replace every parameter's value through `f(name, flat value) -> flat value` (same
     /// length). Parameter ids are kept, so optimizer state still matches.
     pub fn map_params(self, mut f: impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Self {
-        fn m1<B: Backend>(p: Param<Tensor<B, 1>>, name: &str, f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Param<Tensor<B, 1>> {
+        fn m1<B: Backend>(
+            p: Param<Tensor<B, 1>>,
+            name: &str,
+            f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>,
+        ) -> Param<Tensor<B, 1>> {
             p.map(|t| f(name, t))
         }
-        fn m2<B: Backend>(p: Param<Tensor<B, 2>>, name: &str, f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Param<Tensor<B, 2>> {
+        fn m2<B: Backend>(
+            p: Param<Tensor<B, 2>>,
+            name: &str,
+            f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>,
+        ) -> Param<Tensor<B, 2>> {
             p.map(|t| {
                 let [r, c] = t.dims();
                 f(name, t.flatten(0, 1)).reshape([r, c])
@@ -216,7 +263,13 @@ impl<B: Backend> Llama<B> {
             .collect();
         let norm = m1(self.norm, "model.norm.weight", &mut f);
         let lm_head = self.lm_head.map(|h| m2(h, "lm_head.weight", &mut f));
-        Self { embed, layers, norm, lm_head, config: self.config }
+        Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            config: self.config,
+        }
     }
 
     /// Copy every parameter back to the host under its canonical name.
@@ -233,10 +286,18 @@ impl<B: Backend> Llama<B> {
     }
 
     pub fn num_params(&self) -> usize {
-        self.params().iter().map(|(_, p)| p.shape().iter().product::<usize>()).sum()
+        self.params()
+            .iter()
+            .map(|(_, p)| p.shape().iter().product::<usize>())
+            .sum()
     }
 
-    fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    fn rope_tables(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let hd = self.config.head_dim;
         let inv = self.config.rope_inv_freq();
         let mut cos = Vec::with_capacity(len * hd);
@@ -252,7 +313,13 @@ impl<B: Backend> Llama<B> {
                 sin.push(a.sin() as f32);
             }
         }
-        let mk = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [len, hd]).convert::<B::FloatElem>(), device).reshape([1, 1, len, hd]);
+        let mk = |v: Vec<f32>| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(v, [len, hd]).convert::<B::FloatElem>(),
+                device,
+            )
+            .reshape([1, 1, len, hd])
+        };
         (mk(cos), mk(sin))
     }
 
@@ -283,11 +350,20 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Hidden states after the final norm: `[batch, seq, hidden]`.
-    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let cfg = &self.config;
         let device = tokens.device();
         let [b, t] = tokens.dims();
-        let (nh, nkv, hd, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size);
+        let (nh, nkv, hd, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.hidden_size,
+        );
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let (cos, sin) = self.rope_tables(past, t, &device);
         let total = past + t;
@@ -298,14 +374,26 @@ impl<B: Backend> Llama<B> {
                     m[i * total + j] = -1e9;
                 }
             }
-            Tensor::<B, 2>::from_data(TensorData::new(m, [t, total]).convert::<B::FloatElem>(), &device).reshape([1, 1, t, total])
+            Tensor::<B, 2>::from_data(
+                TensorData::new(m, [t, total]).convert::<B::FloatElem>(),
+                &device,
+            )
+            .reshape([1, 1, t, total])
         });
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.val().select(0, tokens.reshape([b * t])).reshape([b, t, d]);
+        let mut x = self
+            .embed
+            .val()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, d]);
         for (l, blk) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &blk.attn_norm);
-            let q = linear(h.clone(), &blk.q).reshape([b, t, nh, hd]).swap_dims(1, 2);
-            let k = linear(h.clone(), &blk.k).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let q = linear(h.clone(), &blk.q)
+                .reshape([b, t, nh, hd])
+                .swap_dims(1, 2);
+            let k = linear(h.clone(), &blk.k)
+                .reshape([b, t, nkv, hd])
+                .swap_dims(1, 2);
             let v = linear(h, &blk.v).reshape([b, t, nkv, hd]).swap_dims(1, 2);
             let q = self.rope(q, &cos, &sin);
             let mut k = self.rope(k, &cos, &sin);
@@ -319,7 +407,11 @@ impl<B: Backend> Llama<B> {
             }
             let rep = nh / nkv;
             let (k, v) = if rep > 1 {
-                let r = |x: Tensor<B, 4>| x.unsqueeze_dim::<5>(2).repeat_dim(2, rep).reshape([b, nh, total, hd]);
+                let r = |x: Tensor<B, 4>| {
+                    x.unsqueeze_dim::<5>(2)
+                        .repeat_dim(2, rep)
+                        .reshape([b, nh, total, hd])
+                };
                 (r(k), r(v))
             } else {
                 (k, v)
@@ -328,7 +420,10 @@ impl<B: Backend> Llama<B> {
             if let Some(m) = &mask {
                 s = s + m.clone();
             }
-            let a = softmax(s, 3).matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+            let a = softmax(s, 3)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([b, t, nh * hd]);
             x = x + linear(a, &blk.o);
             let h = self.rms_norm(x.clone(), &blk.mlp_norm);
             let g = silu(linear(h.clone(), &blk.gate)) * linear(h, &blk.up);
@@ -347,7 +442,11 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits `[batch, seq, vocab]`.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let h = self.hidden(tokens, cache);
         self.logits_of(h)
     }
@@ -358,7 +457,9 @@ impl<B: Backend> Llama<B> {
         let inputs = tokens.clone().narrow(1, 0, t - 1);
         let targets = tokens.narrow(1, 1, t - 1);
         let logp = log_softmax(self.forward(inputs, None), 2);
-        logp.gather(2, targets.reshape([b, t - 1, 1])).reshape([b, t - 1]).neg()
+        logp.gather(2, targets.reshape([b, t - 1, 1]))
+            .reshape([b, t - 1])
+            .neg()
     }
 
     /// Mean next-token cross-entropy over the batch (a one-element tensor).
@@ -379,15 +480,23 @@ fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> 
     let [b, t, i] = x.dims();
     let w = w.val();
     let o = w.dims()[0];
-    w.matmul(x.reshape([b * t, i]).transpose()).transpose().reshape([b, t, o])
+    w.matmul(x.reshape([b * t, i]).transpose())
+        .transpose()
+        .reshape([b, t, o])
 }
 
 /// Token ids as a `[batch, seq]` Int tensor.
 pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
     let b = rows.len();
     let t = rows.first().map(|r| r.len()).unwrap_or(0);
-    let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
-    Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]).convert::<B::IntElem>(), device)
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.iter().map(|&x| x as i64))
+        .collect();
+    Tensor::<B, 2, Int>::from_data(
+        TensorData::new(flat, [b, t]).convert::<B::IntElem>(),
+        device,
+    )
 }
 
 /// Random weights for a config (seeded): tests and tiny experiments.
@@ -398,7 +507,9 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Weights {
     for (name, shape) in cfg.tensor_shapes() {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if shape.len() == 1 {
-            (0..n).map(|_| 1.0 + rng.random_range(-0.1f32..0.1)).collect()
+            (0..n)
+                .map(|_| 1.0 + rng.random_range(-0.1f32..0.1))
+                .collect()
         } else {
             let s = 1.0 / (shape[1] as f32).sqrt();
             (0..n).map(|_| rng.random_range(-s..s)).collect()

@@ -23,10 +23,20 @@ pub fn load(source: &str) -> Result<Checkpoint> {
         Resolved::Gguf(path) => {
             let g = Gguf::open(&path)?;
             let config = LlamaConfig::from_gguf(&g)?;
-            let weights = source::weights::from_gguf(&g, config.num_attention_heads, config.num_key_value_heads)?;
+            let weights = source::weights::from_gguf(
+                &g,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+            )?;
             let tokenizer = Tok::from_gguf(&g)?;
             check_complete(&config, &weights).with_context(|| format!("{}", path.display()))?;
-            Ok(Checkpoint { config, weights, tokenizer, source: source.to_string(), location: path })
+            Ok(Checkpoint {
+                config,
+                weights,
+                tokenizer,
+                source: source.to_string(),
+                location: path,
+            })
         }
         Resolved::HfDir(dir) => {
             let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
@@ -34,10 +44,18 @@ pub fn load(source: &str) -> Result<Checkpoint> {
             let weights = source::weights::from_safetensors(&files)?;
             let mut tokenizer = Tok::from_hf_dir(&dir)?;
             if tokenizer.bos_token.is_none() {
-                tokenizer.bos_token = config.bos_token_id.and_then(|i| tokenizer.inner.id_to_token(i));
+                tokenizer.bos_token = config
+                    .bos_token_id
+                    .and_then(|i| tokenizer.inner.id_to_token(i));
             }
             check_complete(&config, &weights).with_context(|| format!("{}", dir.display()))?;
-            Ok(Checkpoint { config, weights, tokenizer, source: source.to_string(), location: dir })
+            Ok(Checkpoint {
+                config,
+                weights,
+                tokenizer,
+                source: source.to_string(),
+                location: dir,
+            })
         }
     }
 }
@@ -45,8 +63,28 @@ pub fn load(source: &str) -> Result<Checkpoint> {
 /// Every tensor the config needs is present with the right shape.
 fn check_complete(cfg: &LlamaConfig, w: &Weights) -> Result<()> {
     for (name, shape) in cfg.tensor_shapes() {
-        let t = w.get(&name).with_context(|| format!("missing tensor '{name}'"))?;
-        anyhow::ensure!(t.shape == shape, "tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
+        let t = w
+            .get(&name)
+            .with_context(|| format!("missing tensor '{name}'"))?;
+        anyhow::ensure!(
+            t.shape == shape,
+            "tensor '{name}' has shape {:?}, expected {shape:?}",
+            t.shape
+        );
     }
     Ok(())
+}
+
+/// A content hash of a model location: the file's SHA-256, or for a directory the SHA-256 of
+/// its config.json and weight files' hashes.
+pub fn source_hash(location: &std::path::Path) -> Result<String> {
+    use crate::util::{sha256_bytes, sha256_file};
+    if location.is_file() {
+        return sha256_file(location);
+    }
+    let mut parts = vec![sha256_file(&location.join("config.json"))?];
+    for f in hfdir::safetensors_files(location)? {
+        parts.push(sha256_file(&f)?);
+    }
+    Ok(sha256_bytes(parts.join("\n").as_bytes()))
 }

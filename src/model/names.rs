@@ -53,7 +53,10 @@ impl ModuleKind {
     }
 
     pub fn is_attention(self) -> bool {
-        matches!(self, ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O)
+        matches!(
+            self,
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O
+        )
     }
 }
 
@@ -90,7 +93,10 @@ pub fn parse(name: &str) -> Option<ParamName> {
         "post_attention_layernorm.weight" => ModuleKind::MlpNorm,
         _ => return None,
     };
-    Some(ParamName { layer: Some(l.parse().ok()?), kind })
+    Some(ParamName {
+        layer: Some(l.parse().ok()?),
+        kind,
+    })
 }
 
 /// How a tensor splits into attention heads.
@@ -109,7 +115,11 @@ impl HeadSlicing {
     /// Head of the element at flat index `i` of a tensor with `cols` columns.
     pub fn head_of(&self, i: usize, cols: usize) -> usize {
         let (r, c) = (i / cols, i % cols);
-        if self.along_rows { r / self.head_dim } else { c / self.head_dim }
+        if self.along_rows {
+            r / self.head_dim
+        } else {
+            c / self.head_dim
+        }
     }
 
     /// Query heads that head `h` of this tensor feeds (GQA-aware).
@@ -120,11 +130,30 @@ impl HeadSlicing {
 
 /// Head slicing of q/k/v/o tensors; `None` for other kinds.
 pub fn head_slicing(kind: ModuleKind, cfg: &LlamaConfig) -> Option<HeadSlicing> {
-    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     match kind {
-        ModuleKind::Q => Some(HeadSlicing { along_rows: true, heads: nh, head_dim: hd, group: 1 }),
-        ModuleKind::K | ModuleKind::V => Some(HeadSlicing { along_rows: true, heads: nkv, head_dim: hd, group: nh / nkv }),
-        ModuleKind::O => Some(HeadSlicing { along_rows: false, heads: nh, head_dim: hd, group: 1 }),
+        ModuleKind::Q => Some(HeadSlicing {
+            along_rows: true,
+            heads: nh,
+            head_dim: hd,
+            group: 1,
+        }),
+        ModuleKind::K | ModuleKind::V => Some(HeadSlicing {
+            along_rows: true,
+            heads: nkv,
+            head_dim: hd,
+            group: nh / nkv,
+        }),
+        ModuleKind::O => Some(HeadSlicing {
+            along_rows: false,
+            heads: nh,
+            head_dim: hd,
+            group: 1,
+        }),
         _ => None,
     }
 }

@@ -26,7 +26,10 @@ pub struct Message {
 
 impl Message {
     pub fn user(s: &str) -> Self {
-        Self { role: "user".into(), content: s.into() }
+        Self {
+            role: "user".into(),
+            content: s.into(),
+        }
     }
 }
 
@@ -37,15 +40,22 @@ impl Tok {
     /// Load an HF `tokenizer.json` (with `tokenizer_config.json` beside it, if present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let inner = tokenizers::Tokenizer::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
-        let mut tok = Self { inner, chat_template: None, bos_token: None, eos_token: None, add_bos: false };
+        let mut tok = Self {
+            inner,
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+            add_bos: false,
+        };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path)?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
             let tok_str = |k: &str| match v.get(k) {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -53,7 +63,10 @@ impl Tok {
             };
             tok.bos_token = tok_str("bos_token");
             tok.eos_token = tok_str("eos_token");
-            tok.add_bos = v.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
+            tok.add_bos = v
+                .get("add_bos_token")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false);
             tok.chat_template = match v.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(serde_json::Value::Array(a)) => a
@@ -85,20 +98,34 @@ impl Tok {
                 .as_array()
                 .with_context(|| format!("{p}: metadata '{key}' is not an array"))?
                 .iter()
-                .map(|v| v.as_str().map(String::from).with_context(|| format!("{p}: metadata '{key}' holds a non-string")))
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .with_context(|| format!("{p}: metadata '{key}' holds a non-string"))
+                })
                 .collect()
         };
         let tokens = strs("tokenizer.ggml.tokens")?;
         let merges = strs("tokenizer.ggml.merges")?;
-        let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+        let types: Vec<u64> = match g
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            bail!("{p}: tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len());
+            bail!(
+                "{p}: tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            );
         }
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
         let added: Vec<serde_json::Value> = tokens
             .iter()
             .zip(&types)
@@ -109,7 +136,10 @@ impl Tok {
                        "normalized": false, "special": ty == 3})
             })
             .collect();
-        let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let pre_tokenizer = match pre {
             "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
@@ -121,11 +151,17 @@ impl Tok {
             other => bail!("{p}: tokenizer.ggml.pre = '{other}' is not supported (smollm, starcoder, llama-bpe, gpt2 are)"),
         };
         let tok_of = |key: &str| {
-            g.get(key).and_then(|v| v.as_u64()).and_then(|i| tokens.get(i as usize)).cloned()
+            g.get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|i| tokens.get(i as usize))
+                .cloned()
         };
         let bos_token = tok_of("tokenizer.ggml.bos_token_id");
         let eos_token = tok_of("tokenizer.ggml.eos_token_id");
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let add_bos = g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         let post_processor = match (&bos_token, add_bos) {
             (Some(b), true) => json!({"type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -146,27 +182,44 @@ impl Tok {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": merges},
         });
-        let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
-            .map_err(|e| anyhow::anyhow!("{p}: building the BPE tokenizer from tokenizer.ggml.*: {e}"))?;
-        let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from);
-        Ok(Self { inner, chat_template, bos_token, eos_token, add_bos })
+        let inner = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| {
+            anyhow::anyhow!("{p}: building the BPE tokenizer from tokenizer.ggml.*: {e}")
+        })?;
+        let chat_template = g
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            add_bos,
+        })
     }
 
     /// Encode text; special tokens written in the text map to their single ids.
     /// `add_special` adds what the tokenizer's post-processor adds (e.g. BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decode ids to text, keeping special tokens visible.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 
     /// Decode, dropping special tokens.
     pub fn decode_clean(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -180,7 +233,12 @@ impl Tok {
     /// Ids that end generation: the EOS token and common end-of-turn tokens present in the vocab.
     pub fn stop_ids(&self, config_eos: &[u32]) -> Vec<u32> {
         let mut v: Vec<u32> = config_eos.to_vec();
-        for t in self.eos_token.iter().map(String::as_str).chain(["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"]) {
+        for t in self.eos_token.iter().map(String::as_str).chain([
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+        ]) {
             if let Some(i) = self.token_id(t) {
                 v.push(i);
             }
@@ -193,7 +251,10 @@ impl Tok {
     /// Render the chat template. Without a template, a plain `role: content` layout is used.
     pub fn apply_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let Some(tpl) = &self.chat_template else {
-            let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+            let mut s: String = messages
+                .iter()
+                .map(|m| format!("{}: {}\n", m.role, m.content))
+                .collect();
             if add_generation_prompt {
                 s.push_str("assistant: ");
             }
@@ -202,10 +263,17 @@ impl Tok {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", tpl).context("the model's chat template does not parse")?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", tpl)
+            .context("the model's chat template does not parse")?;
         let t = env.get_template("chat")?;
         let out = t
             .render(minijinja::context! {
@@ -220,7 +288,9 @@ impl Tok {
 
     /// The `tokenizer.json` text (for export).
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(false).map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))
+        self.inner
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))
     }
 
     /// A `tokenizer_config.json` for export.

@@ -165,7 +165,10 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         // A length can never exceed what is left in the file: reject before allocating.
         if n > (self.buf.len() - self.pos) as u64 {
-            bail!("{what}: length {n} at byte {} runs past the end of the file", self.pos);
+            bail!(
+                "{what}: length {n} at byte {} runs past the end of the file",
+                self.pos
+            );
         }
         Ok(n as usize)
     }
@@ -213,7 +216,13 @@ impl Gguf {
         // SAFETY: the file is opened read-only; codespot never writes model files in place.
         let map = unsafe { Mmap::map(&file) }.with_context(ctx)?;
         let (version, meta, tensors) = Self::parse(&map).with_context(ctx)?;
-        Ok(Self { path: path.to_path_buf(), version, meta, tensors, map })
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            meta,
+            tensors,
+            map,
+        })
     }
 
     #[allow(clippy::type_complexity)]
@@ -257,9 +266,11 @@ impl Gguf {
             raw.push((name, dims, ty, off));
         }
         let align = match meta.get("general.alignment") {
-            Some(v) => v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).context(
-                "metadata 'general.alignment' must be a power-of-two integer",
-            )? as usize,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| *a > 0 && a.is_power_of_two())
+                .context("metadata 'general.alignment' must be a power-of-two integer")?
+                as usize,
             None => 32,
         };
         let data_start = c.pos.div_ceil(align) * align;
@@ -271,7 +282,11 @@ impl Gguf {
                 .with_context(|| format!("tensor '{name}': shape {dims:?} overflows"))?;
             let (bs, bb) = ty.block();
             if dims[0] % bs != 0 {
-                bail!("tensor '{name}': row length {} is not a multiple of the {} block size {bs}", dims[0], ty.name());
+                bail!(
+                    "tensor '{name}': row length {} is not a multiple of the {} block size {bs}",
+                    dims[0],
+                    ty.name()
+                );
             }
             let nbytes = numel / bs * bb;
             let offset = data_start
@@ -284,7 +299,13 @@ impl Gguf {
                     buf.len()
                 );
             }
-            tensors.push(TensorInfo { name, dims, ty, offset, nbytes });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                nbytes,
+            });
         }
         Ok((version, meta, tensors))
     }
@@ -301,15 +322,21 @@ impl Gguf {
     }
 
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.require(key)?
-            .as_u64()
-            .with_context(|| format!("{}: metadata field '{key}' is not an unsigned integer", self.path.display()))
+        self.require(key)?.as_u64().with_context(|| {
+            format!(
+                "{}: metadata field '{key}' is not an unsigned integer",
+                self.path.display()
+            )
+        })
     }
 
     pub fn require_f64(&self, key: &str) -> Result<f64> {
-        self.require(key)?
-            .as_f64()
-            .with_context(|| format!("{}: metadata field '{key}' is not a number", self.path.display()))
+        self.require(key)?.as_f64().with_context(|| {
+            format!(
+                "{}: metadata field '{key}' is not a number",
+                self.path.display()
+            )
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -330,9 +357,21 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     match ty {
-        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
-        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+        ),
+        GgmlType::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        GgmlType::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         GgmlType::Q8_0 => {
             for blk in bytes.chunks_exact(34) {
                 let d = f16_at(blk, 0);
@@ -409,7 +448,10 @@ pub fn write_f32(
     for (name, shape, data) in tensors {
         put_str(&mut b, name);
         b.extend((shape.len() as u32).to_le_bytes());
-        shape.iter().rev().for_each(|d| b.extend((*d as u64).to_le_bytes()));
+        shape
+            .iter()
+            .rev()
+            .for_each(|d| b.extend((*d as u64).to_le_bytes()));
         b.extend(0u32.to_le_bytes());
         b.extend(off.to_le_bytes());
         off += (data.len() * 4).div_ceil(32) as u64 * 32;

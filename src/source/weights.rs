@@ -1,6 +1,6 @@
 //! Host-side weights under canonical HF names, loaded from GGUF or safetensors.
 
-use super::gguf::{Gguf, GgmlType};
+use super::gguf::{GgmlType, Gguf};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -91,8 +91,13 @@ fn permute_impl(data: &[f32], rows: usize, cols: usize, heads: usize, to_gguf: b
             for j in 0..2 {
                 let gguf_row = h * hd + 2 * i + j;
                 let hf_row = h * hd + j * half + i;
-                let (src, dst) = if to_gguf { (hf_row, gguf_row) } else { (gguf_row, hf_row) };
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                let (src, dst) = if to_gguf {
+                    (hf_row, gguf_row)
+                } else {
+                    (gguf_row, hf_row)
+                };
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -109,14 +114,26 @@ pub fn from_gguf(g: &Gguf, n_head: usize, n_kv_head: usize) -> Result<Weights> {
         let shape = t.shape();
         let mut data = g.read_f32(t);
         if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
-            let heads = if name.ends_with("q_proj.weight") { n_head } else { n_kv_head };
+            let heads = if name.ends_with("q_proj.weight") {
+                n_head
+            } else {
+                n_kv_head
+            };
             if shape.len() != 2 || shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0 {
-                bail!("{}: tensor '{}' has shape {shape:?}, not [heads*head_dim, d]", g.path.display(), t.name);
+                bail!(
+                    "{}: tensor '{}' has shape {shape:?}, not [heads*head_dim, d]",
+                    g.path.display(),
+                    t.name
+                );
             }
             data = unpermute_rows(&data, shape[0], shape[1], heads);
         }
         if t.ty == GgmlType::F32 && data.iter().any(|x| !x.is_finite()) {
-            bail!("{}: tensor '{}' holds NaN or infinite values", g.path.display(), t.name);
+            bail!(
+                "{}: tensor '{}' holds NaN or infinite values",
+                g.path.display(),
+                t.name
+            );
         }
         w.insert(name, HostTensor::new(shape, data));
     }
@@ -134,9 +151,11 @@ pub fn from_safetensors(files: &[PathBuf]) -> Result<Weights> {
 
 fn load_safetensors_file(path: &Path, w: &mut Weights) -> Result<()> {
     use safetensors::{Dtype, SafeTensors};
-    let file = std::fs::File::open(path).with_context(|| format!("safetensors file {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("safetensors file {}", path.display()))?;
     // SAFETY: read-only map of a file codespot does not modify while it is open.
-    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("safetensors file {}", path.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("safetensors file {}", path.display()))?;
     let st = SafeTensors::deserialize(&map)
         .map_err(|e| anyhow::anyhow!("safetensors file {}: invalid header: {e}", path.display()))?;
     for (name, view) in st.tensors() {
@@ -153,19 +172,35 @@ fn load_safetensors_file(path: &Path, w: &mut Weights) -> Result<()> {
 }
 
 /// Write weights as one f32 safetensors file (atomic).
-pub fn save_safetensors(w: &Weights, path: &Path, metadata: Option<std::collections::HashMap<String, String>>) -> Result<()> {
+pub fn save_safetensors(
+    w: &Weights,
+    path: &Path,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     use safetensors::tensor::TensorView;
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = w
         .tensors
         .iter()
-        .map(|(n, t)| (n.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
-        .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .map(|(n, b, s)| {
+            Ok((
+                n.as_str(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tmp = crate::util::tmp_sibling(path);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    safetensors::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 /// GPT-2's byte → unicode map (so every byte is one printable vocab symbol).
 pub fn byte_symbols() -> Vec<String> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -32,8 +35,20 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<u64>, Vec<String>) {
     tokens.extend(syms.iter().cloned());
     types.extend(std::iter::repeat(1).take(256));
     let sp = &syms[b' ' as usize];
-    let merges = vec![format!("{sp} {sp}"), "d e".into(), "de f".into(), "r e".into(), "re t".into()];
-    tokens.extend([format!("{sp}{sp}"), "de".into(), "def".into(), "re".into(), "ret".into()]);
+    let merges = vec![
+        format!("{sp} {sp}"),
+        "d e".into(),
+        "de f".into(),
+        "r e".into(),
+        "re t".into(),
+    ];
+    tokens.extend([
+        format!("{sp}{sp}"),
+        "de".into(),
+        "def".into(),
+        "re".into(),
+        "ret".into(),
+    ]);
     types.extend([1, 1, 1, 1, 1]);
     (tokens, types, merges)
 }
@@ -96,13 +111,26 @@ pub fn tiny_gguf(dir: &Path, seed: u64, tied: bool) -> (PathBuf, LlamaConfig) {
     for (name, t) in &w.tensors {
         let mut data = t.data.clone();
         if name.ends_with("q_proj.weight") {
-            data = codespot::source::weights::permute_rows(&data, t.shape[0], t.shape[1], cfg.num_attention_heads);
+            data = codespot::source::weights::permute_rows(
+                &data,
+                t.shape[0],
+                t.shape[1],
+                cfg.num_attention_heads,
+            );
         } else if name.ends_with("k_proj.weight") {
-            data = codespot::source::weights::permute_rows(&data, t.shape[0], t.shape[1], cfg.num_key_value_heads);
+            data = codespot::source::weights::permute_rows(
+                &data,
+                t.shape[0],
+                t.shape[1],
+                cfg.num_key_value_heads,
+            );
         }
         owned.push((to_gguf(name), t.shape.clone(), data));
     }
-    let tensors: Vec<(&str, Vec<usize>, &[f32])> = owned.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice())).collect();
+    let tensors: Vec<(&str, Vec<usize>, &[f32])> = owned
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice()))
+        .collect();
     let path = dir.join("tiny.gguf");
     gguf::write_f32(&path, &meta, &tensors).unwrap();
     (path, cfg)
@@ -110,7 +138,11 @@ pub fn tiny_gguf(dir: &Path, seed: u64, tied: bool) -> (PathBuf, LlamaConfig) {
 
 /// The real default model's GGUF (fetched into the cache by `.ci/run` or on first use).
 pub fn default_gguf() -> PathBuf {
-    match codespot::source::Source::parse("default").unwrap().resolve().unwrap() {
+    match codespot::source::Source::parse("default")
+        .unwrap()
+        .resolve()
+        .unwrap()
+    {
         codespot::source::Resolved::Gguf(p) => p,
         other => panic!("default resolved to {other:?}"),
     }

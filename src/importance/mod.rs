@@ -1,0 +1,356 @@
+//! Taylor importance: stream batches through forward + backward (no optimizer step) and
+//! accumulate, per parameter element and in f32, the first-order Taylor term of the loss.
+//!
+//! - `taylor` (default): Σ_b |θ ⊙ g_b| over batches b;
+//! - `taylor-sum`: |θ ⊙ Σ_b g_b| (what the authors' code computes: gradients add up over
+//!   backward passes without an optimizer step, and |·| is taken at the end);
+//! - `taylor2`: |θ ⊙ ḡ| + ½ θ² ⊙ Σ_b g_b² / n, with ḡ = Σ_b g_b / n (the diagonal
+//!   second-order term, with the Fisher diagonal standing in for the Hessian).
+
+pub mod snapshot;
+pub mod summary;
+
+use crate::model::{Llama, ParamRef};
+use crate::source::{HostTensor, Weights};
+use anyhow::Result;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// Importance scores under canonical names (same shapes as the parameters).
+pub type Scores = Weights;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Taylor,
+    TaylorSum,
+    Taylor2,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Taylor => "taylor",
+            Method::TaylorSum => "taylor-sum",
+            Method::Taylor2 => "taylor2",
+        }
+    }
+}
+
+/// Flattened value of a parameter on the inner (non-autodiff) backend.
+pub fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBackend, 1> {
+    p.flat().inner()
+}
+
+/// Running sums for one scoring pass, one flat tensor per parameter.
+pub struct Accumulator<B: Backend> {
+    pub method: Method,
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    acc: Vec<Tensor<B, 1>>,
+    sq: Vec<Tensor<B, 1>>,
+    /// Batches added so far.
+    pub batches: usize,
+}
+
+impl<B: Backend> Accumulator<B> {
+    /// Zeroed accumulators for every parameter of `model`.
+    pub fn new<AB: AutodiffBackend<InnerBackend = B>>(method: Method, model: &Llama<AB>) -> Self {
+        let device = model.embed.val().inner().device();
+        let mut s = Self {
+            method,
+            names: vec![],
+            shapes: vec![],
+            acc: vec![],
+            sq: vec![],
+            batches: 0,
+        };
+        for (name, p) in model.params() {
+            let shape = p.shape();
+            let n: usize = shape.iter().product();
+            s.acc.push(Tensor::zeros([n], &device));
+            if method == Method::Taylor2 {
+                s.sq.push(Tensor::zeros([n], &device));
+            }
+            s.names.push(name);
+            s.shapes.push(shape);
+        }
+        s
+    }
+
+    /// Add one batch's gradients (flat, in `model.params()` order; `None` = no gradient).
+    pub fn add<AB: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        model: &Llama<AB>,
+        grads: Vec<Option<Tensor<B, 1>>>,
+    ) {
+        for (i, ((_, p), g)) in model.params().iter().zip(grads).enumerate() {
+            let Some(g) = g else { continue };
+            let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
+            self.acc[i] = match self.method {
+                Method::Taylor => a + (flat_value(p) * g).abs(),
+                Method::TaylorSum => a + g,
+                Method::Taylor2 => {
+                    let q = std::mem::replace(&mut self.sq[i], Tensor::empty([0], &g.device()));
+                    self.sq[i] = q + g.clone().powi_scalar(2);
+                    a + g
+                }
+            };
+        }
+        self.batches += 1;
+    }
+
+    /// Final scores on the host (f32), under canonical names.
+    pub fn finish<AB: AutodiffBackend<InnerBackend = B>>(self, model: &Llama<AB>) -> Scores {
+        let n = self.batches.max(1) as f64;
+        let mut out = Scores::default();
+        let params = model.params();
+        for (i, acc) in self.acc.into_iter().enumerate() {
+            let theta = || flat_value(&params[i].1);
+            let s = match self.method {
+                Method::Taylor => acc,
+                Method::TaylorSum => (theta() * acc).abs(),
+                Method::Taylor2 => {
+                    let first = (theta() * acc.div_scalar(n)).abs();
+                    let second = theta().powi_scalar(2) * self.sq[i].clone().div_scalar(n) * 0.5;
+                    first + second
+                }
+            };
+            let data = s
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 scores");
+            out.insert(
+                self.names[i].clone(),
+                HostTensor::new(self.shapes[i].clone(), data),
+            );
+        }
+        out
+    }
+}
+
+/// Flat gradients of the mean loss over `rows`, computed `micro` rows per backward pass and
+/// summed (weighted by rows), so a batch's gradient needs only one micro-batch's activations.
+pub fn batch_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    rows: &[Vec<u32>],
+    micro: usize,
+) -> Vec<Option<Tensor<B::InnerBackend, 1>>> {
+    let device = model.embed.val().device();
+    let params = model.params();
+    let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> =
+        (0..params.len()).map(|_| None).collect();
+    for chunk in rows.chunks(micro.max(1)) {
+        let w = chunk.len() as f64 / rows.len() as f64;
+        let loss = model.loss(crate::model::tokens_tensor::<B>(chunk, &device));
+        let loss = if w == 1.0 { loss } else { loss.mul_scalar(w) };
+        let mut grads = loss.backward();
+        for (i, (_, p)) in params.iter().enumerate() {
+            let g = match p {
+                ParamRef::Vector(p) => p.val().grad_remove(&mut grads),
+                ParamRef::Matrix(p) => p.val().grad_remove(&mut grads).map(|g| g.flatten(0, 1)),
+            };
+            sum[i] = match (sum[i].take(), g) {
+                (Some(a), Some(g)) => Some(a + g),
+                (a, g) => a.or(g),
+            };
+        }
+    }
+    sum
+}
+
+/// Score `blocks` (each a token sequence) in batches of `batch`, `micro` sequences per
+/// backward pass; `on_batch(tokens_done)` reports progress. Gradients are dropped after each
+/// batch, so memory stays flat however many batches are scored.
+pub fn score<B: AutodiffBackend>(
+    model: &Llama<B>,
+    blocks: &[Vec<u32>],
+    batch: usize,
+    micro: usize,
+    method: Method,
+    mut on_batch: impl FnMut(usize),
+) -> Result<Scores> {
+    anyhow::ensure!(
+        batch > 0 && micro > 0,
+        "batch and micro-batch must be positive"
+    );
+    let mut acc = Accumulator::new(method, model);
+    let mut done = 0;
+    for chunk in blocks.chunks(batch) {
+        let grads = batch_grads(model, chunk, micro);
+        acc.add(model, grads);
+        done += chunk
+            .iter()
+            .map(|b| b.len().saturating_sub(1))
+            .sum::<usize>();
+        on_batch(done);
+    }
+    Ok(acc.finish(model))
+}
+
+/// What to score and how.
+#[derive(Debug, Clone)]
+pub struct ScoreRequest {
+    pub lang: String,
+    pub split: crate::data::Split,
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub batch: usize,
+    /// Sequences per backward pass (the batch's gradient is the sum over its micro-batches).
+    pub micro_batch: usize,
+    pub method: Method,
+    pub seed: u64,
+    pub half: bool,
+    pub step: Option<usize>,
+    pub progress: bool,
+}
+
+impl ScoreRequest {
+    pub fn new(lang: &str) -> Self {
+        Self {
+            lang: lang.into(),
+            split: crate::data::Split::Calib,
+            tokens: 16384,
+            seq_len: 256,
+            batch: 4,
+            micro_batch: 1,
+            method: Method::Taylor,
+            seed: 0,
+            half: false,
+            step: None,
+            progress: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.seq_len >= 2, "--seq-len must be at least 2");
+        anyhow::ensure!(self.batch >= 1, "--batch must be at least 1");
+        anyhow::ensure!(self.micro_batch >= 1, "--micro-batch must be at least 1");
+        anyhow::ensure!(
+            self.tokens >= self.seq_len,
+            "--tokens ({}) must be at least --seq-len ({})",
+            self.tokens,
+            self.seq_len
+        );
+        Ok(())
+    }
+
+    /// Number of blocks: ⌈tokens / seq_len⌉, each of seq_len + 1 tokens (seq_len predictions).
+    pub fn blocks(&self) -> usize {
+        self.tokens.div_ceil(self.seq_len)
+    }
+}
+
+/// Token blocks of a corpus split (documents shuffled by `seed` when it is not 0).
+pub fn corpus_blocks(
+    corpora: &crate::data::Corpora,
+    req: &ScoreRequest,
+    tok: &crate::model::Tok,
+    eos: Option<u32>,
+) -> Result<Vec<Vec<u32>>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let path = corpora.split_path(&req.lang, req.split)?;
+    let mut docs: Vec<crate::data::Doc> = crate::data::read_split(&path)?.collect::<Result<_>>()?;
+    if docs.is_empty() {
+        anyhow::bail!(
+            "corpus '{}' {} split is empty ({})",
+            req.lang,
+            req.split.name(),
+            path.display()
+        );
+    }
+    if req.seed != 0 {
+        docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(req.seed));
+    }
+    let what = format!(
+        "corpus '{}' {} split ({})",
+        req.lang,
+        req.split.name(),
+        path.display()
+    );
+    crate::data::token_blocks(
+        docs.into_iter().map(Ok),
+        tok,
+        eos,
+        req.seq_len + 1,
+        req.blocks(),
+        &what,
+    )
+}
+
+/// Score a model on a language's corpus and write a snapshot directory to `out`.
+pub fn score_snapshot<B: AutodiffBackend>(
+    model: &Llama<B>,
+    ck: &crate::model::Checkpoint,
+    corpora: &crate::data::Corpora,
+    req: &ScoreRequest,
+    out: &std::path::Path,
+    force: bool,
+) -> Result<snapshot::SnapshotManifest> {
+    req.validate()?;
+    let eos = ck
+        .tokenizer
+        .stop_ids(&ck.config.eos_token_ids)
+        .first()
+        .copied();
+    let blocks = corpus_blocks(corpora, req, &ck.tokenizer, eos)?;
+    let total = blocks.len() * req.seq_len;
+    let bar = progress_bar(total as u64, &format!("score {}", req.lang), req.progress);
+    let t0 = std::time::Instant::now();
+    let scores = score(
+        model,
+        &blocks,
+        req.batch,
+        req.micro_batch,
+        req.method,
+        |done| bar.set_position(done as u64),
+    )?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let summaries = summary::summarize(&scores, &model.config);
+    let corpus_sha = corpora
+        .stats(&req.lang)
+        .map(|s| s.manifest_sha256)
+        .unwrap_or_default();
+    let manifest = snapshot::SnapshotManifest {
+        format: 1,
+        model: ck.source.clone(),
+        model_sha256: crate::model::load::source_hash(&ck.location)?,
+        language: req.lang.clone(),
+        split: req.split.name().into(),
+        method: req.method,
+        tokens: total,
+        seq_len: req.seq_len,
+        batch: req.batch,
+        seed: req.seed,
+        half: req.half,
+        step: req.step,
+        corpus_manifest_sha256: corpus_sha,
+        code_version: snapshot::code_version(),
+        config: model.config.clone(),
+        elapsed_s: elapsed,
+        tokens_per_s: total as f64 / elapsed.max(1e-9),
+    };
+    snapshot::write(out, &scores, &manifest, &summaries, force)?;
+    Ok(manifest)
+}
+
+/// An indicatif bar with tokens/s and ETA (hidden when `show` is false).
+pub fn progress_bar(len: u64, label: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} tokens  {per_sec}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}

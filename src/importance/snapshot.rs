@@ -1,0 +1,153 @@
+//! Importance snapshots on disk: `scores.safetensors` (canonical names, f32 or f16),
+//! `manifest.json` and `summaries.json`, written atomically (complete or absent).
+
+use super::summary::Summaries;
+use super::{Method, Scores};
+use crate::model::LlamaConfig;
+use crate::source::HostTensor;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotManifest {
+    pub format: u32,
+    pub model: String,
+    pub model_sha256: String,
+    pub language: String,
+    pub split: String,
+    pub method: Method,
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub half: bool,
+    /// Training step the scores were taken at (None for a base model).
+    pub step: Option<usize>,
+    pub corpus_manifest_sha256: String,
+    pub code_version: String,
+    pub config: LlamaConfig,
+    pub elapsed_s: f64,
+    pub tokens_per_s: f64,
+}
+
+pub fn code_version() -> String {
+    format!("codespot {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Write a snapshot directory atomically. Refuses an existing `out` unless `force`.
+pub fn write(
+    out: &Path,
+    scores: &Scores,
+    manifest: &SnapshotManifest,
+    summaries: &Summaries,
+    force: bool,
+) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            out.display()
+        );
+    }
+    let tmp = crate::util::tmp_sibling(out);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    save_scores(scores, &tmp.join("scores.safetensors"), manifest.half)?;
+    std::fs::write(
+        tmp.join("manifest.json"),
+        serde_json::to_string_pretty(manifest)?,
+    )?;
+    std::fs::write(
+        tmp.join("summaries.json"),
+        serde_json::to_string(summaries)?,
+    )?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+}
+
+fn save_scores(scores: &Scores, path: &Path, half: bool) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    let (dtype, bytes): (safetensors::Dtype, Vec<(String, Vec<u8>, Vec<usize>)>) = if half {
+        (
+            safetensors::Dtype::F16,
+            scores
+                .tensors
+                .iter()
+                .map(|(n, t)| {
+                    (
+                        n.clone(),
+                        t.data
+                            .iter()
+                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                            .collect(),
+                        t.shape.clone(),
+                    )
+                })
+                .collect(),
+        )
+    } else {
+        (
+            safetensors::Dtype::F32,
+            scores
+                .tensors
+                .iter()
+                .map(|(n, t)| {
+                    (
+                        n.clone(),
+                        t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        t.shape.clone(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    let views = bytes
+        .iter()
+        .map(|(n, b, s)| TensorView::new(dtype, s.clone(), b).map(|v| (n.as_str(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+/// A snapshot read back.
+pub struct Snapshot {
+    pub manifest: SnapshotManifest,
+    pub scores: Scores,
+    pub summaries: Summaries,
+}
+
+pub fn read_manifest(dir: &Path) -> Result<SnapshotManifest> {
+    let p = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: not a snapshot (no manifest.json)", dir.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid snapshot manifest", p.display()))
+}
+
+pub fn read_summaries(dir: &Path) -> Result<Summaries> {
+    let p = dir.join("summaries.json");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: missing summaries.json", dir.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid summaries", p.display()))
+}
+
+pub fn read(dir: &Path) -> Result<Snapshot> {
+    let manifest = read_manifest(dir)?;
+    let summaries = read_summaries(dir)?;
+    let mut scores = crate::source::weights::from_safetensors(&[dir.join("scores.safetensors")])?;
+    // Keep shapes as stored; nothing else to convert (f16 was widened on load).
+    scores
+        .tensors
+        .retain(|_, t: &mut HostTensor| !t.data.is_empty());
+    Ok(Snapshot {
+        manifest,
+        scores,
+        summaries,
+    })
+}

@@ -1,0 +1,335 @@
+//! The Taylor importance engine on tiny random models, and the corpus → snapshot pipeline.
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use codespot::importance::{self, Method};
+use codespot::model::{self, tokens_tensor, Llama, LlamaConfig};
+use codespot::source::Weights;
+
+type F64 = NdArray<f64>;
+type F64Ad = Autodiff<NdArray<f64>>;
+
+fn blocks() -> Vec<Vec<u32>> {
+    vec![
+        vec![3, 17, 42, 5, 60, 61, 2, 9, 33],
+        vec![7, 7, 1, 0, 12, 50, 44, 3, 21],
+        vec![8, 30, 31, 32, 1, 2, 3, 4, 5],
+        vec![63, 62, 61, 60, 59, 1, 1, 1, 9],
+    ]
+}
+
+/// Central finite-difference gradient of the batch loss for every element of one tensor.
+fn fd_grad(cfg: &LlamaConfig, w: &Weights, rows: &[Vec<u32>], name: &str) -> Vec<f64> {
+    let dev = Default::default();
+    let n = w.tensors[name].numel();
+    let loss = |i: usize, d: f64| -> f64 {
+        let m = Llama::<F64>::from_weights(cfg, w, &dev)
+            .unwrap()
+            .map_params(|nm, t| {
+                if nm != name {
+                    return t;
+                }
+                let mut v: Vec<f64> = t.into_data().convert::<f64>().into_vec().unwrap();
+                v[i] += d;
+                burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [n]), &dev)
+            });
+        m.loss(tokens_tensor::<F64>(rows, &dev))
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .unwrap()[0]
+    };
+    let eps = 1e-5;
+    (0..n)
+        .map(|i| (loss(i, eps) - loss(i, -eps)) / (2.0 * eps))
+        .collect()
+}
+
+#[test]
+fn taylor_equals_theta_times_finite_difference_gradient() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 9);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    let rows = &blocks()[..2];
+    let s = importance::score(&m, rows, 2, 2, Method::Taylor, |_| {}).unwrap();
+    // Every tensor is scored, with its parameter's shape.
+    for (name, shape) in cfg.tensor_shapes() {
+        assert_eq!(s.tensors[&name].shape, shape, "{name}");
+    }
+    for name in [
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.norm.weight",
+    ] {
+        let g = fd_grad(&cfg, &w, rows, name);
+        let theta = &w.tensors[name].data;
+        let got = &s.tensors[name].data;
+        for i in 0..g.len() {
+            let want = (theta[i] as f64 * g[i]).abs();
+            let err = (got[i] as f64 - want).abs();
+            assert!(
+                err <= 1e-7 + 1e-4 * want,
+                "{name}[{i}]: taylor {} vs |θ·g_fd| {want}",
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn taylor_and_taylor_sum_differ_as_they_should_over_two_batches() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 4);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    let b = blocks();
+    let taylor = importance::score(&m, &b, 2, 2, Method::Taylor, |_| {}).unwrap();
+    let tsum = importance::score(&m, &b, 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    // Per-batch scores, for reference.
+    let one = importance::score(&m, &b[..2], 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    let two = importance::score(&m, &b[2..], 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    let mut strictly_less = 0;
+    let mut total = 0;
+    for (name, t) in &taylor.tensors {
+        let theta = &w.tensors[name].data;
+        for i in 0..t.data.len() {
+            let (a, s) = (t.data[i] as f64, tsum.tensors[name].data[i] as f64);
+            let (s1, s2) = (
+                one.tensors[name].data[i] as f64,
+                two.tensors[name].data[i] as f64,
+            );
+            let tol = 1e-9 + 1e-6 * a;
+            // Σ|θg| = |θg₁| + |θg₂|; |θΣg| ≤ Σ|θg| (triangle inequality).
+            assert!((a - (s1 + s2)).abs() <= tol, "{name}[{i}]");
+            assert!(s <= a + tol, "{name}[{i}]: |θΣg| {s} > Σ|θg| {a}");
+            // |θ(g₁+g₂)| is either |θg₁|+|θg₂| (same sign) or ||θg₁|-|θg₂|| (opposite).
+            let same = (s - (s1 + s2)).abs() <= tol;
+            let opp = (s - (s1 - s2).abs()).abs() <= tol;
+            assert!(same || opp, "{name}[{i}]: {s} vs {s1} ± {s2}");
+            if theta[i] != 0.0 && s < a - tol {
+                strictly_less += 1;
+            }
+            total += 1;
+        }
+    }
+    // Gradient signs disagree between the batches for a real share of the elements.
+    assert!(strictly_less > total / 20, "{strictly_less} of {total}");
+}
+
+#[test]
+fn taylor2_adds_the_second_order_term() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 4);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    let b = blocks();
+    let t2 = importance::score(&m, &b, 2, 2, Method::Taylor2, |_| {}).unwrap();
+    let tsum = importance::score(&m, &b, 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    // With one batch, g² is known from the taylor-sum score of that batch: |θg|² / θ².
+    let name = "model.layers.0.mlp.gate_proj.weight";
+    let one = importance::score(&m, &b[..2], 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    let two = importance::score(&m, &b[2..], 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    for i in 0..w.tensors[name].numel() {
+        let th = w.tensors[name].data[i] as f64;
+        let first = tsum.tensors[name].data[i] as f64 / 2.0;
+        let (a1, a2) = (
+            one.tensors[name].data[i] as f64,
+            two.tensors[name].data[i] as f64,
+        );
+        // ½ θ² · (g₁² + g₂²)/2 = ¼ (|θg₁|² + |θg₂|²)
+        let want = first + 0.25 * (a1 * a1 + a2 * a2);
+        let got = t2.tensors[name].data[i] as f64;
+        assert!(
+            (got - want).abs() <= 1e-9 + 1e-6 * want,
+            "[{i}] θ={th}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn scores_are_bit_identical_across_runs() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 12);
+    let dev = Default::default();
+    type Ad = codespot::backend::CpuAd;
+    let run = || {
+        let m = Llama::<Ad>::from_weights(&cfg, &w, &dev).unwrap();
+        importance::score(&m, &blocks(), 2, 2, Method::Taylor, |_| {}).unwrap()
+    };
+    let (a, b) = (run(), run());
+    for (k, t) in &a.tensors {
+        let same = t
+            .data
+            .iter()
+            .zip(&b.tensors[k].data)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{k} differs between runs");
+    }
+}
+
+#[test]
+fn micro_batches_give_the_batch_gradient() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 8);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    let whole = importance::score(&m, &blocks(), 4, 4, Method::Taylor, |_| {}).unwrap();
+    let micro = importance::score(&m, &blocks(), 4, 1, Method::Taylor, |_| {}).unwrap();
+    for (k, t) in &whole.tensors {
+        for (a, b) in t.data.iter().zip(&micro.tensors[k].data) {
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-6), "{k}: {a} vs {b}");
+        }
+    }
+}
+
+/// A corpora directory with one language made of small generated "python" files.
+fn tiny_corpora(dir: &std::path::Path, files: usize) -> codespot::data::Corpora {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("pkg")).unwrap();
+    for i in 0..files {
+        let body: String = (0..12)
+            .map(|j| format!("def f_{i}_{j}(x):\n    return x * {j} + {i}  # ret def\n\n"))
+            .collect();
+        std::fs::write(src.join("pkg").join(format!("m{i}.py")), body).unwrap();
+    }
+    std::fs::write(src.join("pkg").join("tiny.py"), "x = 1\n").unwrap(); // too small: skipped
+    std::fs::write(
+        src.join("pkg").join("dup.py"),
+        std::fs::read(src.join("pkg").join("m0.py")).unwrap(),
+    )
+    .unwrap(); // duplicate
+    std::fs::write(
+        src.join("pkg").join("gen.py"),
+        format!(
+            "# Generated by protoc. DO NOT EDIT.\n{}",
+            "y = 2\n".repeat(60)
+        ),
+    )
+    .unwrap();
+    std::fs::write(src.join("pkg").join("notes.txt"), "not code ".repeat(50)).unwrap(); // not included
+    let cdir = dir.join("corpora");
+    std::fs::create_dir_all(&cdir).unwrap();
+    std::fs::write(
+        cdir.join("toy.toml"),
+        format!("language = \"toy\"\n[[sources]]\nkind = \"dir\"\nroots = [\"/no/such/root\", \"{}\"]\ninclude = [\"**/*.py\"]\n", src.display()),
+    )
+    .unwrap();
+    codespot::data::Corpora { dir: cdir }
+}
+
+#[test]
+fn corpus_build_filters_dedupes_and_splits_stably() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpora = tiny_corpora(dir.path(), 60);
+    let (gg, _) = common::tiny_gguf(dir.path(), 1, true);
+    let tok = model::load(gg.to_str().unwrap()).unwrap().tokenizer;
+    let st = codespot::data::build(&corpora, "toy", 64.0, &tok, "tiny", false).unwrap();
+    assert_eq!(st.train.files + st.calib.files + st.heldout.files, 60);
+    assert_eq!(st.skipped.get("duplicate"), Some(&1));
+    assert_eq!(st.skipped.get("too_small"), Some(&1));
+    assert_eq!(st.skipped.get("generated"), Some(&1));
+    assert!(st.train.files > st.calib.files && st.calib.files > 0 && st.heldout.files > 0);
+    assert!(st.train.tokens > 0);
+    // Splits are disjoint, and a file keeps its split when the corpus grows.
+    let read = |s: codespot::data::Split| -> Vec<String> {
+        codespot::data::read_split(&corpora.split_path("toy", s).unwrap())
+            .unwrap()
+            .map(|d| d.unwrap().sha256)
+            .collect()
+    };
+    let before: Vec<Vec<String>> = codespot::data::Split::ALL
+        .iter()
+        .map(|&s| read(s))
+        .collect();
+    let corpora2 = tiny_corpora(dir.path(), 90);
+    codespot::data::build(&corpora2, "toy", 64.0, &tok, "tiny", false).unwrap();
+    for (i, &s) in codespot::data::Split::ALL.iter().enumerate() {
+        let after = read(s);
+        for h in &before[i] {
+            assert!(after.contains(h), "{h} left split {}", s.name());
+        }
+        for (j, other) in before.iter().enumerate() {
+            if i != j {
+                assert!(other.iter().all(|h| !after.contains(h)));
+            }
+        }
+    }
+    // --max-mb caps the corpus.
+    let st = codespot::data::build(&corpora, "toy", 0.005, &tok, "tiny", false).unwrap();
+    assert!(
+        st.train.bytes + st.calib.bytes + st.heldout.bytes <= 6000,
+        "{st:?}"
+    );
+    assert!(st.skipped.get("over_max_mb").copied().unwrap_or(0) > 0);
+}
+
+#[test]
+fn snapshot_from_corpus_covers_every_tensor_and_head_and_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpora = tiny_corpora(dir.path(), 60);
+    let (gg, cfg) = common::tiny_gguf(dir.path(), 1, true);
+    let mut ck = model::load(gg.to_str().unwrap()).unwrap();
+    codespot::data::build(&corpora, "toy", 64.0, &ck.tokenizer, "tiny", false).unwrap();
+    let dev = Default::default();
+    let m = Llama::<codespot::backend::CpuAd>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
+    ck.weights = Default::default();
+    let mut req = importance::ScoreRequest::new("toy");
+    req.tokens = 64;
+    req.seq_len = 16;
+    req.batch = 2;
+    let out = dir.path().join("snap");
+    let man = importance::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap();
+    assert_eq!(man.tokens, 64);
+    let snap = importance::snapshot::read(&out).unwrap();
+    assert_eq!(snap.manifest, man);
+    assert_eq!(snap.scores.tensors.len(), cfg.tensor_shapes().len());
+    let s = &snap.summaries;
+    assert_eq!(s.layer_module_mass.len(), cfg.num_hidden_layers);
+    assert!(s.layer_module_mass.values().all(|r| r.len() == 9));
+    assert_eq!(s.head_mass.len(), cfg.num_hidden_layers);
+    assert!(s
+        .head_mass
+        .iter()
+        .all(|r| r.len() == cfg.num_attention_heads && r.iter().all(|&x| x > 0.0)));
+    // q/k/v/o heads: 4 + 2 + 2 + 4 per layer.
+    assert_eq!(s.heads.len(), cfg.num_hidden_layers * 12);
+    assert_eq!(s.neuron_mass[0].len(), cfg.intermediate_size);
+    let share: f64 = s.layer_share.iter().sum::<f64>()
+        + s.tensors
+            .iter()
+            .filter(|t| t.layer.is_none())
+            .map(|t| t.sum)
+            .sum::<f64>()
+            / s.total_mass;
+    assert!((share - 1.0).abs() < 1e-9);
+    let top1: usize = s
+        .top1_counts
+        .values()
+        .flat_map(|r| r.values())
+        .sum::<usize>()
+        + s.top1_global_counts.values().sum::<usize>();
+    let n = cfg.num_params();
+    assert!(top1 >= n / 100 && top1 <= n / 100 + 2, "{top1} of {n}");
+    // The same request again is bit-identical; an existing directory needs force.
+    let e = importance::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    let out2 = dir.path().join("snap2");
+    importance::score_snapshot(&m, &ck, &corpora, &req, &out2, false).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("scores.safetensors")).unwrap(),
+        std::fs::read(out2.join("scores.safetensors")).unwrap()
+    );
+    // Asking for more tokens than the split holds is a clear error, and leaves nothing behind.
+    req.tokens = 1_000_000;
+    let out3 = dir.path().join("snap3");
+    let e = importance::score_snapshot(&m, &ck, &corpora, &req, &out3, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("corpus 'toy' calib split") && e.contains("fewer than the"),
+        "{e}"
+    );
+    assert!(!out3.exists());
+}
