@@ -79,6 +79,7 @@ fn taylor_equals_theta_times_finite_difference_gradient() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn taylor_and_taylor_sum_differ_as_they_should_over_two_batches() {
     let cfg = LlamaConfig::tiny(64);
     let w = model::llama::random_weights(&cfg, 4);

@@ -166,7 +166,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let dev = Default::default();
     let m = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap();
     let seq = batch()[0].clone();
-    let full = logits(&m, &[seq.clone()]);
+    let full = logits(&m, std::slice::from_ref(&seq));
     let v = cfg.vocab_size;
     let mut cache = KvCache::new(cfg.num_hidden_layers);
     // Prefill 4 tokens, then one at a time.

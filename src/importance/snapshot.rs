@@ -72,7 +72,8 @@ pub fn write(
 
 fn save_scores(scores: &Scores, path: &Path, half: bool) -> Result<()> {
     use safetensors::tensor::TensorView;
-    let (dtype, bytes): (safetensors::Dtype, Vec<(String, Vec<u8>, Vec<usize>)>) = if half {
+    type Named = Vec<(String, Vec<u8>, Vec<usize>)>;
+    let (dtype, bytes): (safetensors::Dtype, Named) = if half {
         (
             safetensors::Dtype::F16,
             scores

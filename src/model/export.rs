@@ -15,13 +15,11 @@ pub fn export_hf_dir(
     out: &Path,
     force: bool,
 ) -> Result<()> {
-    if out.exists() {
-        if !force {
-            bail!(
-                "{}: already exists (use --force to replace it)",
-                out.display()
-            );
-        }
+    if out.exists() && !force {
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            out.display()
+        );
     }
     let tmp = crate::util::tmp_sibling(out);
     if tmp.exists() {

@@ -292,7 +292,7 @@ impl Gguf {
             let offset = data_start
                 .checked_add(off)
                 .with_context(|| format!("tensor '{name}': offset overflows"))?;
-            let end = offset.checked_add(nbytes).unwrap_or(usize::MAX);
+            let end = offset.saturating_add(nbytes);
             if end > buf.len() {
                 bail!(
                     "truncated: tensor '{name}' needs bytes {offset}..{end} but the file has {} bytes",

@@ -59,7 +59,8 @@ pub fn fetch_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
         "generation_config.json",
         "chat_template.jinja",
     ];
-    let get: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if util::offline() {
+    type Getter<'a> = Box<dyn Fn(&str) -> Result<Option<PathBuf>> + 'a>;
+    let get: Getter = if util::offline() {
         let cache = Cache::from_env().repo(hf_repo.clone());
         Box::new(move |f: &str| Ok(cache.get(f)))
     } else {

@@ -33,7 +33,7 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<u64>, Vec<String>) {
     let mut types = vec![3u64, 3];
     let syms = byte_symbols();
     tokens.extend(syms.iter().cloned());
-    types.extend(std::iter::repeat(1).take(256));
+    types.extend(std::iter::repeat_n(1, 256));
     let sp = &syms[b' ' as usize];
     let merges = vec![
         format!("{sp} {sp}"),
