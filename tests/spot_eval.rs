@@ -1,0 +1,425 @@
+//! Spot selection, ablation, the evaluation harness and multiple-choice scoring.
+
+mod common;
+
+use codespot::eval::{self, humaneval, mc, sandbox};
+use codespot::model::{self, tokens_tensor, Llama, LlamaConfig};
+use codespot::source::{HostTensor, Weights};
+use codespot::spot::{self, Aggregation, Eligible, Scope};
+use std::collections::BTreeMap;
+
+fn scores(seed: u64) -> Weights {
+    let cfg = LlamaConfig::tiny(64);
+    let mut w = model::llama::random_weights(&cfg, seed);
+    for t in w.tensors.values_mut() {
+        t.data.iter_mut().for_each(|x| *x = x.abs());
+    }
+    w
+}
+
+#[test]
+fn per_tensor_spot_has_exact_counts_and_controls_match() {
+    let s = scores(1);
+    for k in [0.5, 1.0, 3.0, 5.0] {
+        let agg = spot::aggregate(
+            &[&s, &scores(2)],
+            Aggregation::Sum,
+            Scope::PerTensor,
+            Eligible::Layers,
+        )
+        .unwrap();
+        assert!(
+            agg.tensors.keys().all(|n| n.starts_with("model.layers.")),
+            "layers only"
+        );
+        let c = spot::counts(&agg, k / 100.0, Scope::PerTensor);
+        let top = spot::select_by(&agg, &c, true);
+        let rnd = spot::select_random(&agg, &c, 7);
+        let bot = spot::select_by(&agg, &c, false);
+        for (n, t) in &agg.tensors {
+            let want = (k / 100.0 * t.numel() as f64).round() as usize;
+            assert_eq!(top[n].count(), want, "{n} k={k}");
+            assert_eq!(rnd[n].count(), want);
+            assert_eq!(bot[n].count(), want);
+            // Every selected score is ≥ every unselected one.
+            let min_in = top[n]
+                .indices()
+                .map(|i| t.data[i])
+                .fold(f32::INFINITY, f32::min);
+            let max_out = (0..t.numel())
+                .filter(|&i| !top[n].get(i))
+                .map(|i| t.data[i])
+                .fold(f32::MIN, f32::max);
+            if want > 0 {
+                assert!(min_in >= max_out, "{n}");
+            }
+        }
+        // The random control is seeded: same seed, same mask; other seed, other mask.
+        assert_eq!(rnd, spot::select_random(&agg, &c, 7));
+        assert_ne!(rnd, spot::select_random(&agg, &c, 8));
+    }
+}
+
+#[test]
+fn global_scope_takes_the_overall_top() {
+    let s = scores(3);
+    let agg = spot::aggregate(&[&s], Aggregation::Sum, Scope::Global, Eligible::All).unwrap();
+    let n: usize = agg.tensors.values().map(|t| t.numel()).sum();
+    let c = spot::counts(&agg, 0.01, Scope::Global);
+    assert_eq!(
+        c.values().sum::<usize>(),
+        (0.01 * n as f64).round() as usize
+    );
+    let m = spot::select_by(&agg, &c, true);
+    let thr = m
+        .iter()
+        .flat_map(|(k, mk)| {
+            mk.indices()
+                .map(|i| agg.tensors[k].data[i])
+                .collect::<Vec<_>>()
+        })
+        .fold(f32::INFINITY, f32::min);
+    let above: usize = agg
+        .tensors
+        .values()
+        .map(|t| t.data.iter().filter(|&&x| x > thr).count())
+        .sum();
+    assert!(above < c.values().sum::<usize>());
+}
+
+#[test]
+fn aggregations_on_known_scores() {
+    let mk = |v: Vec<f32>| {
+        let mut w = Weights::default();
+        w.insert(
+            "model.layers.0.mlp.up_proj.weight",
+            HostTensor::new(vec![2, 2], v),
+        );
+        w
+    };
+    let a = mk(vec![4.0, 0.0, 2.0, 2.0]); // total 8
+    let b = mk(vec![0.0, 2.0, 1.0, 1.0]); // total 4
+    let get = |how| {
+        spot::aggregate(&[&a, &b], how, Scope::PerTensor, Eligible::Layers)
+            .unwrap()
+            .tensors["model.layers.0.mlp.up_proj.weight"]
+            .data
+            .clone()
+    };
+    assert_eq!(get(Aggregation::Sum), vec![4.0, 2.0, 3.0, 3.0]);
+    assert_eq!(get(Aggregation::Mean), vec![0.25, 0.25, 0.25, 0.25]);
+    assert_eq!(get(Aggregation::Min), vec![0.0, 0.0, 0.25, 0.25]);
+    // ranks (0 = best): a → [0, 3, 1, 2]; b → [3, 0, 1, 2]; mean → [1.5, 1.5, 1, 2], negated.
+    assert_eq!(get(Aggregation::Rank), vec![-1.5, -1.5, -1.0, -2.0]);
+}
+
+#[test]
+fn ablate_then_restore_is_bit_identical() {
+    let cfg = LlamaConfig::tiny(64);
+    let w0 = model::llama::random_weights(&cfg, 5);
+    let agg = spot::aggregate(
+        &[&scores(1)],
+        Aggregation::Sum,
+        Scope::PerTensor,
+        Eligible::Layers,
+    )
+    .unwrap();
+    let c = spot::counts(&agg, 0.03, Scope::PerTensor);
+    let masks = spot::select_by(&agg, &c, true);
+    let mut w = w0.clone();
+    let saved = codespot::ablate::zero(&mut w, &masks).unwrap();
+    assert_eq!(saved.count(), c.values().sum::<usize>());
+    for (n, m) in &masks {
+        assert!(m.indices().all(|i| w.tensors[n].data[i] == 0.0));
+        let untouched = (0..m.len)
+            .filter(|&i| !m.get(i))
+            .all(|i| w.tensors[n].data[i].to_bits() == w0.tensors[n].data[i].to_bits());
+        assert!(untouched, "{n}");
+    }
+    // The ablated model's logits differ; after restore every bit is back.
+    let dev = Default::default();
+    let rows = vec![vec![1u32, 5, 9, 13, 40, 2]];
+    let l0 = Llama::<codespot::backend::Cpu>::from_weights(&cfg, &w0, &dev)
+        .unwrap()
+        .forward(tokens_tensor(&rows, &dev), None)
+        .into_data();
+    let l1 = Llama::<codespot::backend::Cpu>::from_weights(&cfg, &w, &dev)
+        .unwrap()
+        .forward(tokens_tensor(&rows, &dev), None)
+        .into_data();
+    assert_ne!(l0, l1);
+    codespot::ablate::restore(&mut w, saved);
+    for (n, t) in &w0.tensors {
+        assert!(
+            t.data
+                .iter()
+                .zip(&w.tensors[n].data)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{n}"
+        );
+    }
+    // A mask for a tensor the model lacks is an error.
+    let mut bad = BTreeMap::new();
+    bad.insert(
+        "model.layers.9.mlp.up_proj.weight".to_string(),
+        spot::Mask::empty(4),
+    );
+    assert!(codespot::ablate::zero(&mut w, &bad)
+        .unwrap_err()
+        .to_string()
+        .contains("model.layers.9.mlp.up_proj.weight"));
+}
+
+#[test]
+fn spot_files_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = spot::aggregate(
+        &[&scores(1)],
+        Aggregation::Sum,
+        Scope::PerTensor,
+        Eligible::Layers,
+    )
+    .unwrap();
+    let c = spot::counts(&agg, 0.01, Scope::PerTensor);
+    let mut sets = BTreeMap::new();
+    sets.insert(
+        spot::file::key(1.0, "spot"),
+        spot::select_by(&agg, &c, true),
+    );
+    sets.insert(
+        spot::file::key(1.0, "random"),
+        spot::select_random(&agg, &c, 0),
+    );
+    let cfg = LlamaConfig::tiny(64);
+    let man = spot::file::SpotManifest {
+        format: 1,
+        inputs: vec![],
+        languages: vec!["rust".into()],
+        python_included: false,
+        aggregation: Aggregation::Sum,
+        scope: Scope::PerTensor,
+        eligible: Eligible::Layers,
+        ks: vec![1.0],
+        sets: vec!["spot".into(), "random".into()],
+        seed: 0,
+        counts: sets
+            .iter()
+            .map(|(k, m)| (k.clone(), m.values().map(|x| x.count()).sum()))
+            .collect(),
+        shares: BTreeMap::new(),
+        stability: BTreeMap::new(),
+        config: cfg,
+        code_version: "test".into(),
+    };
+    let out = dir.path().join("spot");
+    spot::file::write(&out, &sets, &man, false).unwrap();
+    assert_eq!(
+        spot::file::read_set(&out, 1.0, "spot").unwrap(),
+        sets["k1:spot"]
+    );
+    assert_eq!(
+        spot::file::read_set(&out, 1.0, "random").unwrap(),
+        sets["k1:random"]
+    );
+    let e = spot::file::read_set(&out, 3.0, "spot")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no set 'k3:spot'"), "{e}");
+}
+
+#[test]
+fn harness_passes_every_canonical_solution_and_fails_pass() {
+    let probs = eval::datasets::humaneval().unwrap();
+    assert_eq!(probs.len(), 164);
+    let limits = sandbox::Limits {
+        wall: std::time::Duration::from_secs(10),
+        cpu_s: 10,
+        ..Default::default()
+    };
+    let failures: Vec<String> = probs
+        .iter()
+        .filter(|p| !humaneval::passes(p, &p.canonical_solution, &limits).unwrap())
+        .map(|p| p.task_id.clone())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "canonical solutions failed: {failures:?}"
+    );
+    let passed_with_pass: Vec<String> = probs
+        .iter()
+        .filter(|p| humaneval::passes(p, "    pass\n", &limits).unwrap())
+        .map(|p| p.task_id.clone())
+        .collect();
+    assert!(
+        passed_with_pass.is_empty(),
+        "`pass` passed: {passed_with_pass:?}"
+    );
+}
+
+#[test]
+fn sandbox_stops_loops_memory_hogs_and_fork_bombs() {
+    let limits = sandbox::Limits {
+        wall: std::time::Duration::from_secs(3),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        sandbox::run_python("while True:\n    pass\n", &limits).unwrap(),
+        sandbox::Outcome::TimedOut
+    );
+    assert!(t0.elapsed().as_secs_f64() < 6.0);
+    let hog = sandbox::run_python("x = bytearray(10 * 1024**3)\n", &limits).unwrap();
+    assert_ne!(
+        hog,
+        sandbox::Outcome::Passed,
+        "a 10 GB allocation must fail"
+    );
+    let bomb =
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n";
+    let t0 = std::time::Instant::now();
+    assert_ne!(
+        sandbox::run_python(bomb, &limits).unwrap(),
+        sandbox::Outcome::Passed
+    );
+    assert!(t0.elapsed().as_secs_f64() < 8.0);
+    // The machine is fine afterwards: a normal program still runs and passes.
+    assert_eq!(
+        sandbox::run_python("assert sum(range(10)) == 45\n", &limits).unwrap(),
+        sandbox::Outcome::Passed
+    );
+    assert!(matches!(
+        sandbox::run_python("raise SystemExit(3)\n", &limits).unwrap(),
+        sandbox::Outcome::Failed(3)
+    ));
+    // No network inside.
+    let net = "import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('1.1.1.1', 80))\n";
+    assert_ne!(
+        sandbox::run_python(net, &limits).unwrap(),
+        sandbox::Outcome::Passed
+    );
+}
+
+#[test]
+fn pass_at_k_matches_the_unbiased_estimator() {
+    assert_eq!(humaneval::pass_at_k(1, 1, 1), 1.0);
+    assert_eq!(humaneval::pass_at_k(1, 0, 1), 0.0);
+    assert!((humaneval::pass_at_k(10, 3, 1) - 0.3).abs() < 1e-12);
+    // 1 - C(8,2)/C(10,2) = 1 - 28/45
+    assert!((humaneval::pass_at_k(10, 2, 2) - (1.0 - 28.0 / 45.0)).abs() < 1e-12);
+    assert_eq!(humaneval::pass_at_k(5, 4, 2), 1.0);
+}
+
+#[test]
+fn multiple_choice_scores_match_a_full_forward_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gg, _) = common::tiny_gguf(dir.path(), 6, true);
+    let ck = model::load(gg.to_str().unwrap()).unwrap();
+    let dev = Default::default();
+    let m = Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
+    let tok = &ck.tokenizer;
+    let ctx = "def ret(x):\n  ";
+    let conts = [" return x", " ret  def", "def def"];
+    // Reference: log-likelihood of each continuation from one full forward of ctx + cont.
+    let reference: Vec<f64> = conts
+        .iter()
+        .map(|c| {
+            let (a, b) = (
+                tok.encode(ctx, false).unwrap(),
+                tok.encode(c, false).unwrap(),
+            );
+            let ids: Vec<u32> = a.iter().chain(&b).copied().collect();
+            let nll: Vec<f32> = m
+                .token_nll(tokens_tensor(&[ids], &dev))
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap();
+            -nll[a.len() - 1..].iter().map(|&x| x as f64).sum::<f64>()
+        })
+        .collect();
+    let best = (0..3)
+        .max_by(|&a, &b| reference[a].total_cmp(&reference[b]))
+        .unwrap();
+    let best_norm = (0..3)
+        .max_by(|&a, &b| {
+            (reference[a] / conts[a].len() as f64)
+                .total_cmp(&(reference[b] / conts[b].len() as f64))
+        })
+        .unwrap();
+    for label in 0..3 {
+        let item = mc::McItem {
+            options: conts
+                .iter()
+                .map(|c| (ctx.to_string(), c.to_string()))
+                .collect(),
+            label,
+        };
+        let r = mc::score_item(&m, tok, &item).unwrap();
+        assert_eq!(r.acc, (label == best) as u8 as f64, "label {label}");
+        assert_eq!(
+            r.acc_norm,
+            (label == best_norm) as u8 as f64,
+            "label {label}"
+        );
+    }
+}
+
+#[test]
+fn the_default_model_gets_obvious_items_right() {
+    let ck = model::load(common::default_gguf().to_str().unwrap()).unwrap();
+    let dev = Default::default();
+    let m = Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
+    let items = [
+        ("1, 2, 3, 4, 5, 6,", [" 7", " banana", " Tuesday"]),
+        ("The capital of France is", [" Paris", " a carrot", " 1984"]),
+        ("def add(a, b):\n    return", [" a + b", " Paris", " {{{"]),
+    ];
+    for (ctx, opts) in items {
+        let item = mc::McItem {
+            options: opts
+                .iter()
+                .map(|o| (ctx.to_string(), o.to_string()))
+                .collect(),
+            label: 0,
+        };
+        assert_eq!(
+            mc::score_item(&m, &ck.tokenizer, &item).unwrap().acc,
+            1.0,
+            "{ctx}"
+        );
+    }
+    // Real benchmark data loads and has the expected shape.
+    let hs = mc::load("hellaswag", 0).unwrap();
+    assert_eq!(hs.len(), 10042);
+    assert!(hs.iter().all(|i| i.options.len() == 4 && i.label < 4));
+    let arc = mc::load("arc-easy", 0).unwrap();
+    assert_eq!(arc.len(), 570);
+}
+
+#[test]
+fn table_reports_drop_relative_to_base() {
+    let r = |v: f64, lower: bool| eval::TaskResult {
+        task: "t".into(),
+        metric: "m".into(),
+        value: v,
+        ci95: (v, v),
+        n: 10,
+        lower_is_better: lower,
+        settings: serde_json::Value::Null,
+        skipped: None,
+    };
+    let c = |name: &str, v: f64, lower: bool| eval::ConditionResults {
+        condition: name.into(),
+        model: "x".into(),
+        model_sha256: "y".into(),
+        spot: None,
+        spot_set: None,
+        zeroed: 0,
+        results: vec![r(v, lower)],
+        seconds: 0.0,
+    };
+    let t = eval::table(&[c("base", 0.5, false), c("spot 1%", 0.25, false)]);
+    assert!(t.contains("(+50.0%)"), "{t}");
+    let t = eval::table(&[c("base", 1.0, true), c("spot 1%", 1.5, true)]);
+    assert!(t.contains("(+50.0%)"), "{t}");
+}
