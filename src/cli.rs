@@ -986,6 +986,12 @@ fn ablate_cmd<B: Backend>(
     Ok(())
 }
 
+type MaskSet = (
+    String,
+    std::collections::BTreeMap<String, crate::spot::Mask>,
+);
+
+#[allow(clippy::too_many_arguments)]
 fn eval_cmd<B: Backend>(
     source: &str,
     tasks: &[crate::eval::Task],
@@ -998,13 +1004,7 @@ fn eval_cmd<B: Backend>(
 ) -> Result<()> {
     use crate::eval::{run_task, ConditionResults};
     // Every mask set is read before any model work, so a bad spot fails fast.
-    let mut conds: Vec<(
-        String,
-        Option<(
-            String,
-            std::collections::BTreeMap<String, crate::spot::Mask>,
-        )>,
-    )> = vec![("base".into(), None)];
+    let mut conds: Vec<(String, Option<MaskSet>)> = vec![("base".into(), None)];
     if let Some(sp) = spot {
         for &k in ks {
             let kk = crate::spot::file::fmt_k(k);

@@ -37,7 +37,10 @@ pub fn score_item<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<
         }
         if cached.as_ref().map(|c| &c.0) != Some(ctx) {
             let mut c = KvCache::new(m.config.num_hidden_layers);
-            let l = m.forward(tokens_tensor::<B>(&[ctx_ids.clone()], &dev), Some(&mut c));
+            let l = m.forward(
+                tokens_tensor::<B>(std::slice::from_ref(&ctx_ids), &dev),
+                Some(&mut c),
+            );
             cached = Some((ctx.clone(), c, l.narrow(1, ctx_ids.len() - 1, 1)));
         }
         let (_, cache, first) = cached.as_ref().expect("set");
