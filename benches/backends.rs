@@ -36,11 +36,7 @@ fn step_tokens_per_s<B: Backend>(ck: &model::Checkpoint, dev: &B::Device) -> f64
     let m = Llama::<Autodiff<B>>::from_weights(&ck.config, &ck.weights, dev).unwrap();
     let v = ck.config.vocab_size as u32;
     let rows: Vec<Vec<u32>> = (0..4)
-        .map(|b| {
-            (0..257)
-                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
-                .collect()
-        })
+        .map(|b| (0..257).map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v).collect())
         .collect();
     let run = || {
         let t = Instant::now();
@@ -59,11 +55,7 @@ fn step_ckpt_tokens_per_s<B: Backend>(ck: &model::Checkpoint, dev: &B::Device) -
     let m = Llama::<Autodiff<B, Bal>>::from_weights(&ck.config, &ck.weights, dev).unwrap();
     let v = ck.config.vocab_size as u32;
     let rows: Vec<Vec<u32>> = (0..4)
-        .map(|b| {
-            (0..257)
-                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
-                .collect()
-        })
+        .map(|b| (0..257).map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v).collect())
         .collect();
     let run = || {
         let t = Instant::now();

@@ -21,9 +21,7 @@ pub type Cuda = burn::backend::Cuda<f32, i32>;
 pub type CudaAd = Autodiff<Cuda>;
 
 /// Which device the user asked for.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum DeviceKind {
     Cpu,
     Cuda,

@@ -9,11 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "codespot",
-    version,
-    about = "Find and follow the Coding Spot of an LLM"
-)]
+#[command(name = "codespot", version, about = "Find and follow the Coding Spot of an LLM")]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -105,6 +101,9 @@ pub enum Cmd {
         half: bool,
         #[arg(long, value_enum, default_value = "calib")]
         split: crate::data::Split,
+        /// Also write snapshots of each half of the calibration batches (spot stability).
+        #[arg(long)]
+        halves: bool,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
@@ -375,9 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("  skipped: {:?}", st.skipped);
             Ok(())
         }
-        Cmd::Corpus {
-            what: CorpusCmd::List,
-        } => corpus_list(),
+        Cmd::Corpus { what: CorpusCmd::List } => corpus_list(),
         Cmd::Score {
             model,
             lang,
@@ -389,11 +386,13 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
             half,
             split,
+            halves,
             out,
             force,
             device,
         } => {
             let req = crate::importance::ScoreRequest {
+                halves,
                 lang,
                 split,
                 tokens,
@@ -442,10 +441,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     device,
                 },
         } => {
-            on_device!(
-                device,
-                bench_score(&model, batch, micro_batch, seq_len, steps, json)
-            )
+            on_device!(device, bench_score(&model, batch, micro_batch, seq_len, steps, json))
         }
         Cmd::Spot {
             what:
@@ -463,10 +459,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             if out.exists() && !force {
-                anyhow::bail!(
-                    "{}: already exists (use --force to replace it)",
-                    out.display()
-                );
+                anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
             }
             let req = crate::spot::SelectRequest {
                 snapshots,
@@ -543,10 +536,7 @@ pub fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(!tasks.is_empty(), "--tasks: give at least one task");
             if let Some(o) = &out {
                 if o.exists() && !force {
-                    anyhow::bail!(
-                        "{}: already exists (use --force to replace it)",
-                        o.display()
-                    );
+                    anyhow::bail!("{}: already exists (use --force to replace it)", o.display());
                 }
             }
             let opts = crate::eval::EvalOptions {
@@ -562,15 +552,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let controls: Vec<String> = controls.into_iter().filter(|c| c != "none").collect();
             on_device!(
                 device,
-                eval_cmd(
-                    &model,
-                    &tasks,
-                    spot.as_deref(),
-                    &k,
-                    &controls,
-                    &opts,
-                    out.as_deref()
-                )
+                eval_cmd(&model, &tasks, spot.as_deref(), &k, &controls, &opts, out.as_deref())
             )
         }
         Cmd::Fetch { model } => {
@@ -739,10 +721,7 @@ fn info(source: &str, json: bool) -> Result<()> {
         }
     );
     println!();
-    println!(
-        "{:<12} {:>8} {:>14} {:>8}",
-        "module", "tensors", "params", "share"
-    );
+    println!("{:<12} {:>8} {:>14} {:>8}", "module", "tensors", "params", "share");
     for (k, (n, p)) in by_kind {
         println!(
             "{:<12} {:>8} {:>14} {:>7.2}%",
@@ -832,10 +811,7 @@ fn corpus_list() -> Result<()> {
                 st.train.tokens,
                 st.calib.tokens
             ),
-            None => println!(
-                "{:<12} {:<10} {:>10} {:>12} {:>12}  {note}",
-                l, "no", "-", "-", "-"
-            ),
+            None => println!("{:<12} {:<10} {:>10} {:>12} {:>12}  {note}", l, "no", "-", "-", "-"),
         }
     }
     Ok(())
@@ -852,10 +828,7 @@ fn score_cmd<B: Backend>(
     let corpora = crate::data::Corpora::from_env();
     corpora.split_path(&req.lang, req.split)?;
     if out.exists() && !force {
-        anyhow::bail!(
-            "{}: already exists (use --force to replace it)",
-            out.display()
-        );
+        anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
     }
     let mut ck = model::load(source)?;
     let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
@@ -894,23 +867,9 @@ fn bench_score<B: Backend>(
         .collect();
     // The first batch warms up; the rest are timed.
     let (warm, timed) = blocks.split_at(batch);
-    crate::importance::score(
-        &m,
-        warm,
-        batch,
-        micro_batch,
-        crate::importance::Method::Taylor,
-        |_| {},
-    )?;
+    crate::importance::score(&m, warm, batch, micro_batch, crate::importance::Method::Taylor, |_| {})?;
     let t0 = std::time::Instant::now();
-    crate::importance::score(
-        &m,
-        timed,
-        batch,
-        micro_batch,
-        crate::importance::Method::Taylor,
-        |_| {},
-    )?;
+    crate::importance::score(&m, timed, batch, micro_batch, crate::importance::Method::Taylor, |_| {})?;
     let dt = t0.elapsed().as_secs_f64();
     let tps = (steps * batch * seq_len) as f64 / dt;
     let rss = crate::util::peak_rss_bytes().unwrap_or(0);
@@ -933,10 +892,7 @@ fn spot_set(
     spot: &std::path::Path,
     k: f64,
     control: Option<&str>,
-) -> Result<(
-    String,
-    std::collections::BTreeMap<String, crate::spot::Mask>,
-)> {
+) -> Result<(String, std::collections::BTreeMap<String, crate::spot::Mask>)> {
     let set = control.unwrap_or("spot");
     Ok((set.to_string(), crate::spot::file::read_set(spot, k, set)?))
 }
@@ -955,10 +911,7 @@ fn ablate_cmd<B: Backend>(
 ) -> Result<()> {
     if let Some(e) = export {
         if e.exists() && !force {
-            anyhow::bail!(
-                "{}: already exists (use --force to replace it)",
-                e.display()
-            );
+            anyhow::bail!("{}: already exists (use --force to replace it)", e.display());
         }
     }
     let (set, masks) = spot_set(spot, k, control)?;
@@ -986,10 +939,7 @@ fn ablate_cmd<B: Backend>(
     Ok(())
 }
 
-type MaskSet = (
-    String,
-    std::collections::BTreeMap<String, crate::spot::Mask>,
-);
+type MaskSet = (String, std::collections::BTreeMap<String, crate::spot::Mask>);
 
 #[allow(clippy::too_many_arguments)]
 fn eval_cmd<B: Backend>(
@@ -1059,10 +1009,7 @@ fn eval_cmd<B: Backend>(
     if let Some(o) = out {
         let tmp = crate::util::tmp_sibling(o);
         std::fs::create_dir_all(&tmp)?;
-        std::fs::write(
-            tmp.join("results.json"),
-            serde_json::to_string_pretty(&all)?,
-        )?;
+        std::fs::write(tmp.join("results.json"), serde_json::to_string_pretty(&all)?)?;
         std::fs::write(tmp.join("table.md"), &table)?;
         if o.exists() {
             std::fs::remove_dir_all(o)?;

@@ -179,10 +179,9 @@ impl Corpora {
                 }
             );
         }
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        let m: Manifest = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), one_line(&e.to_string())))?;
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let m: Manifest =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), one_line(&e.to_string())))?;
         if m.language != lang {
             bail!(
                 "{}: field 'language' is '{}', expected '{lang}'",
@@ -244,9 +243,7 @@ fn first_root(roots: &[String]) -> Option<PathBuf> {
 
 fn patterns(list: &[String], manifest: &str) -> Result<Vec<glob::Pattern>> {
     list.iter()
-        .map(|p| {
-            glob::Pattern::new(p).with_context(|| format!("{manifest}: bad glob pattern '{p}'"))
-        })
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("{manifest}: bad glob pattern '{p}'")))
         .collect()
 }
 
@@ -256,8 +253,7 @@ fn matches(rel: &str, include: &[glob::Pattern], exclude: &[glob::Pattern]) -> b
         require_literal_separator: false,
         require_literal_leading_dot: false,
     };
-    include.iter().any(|p| p.matches_with(rel, opts))
-        && !exclude.iter().any(|p| p.matches_with(rel, opts))
+    include.iter().any(|p| p.matches_with(rel, opts)) && !exclude.iter().any(|p| p.matches_with(rel, opts))
 }
 
 fn walk(root: &Path, out: &mut Vec<PathBuf>) {
@@ -317,12 +313,7 @@ fn hash64(sha_hex: &str) -> u64 {
 }
 
 /// Raw documents of a manifest (before filtering), as (path, bytes).
-fn gather(
-    m: &Manifest,
-    manifest_name: &str,
-    corpora: &Corpora,
-    install: bool,
-) -> Result<Vec<(String, Vec<u8>)>> {
+fn gather(m: &Manifest, manifest_name: &str, corpora: &Corpora, install: bool) -> Result<Vec<(String, Vec<u8>)>> {
     let mut docs = Vec::new();
     for (i, s) in m.sources.iter().enumerate() {
         let ctx = format!("{manifest_name}: sources[{i}]");
@@ -332,15 +323,9 @@ fn gather(
                 include,
                 exclude,
             } => {
-                let root = first_root(roots).with_context(|| {
-                    format!("{ctx}: none of the roots exists: {}", roots.join(", "))
-                })?;
-                read_tree(
-                    &root,
-                    &patterns(include, &ctx)?,
-                    &patterns(exclude, &ctx)?,
-                    &mut docs,
-                );
+                let root = first_root(roots)
+                    .with_context(|| format!("{ctx}: none of the roots exists: {}", roots.join(", ")))?;
+                read_tree(&root, &patterns(include, &ctx)?, &patterns(exclude, &ctx)?, &mut docs);
             }
             SourceSpec::Debian {
                 package,
@@ -355,9 +340,7 @@ fn gather(
                     let apath = glob::glob(&expand_home(a))
                         .ok()
                         .and_then(|mut g| g.find_map(|p| p.ok()))
-                        .with_context(|| {
-                            format!("{ctx}: archive {a} not found (is {package} installed?)")
-                        })?;
+                        .with_context(|| format!("{ctx}: archive {a} not found (is {package} installed?)"))?;
                     read_archive(
                         &apath,
                         &inc,
@@ -367,9 +350,8 @@ fn gather(
                     )
                     .with_context(|| format!("{ctx}: reading {}", apath.display()))?;
                 } else {
-                    let root = first_root(roots).with_context(|| {
-                        format!("{ctx}: none of the roots exists: {}", roots.join(", "))
-                    })?;
+                    let root = first_root(roots)
+                        .with_context(|| format!("{ctx}: none of the roots exists: {}", roots.join(", ")))?;
                     read_tree(&root, &inc, &exc, &mut docs);
                 }
             }
@@ -397,20 +379,11 @@ fn gather(
     Ok(docs)
 }
 
-fn read_tree(
-    root: &Path,
-    inc: &[glob::Pattern],
-    exc: &[glob::Pattern],
-    docs: &mut Vec<(String, Vec<u8>)>,
-) {
+fn read_tree(root: &Path, inc: &[glob::Pattern], exc: &[glob::Pattern], docs: &mut Vec<(String, Vec<u8>)>) {
     let mut files = Vec::new();
     walk(root, &mut files);
     for f in files {
-        let rel = f
-            .strip_prefix(root)
-            .unwrap_or(&f)
-            .to_string_lossy()
-            .into_owned();
+        let rel = f.strip_prefix(root).unwrap_or(&f).to_string_lossy().into_owned();
         if matches(&rel, inc, exc) {
             if let Ok(b) = std::fs::read(&f) {
                 docs.push((f.to_string_lossy().into_owned(), b));
@@ -511,9 +484,10 @@ fn read_hf_dataset(
     let hr = Repo::new(repo.to_string(), RepoType::Dataset);
     for f in files {
         let path = if util::offline() {
-            Cache::from_env().repo(hr.clone()).get(f).with_context(|| {
-                format!("dataset {repo}: '{f}' is not in the HF cache and offline mode is on")
-            })?
+            Cache::from_env()
+                .repo(hr.clone())
+                .get(f)
+                .with_context(|| format!("dataset {repo}: '{f}' is not in the HF cache and offline mode is on"))?
         } else {
             hf_hub::api::sync::ApiBuilder::from_env()
                 .build()?
@@ -620,9 +594,7 @@ pub fn build(
         })
         .unwrap_or(docs.len());
     if keep < docs.len() {
-        stats
-            .skipped
-            .insert("over_max_mb".into(), docs.len() - keep);
+        stats.skipped.insert("over_max_mb".into(), docs.len() - keep);
         docs.truncate(keep.max(1));
     }
     let out = corpora.build_dir(lang);
@@ -647,14 +619,9 @@ pub fn build(
         w.write_all(b"\n")?;
     }
     for w in writers {
-        w.into_inner()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .sync_all()?;
+        w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?;
     }
-    std::fs::write(
-        tmp.join("stats.json"),
-        serde_json::to_string_pretty(&stats)?,
-    )?;
+    std::fs::write(tmp.join("stats.json"), serde_json::to_string_pretty(&stats)?)?;
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
@@ -666,14 +633,10 @@ pub fn build(
 pub fn read_split(path: &Path) -> Result<impl Iterator<Item = Result<Doc>>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let p = path.to_path_buf();
-    Ok(std::io::BufReader::new(f)
-        .lines()
-        .enumerate()
-        .map(move |(i, l)| {
-            let l = l.with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str(&l)
-                .with_context(|| format!("{}: line {} is not a document", p.display(), i + 1))
-        }))
+    Ok(std::io::BufReader::new(f).lines().enumerate().map(move |(i, l)| {
+        let l = l.with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&l).with_context(|| format!("{}: line {} is not a document", p.display(), i + 1))
+    }))
 }
 
 /// Pack documents into `n` blocks of `len` tokens (documents joined by `sep`), streaming.

@@ -51,10 +51,7 @@ fn gguf_with_garbage_fields() {
     let p = dir.path().join("magic.gguf");
     bytes[0] = b'X';
     std::fs::write(&p, &bytes).unwrap();
-    assert_one_line_error(
-        &["info", p.to_str().unwrap()],
-        &["magic.gguf", "not a GGUF file"],
-    );
+    assert_one_line_error(&["info", p.to_str().unwrap()], &["magic.gguf", "not a GGUF file"]);
     // A huge string length in the first metadata key.
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -90,10 +87,7 @@ fn gguf_missing_metadata_field() {
     codespot::source::gguf::write_f32(&p, &meta, &tensors).unwrap();
     assert_one_line_error(
         &["info", p.to_str().unwrap()],
-        &[
-            "nofield.gguf",
-            "missing metadata field 'llama.feed_forward_length'",
-        ],
+        &["nofield.gguf", "missing metadata field 'llama.feed_forward_length'"],
     );
 }
 
@@ -101,8 +95,7 @@ fn hf_dir(dir: &Path) -> std::path::PathBuf {
     let (path, _) = common::tiny_gguf(dir, 2, true);
     let ck = codespot::model::load(path.to_str().unwrap()).unwrap();
     let out = dir.join("hf");
-    codespot::model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false)
-        .unwrap();
+    codespot::model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false).unwrap();
     out
 }
 
@@ -132,8 +125,7 @@ fn config_missing_field() {
     let dir = tempfile::tempdir().unwrap();
     let out = hf_dir(dir.path());
     let cfg = out.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("intermediate_size");
     std::fs::write(&cfg, v.to_string()).unwrap();
     assert_one_line_error(
@@ -141,10 +133,7 @@ fn config_missing_field() {
         &["config.json", "missing config field 'intermediate_size'"],
     );
     std::fs::write(&cfg, "{not json").unwrap();
-    assert_one_line_error(
-        &["info", out.to_str().unwrap()],
-        &["config.json", "invalid JSON"],
-    );
+    assert_one_line_error(&["info", out.to_str().unwrap()], &["config.json", "invalid JSON"]);
 }
 
 #[test]
@@ -188,17 +177,11 @@ fn offline_mode_is_honoured_for_hub_and_pypi() {
             .env("CODESPOT_CACHE", dir.path())
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (code, err) = run("hf:someone/some-model");
     assert_eq!(code, Some(1));
-    assert!(
-        err.contains("not in the HF cache and HF_HUB_OFFLINE is set"),
-        "{err}"
-    );
+    assert!(err.contains("not in the HF cache and HF_HUB_OFFLINE is set"), "{err}");
     let (code, err) = run("pypi:nonexistent-pkg==1.0#a.gguf");
     assert_eq!(code, Some(1));
     assert!(err.contains("offline mode is on"), "{err}");
@@ -263,7 +246,11 @@ fn score_rejects_bad_requests_before_work() {
         "{err}"
     );
     // A manifest whose corpus was never built.
-    std::fs::write(corpora.join("toy.toml"), "language = \"toy\"\n[[sources]]\nkind = \"dir\"\nroots = [\"/nonexistent\"]\ninclude = [\"**/*.py\"]\n").unwrap();
+    std::fs::write(
+        corpora.join("toy.toml"),
+        "language = \"toy\"\n[[sources]]\nkind = \"dir\"\nroots = [\"/nonexistent\"]\ninclude = [\"**/*.py\"]\n",
+    )
+    .unwrap();
     let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "toy", "--out", outs]);
     assert_eq!(code, 1);
     assert!(
@@ -280,22 +267,12 @@ fn score_rejects_bad_requests_before_work() {
     assert_eq!(code, 1);
     assert!(err.contains("calib split is empty"), "{err}");
     // A split too small for the requested tokens.
-    let doc =
-        serde_json::json!({"path": "a.py", "sha256": "00", "text": "def f(x):\n    return x\n"});
+    let doc = serde_json::json!({"path": "a.py", "sha256": "00", "text": "def f(x):\n    return x\n"});
     std::fs::write(b.join("calib.jsonl"), format!("{doc}\n")).unwrap();
     let (code, err) = score_cli(
         dir.path(),
         &corpora,
-        &[
-            "--lang",
-            "toy",
-            "--tokens",
-            "512",
-            "--seq-len",
-            "64",
-            "--out",
-            outs,
-        ],
+        &["--lang", "toy", "--tokens", "512", "--seq-len", "64", "--out", outs],
     );
     assert_eq!(code, 1);
     assert!(err.contains("fewer than the 520 requested"), "{err}");
@@ -306,11 +283,7 @@ fn score_rejects_bad_requests_before_work() {
     assert_eq!(code, 1);
     assert!(err.contains("already exists (use --force"), "{err}");
     // A manifest with an unknown key names it.
-    std::fs::write(
-        corpora.join("bad.toml"),
-        "language = \"bad\"\nsauces = []\n",
-    )
-    .unwrap();
+    std::fs::write(corpora.join("bad.toml"), "language = \"bad\"\nsauces = []\n").unwrap();
     let (code, err) = score_cli(dir.path(), &corpora, &["--lang", "bad", "--out", outs]);
     assert_eq!(code, 1);
     assert!(err.contains("bad.toml") && err.contains("sauces"), "{err}");

@@ -19,10 +19,8 @@ fn checkpoint() -> &'static model::Checkpoint {
 /// prompt's ids with the Python `tokenizers` package (see the script's docstring).
 #[test]
 fn last_token_logits_match_independent_reference() {
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string("tests/golden/smollm2_q4_1_logits.json").unwrap(),
-    )
-    .unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/golden/smollm2_q4_1_logits.json").unwrap()).unwrap();
     let ids: Vec<u32> = golden["token_ids"]
         .as_array()
         .unwrap()
@@ -38,9 +36,7 @@ fn last_token_logits_match_independent_reference() {
     let ck = checkpoint();
     // Our tokenizer gives the reference's ids for the same prompt.
     assert_eq!(
-        ck.tokenizer
-            .encode(golden["prompt"].as_str().unwrap(), false)
-            .unwrap(),
+        ck.tokenizer.encode(golden["prompt"].as_str().unwrap(), false).unwrap(),
         ids
     );
     let dev = Default::default();
@@ -133,10 +129,7 @@ fn chat_generation_writes_python() {
     let m = Llama::<Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
     let prompt = ck
         .tokenizer
-        .apply_chat(
-            &[Message::user("Write a Python function is_prime(n).")],
-            true,
-        )
+        .apply_chat(&[Message::user("Write a Python function is_prime(n).")], true)
         .unwrap();
     let ids = ck.tokenizer.encode(&prompt, false).unwrap();
     let opts = model::generate::GenOptions {
@@ -144,8 +137,7 @@ fn chat_generation_writes_python() {
         ..Default::default()
     };
     let mut streamed = String::new();
-    let out = model::generate::generate(&m, &ck.tokenizer, &ids, &opts, |s| streamed.push_str(s))
-        .unwrap();
+    let out = model::generate::generate(&m, &ck.tokenizer, &ids, &opts, |s| streamed.push_str(s)).unwrap();
     assert_eq!(streamed, out.text);
     assert!(out.text.contains("def is_prime(n"), "{}", out.text);
     // Greedy decoding is deterministic.
@@ -165,11 +157,67 @@ fn default_config_matches_smollm2_135m() {
         ),
         (30, 576, 9, 3)
     );
-    assert_eq!(
-        (c.vocab_size, c.head_dim, c.intermediate_size),
-        (49152, 64, 1536)
-    );
+    assert_eq!((c.vocab_size, c.head_dim, c.intermediate_size), (49152, 64, 1536));
     assert!(c.tie_word_embeddings);
     assert_eq!(c.rope_theta, 100000.0);
     assert_eq!(c.num_params(), checkpoint().weights.num_params());
+}
+
+/// `codespot score` on the real model and the Python stdlib corpus (a small token budget; the
+/// 16384-token run is in the README): the snapshot covers all 30 layers, 9 heads per layer and
+/// every tensor, and a second run is bit-identical.
+#[test]
+fn real_model_snapshot_covers_layers_heads_tensors_and_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpora = dir.path().join("corpora");
+    std::fs::create_dir_all(&corpora).unwrap();
+    std::fs::copy("corpora/python.toml", corpora.join("python.toml")).unwrap();
+    let exe = env!("CARGO_BIN_EXE_codespot");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(exe)
+            .args(args)
+            .env("CODESPOT_CORPORA", &corpora)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["corpus", "build", "python", "--max-mb", "2"]);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for out in [&a, &b] {
+        run(&[
+            "score",
+            "--lang",
+            "python",
+            "--tokens",
+            "256",
+            "--seq-len",
+            "128",
+            "--batch",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    let snap = codespot::importance::snapshot::read(&a).unwrap();
+    assert_eq!(snap.manifest.tokens, 256);
+    assert_eq!(snap.scores.tensors.len(), 30 * 9 + 2);
+    let s = &snap.summaries;
+    assert_eq!(s.layer_module_mass.len(), 30);
+    assert!(s
+        .layer_module_mass
+        .values()
+        .all(|r| r.len() == 9 && r.values().all(|&m| m > 0.0)));
+    assert_eq!(s.head_mass.len(), 30);
+    assert!(s.head_mass.iter().all(|r| r.len() == 9 && r.iter().all(|&m| m > 0.0)));
+    assert_eq!(s.heads.len(), 30 * (9 + 3 + 3 + 9));
+    assert_eq!(s.tensors.len(), 272);
+    assert_eq!(
+        std::fs::read(a.join("scores.safetensors")).unwrap(),
+        std::fs::read(b.join("scores.safetensors")).unwrap(),
+        "not bit-identical"
+    );
 }

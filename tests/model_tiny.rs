@@ -22,17 +22,15 @@ fn batch() -> Vec<Vec<u32>> {
 /// on the f64 model, so no f32 rounding enters the finite difference).
 fn loss_of(cfg: &LlamaConfig, w: &Weights, name: &str, i: usize, delta: f64) -> f64 {
     let dev = Default::default();
-    let m = Llama::<F64>::from_weights(cfg, w, &dev)
-        .unwrap()
-        .map_params(|n, t| {
-            if n != name {
-                return t;
-            }
-            let mut v: Vec<f64> = t.into_data().convert::<f64>().into_vec().unwrap();
-            v[i] += delta;
-            let len = v.len();
-            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [len]), &dev)
-        });
+    let m = Llama::<F64>::from_weights(cfg, w, &dev).unwrap().map_params(|n, t| {
+        if n != name {
+            return t;
+        }
+        let mut v: Vec<f64> = t.into_data().convert::<f64>().into_vec().unwrap();
+        v[i] += delta;
+        let len = v.len();
+        burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [len]), &dev)
+    });
     let l = m.loss(tokens_tensor::<F64>(&batch(), &dev));
     l.into_data().convert::<f64>().into_vec::<f64>().unwrap()[0]
 }
@@ -68,13 +66,10 @@ fn check_gradients(tied: bool) {
         };
         let n = g.len();
         // Three elements per tensor: the largest gradient and two spread indices.
-        let big = (0..n)
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
+        let big = (0..n).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
         for &i in &[big, n / 3, (n * 7) / 11] {
             let eps = 1e-5;
-            let fd = (loss_of(&cfg, &w, &name, i, eps) - loss_of(&cfg, &w, &name, i, -eps))
-                / (2.0 * eps);
+            let fd = (loss_of(&cfg, &w, &name, i, eps) - loss_of(&cfg, &w, &name, i, -eps)) / (2.0 * eps);
             let err = (fd - g[i]).abs();
             assert!(
                 err <= 1e-9 + 1e-6 * g[i].abs().max(fd.abs()),
@@ -109,10 +104,7 @@ fn logits<B: Backend>(m: &Llama<B>, rows: &[Vec<u32>]) -> Vec<f64> {
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 #[test]
@@ -153,10 +145,7 @@ fn permute_and_unpermute_are_inverse() {
     let data: Vec<f32> = (0..12 * 5).map(|x| x as f32).collect();
     let p = codespot::source::weights::permute_rows(&data, 12, 5, 3);
     assert_ne!(p, data);
-    assert_eq!(
-        codespot::source::weights::unpermute_rows(&p, 12, 5, 3),
-        data
-    );
+    assert_eq!(codespot::source::weights::unpermute_rows(&p, 12, 5, 3), data);
 }
 
 #[test]
@@ -171,10 +160,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let mut cache = KvCache::new(cfg.num_hidden_layers);
     // Prefill 4 tokens, then one at a time.
     let mut got: Vec<f64> = m
-        .forward(
-            tokens_tensor::<F64>(&[seq[..4].to_vec()], &dev),
-            Some(&mut cache),
-        )
+        .forward(tokens_tensor::<F64>(&[seq[..4].to_vec()], &dev), Some(&mut cache))
         .into_data()
         .convert::<f64>()
         .into_vec()
@@ -232,25 +218,16 @@ fn from_weights_reports_missing_and_misshapen_tensors() {
     let mut w = model::llama::random_weights(&cfg, 5);
     let dev = burn::tensor::Device::<F64>::default();
     w.tensors.remove("model.layers.1.self_attn.v_proj.weight");
-    let e = Llama::<F64>::from_weights(&cfg, &w, &dev)
-        .unwrap_err()
-        .to_string();
+    let e = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap_err().to_string();
     assert!(
         e.contains("missing tensor 'model.layers.1.self_attn.v_proj.weight'"),
         "{e}"
     );
     let mut w = model::llama::random_weights(&cfg, 5);
-    w.tensors.insert(
-        "model.norm.weight".into(),
-        HostTensor::new(vec![3], vec![1.0; 3]),
-    );
-    let e = Llama::<F64>::from_weights(&cfg, &w, &dev)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("'model.norm.weight' has shape [3], expected [32]"),
-        "{e}"
-    );
+    w.tensors
+        .insert("model.norm.weight".into(), HostTensor::new(vec![3], vec![1.0; 3]));
+    let e = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap_err().to_string();
+    assert!(e.contains("'model.norm.weight' has shape [3], expected [32]"), "{e}");
 }
 
 #[test]
@@ -297,8 +274,7 @@ fn gguf_load_unpermutes_and_export_round_trips_through_hf_dir() {
         );
         assert_eq!(again.tokenizer.chat_template, ck.tokenizer.chat_template);
         // Exporting over an existing directory needs --force.
-        let e = model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false)
-            .unwrap_err();
+        let e = model::export::export_hf_dir(&ck.config, &ck.weights, &ck.tokenizer, &out, false).unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
     }
 }
@@ -312,12 +288,6 @@ fn tiny_tokenizer_uses_merges_and_special_tokens() {
     let ids = tok.encode("<|im_start|>def", false).unwrap();
     assert_eq!(ids, vec![0, tok.token_id("def").unwrap()]);
     let chat = tok.apply_chat(&[model::Message::user("hi")], true).unwrap();
-    assert_eq!(
-        chat,
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    );
-    assert_eq!(
-        tok.decode(&tok.encode(&chat, false).unwrap()).unwrap(),
-        chat
-    );
+    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(tok.decode(&tok.encode(&chat, false).unwrap()).unwrap(), chat);
 }

@@ -21,13 +21,7 @@ fn scores(seed: u64) -> Weights {
 fn per_tensor_spot_has_exact_counts_and_controls_match() {
     let s = scores(1);
     for k in [0.5, 1.0, 3.0, 5.0] {
-        let agg = spot::aggregate(
-            &[&s, &scores(2)],
-            Aggregation::Sum,
-            Scope::PerTensor,
-            Eligible::Layers,
-        )
-        .unwrap();
+        let agg = spot::aggregate(&[&s, &scores(2)], Aggregation::Sum, Scope::PerTensor, Eligible::Layers).unwrap();
         assert!(
             agg.tensors.keys().all(|n| n.starts_with("model.layers.")),
             "layers only"
@@ -42,10 +36,7 @@ fn per_tensor_spot_has_exact_counts_and_controls_match() {
             assert_eq!(rnd[n].count(), want);
             assert_eq!(bot[n].count(), want);
             // Every selected score is ≥ every unselected one.
-            let min_in = top[n]
-                .indices()
-                .map(|i| t.data[i])
-                .fold(f32::INFINITY, f32::min);
+            let min_in = top[n].indices().map(|i| t.data[i]).fold(f32::INFINITY, f32::min);
             let max_out = (0..t.numel())
                 .filter(|&i| !top[n].get(i))
                 .map(|i| t.data[i])
@@ -66,18 +57,11 @@ fn global_scope_takes_the_overall_top() {
     let agg = spot::aggregate(&[&s], Aggregation::Sum, Scope::Global, Eligible::All).unwrap();
     let n: usize = agg.tensors.values().map(|t| t.numel()).sum();
     let c = spot::counts(&agg, 0.01, Scope::Global);
-    assert_eq!(
-        c.values().sum::<usize>(),
-        (0.01 * n as f64).round() as usize
-    );
+    assert_eq!(c.values().sum::<usize>(), (0.01 * n as f64).round() as usize);
     let m = spot::select_by(&agg, &c, true);
     let thr = m
         .iter()
-        .flat_map(|(k, mk)| {
-            mk.indices()
-                .map(|i| agg.tensors[k].data[i])
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|(k, mk)| mk.indices().map(|i| agg.tensors[k].data[i]).collect::<Vec<_>>())
         .fold(f32::INFINITY, f32::min);
     let above: usize = agg
         .tensors
@@ -91,10 +75,7 @@ fn global_scope_takes_the_overall_top() {
 fn aggregations_on_known_scores() {
     let mk = |v: Vec<f32>| {
         let mut w = Weights::default();
-        w.insert(
-            "model.layers.0.mlp.up_proj.weight",
-            HostTensor::new(vec![2, 2], v),
-        );
+        w.insert("model.layers.0.mlp.up_proj.weight", HostTensor::new(vec![2, 2], v));
         w
     };
     let a = mk(vec![4.0, 0.0, 2.0, 2.0]); // total 8
@@ -117,13 +98,7 @@ fn aggregations_on_known_scores() {
 fn ablate_then_restore_is_bit_identical() {
     let cfg = LlamaConfig::tiny(64);
     let w0 = model::llama::random_weights(&cfg, 5);
-    let agg = spot::aggregate(
-        &[&scores(1)],
-        Aggregation::Sum,
-        Scope::PerTensor,
-        Eligible::Layers,
-    )
-    .unwrap();
+    let agg = spot::aggregate(&[&scores(1)], Aggregation::Sum, Scope::PerTensor, Eligible::Layers).unwrap();
     let c = spot::counts(&agg, 0.03, Scope::PerTensor);
     let masks = spot::select_by(&agg, &c, true);
     let mut w = w0.clone();
@@ -160,10 +135,7 @@ fn ablate_then_restore_is_bit_identical() {
     }
     // A mask for a tensor the model lacks is an error.
     let mut bad = BTreeMap::new();
-    bad.insert(
-        "model.layers.9.mlp.up_proj.weight".to_string(),
-        spot::Mask::empty(4),
-    );
+    bad.insert("model.layers.9.mlp.up_proj.weight".to_string(), spot::Mask::empty(4));
     assert!(codespot::ablate::zero(&mut w, &bad)
         .unwrap_err()
         .to_string()
@@ -173,23 +145,11 @@ fn ablate_then_restore_is_bit_identical() {
 #[test]
 fn spot_files_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = spot::aggregate(
-        &[&scores(1)],
-        Aggregation::Sum,
-        Scope::PerTensor,
-        Eligible::Layers,
-    )
-    .unwrap();
+    let agg = spot::aggregate(&[&scores(1)], Aggregation::Sum, Scope::PerTensor, Eligible::Layers).unwrap();
     let c = spot::counts(&agg, 0.01, Scope::PerTensor);
     let mut sets = BTreeMap::new();
-    sets.insert(
-        spot::file::key(1.0, "spot"),
-        spot::select_by(&agg, &c, true),
-    );
-    sets.insert(
-        spot::file::key(1.0, "random"),
-        spot::select_random(&agg, &c, 0),
-    );
+    sets.insert(spot::file::key(1.0, "spot"), spot::select_by(&agg, &c, true));
+    sets.insert(spot::file::key(1.0, "random"), spot::select_random(&agg, &c, 0));
     let cfg = LlamaConfig::tiny(64);
     let man = spot::file::SpotManifest {
         format: 1,
@@ -213,17 +173,9 @@ fn spot_files_round_trip() {
     };
     let out = dir.path().join("spot");
     spot::file::write(&out, &sets, &man, false).unwrap();
-    assert_eq!(
-        spot::file::read_set(&out, 1.0, "spot").unwrap(),
-        sets["k1:spot"]
-    );
-    assert_eq!(
-        spot::file::read_set(&out, 1.0, "random").unwrap(),
-        sets["k1:random"]
-    );
-    let e = spot::file::read_set(&out, 3.0, "spot")
-        .unwrap_err()
-        .to_string();
+    assert_eq!(spot::file::read_set(&out, 1.0, "spot").unwrap(), sets["k1:spot"]);
+    assert_eq!(spot::file::read_set(&out, 1.0, "random").unwrap(), sets["k1:random"]);
+    let e = spot::file::read_set(&out, 3.0, "spot").unwrap_err().to_string();
     assert!(e.contains("no set 'k3:spot'"), "{e}");
 }
 
@@ -241,19 +193,13 @@ fn harness_passes_every_canonical_solution_and_fails_pass() {
         .filter(|p| !humaneval::passes(p, &p.canonical_solution, &limits).unwrap())
         .map(|p| p.task_id.clone())
         .collect();
-    assert!(
-        failures.is_empty(),
-        "canonical solutions failed: {failures:?}"
-    );
+    assert!(failures.is_empty(), "canonical solutions failed: {failures:?}");
     let passed_with_pass: Vec<String> = probs
         .iter()
         .filter(|p| humaneval::passes(p, "    pass\n", &limits).unwrap())
         .map(|p| p.task_id.clone())
         .collect();
-    assert!(
-        passed_with_pass.is_empty(),
-        "`pass` passed: {passed_with_pass:?}"
-    );
+    assert!(passed_with_pass.is_empty(), "`pass` passed: {passed_with_pass:?}");
 }
 
 #[test]
@@ -269,18 +215,10 @@ fn sandbox_stops_loops_memory_hogs_and_fork_bombs() {
     );
     assert!(t0.elapsed().as_secs_f64() < 6.0);
     let hog = sandbox::run_python("x = bytearray(10 * 1024**3)\n", &limits).unwrap();
-    assert_ne!(
-        hog,
-        sandbox::Outcome::Passed,
-        "a 10 GB allocation must fail"
-    );
-    let bomb =
-        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n";
+    assert_ne!(hog, sandbox::Outcome::Passed, "a 10 GB allocation must fail");
+    let bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n";
     let t0 = std::time::Instant::now();
-    assert_ne!(
-        sandbox::run_python(bomb, &limits).unwrap(),
-        sandbox::Outcome::Passed
-    );
+    assert_ne!(sandbox::run_python(bomb, &limits).unwrap(), sandbox::Outcome::Passed);
     assert!(t0.elapsed().as_secs_f64() < 8.0);
     // The machine is fine afterwards: a normal program still runs and passes.
     assert_eq!(
@@ -293,10 +231,7 @@ fn sandbox_stops_loops_memory_hogs_and_fork_bombs() {
     ));
     // No network inside.
     let net = "import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('1.1.1.1', 80))\n";
-    assert_ne!(
-        sandbox::run_python(net, &limits).unwrap(),
-        sandbox::Outcome::Passed
-    );
+    assert_ne!(sandbox::run_python(net, &limits).unwrap(), sandbox::Outcome::Passed);
 }
 
 #[test]
@@ -323,10 +258,7 @@ fn multiple_choice_scores_match_a_full_forward_reference() {
     let reference: Vec<f64> = conts
         .iter()
         .map(|c| {
-            let (a, b) = (
-                tok.encode(ctx, false).unwrap(),
-                tok.encode(c, false).unwrap(),
-            );
+            let (a, b) = (tok.encode(ctx, false).unwrap(), tok.encode(c, false).unwrap());
             let ids: Vec<u32> = a.iter().chain(&b).copied().collect();
             let nll: Vec<f32> = m
                 .token_nll(tokens_tensor(&[ids], &dev))
@@ -337,30 +269,18 @@ fn multiple_choice_scores_match_a_full_forward_reference() {
             -nll[a.len() - 1..].iter().map(|&x| x as f64).sum::<f64>()
         })
         .collect();
-    let best = (0..3)
-        .max_by(|&a, &b| reference[a].total_cmp(&reference[b]))
-        .unwrap();
+    let best = (0..3).max_by(|&a, &b| reference[a].total_cmp(&reference[b])).unwrap();
     let best_norm = (0..3)
-        .max_by(|&a, &b| {
-            (reference[a] / conts[a].len() as f64)
-                .total_cmp(&(reference[b] / conts[b].len() as f64))
-        })
+        .max_by(|&a, &b| (reference[a] / conts[a].len() as f64).total_cmp(&(reference[b] / conts[b].len() as f64)))
         .unwrap();
     for label in 0..3 {
         let item = mc::McItem {
-            options: conts
-                .iter()
-                .map(|c| (ctx.to_string(), c.to_string()))
-                .collect(),
+            options: conts.iter().map(|c| (ctx.to_string(), c.to_string())).collect(),
             label,
         };
         let r = mc::score_item(&m, tok, &item).unwrap();
         assert_eq!(r.acc, (label == best) as u8 as f64, "label {label}");
-        assert_eq!(
-            r.acc_norm,
-            (label == best_norm) as u8 as f64,
-            "label {label}"
-        );
+        assert_eq!(r.acc_norm, (label == best_norm) as u8 as f64, "label {label}");
     }
 }
 
@@ -376,17 +296,10 @@ fn the_default_model_gets_obvious_items_right() {
     ];
     for (ctx, opts) in items {
         let item = mc::McItem {
-            options: opts
-                .iter()
-                .map(|o| (ctx.to_string(), o.to_string()))
-                .collect(),
+            options: opts.iter().map(|o| (ctx.to_string(), o.to_string())).collect(),
             label: 0,
         };
-        assert_eq!(
-            mc::score_item(&m, &ck.tokenizer, &item).unwrap().acc,
-            1.0,
-            "{ctx}"
-        );
+        assert_eq!(mc::score_item(&m, &ck.tokenizer, &item).unwrap().acc, 1.0, "{ctx}");
     }
     // Real benchmark data loads and has the expected shape.
     let hs = mc::load("hellaswag", 0).unwrap();

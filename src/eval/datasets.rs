@@ -5,8 +5,8 @@
 use crate::source::fetch_pypi_file;
 use anyhow::{bail, Context, Result};
 use arrow_array::{
-    Array, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, LargeStringArray,
-    ListArray, StringArray, StructArray,
+    Array, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, LargeStringArray, ListArray, StringArray,
+    StructArray,
 };
 use arrow_schema::DataType;
 use serde_json::{json, Value};
@@ -36,8 +36,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
             continue;
         }
         rows.push(
-            serde_json::from_str(&line)
-                .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?,
+            serde_json::from_str(&line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?,
         );
     }
     Ok(rows)
@@ -70,10 +69,7 @@ fn cell(a: &dyn Array, i: usize) -> Result<Value> {
     let any = a.as_any();
     Ok(match a.data_type() {
         DataType::Utf8 => json!(any.downcast_ref::<StringArray>().expect("utf8").value(i)),
-        DataType::LargeUtf8 => json!(any
-            .downcast_ref::<LargeStringArray>()
-            .expect("utf8")
-            .value(i)),
+        DataType::LargeUtf8 => json!(any.downcast_ref::<LargeStringArray>().expect("utf8").value(i)),
         DataType::Int32 => json!(any.downcast_ref::<Int32Array>().expect("i32").value(i)),
         DataType::Int64 => json!(any.downcast_ref::<Int64Array>().expect("i64").value(i)),
         DataType::Float32 => json!(any.downcast_ref::<Float32Array>().expect("f32").value(i)),
@@ -81,11 +77,7 @@ fn cell(a: &dyn Array, i: usize) -> Result<Value> {
         DataType::Boolean => json!(any.downcast_ref::<BooleanArray>().expect("bool").value(i)),
         DataType::List(_) => {
             let l = any.downcast_ref::<ListArray>().expect("list").value(i);
-            Value::Array(
-                (0..l.len())
-                    .map(|j| cell(l.as_ref(), j))
-                    .collect::<Result<_>>()?,
-            )
+            Value::Array((0..l.len()).map(|j| cell(l.as_ref(), j)).collect::<Result<_>>()?)
         }
         DataType::Struct(fields) => {
             let s = any.downcast_ref::<StructArray>().expect("struct");

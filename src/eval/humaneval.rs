@@ -9,10 +9,7 @@ use burn::tensor::backend::Backend;
 
 /// The program HumanEval's harness runs: prompt + completion + tests + `check(entry_point)`.
 pub fn program(p: &CodeProblem, completion: &str) -> String {
-    format!(
-        "{}{}\n\n{}\n\ncheck({})\n",
-        p.prompt, completion, p.test, p.entry_point
-    )
+    format!("{}{}\n\n{}\n\ncheck({})\n", p.prompt, completion, p.test, p.entry_point)
 }
 
 /// Whether a completion passes the problem's tests.
@@ -49,13 +46,7 @@ pub fn completion_from_chat(p: &CodeProblem, answer: &str) -> String {
 }
 
 /// Generate one completion (greedy when `opts.temperature` is 0).
-pub fn complete<B: Backend>(
-    m: &Llama<B>,
-    tok: &Tok,
-    p: &CodeProblem,
-    chat: bool,
-    opts: &GenOptions,
-) -> Result<String> {
+pub fn complete<B: Backend>(m: &Llama<B>, tok: &Tok, p: &CodeProblem, chat: bool, opts: &GenOptions) -> Result<String> {
     if chat && tok.chat_template.is_some() {
         let msg = format!("Complete the following Python function. Answer with the whole function in one ```python code block.\n\n```python\n{}```", p.prompt);
         let text = tok.apply_chat(&[Message::user(&msg)], true)?;

@@ -37,10 +37,7 @@ pub fn score_item<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<
         }
         if cached.as_ref().map(|c| &c.0) != Some(ctx) {
             let mut c = KvCache::new(m.config.num_hidden_layers);
-            let l = m.forward(
-                tokens_tensor::<B>(std::slice::from_ref(&ctx_ids), &dev),
-                Some(&mut c),
-            );
+            let l = m.forward(tokens_tensor::<B>(std::slice::from_ref(&ctx_ids), &dev), Some(&mut c));
             cached = Some((ctx.clone(), c, l.narrow(1, ctx_ids.len() - 1, 1)));
         }
         let (_, cache, first) = cached.as_ref().expect("set");
@@ -63,11 +60,7 @@ pub fn score_item<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<
         lls.push(s);
         norm.push(s / cont.len().max(1) as f64);
     }
-    let argmax = |v: &[f64]| {
-        (0..v.len())
-            .max_by(|&a, &b| v[a].total_cmp(&v[b]))
-            .unwrap_or(0)
-    };
+    let argmax = |v: &[f64]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap_or(0);
     Ok(McOutcome {
         acc: (argmax(&lls) == item.label) as u8 as f64,
         acc_norm: (argmax(&norm) == item.label) as u8 as f64,
@@ -120,12 +113,7 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
                     .cloned()
                     .unwrap_or_default()
                     .iter()
-                    .map(|e| {
-                        (
-                            ctx.clone(),
-                            format!(" {}", hs_pre(e.as_str().unwrap_or(""))),
-                        )
-                    })
+                    .map(|e| (ctx.clone(), format!(" {}", hs_pre(e.as_str().unwrap_or("")))))
                     .collect();
                 McItem {
                     options: opts,
@@ -157,15 +145,9 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
                         .iter()
                         .map(|x| x.as_str().unwrap_or("").to_string())
                         .collect();
-                    let label = labels
-                        .iter()
-                        .position(|l| l == s(r, "answerKey"))
-                        .unwrap_or(0);
+                    let label = labels.iter().position(|l| l == s(r, "answerKey")).unwrap_or(0);
                     McItem {
-                        options: texts
-                            .iter()
-                            .map(|t| (ctx.clone(), format!(" {t}")))
-                            .collect(),
+                        options: texts.iter().map(|t| (ctx.clone(), format!(" {t}"))).collect(),
                         label,
                     }
                 })
@@ -196,10 +178,7 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
                     .collect();
                 Some(McItem {
                     options: opts,
-                    label: s(r, "answer")
-                        .parse::<usize>()
-                        .unwrap_or(1)
-                        .saturating_sub(1),
+                    label: s(r, "answer").parse::<usize>().unwrap_or(1).saturating_sub(1),
                 })
             })
             .collect(),

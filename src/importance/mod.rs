@@ -44,6 +44,7 @@ pub fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBac
 }
 
 /// Running sums for one scoring pass, one flat tensor per parameter.
+#[derive(Clone)]
 pub struct Accumulator<B: Backend> {
     pub method: Method,
     names: Vec<String>,
@@ -80,11 +81,7 @@ impl<B: Backend> Accumulator<B> {
     }
 
     /// Add one batch's gradients (flat, in `model.params()` order; `None` = no gradient).
-    pub fn add<AB: AutodiffBackend<InnerBackend = B>>(
-        &mut self,
-        model: &Llama<AB>,
-        grads: Vec<Option<Tensor<B, 1>>>,
-    ) {
+    pub fn add<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>, grads: Vec<Option<Tensor<B, 1>>>) {
         for (i, ((_, p), g)) in model.params().iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
             let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
@@ -99,6 +96,18 @@ impl<B: Backend> Accumulator<B> {
             };
         }
         self.batches += 1;
+    }
+
+    /// Combine two passes over disjoint batches: the raw sums add exactly for every method.
+    pub fn merge(mut self, other: Self) -> Self {
+        for (a, b) in self.acc.iter_mut().zip(other.acc) {
+            *a = a.clone() + b;
+        }
+        for (a, b) in self.sq.iter_mut().zip(other.sq) {
+            *a = a.clone() + b;
+        }
+        self.batches += other.batches;
+        self
     }
 
     /// Final scores on the host (f32), under canonical names.
@@ -117,15 +126,8 @@ impl<B: Backend> Accumulator<B> {
                     first + second
                 }
             };
-            let data = s
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .expect("f32 scores");
-            out.insert(
-                self.names[i].clone(),
-                HostTensor::new(self.shapes[i].clone(), data),
-            );
+            let data = s.into_data().convert::<f32>().into_vec::<f32>().expect("f32 scores");
+            out.insert(self.names[i].clone(), HostTensor::new(self.shapes[i].clone(), data));
         }
         out
     }
@@ -140,8 +142,7 @@ pub fn batch_grads<B: AutodiffBackend>(
 ) -> Vec<Option<Tensor<B::InnerBackend, 1>>> {
     let device = model.embed.val().device();
     let params = model.params();
-    let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> =
-        (0..params.len()).map(|_| None).collect();
+    let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> = (0..params.len()).map(|_| None).collect();
     for chunk in rows.chunks(micro.max(1)) {
         let w = chunk.len() as f64 / rows.len() as f64;
         let loss = model.loss(crate::model::tokens_tensor::<B>(chunk, &device));
@@ -172,22 +173,46 @@ pub fn score<B: AutodiffBackend>(
     method: Method,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Scores> {
-    anyhow::ensure!(
-        batch > 0 && micro > 0,
-        "batch and micro-batch must be positive"
-    );
+    anyhow::ensure!(batch > 0 && micro > 0, "batch and micro-batch must be positive");
     let mut acc = Accumulator::new(method, model);
     let mut done = 0;
     for chunk in blocks.chunks(batch) {
         let grads = batch_grads(model, chunk, micro);
         acc.add(model, grads);
-        done += chunk
-            .iter()
-            .map(|b| b.len().saturating_sub(1))
-            .sum::<usize>();
+        done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
         on_batch(done);
     }
     Ok(acc.finish(model))
+}
+
+/// Score in two halves (first and second half of the batches): returns the scores of the
+/// whole set and of each half, for the stability check of spot selection.
+pub fn score_halves<B: AutodiffBackend>(
+    model: &Llama<B>,
+    blocks: &[Vec<u32>],
+    batch: usize,
+    micro: usize,
+    method: Method,
+    mut on_batch: impl FnMut(usize),
+) -> Result<(Scores, Scores, Scores)> {
+    anyhow::ensure!(batch > 0 && micro > 0, "batch and micro-batch must be positive");
+    let chunks: Vec<&[Vec<u32>]> = blocks.chunks(batch).collect();
+    anyhow::ensure!(chunks.len() >= 2, "--halves needs at least 2 batches");
+    let mid = chunks.len() / 2;
+    let mut done = 0;
+    let mut run = |part: &[&[Vec<u32>]]| {
+        let mut acc = Accumulator::new(method, model);
+        for chunk in part {
+            acc.add(model, batch_grads(model, chunk, micro));
+            done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
+            on_batch(done);
+        }
+        acc
+    };
+    let a = run(&chunks[..mid]);
+    let b = run(&chunks[mid..]);
+    let full = a.clone().merge(b.clone());
+    Ok((full.finish(model), a.finish(model), b.finish(model)))
 }
 
 /// What to score and how.
@@ -205,6 +230,8 @@ pub struct ScoreRequest {
     pub half: bool,
     pub step: Option<usize>,
     pub progress: bool,
+    /// Also write snapshots of the two calibration halves (`half-a/`, `half-b/`).
+    pub halves: bool,
 }
 
 impl ScoreRequest {
@@ -221,6 +248,7 @@ impl ScoreRequest {
             half: false,
             step: None,
             progress: false,
+            halves: false,
         }
     }
 
@@ -265,20 +293,8 @@ pub fn corpus_blocks(
     if req.seed != 0 {
         docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(req.seed));
     }
-    let what = format!(
-        "corpus '{}' {} split ({})",
-        req.lang,
-        req.split.name(),
-        path.display()
-    );
-    crate::data::token_blocks(
-        docs.into_iter().map(Ok),
-        tok,
-        eos,
-        req.seq_len + 1,
-        req.blocks(),
-        &what,
-    )
+    let what = format!("corpus '{}' {} split ({})", req.lang, req.split.name(), path.display());
+    crate::data::token_blocks(docs.into_iter().map(Ok), tok, eos, req.seq_len + 1, req.blocks(), &what)
 }
 
 /// Score a model on a language's corpus and write a snapshot directory to `out`.
@@ -291,30 +307,26 @@ pub fn score_snapshot<B: AutodiffBackend>(
     force: bool,
 ) -> Result<snapshot::SnapshotManifest> {
     req.validate()?;
-    let eos = ck
-        .tokenizer
-        .stop_ids(&ck.config.eos_token_ids)
-        .first()
-        .copied();
+    let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
     let blocks = corpus_blocks(corpora, req, &ck.tokenizer, eos)?;
     let total = blocks.len() * req.seq_len;
     let bar = progress_bar(total as u64, &format!("score {}", req.lang), req.progress);
     let t0 = std::time::Instant::now();
-    let scores = score(
-        model,
-        &blocks,
-        req.batch,
-        req.micro_batch,
-        req.method,
-        |done| bar.set_position(done as u64),
-    )?;
+    let (scores, halves) = if req.halves {
+        let (f, a, b) = score_halves(model, &blocks, req.batch, req.micro_batch, req.method, |done| {
+            bar.set_position(done as u64)
+        })?;
+        (f, Some((a, b)))
+    } else {
+        let s = score(model, &blocks, req.batch, req.micro_batch, req.method, |done| {
+            bar.set_position(done as u64)
+        })?;
+        (s, None)
+    };
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let summaries = summary::summarize(&scores, &model.config);
-    let corpus_sha = corpora
-        .stats(&req.lang)
-        .map(|s| s.manifest_sha256)
-        .unwrap_or_default();
+    let corpus_sha = corpora.stats(&req.lang).map(|s| s.manifest_sha256).unwrap_or_default();
     let manifest = snapshot::SnapshotManifest {
         format: 1,
         model: ck.source.clone(),
@@ -334,7 +346,25 @@ pub fn score_snapshot<B: AutodiffBackend>(
         elapsed_s: elapsed,
         tokens_per_s: total as f64 / elapsed.max(1e-9),
     };
-    snapshot::write(out, &scores, &manifest, &summaries, force)?;
+    match halves {
+        None => snapshot::write(out, &scores, &manifest, &summaries, force)?,
+        Some((a, b)) => {
+            let half = |s: &Scores| {
+                let mut m = manifest.clone();
+                m.tokens = total / 2;
+                (summary::summarize(s, &model.config), m)
+            };
+            let (sa, ma) = half(&a);
+            let (sb, mb) = half(&b);
+            snapshot::write_with_halves(
+                out,
+                (&scores, &manifest, &summaries),
+                (&a, &ma, &sa),
+                (&b, &mb, &sb),
+                force,
+            )?;
+        }
+    }
     Ok(manifest)
 }
 
@@ -345,11 +375,9 @@ pub fn progress_bar(len: u64, label: &str, show: bool) -> indicatif::ProgressBar
     }
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} tokens  {per_sec}  ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens  {per_sec}  ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     bar.set_message(label.to_string());
     bar

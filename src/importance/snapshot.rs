@@ -35,6 +35,16 @@ pub fn code_version() -> String {
     format!("codespot {}", env!("CARGO_PKG_VERSION"))
 }
 
+type Parts<'a> = (&'a Scores, &'a SnapshotManifest, &'a Summaries);
+
+fn write_parts(dir: &Path, (scores, manifest, summaries): Parts) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    save_scores(scores, &dir.join("scores.safetensors"), manifest.half)?;
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
+    std::fs::write(dir.join("summaries.json"), serde_json::to_string(summaries)?)?;
+    Ok(())
+}
+
 /// Write a snapshot directory atomically. Refuses an existing `out` unless `force`.
 pub fn write(
     out: &Path,
@@ -43,31 +53,31 @@ pub fn write(
     summaries: &Summaries,
     force: bool,
 ) -> Result<()> {
+    write_dir(out, (scores, manifest, summaries), None, force)
+}
+
+/// A snapshot with the snapshots of its two calibration halves in `half-a/` and `half-b/`.
+pub fn write_with_halves(out: &Path, full: Parts, a: Parts, b: Parts, force: bool) -> Result<()> {
+    write_dir(out, full, Some((a, b)), force)
+}
+
+fn write_dir(out: &Path, full: Parts, halves: Option<(Parts, Parts)>, force: bool) -> Result<()> {
     if out.exists() && !force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            out.display()
-        );
+        bail!("{}: already exists (use --force to replace it)", out.display());
     }
     let tmp = crate::util::tmp_sibling(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).ok();
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    save_scores(scores, &tmp.join("scores.safetensors"), manifest.half)?;
-    std::fs::write(
-        tmp.join("manifest.json"),
-        serde_json::to_string_pretty(manifest)?,
-    )?;
-    std::fs::write(
-        tmp.join("summaries.json"),
-        serde_json::to_string(summaries)?,
-    )?;
+    write_parts(&tmp, full)?;
+    if let Some((a, b)) = halves {
+        write_parts(&tmp.join("half-a"), a)?;
+        write_parts(&tmp.join("half-b"), b)?;
+    }
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
     }
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
 }
 
 fn save_scores(scores: &Scores, path: &Path, half: bool) -> Result<()> {
@@ -112,8 +122,7 @@ fn save_scores(scores: &Scores, path: &Path, half: bool) -> Result<()> {
         .map(|(n, b, s)| TensorView::new(dtype, s.clone(), b).map(|v| (n.as_str(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    safetensors::serialize_to_file(views, None, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 /// A snapshot read back.
@@ -125,16 +134,14 @@ pub struct Snapshot {
 
 pub fn read_manifest(dir: &Path) -> Result<SnapshotManifest> {
     let p = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("{}: not a snapshot (no manifest.json)", dir.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid snapshot manifest", p.display()))
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("{}: not a snapshot (no manifest.json)", dir.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid snapshot manifest", p.display()))
 }
 
 pub fn read_summaries(dir: &Path) -> Result<Summaries> {
     let p = dir.join("summaries.json");
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("{}: missing summaries.json", dir.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: missing summaries.json", dir.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid summaries", p.display()))
 }
 
@@ -143,9 +150,7 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
     let summaries = read_summaries(dir)?;
     let mut scores = crate::source::weights::from_safetensors(&[dir.join("scores.safetensors")])?;
     // Keep shapes as stored; nothing else to convert (f16 was widened on load).
-    scores
-        .tensors
-        .retain(|_, t: &mut HostTensor| !t.data.is_empty());
+    scores.tensors.retain(|_, t: &mut HostTensor| !t.data.is_empty());
     Ok(Snapshot {
         manifest,
         scores,

@@ -68,11 +68,7 @@ fn quantiles(v: &[f32]) -> (f64, f64, f64) {
 
 /// The value at rank `k` from the top (0 = largest) over all tensors.
 pub fn global_threshold(scores: &Scores, frac: f64) -> f64 {
-    let mut all: Vec<f32> = scores
-        .tensors
-        .values()
-        .flat_map(|t| t.data.iter().copied())
-        .collect();
+    let mut all: Vec<f32> = scores.tensors.values().flat_map(|t| t.data.iter().copied()).collect();
     if all.is_empty() {
         return 0.0;
     }
@@ -118,11 +114,7 @@ pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
             q90,
             q99,
         });
-        let above = t
-            .data
-            .iter()
-            .filter(|&&x| x as f64 >= thr && x > 0.0)
-            .count();
+        let above = t.data.iter().filter(|&&x| x as f64 >= thr && x > 0.0).count();
         let Some(l) = pn.layer else {
             *top1_global.entry(pn.kind.short().into()).or_default() += above;
             continue;
@@ -130,10 +122,7 @@ pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
         if l >= nl {
             continue;
         }
-        *lm.entry(l)
-            .or_default()
-            .entry(pn.kind.short().into())
-            .or_default() += sum;
+        *lm.entry(l).or_default().entry(pn.kind.short().into()).or_default() += sum;
         *module_share.entry(pn.kind.short().into()).or_default() += sum / norm;
         layer_share[l] += sum / norm;
         *top1_counts
@@ -204,27 +193,17 @@ pub fn layer_module_table(s: &Summaries) -> String {
         out += &format!(" {k:>9}");
     }
     out += &format!(" {:>9}\n", "total");
-    let norm = if s.total_mass > 0.0 {
-        s.total_mass
-    } else {
-        1.0
-    };
+    let norm = if s.total_mass > 0.0 { s.total_mass } else { 1.0 };
     for (l, row) in &s.layer_module_mass {
         out += &format!("{l:>5}");
         for k in &kinds {
-            out += &format!(
-                " {:>8.3}%",
-                100.0 * row.get(*k).copied().unwrap_or(0.0) / norm
-            );
+            out += &format!(" {:>8.3}%", 100.0 * row.get(*k).copied().unwrap_or(0.0) / norm);
         }
         out += &format!(" {:>8.3}%\n", 100.0 * s.layer_share[*l]);
     }
     out += &format!("{:>5}", "all");
     for k in &kinds {
-        out += &format!(
-            " {:>8.3}%",
-            100.0 * s.module_share.get(*k).copied().unwrap_or(0.0)
-        );
+        out += &format!(" {:>8.3}%", 100.0 * s.module_share.get(*k).copied().unwrap_or(0.0));
     }
     out
 }

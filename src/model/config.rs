@@ -81,10 +81,7 @@ impl LlamaConfig {
                 bail!("field '{k}' must be positive");
             }
         }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
@@ -109,8 +106,7 @@ impl LlamaConfig {
 
     /// Read an HF `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_hf_str(&text).with_context(|| format!("{}", path.display()))
     }
 
@@ -156,8 +152,12 @@ impl LlamaConfig {
                 match ty {
                     "llama3" => Some(RopeScaling {
                         factor: rs["factor"].as_f64().context("rope_scaling.factor missing")?,
-                        low_freq_factor: rs["low_freq_factor"].as_f64().context("rope_scaling.low_freq_factor missing")?,
-                        high_freq_factor: rs["high_freq_factor"].as_f64().context("rope_scaling.high_freq_factor missing")?,
+                        low_freq_factor: rs["low_freq_factor"]
+                            .as_f64()
+                            .context("rope_scaling.low_freq_factor missing")?,
+                        high_freq_factor: rs["high_freq_factor"]
+                            .as_f64()
+                            .context("rope_scaling.high_freq_factor missing")?,
                         original_max_position_embeddings: rs["original_max_position_embeddings"]
                             .as_u64()
                             .context("rope_scaling.original_max_position_embeddings missing")?
@@ -170,13 +170,8 @@ impl LlamaConfig {
         };
         let ids = |k: &str| -> Vec<u32> {
             match v.get(k) {
-                Some(serde_json::Value::Number(n)) => {
-                    n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-                }
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64().map(|x| x as u32))
-                    .collect(),
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
                 _ => vec![],
             }
         };
@@ -192,10 +187,7 @@ impl LlamaConfig {
             rope_theta: opt_f("rope_theta", 10000.0)?,
             rope_scaling,
             rope_layout: RopeLayout::Half,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(|t| t.as_bool())
-                .unwrap_or(false),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(|x| x.as_u64())
@@ -253,12 +245,7 @@ impl LlamaConfig {
         let arch = g
             .require("general.architecture")?
             .as_str()
-            .with_context(|| {
-                format!(
-                    "{}: metadata 'general.architecture' is not a string",
-                    g.path.display()
-                )
-            })?
+            .with_context(|| format!("{}: metadata 'general.architecture' is not a string", g.path.display()))?
             .to_string();
         if arch != "llama" {
             bail!(
@@ -283,13 +270,7 @@ impl LlamaConfig {
                 .get("tokenizer.ggml.tokens")
                 .and_then(|t| t.as_array())
                 .map(|a| a.len())
-                .with_context(|| {
-                    format!(
-                        "{}: missing metadata field '{}'",
-                        g.path.display(),
-                        k("vocab_size")
-                    )
-                })?,
+                .with_context(|| format!("{}: missing metadata field '{}'", g.path.display(), k("vocab_size")))?,
         };
         let tok_id = |key: &str| g.get(key).and_then(|v| v.as_u64()).map(|x| x as u32);
         let cfg = Self {
@@ -301,22 +282,15 @@ impl LlamaConfig {
             num_key_value_heads: kv,
             head_dim,
             rms_norm_eps: g.require_f64(&k("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: g
-                .get(&k("rope.freq_base"))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(10000.0),
+            rope_theta: g.get(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0),
             rope_scaling: None,
             rope_layout: RopeLayout::Half,
             tie_word_embeddings: g.tensor("output.weight").is_none(),
-            max_position_embeddings: g
-                .get(&k("context_length"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(4096) as usize,
+            max_position_embeddings: g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
             bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tok_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         };
-        cfg.validate()
-            .with_context(|| format!("{}", g.path.display()))?;
+        cfg.validate().with_context(|| format!("{}", g.path.display()))?;
         Ok(cfg)
     }
 
@@ -338,8 +312,7 @@ impl LlamaConfig {
                         } else if wl > low_wl {
                             f / s.factor
                         } else {
-                            let smooth = (old / wl - s.low_freq_factor)
-                                / (s.high_freq_factor - s.low_freq_factor);
+                            let smooth = (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                             (1.0 - smooth) * f / s.factor + smooth * f
                         }
                     }

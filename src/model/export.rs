@@ -8,18 +8,9 @@ use std::path::Path;
 
 /// Write config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json and
 /// generation_config.json into `out`. Built in a temp dir and renamed: all or nothing.
-pub fn export_hf_dir(
-    cfg: &LlamaConfig,
-    w: &Weights,
-    tok: &Tok,
-    out: &Path,
-    force: bool,
-) -> Result<()> {
+pub fn export_hf_dir(cfg: &LlamaConfig, w: &Weights, tok: &Tok, out: &Path, force: bool) -> Result<()> {
     if out.exists() && !force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            out.display()
-        );
+        bail!("{}: already exists (use --force to replace it)", out.display());
     }
     let tmp = crate::util::tmp_sibling(out);
     if tmp.exists() {
@@ -27,13 +18,9 @@ pub fn export_hf_dir(
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let write = |name: &str, text: String| -> Result<()> {
-        std::fs::write(tmp.join(name), text)
-            .with_context(|| format!("writing {name} in {}", tmp.display()))
+        std::fs::write(tmp.join(name), text).with_context(|| format!("writing {name} in {}", tmp.display()))
     };
-    write(
-        "config.json",
-        serde_json::to_string_pretty(&cfg.to_hf_json())?,
-    )?;
+    write("config.json", serde_json::to_string_pretty(&cfg.to_hf_json())?)?;
     write("tokenizer.json", tok.to_json()?)?;
     write(
         "tokenizer_config.json",
@@ -46,10 +33,7 @@ pub fn export_hf_dir(
     if !cfg.eos_token_ids.is_empty() {
         gen["eos_token_id"] = cfg.eos_token_ids.clone().into();
     }
-    write(
-        "generation_config.json",
-        serde_json::to_string_pretty(&gen)?,
-    )?;
+    write("generation_config.json", serde_json::to_string_pretty(&gen)?)?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     // Only the tensors the architecture uses (a tied model has no lm_head).
@@ -64,6 +48,5 @@ pub fn export_hf_dir(
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
     }
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
 }

@@ -106,10 +106,7 @@ pub fn generate<B: Backend>(
     let mut finish = "length";
     for _ in 0..opts.max_tokens {
         let t = input.len();
-        let logits = model.forward(
-            tokens_tensor::<B>(&[input.clone()], &device),
-            Some(&mut cache),
-        );
+        let logits = model.forward(tokens_tensor::<B>(&[input.clone()], &device), Some(&mut cache));
         let vocab = logits.dims()[2];
         let last: Vec<f32> = logits
             .narrow(1, t - 1, 1)
@@ -133,11 +130,7 @@ pub fn generate<B: Backend>(
         if let Some(pos) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             finish = "stop";
             let text = text[..pos].to_string();
-            return Ok(GenOutput {
-                ids: out,
-                text,
-                finish,
-            });
+            return Ok(GenOutput { ids: out, text, finish });
         }
         input = vec![next];
     }
@@ -145,9 +138,5 @@ pub fn generate<B: Backend>(
     if text.len() > printed && text.is_char_boundary(printed) {
         on_text(&text[printed..]);
     }
-    Ok(GenOutput {
-        ids: out,
-        text,
-        finish,
-    })
+    Ok(GenOutput { ids: out, text, finish })
 }

@@ -79,19 +79,12 @@ impl<B: Backend> ParamRef<'_, B> {
 
 fn param<B: Backend, const D: usize>(t: &HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
     let data = TensorData::new(t.data.clone(), t.shape.clone());
-    Param::from_tensor(Tensor::<B, D>::from_data(
-        data.convert::<B::FloatElem>(),
-        device,
-    ))
+    Param::from_tensor(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device))
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
     let shape = t.dims().to_vec();
-    let data = t
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 data");
+    let data = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
     HostTensor::new(shape, data)
 }
 
@@ -114,10 +107,7 @@ impl LlamaConfig {
         let (d, ff) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let mut v = vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![self.vocab_size, d],
-        )];
+        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
         for l in 0..self.num_hidden_layers {
             let shapes = [
                 vec![d],
@@ -151,10 +141,7 @@ impl<B: Backend> Llama<B> {
                 bail!("missing tensor '{name}'");
             };
             if t.shape != shape {
-                bail!(
-                    "tensor '{name}' has shape {:?}, expected {shape:?}",
-                    t.shape
-                );
+                bail!("tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
             }
             Ok(t)
         };
@@ -197,10 +184,7 @@ impl<B: Backend> Llama<B> {
 
     /// Every parameter with its canonical name, in a stable order.
     pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
-        let mut v = vec![(
-            "model.embed_tokens.weight".to_string(),
-            ParamRef::Matrix(&self.embed),
-        )];
+        let mut v = vec![("model.embed_tokens.weight".to_string(), ParamRef::Matrix(&self.embed))];
         for (l, b) in self.layers.iter().enumerate() {
             let refs = [
                 ParamRef::Vector(&b.attn_norm),
@@ -293,12 +277,7 @@ impl<B: Backend> Llama<B> {
             .sum()
     }
 
-    fn rope_tables(
-        &self,
-        start: usize,
-        len: usize,
-        device: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let hd = self.config.head_dim;
         let inv = self.config.rope_inv_freq();
         let mut cos = Vec::with_capacity(len * hd);
@@ -315,11 +294,8 @@ impl<B: Backend> Llama<B> {
             }
         }
         let mk = |v: Vec<f32>| {
-            Tensor::<B, 2>::from_data(
-                TensorData::new(v, [len, hd]).convert::<B::FloatElem>(),
-                device,
-            )
-            .reshape([1, 1, len, hd])
+            Tensor::<B, 2>::from_data(TensorData::new(v, [len, hd]).convert::<B::FloatElem>(), device)
+                .reshape([1, 1, len, hd])
         };
         (mk(cos), mk(sin))
     }
@@ -351,11 +327,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Hidden states after the final norm: `[batch, seq, hidden]`.
-    pub fn hidden(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let cfg = &self.config;
         let device = tokens.device();
         let [b, t] = tokens.dims();
@@ -375,26 +347,15 @@ impl<B: Backend> Llama<B> {
                     m[i * total + j] = -1e9;
                 }
             }
-            Tensor::<B, 2>::from_data(
-                TensorData::new(m, [t, total]).convert::<B::FloatElem>(),
-                &device,
-            )
-            .reshape([1, 1, t, total])
+            Tensor::<B, 2>::from_data(TensorData::new(m, [t, total]).convert::<B::FloatElem>(), &device)
+                .reshape([1, 1, t, total])
         });
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self
-            .embed
-            .val()
-            .select(0, tokens.reshape([b * t]))
-            .reshape([b, t, d]);
+        let mut x = self.embed.val().select(0, tokens.reshape([b * t])).reshape([b, t, d]);
         for (l, blk) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &blk.attn_norm);
-            let q = linear(h.clone(), &blk.q)
-                .reshape([b, t, nh, hd])
-                .swap_dims(1, 2);
-            let k = linear(h.clone(), &blk.k)
-                .reshape([b, t, nkv, hd])
-                .swap_dims(1, 2);
+            let q = linear(h.clone(), &blk.q).reshape([b, t, nh, hd]).swap_dims(1, 2);
+            let k = linear(h.clone(), &blk.k).reshape([b, t, nkv, hd]).swap_dims(1, 2);
             let v = linear(h, &blk.v).reshape([b, t, nkv, hd]).swap_dims(1, 2);
             let q = self.rope(q, &cos, &sin);
             let mut k = self.rope(k, &cos, &sin);
@@ -408,11 +369,7 @@ impl<B: Backend> Llama<B> {
             }
             let rep = nh / nkv;
             let (k, v) = if rep > 1 {
-                let r = |x: Tensor<B, 4>| {
-                    x.unsqueeze_dim::<5>(2)
-                        .repeat_dim(2, rep)
-                        .reshape([b, nh, total, hd])
-                };
+                let r = |x: Tensor<B, 4>| x.unsqueeze_dim::<5>(2).repeat_dim(2, rep).reshape([b, nh, total, hd]);
                 (r(k), r(v))
             } else {
                 (k, v)
@@ -421,10 +378,7 @@ impl<B: Backend> Llama<B> {
             if let Some(m) = &mask {
                 s = s + m.clone();
             }
-            let a = softmax(s, 3)
-                .matmul(v)
-                .swap_dims(1, 2)
-                .reshape([b, t, nh * hd]);
+            let a = softmax(s, 3).matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
             x = x + linear(a, &blk.o);
             let h = self.rms_norm(x.clone(), &blk.mlp_norm);
             let g = silu(linear(h.clone(), &blk.gate)) * linear(h, &blk.up);
@@ -443,11 +397,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits `[batch, seq, vocab]`.
-    pub fn forward(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let h = self.hidden(tokens, cache);
         self.logits_of(h)
     }
@@ -458,9 +408,7 @@ impl<B: Backend> Llama<B> {
         let inputs = tokens.clone().narrow(1, 0, t - 1);
         let targets = tokens.narrow(1, 1, t - 1);
         let logp = log_softmax(self.forward(inputs, None), 2);
-        logp.gather(2, targets.reshape([b, t - 1, 1]))
-            .reshape([b, t - 1])
-            .neg()
+        logp.gather(2, targets.reshape([b, t - 1, 1])).reshape([b, t - 1]).neg()
     }
 
     /// Mean next-token cross-entropy over the batch (a one-element tensor).
@@ -490,14 +438,8 @@ fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> 
 pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
     let b = rows.len();
     let t = rows.first().map(|r| r.len()).unwrap_or(0);
-    let flat: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| r.iter().map(|&x| x as i64))
-        .collect();
-    Tensor::<B, 2, Int>::from_data(
-        TensorData::new(flat, [b, t]).convert::<B::IntElem>(),
-        device,
-    )
+    let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&x| x as i64)).collect();
+    Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]).convert::<B::IntElem>(), device)
 }
 
 /// Random weights for a config (seeded): tests and tiny experiments.
@@ -508,9 +450,7 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Weights {
     for (name, shape) in cfg.tensor_shapes() {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if shape.len() == 1 {
-            (0..n)
-                .map(|_| 1.0 + rng.random_range(-0.1f32..0.1))
-                .collect()
+            (0..n).map(|_| 1.0 + rng.random_range(-0.1f32..0.1)).collect()
         } else {
             let s = 1.0 / (shape[1] as f32).sqrt();
             (0..n).map(|_| rng.random_range(-s..s)).collect()

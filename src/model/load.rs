@@ -23,11 +23,7 @@ pub fn load(source: &str) -> Result<Checkpoint> {
         Resolved::Gguf(path) => {
             let g = Gguf::open(&path)?;
             let config = LlamaConfig::from_gguf(&g)?;
-            let weights = source::weights::from_gguf(
-                &g,
-                config.num_attention_heads,
-                config.num_key_value_heads,
-            )?;
+            let weights = source::weights::from_gguf(&g, config.num_attention_heads, config.num_key_value_heads)?;
             let tokenizer = Tok::from_gguf(&g)?;
             check_complete(&config, &weights).with_context(|| format!("{}", path.display()))?;
             Ok(Checkpoint {
@@ -44,9 +40,7 @@ pub fn load(source: &str) -> Result<Checkpoint> {
             let weights = source::weights::from_safetensors(&files)?;
             let mut tokenizer = Tok::from_hf_dir(&dir)?;
             if tokenizer.bos_token.is_none() {
-                tokenizer.bos_token = config
-                    .bos_token_id
-                    .and_then(|i| tokenizer.inner.id_to_token(i));
+                tokenizer.bos_token = config.bos_token_id.and_then(|i| tokenizer.inner.id_to_token(i));
             }
             check_complete(&config, &weights).with_context(|| format!("{}", dir.display()))?;
             Ok(Checkpoint {
@@ -63,9 +57,7 @@ pub fn load(source: &str) -> Result<Checkpoint> {
 /// Every tensor the config needs is present with the right shape.
 fn check_complete(cfg: &LlamaConfig, w: &Weights) -> Result<()> {
     for (name, shape) in cfg.tensor_shapes() {
-        let t = w
-            .get(&name)
-            .with_context(|| format!("missing tensor '{name}'"))?;
+        let t = w.get(&name).with_context(|| format!("missing tensor '{name}'"))?;
         anyhow::ensure!(
             t.shape == shape,
             "tensor '{name}' has shape {:?}, expected {shape:?}",

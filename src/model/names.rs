@@ -53,10 +53,7 @@ impl ModuleKind {
     }
 
     pub fn is_attention(self) -> bool {
-        matches!(
-            self,
-            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O
-        )
+        matches!(self, ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O)
     }
 }
 
@@ -130,11 +127,7 @@ impl HeadSlicing {
 
 /// Head slicing of q/k/v/o tensors; `None` for other kinds.
 pub fn head_slicing(kind: ModuleKind, cfg: &LlamaConfig) -> Option<HeadSlicing> {
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     match kind {
         ModuleKind::Q => Some(HeadSlicing {
             along_rows: true,

@@ -40,8 +40,7 @@ impl Tok {
     /// Load an HF `tokenizer.json` (with `tokenizer_config.json` beside it, if present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let inner = tokenizers::Tokenizer::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
         let mut tok = Self {
@@ -54,8 +53,8 @@ impl Tok {
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path)?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
             let tok_str = |k: &str| match v.get(k) {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -63,10 +62,7 @@ impl Tok {
             };
             tok.bos_token = tok_str("bos_token");
             tok.eos_token = tok_str("eos_token");
-            tok.add_bos = v
-                .get("add_bos_token")
-                .and_then(|b| b.as_bool())
-                .unwrap_or(false);
+            tok.add_bos = v.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
             tok.chat_template = match v.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(serde_json::Value::Array(a)) => a
@@ -107,10 +103,7 @@ impl Tok {
         };
         let tokens = strs("tokenizer.ggml.tokens")?;
         let merges = strs("tokenizer.ggml.merges")?;
-        let types: Vec<u64> = match g
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
+        let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
@@ -121,11 +114,8 @@ impl Tok {
                 tokens.len()
             );
         }
-        let vocab: serde_json::Map<String, serde_json::Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<serde_json::Value> = tokens
             .iter()
             .zip(&types)
@@ -148,7 +138,9 @@ impl Tok {
                 {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
             "default" | "gpt2" | "gpt-2" => byte_level(true),
-            other => bail!("{p}: tokenizer.ggml.pre = '{other}' is not supported (smollm, starcoder, llama-bpe, gpt2 are)"),
+            other => {
+                bail!("{p}: tokenizer.ggml.pre = '{other}' is not supported (smollm, starcoder, llama-bpe, gpt2 are)")
+            }
         };
         let tok_of = |key: &str| {
             g.get(key)
@@ -182,9 +174,8 @@ impl Tok {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": merges},
         });
-        let inner = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| {
-            anyhow::anyhow!("{p}: building the BPE tokenizer from tokenizer.ggml.*: {e}")
-        })?;
+        let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
+            .map_err(|e| anyhow::anyhow!("{p}: building the BPE tokenizer from tokenizer.ggml.*: {e}"))?;
         let chat_template = g
             .get("tokenizer.chat_template")
             .and_then(|v| v.as_str())
@@ -266,10 +257,7 @@ impl Tok {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
         env.add_template("chat", tpl)

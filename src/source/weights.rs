@@ -96,8 +96,7 @@ fn permute_impl(data: &[f32], rows: usize, cols: usize, heads: usize, to_gguf: b
                 } else {
                     (gguf_row, hf_row)
                 };
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -129,11 +128,7 @@ pub fn from_gguf(g: &Gguf, n_head: usize, n_kv_head: usize) -> Result<Weights> {
             data = unpermute_rows(&data, shape[0], shape[1], heads);
         }
         if t.ty == GgmlType::F32 && data.iter().any(|x| !x.is_finite()) {
-            bail!(
-                "{}: tensor '{}' holds NaN or infinite values",
-                g.path.display(),
-                t.name
-            );
+            bail!("{}: tensor '{}' holds NaN or infinite values", g.path.display(), t.name);
         }
         w.insert(name, HostTensor::new(shape, data));
     }
@@ -151,20 +146,30 @@ pub fn from_safetensors(files: &[PathBuf]) -> Result<Weights> {
 
 fn load_safetensors_file(path: &Path, w: &mut Weights) -> Result<()> {
     use safetensors::{Dtype, SafeTensors};
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("safetensors file {}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("safetensors file {}", path.display()))?;
     // SAFETY: read-only map of a file codespot does not modify while it is open.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("safetensors file {}", path.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("safetensors file {}", path.display()))?;
     let st = SafeTensors::deserialize(&map)
         .map_err(|e| anyhow::anyhow!("safetensors file {}: invalid header: {e}", path.display()))?;
     for (name, view) in st.tensors() {
         let b = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => bail!("safetensors file {}: tensor '{name}' has dtype {other:?} (F32, F16, BF16 supported)", path.display()),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => bail!(
+                "safetensors file {}: tensor '{name}' has dtype {other:?} (F32, F16, BF16 supported)",
+                path.display()
+            ),
         };
         w.insert(name, HostTensor::new(view.shape().to_vec(), data));
     }
@@ -191,12 +196,7 @@ pub fn save_safetensors(
         .collect();
     let views = bytes
         .iter()
-        .map(|(n, b, s)| {
-            Ok((
-                n.as_str(),
-                TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-            ))
-        })
+        .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tmp = crate::util::tmp_sibling(path);

@@ -63,11 +63,7 @@ pub fn fmt_k(k: f64) -> String {
 
 /// Share of a mask set per layer × module and per query head (GQA: k/v heads count for each
 /// query head they serve, divided by the group size).
-pub fn shares(
-    masks: &BTreeMap<String, Mask>,
-    shapes: &BTreeMap<String, Vec<usize>>,
-    cfg: &LlamaConfig,
-) -> SpotShares {
+pub fn shares(masks: &BTreeMap<String, Mask>, shapes: &BTreeMap<String, Vec<usize>>, cfg: &LlamaConfig) -> SpotShares {
     let total: usize = masks.values().map(|m| m.count()).sum();
     let norm = total.max(1) as f64;
     let mut s = SpotShares {
@@ -108,10 +104,7 @@ pub fn write(
 ) -> Result<()> {
     use safetensors::tensor::TensorView;
     if out.exists() && !force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            out.display()
-        );
+        bail!("{}: already exists (use --force to replace it)", out.display());
     }
     let tmp = crate::util::tmp_sibling(out);
     if tmp.exists() {
@@ -129,17 +122,12 @@ pub fn write(
     }
     let tv = views
         .iter()
-        .map(|(n, b)| {
-            TensorView::new(safetensors::Dtype::U8, vec![b.len()], b).map(|v| (n.as_str(), v))
-        })
+        .map(|(n, b)| TensorView::new(safetensors::Dtype::U8, vec![b.len()], b).map(|v| (n.as_str(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     safetensors::serialize_to_file(tv, Some(meta), &tmp.join("spot.safetensors"))
         .map_err(|e| anyhow::anyhow!("writing spot.safetensors: {e}"))?;
-    std::fs::write(
-        tmp.join("manifest.json"),
-        serde_json::to_string_pretty(manifest)?,
-    )?;
+    std::fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
     if out.exists() {
         std::fs::remove_dir_all(out)?;
     }

@@ -37,15 +37,9 @@ impl Mask {
     }
     /// (|A ∩ B|, |A ∪ B|)
     pub fn inter_union(&self, o: &Mask) -> (usize, usize) {
-        self.bits
-            .iter()
-            .zip(&o.bits)
-            .fold((0, 0), |(i, u), (a, b)| {
-                (
-                    i + (a & b).count_ones() as usize,
-                    u + (a | b).count_ones() as usize,
-                )
-            })
+        self.bits.iter().zip(&o.bits).fold((0, 0), |(i, u), (a, b)| {
+            (i + (a & b).count_ones() as usize, u + (a | b).count_ones() as usize)
+        })
     }
     /// Elements in `self` but not in `o`.
     pub fn minus(&self, o: &Mask) -> Mask {

@@ -55,12 +55,7 @@ impl Eligible {
 }
 
 /// Aggregate per-language scores into one score map (higher = more important).
-pub fn aggregate(
-    per_lang: &[&Scores],
-    how: Aggregation,
-    scope: Scope,
-    eligible: Eligible,
-) -> Result<Scores> {
+pub fn aggregate(per_lang: &[&Scores], how: Aggregation, scope: Scope, eligible: Eligible) -> Result<Scores> {
     let Some(first) = per_lang.first() else {
         bail!("no snapshots to aggregate")
     };
@@ -79,11 +74,7 @@ pub fn aggregate(
             }
         }
     }
-    let names: Vec<&String> = first
-        .tensors
-        .keys()
-        .filter(|n| eligible.admits(n))
-        .collect();
+    let names: Vec<&String> = first.tensors.keys().filter(|n| eligible.admits(n)).collect();
     let totals: Vec<f64> = per_lang
         .iter()
         .map(|s| {
@@ -96,28 +87,20 @@ pub fn aggregate(
         .collect();
     let mut out = Scores::default();
     // Global ranks need all eligible elements of a language at once.
-    let global_ranks: Option<Vec<BTreeMap<&String, Vec<f32>>>> =
-        (how == Aggregation::Rank && scope == Scope::Global).then(|| {
+    let global_ranks: Option<Vec<BTreeMap<&String, Vec<f32>>>> = (how == Aggregation::Rank && scope == Scope::Global)
+        .then(|| {
             per_lang
                 .iter()
                 .map(|s| {
                     let all: Vec<(usize, usize, f32)> = names
                         .iter()
                         .enumerate()
-                        .flat_map(|(ti, n)| {
-                            s.tensors[*n]
-                                .data
-                                .iter()
-                                .enumerate()
-                                .map(move |(i, &x)| (ti, i, x))
-                        })
+                        .flat_map(|(ti, n)| s.tensors[*n].data.iter().enumerate().map(move |(i, &x)| (ti, i, x)))
                         .collect();
                     let mut order: Vec<usize> = (0..all.len()).collect();
                     order.sort_by(|&a, &b| all[b].2.total_cmp(&all[a].2).then(a.cmp(&b)));
-                    let mut m: BTreeMap<&String, Vec<f32>> = names
-                        .iter()
-                        .map(|n| (*n, vec![0.0; s.tensors[*n].numel()]))
-                        .collect();
+                    let mut m: BTreeMap<&String, Vec<f32>> =
+                        names.iter().map(|n| (*n, vec![0.0; s.tensors[*n].numel()])).collect();
                     for (r, &k) in order.iter().enumerate() {
                         let (ti, i, _) = all[k];
                         m.get_mut(names[ti]).unwrap()[i] = r as f32;
@@ -130,12 +113,7 @@ pub fn aggregate(
         let len = first.tensors[*n].numel();
         let data: Vec<f32> = match how {
             Aggregation::Sum => (0..len)
-                .map(|i| {
-                    per_lang
-                        .iter()
-                        .map(|s| s.tensors[*n].data[i] as f64)
-                        .sum::<f64>() as f32
-                })
+                .map(|i| per_lang.iter().map(|s| s.tensors[*n].data[i] as f64).sum::<f64>() as f32)
                 .collect(),
             Aggregation::Mean => (0..len)
                 .map(|i| {
@@ -159,24 +137,15 @@ pub fn aggregate(
             Aggregation::Rank => {
                 let ranks: Vec<Vec<f32>> = match &global_ranks {
                     Some(g) => g.iter().map(|m| m[*n].clone()).collect(),
-                    None => per_lang
-                        .iter()
-                        .map(|s| ranks_desc(&s.tensors[*n].data))
-                        .collect(),
+                    None => per_lang.iter().map(|s| ranks_desc(&s.tensors[*n].data)).collect(),
                 };
                 // Negated mean rank, so that higher is still more important.
                 (0..len)
-                    .map(|i| {
-                        -(ranks.iter().map(|r| r[i] as f64).sum::<f64>() / ranks.len() as f64)
-                            as f32
-                    })
+                    .map(|i| -(ranks.iter().map(|r| r[i] as f64).sum::<f64>() / ranks.len() as f64) as f32)
                     .collect()
             }
         };
-        out.insert(
-            (*n).clone(),
-            HostTensor::new(first.tensors[*n].shape.clone(), data),
-        );
+        out.insert((*n).clone(), HostTensor::new(first.tensors[*n].shape.clone(), data));
     }
     Ok(out)
 }
@@ -211,9 +180,7 @@ pub fn counts(scores: &Scores, frac: f64, scope: Scope) -> BTreeMap<String, usiz
             let k = ((frac * all.len() as f64).round() as usize).min(all.len());
             let mut idx: Vec<usize> = (0..all.len()).collect();
             if k > 0 && k < idx.len() {
-                idx.select_nth_unstable_by(k - 1, |&a, &b| {
-                    all[b].2.total_cmp(&all[a].2).then(a.cmp(&b))
-                });
+                idx.select_nth_unstable_by(k - 1, |&a, &b| all[b].2.total_cmp(&all[a].2).then(a.cmp(&b)));
             }
             let names: Vec<&String> = scores.tensors.keys().collect();
             let mut c: BTreeMap<String, usize> = names.iter().map(|n| ((*n).clone(), 0)).collect();
@@ -246,11 +213,7 @@ pub fn top_indices(v: &[f32], count: usize, highest: bool) -> Vec<usize> {
 }
 
 /// Masks selecting `counts[name]` elements of each tensor by a rule.
-pub fn select_by(
-    values: &Weights,
-    counts: &BTreeMap<String, usize>,
-    highest: bool,
-) -> BTreeMap<String, Mask> {
+pub fn select_by(values: &Weights, counts: &BTreeMap<String, usize>, highest: bool) -> BTreeMap<String, Mask> {
     counts
         .iter()
         .filter_map(|(n, &c)| {
@@ -266,11 +229,7 @@ pub fn select_by(
 
 /// Random masks with the same count per tensor (seeded per tensor name, so one tensor's mask
 /// does not depend on the others).
-pub fn select_random(
-    shapes: &Weights,
-    counts: &BTreeMap<String, usize>,
-    seed: u64,
-) -> BTreeMap<String, Mask> {
+pub fn select_random(shapes: &Weights, counts: &BTreeMap<String, usize>, seed: u64) -> BTreeMap<String, Mask> {
     use rand::seq::index::sample;
     use rand::SeedableRng;
     counts
@@ -343,11 +302,7 @@ pub struct SelectRequest {
 
 type Sets = BTreeMap<String, BTreeMap<String, Mask>>;
 
-fn spot_masks(
-    agg: &Scores,
-    k: f64,
-    scope: Scope,
-) -> (BTreeMap<String, usize>, BTreeMap<String, Mask>) {
+fn spot_masks(agg: &Scores, k: f64, scope: Scope) -> (BTreeMap<String, usize>, BTreeMap<String, Mask>) {
     let c = counts(agg, k / 100.0, scope);
     let m = select_by(agg, &c, true);
     (c, m)
@@ -371,19 +326,12 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
     let config = snaps[0].manifest.config.clone();
     let refs: Vec<&Scores> = snaps.iter().map(|s| &s.scores).collect();
     let agg = aggregate(&refs, req.aggregation, req.scope, req.eligible)?;
-    let shapes: BTreeMap<String, Vec<usize>> = agg
-        .tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape.clone()))
-        .collect();
+    let shapes: BTreeMap<String, Vec<usize>> = agg.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
     let mut sets: Sets = BTreeMap::new();
     let mut shares = BTreeMap::new();
     let mut set_names = vec!["spot".to_string()];
     let magnitude = if req.controls.contains(&Control::Magnitude) {
-        let src = req
-            .model
-            .clone()
-            .unwrap_or_else(|| snaps[0].manifest.model.clone());
+        let src = req.model.clone().unwrap_or_else(|| snaps[0].manifest.model.clone());
         let w = crate::model::load(&src)?.weights;
         let mut abs = Weights::default();
         for n in agg.tensors.keys() {
@@ -405,11 +353,7 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
             Control::Random => set_names.push("random".into()),
             Control::Bottom => set_names.push("bottom".into()),
             Control::Magnitude => set_names.push("magnitude".into()),
-            Control::PerLanguage => set_names.extend(
-                snaps
-                    .iter()
-                    .map(|s| format!("lang={}", s.manifest.language)),
-            ),
+            Control::PerLanguage => set_names.extend(snaps.iter().map(|s| format!("lang={}", s.manifest.language))),
         }
     }
     for &k in &req.ks {
@@ -434,8 +378,7 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
                     let own: Vec<BTreeMap<String, Mask>> = refs
                         .iter()
                         .map(|s| {
-                            let one = aggregate(&[*s], Aggregation::Sum, req.scope, req.eligible)
-                                .expect("same shapes");
+                            let one = aggregate(&[*s], Aggregation::Sum, req.scope, req.eligible).expect("same shapes");
                             spot_masks(&one, k, req.scope).1
                         })
                         .collect();
@@ -478,10 +421,7 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
         for &k in &req.ks {
             stability.insert(
                 file::fmt_k(k),
-                jaccard(
-                    &spot_masks(&aa, k, req.scope).1,
-                    &spot_masks(&bb, k, req.scope).1,
-                ),
+                jaccard(&spot_masks(&aa, k, req.scope).1, &spot_masks(&bb, k, req.scope).1),
             );
         }
     }

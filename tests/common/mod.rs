@@ -111,19 +111,9 @@ pub fn tiny_gguf(dir: &Path, seed: u64, tied: bool) -> (PathBuf, LlamaConfig) {
     for (name, t) in &w.tensors {
         let mut data = t.data.clone();
         if name.ends_with("q_proj.weight") {
-            data = codespot::source::weights::permute_rows(
-                &data,
-                t.shape[0],
-                t.shape[1],
-                cfg.num_attention_heads,
-            );
+            data = codespot::source::weights::permute_rows(&data, t.shape[0], t.shape[1], cfg.num_attention_heads);
         } else if name.ends_with("k_proj.weight") {
-            data = codespot::source::weights::permute_rows(
-                &data,
-                t.shape[0],
-                t.shape[1],
-                cfg.num_key_value_heads,
-            );
+            data = codespot::source::weights::permute_rows(&data, t.shape[0], t.shape[1], cfg.num_key_value_heads);
         }
         owned.push((to_gguf(name), t.shape.clone(), data));
     }
@@ -138,11 +128,7 @@ pub fn tiny_gguf(dir: &Path, seed: u64, tied: bool) -> (PathBuf, LlamaConfig) {
 
 /// The real default model's GGUF (fetched into the cache by `.ci/run` or on first use).
 pub fn default_gguf() -> PathBuf {
-    match codespot::source::Source::parse("default")
-        .unwrap()
-        .resolve()
-        .unwrap()
-    {
+    match codespot::source::Source::parse("default").unwrap().resolve().unwrap() {
         codespot::source::Resolved::Gguf(p) => p,
         other => panic!("default resolved to {other:?}"),
     }
