@@ -177,6 +177,9 @@ pub enum Cmd {
         temperature: f32,
         #[arg(long, default_value_t = 384)]
         max_tokens: usize,
+        /// Tokens per document for the bits-per-byte tasks (longer documents are cut).
+        #[arg(long, default_value_t = 1024)]
+        max_bpb_tokens: usize,
         /// Write results.json and table.md here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -525,6 +528,7 @@ pub fn run(cli: Cli) -> Result<()> {
             samples,
             temperature,
             max_tokens,
+            max_bpb_tokens,
             out,
             force,
             device,
@@ -547,6 +551,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 samples,
                 temperature,
                 max_tokens,
+                max_bpb_tokens,
                 ..Default::default()
             };
             let controls: Vec<String> = controls.into_iter().filter(|c| c != "none").collect();
