@@ -336,3 +336,109 @@ fn table_reports_drop_relative_to_base() {
     let t = eval::table(&[c("base", 1.0, true), c("spot 1%", 1.5, true)]);
     assert!(t.contains("(+50.0%)"), "{t}");
 }
+
+/// score --halves → spot select reports the Jaccard overlap of the halves' spots, and the
+/// per-language control sets exclude the other languages' top-k.
+#[test]
+fn spot_select_from_snapshots_with_halves_reports_stability() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpora = common::tiny_corpora(dir.path(), 60);
+    // A second language: the same files under another name.
+    let toy = std::fs::read_to_string(corpora.dir.join("toy.toml")).unwrap();
+    std::fs::write(
+        corpora.dir.join("toy2.toml"),
+        toy.replace("language = \"toy\"", "language = \"toy2\""),
+    )
+    .unwrap();
+    let (gg, cfg) = common::tiny_gguf(dir.path(), 2, true);
+    let exe = env!("CARGO_BIN_EXE_codespot");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(exe)
+            .args(args)
+            .env("CODESPOT_CORPORA", &corpora.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let g = gg.to_str().unwrap();
+    let mut snaps = Vec::new();
+    for (lang, seed) in [("toy", "0"), ("toy2", "7")] {
+        run(&["corpus", "build", lang, "--model", g]);
+        let out = dir.path().join(format!("snap-{lang}"));
+        run(&[
+            "score",
+            "--model",
+            g,
+            "--lang",
+            lang,
+            "--tokens",
+            "128",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--seed",
+            seed,
+            "--halves",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(out.join("half-a/scores.safetensors").is_file() && out.join("half-b/manifest.json").is_file());
+        snaps.push(out.to_str().unwrap().to_string());
+    }
+    let out = dir.path().join("spot");
+    let mut args = vec![
+        "spot",
+        "select",
+        &snaps[0],
+        &snaps[1],
+        "--k",
+        "1,5",
+        "--model",
+        g,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    run(&args);
+    let man = spot::file::read_manifest(&out).unwrap();
+    assert_eq!(man.languages, vec!["toy", "toy2"]);
+    assert!(!man.python_included);
+    for k in ["1", "5"] {
+        let j = man.stability[k];
+        assert!((0.0..=1.0).contains(&j) && j > 0.0, "k={k}: {j}");
+    }
+    let spot1 = spot::file::read_set(&out, 5.0, "spot").unwrap();
+    let n_layers: usize = cfg
+        .tensor_shapes()
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers."))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    assert_eq!(spot1.len(), cfg.num_hidden_layers * 9, "layers only");
+    let total: usize = spot1.values().map(|m| m.count()).sum();
+    assert!(
+        total.abs_diff(n_layers / 20) <= cfg.num_hidden_layers * 9,
+        "{total} vs {}",
+        n_layers / 20
+    );
+    for set in ["random", "bottom", "magnitude"] {
+        let m = spot::file::read_set(&out, 5.0, set).unwrap();
+        for (n, mm) in &m {
+            assert_eq!(mm.count(), spot1[n].count(), "{set} {n}");
+        }
+    }
+    let (a, b) = (
+        spot::file::read_set(&out, 5.0, "lang=toy").unwrap(),
+        spot::file::read_set(&out, 5.0, "lang=toy2").unwrap(),
+    );
+    for (n, ma) in &a {
+        assert_eq!(ma.inter_union(&b[n]).0, 0, "{n}: per-language sets overlap");
+    }
+    // An existing output needs --force.
+    args.push("--force");
+    run(&args);
+}
