@@ -96,6 +96,8 @@ fn cell(a: &dyn Array, i: usize) -> Result<Value> {
 pub struct CodeProblem {
     pub task_id: String,
     pub prompt: String,
+    /// HumanEval-X: the signature with every include / import the tests need.
+    pub declaration: String,
     pub canonical_solution: String,
     pub test: String,
     pub entry_point: String,
@@ -114,6 +116,7 @@ pub fn humaneval() -> Result<Vec<CodeProblem>> {
             Ok(CodeProblem {
                 task_id: s("task_id")?,
                 prompt: s("prompt")?,
+                declaration: String::new(),
                 canonical_solution: s("canonical_solution")?,
                 test: s("test")?,
                 entry_point: s("entry_point")?,
@@ -138,6 +141,7 @@ pub fn humaneval_x(lang: &str, root: &Path) -> Result<Vec<CodeProblem>> {
             Ok(CodeProblem {
                 task_id: s("task_id"),
                 prompt: s("prompt"),
+                declaration: s("declaration"),
                 canonical_solution: s("canonical_solution"),
                 test: s("test"),
                 entry_point: String::new(),

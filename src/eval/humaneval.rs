@@ -60,3 +60,88 @@ pub fn complete<B: Backend>(m: &Llama<B>, tok: &Tok, p: &CodeProblem, chat: bool
         Ok(generate(m, tok, &ids, &o, |_| {})?.text)
     }
 }
+
+/// HumanEval-X: the files, steps (compile, run) and failure marker for one language.
+#[allow(clippy::type_complexity)]
+pub fn x_program(
+    lang: &str,
+    p: &CodeProblem,
+    completion: &str,
+    run: &Limits,
+) -> Result<(Vec<(String, String)>, Vec<(Vec<String>, Limits)>, Option<&'static str>)> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let compile = Limits {
+        wall: std::time::Duration::from_secs(60),
+        cpu_s: 60,
+        mem_bytes: 4 << 30,
+        nproc: 64,
+    };
+    Ok(match lang {
+        "python" => (
+            vec![(
+                "program.py".into(),
+                format!("{}{}\n\n{}\n", p.prompt, completion, p.test),
+            )],
+            vec![(
+                vec![super::sandbox::python(), "-I".into(), "program.py".into()],
+                run.clone(),
+            )],
+            None,
+        ),
+        "cpp" => (
+            vec![(
+                "main.cpp".into(),
+                format!("{}{}\n{}\n", p.declaration, completion, p.test),
+            )],
+            vec![
+                (s(&["g++", "-std=c++17", "-O0", "-o", "main", "main.cpp"]), compile),
+                (s(&["./main"]), run.clone()),
+            ],
+            None,
+        ),
+        // node reserves far more address space than it uses: a larger RLIMIT_AS.
+        "js" => (
+            vec![("main.js".into(), format!("{}{}\n{}\n", p.prompt, completion, p.test))],
+            vec![(
+                s(&["node", "main.js"]),
+                Limits {
+                    mem_bytes: 16 << 30,
+                    ..run.clone()
+                },
+            )],
+            Some("Assertion failed"),
+        ),
+        other => {
+            anyhow::bail!("humaneval-x:{other}: executing {other} completions is not implemented (cpp, js, python are)")
+        }
+    })
+}
+
+/// Whether a HumanEval-X completion passes.
+pub fn x_passes(lang: &str, p: &CodeProblem, completion: &str, limits: &Limits) -> Result<bool> {
+    let (files, steps, marker) = x_program(lang, p, completion, limits)?;
+    let files: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    Ok(super::sandbox::run_steps(&files, &steps, marker)? == Outcome::Passed)
+}
+
+/// A raw continuation of a HumanEval-X prompt, cut where the function ends.
+pub fn x_complete<B: Backend>(
+    m: &Llama<B>,
+    tok: &Tok,
+    lang: &str,
+    p: &CodeProblem,
+    opts: &GenOptions,
+) -> Result<String> {
+    let ids = tok.encode(&p.prompt, true)?;
+    let mut o = opts.clone();
+    o.stop = match lang {
+        "python" => STOP.iter().map(|s| s.to_string()).collect(),
+        _ => vec!["\n}".to_string()],
+    };
+    let out = generate(m, tok, &ids, &o, |_| {})?;
+    Ok(if lang == "python" || out.finish != "stop" {
+        out.text
+    } else {
+        format!("{}\n}}\n", out.text)
+    })
+}

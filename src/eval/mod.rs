@@ -247,11 +247,40 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             vec![result(task, "pass@1", &items, false, o.seed, s)]
         }
         Task::HumanEvalX(lang) => {
-            let why = match toolchain(lang) {
-                Some(missing) => format!("humaneval-x:{lang}: '{missing}' is not on this machine"),
-                None => format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet; humaneval-x-bpb:{lang} measures the same problems by bits per byte"),
+            if let Some(missing) = toolchain(lang) {
+                return Ok(vec![skipped(
+                    task,
+                    "pass@1",
+                    format!("humaneval-x:{lang}: '{missing}' is not on this machine"),
+                )]);
+            }
+            if !["cpp", "js", "python"].contains(&lang.as_str()) {
+                return Ok(vec![skipped(task, "pass@1", format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet (cpp, js, python are); humaneval-x-bpb:{lang} measures the same problems by bits per byte"))]);
+            }
+            if !o.allow_code_execution {
+                return Ok(vec![skipped(
+                    task,
+                    "pass@1",
+                    "needs --allow-code-execution (runs generated code in a sandbox)".into(),
+                )]);
+            }
+            let probs = datasets::humaneval_x(lang, &o.humaneval_x_root)?;
+            let opts = crate::model::generate::GenOptions {
+                max_tokens: o.max_tokens,
+                temperature: o.temperature,
+                top_p: 0.95,
+                seed: o.seed,
+                ..Default::default()
             };
-            vec![skipped(task, "pass@1", why)]
+            let limits = sandbox::Limits::default();
+            let mut items = Vec::new();
+            for i in sample_indices(probs.len(), o.limit, o.seed) {
+                let comp = humaneval::x_complete(m, tok, lang, &probs[i], &opts)?;
+                items.push((humaneval::x_passes(lang, &probs[i], &comp, &limits)? as u8 as f64, 1.0));
+            }
+            let mut s = base_settings;
+            s["prompting"] = "raw prompt continuation, cut at the function's closing brace".into();
+            vec![result(task, "pass@1", &items, false, o.seed, s)]
         }
         Task::HumanEvalBpb | Task::HumanEvalXBpb(_) => {
             let probs = match task {

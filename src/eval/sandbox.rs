@@ -53,29 +53,63 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Run `program` (Python source) under the limits.
 pub fn run_python(program: &str, limits: &Limits) -> Result<Outcome> {
+    run_steps(
+        &[("program.py", program)],
+        &[(vec![python(), "-I".into(), "program.py".into()], limits.clone())],
+        None,
+    )
+}
+
+/// Write `files` into a fresh temp dir and run `steps` there one after another (e.g. compile,
+/// then run), each under the limits; the first step that does not pass decides the outcome.
+/// With `fail_on_stderr`, output on stderr containing that text is a failure too (node's
+/// `console.assert` only prints).
+pub fn run_steps(
+    files: &[(&str, &str)],
+    steps: &[(Vec<String>, Limits)],
+    fail_on_stderr: Option<&str>,
+) -> Result<Outcome> {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::Builder::new()
         .prefix("codespot-exec-")
         .tempdir()
         .context("creating a temp dir")?;
-    let file = dir.path().join("program.py");
-    std::fs::write(&file, program)?;
     let root = unsafe { libc::geteuid() } == 0;
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text)?;
+    }
     if root {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+        for (name, _) in files {
+            std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(0o666))?;
+        }
     }
-    let mut cmd = Command::new(python());
-    cmd.arg("-I")
-        .arg(&file)
-        .current_dir(dir.path())
+    for (i, (step, limits)) in steps.iter().enumerate() {
+        let err_path = dir.path().join(format!(".stderr{i}"));
+        let out = run_one(dir.path(), step, limits, &err_path)?;
+        if out != Outcome::Passed {
+            return Ok(out);
+        }
+        if let Some(needle) = fail_on_stderr {
+            if std::fs::read_to_string(&err_path).unwrap_or_default().contains(needle) {
+                return Ok(Outcome::Failed(1));
+            }
+        }
+    }
+    Ok(Outcome::Passed)
+}
+
+fn run_one(dir: &std::path::Path, step: &[String], limits: &Limits, err_path: &std::path::Path) -> Result<Outcome> {
+    let mut cmd = Command::new(&step[0]);
+    cmd.args(&step[1..])
+        .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdout(Stdio::null());
+    cmd.stderr(Stdio::from(std::fs::File::create(err_path)?));
     cmd.env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", dir.path())
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", dir)
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let l = limits.clone();
     // SAFETY: only async-signal-safe libc calls between fork and exec.
@@ -118,7 +152,7 @@ pub fn run_python(program: &str, limits: &Limits) -> Result<Outcome> {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(e).with_context(|| format!("starting {}", python())),
+            Err(e) => return Err(e).with_context(|| format!("starting {}", step[0])),
         }
     };
     let pid = child.id() as i32;
