@@ -1012,14 +1012,11 @@ fn eval_cmd<B: Backend>(
     let table = crate::eval::table(&all);
     println!("{table}");
     if let Some(o) = out {
-        let tmp = crate::util::tmp_sibling(o);
-        std::fs::create_dir_all(&tmp)?;
-        std::fs::write(tmp.join("results.json"), serde_json::to_string_pretty(&all)?)?;
-        std::fs::write(tmp.join("table.md"), &table)?;
-        if o.exists() {
-            std::fs::remove_dir_all(o)?;
-        }
-        std::fs::rename(&tmp, o)?;
+        crate::util::write_dir_atomic(o, true, |tmp| {
+            std::fs::write(tmp.join("results.json"), serde_json::to_string_pretty(&all)?)?;
+            std::fs::write(tmp.join("table.md"), &table)?;
+            Ok(())
+        })?;
         println!("wrote {}", o.display());
     }
     Ok(())

@@ -597,35 +597,28 @@ pub fn build(
         stats.skipped.insert("over_max_mb".into(), docs.len() - keep);
         docs.truncate(keep.max(1));
     }
-    let out = corpora.build_dir(lang);
-    let tmp = util::tmp_sibling(&out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut writers = Vec::new();
-    for s in Split::ALL {
-        let f = std::fs::File::create(tmp.join(format!("{}.jsonl", s.name())))?;
-        writers.push(std::io::BufWriter::new(f));
-    }
-    for d in &docs {
-        let s = Split::of_hash(hash64(&d.sha256));
-        let st = stats.split_mut(s);
-        st.files += 1;
-        st.bytes += d.text.len();
-        st.tokens += tok.encode(&d.text, false)?.len();
-        let w = &mut writers[s as usize];
-        serde_json::to_writer(&mut *w, d)?;
-        w.write_all(b"\n")?;
-    }
-    for w in writers {
-        w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?;
-    }
-    std::fs::write(tmp.join("stats.json"), serde_json::to_string_pretty(&stats)?)?;
-    if out.exists() {
-        std::fs::remove_dir_all(&out)?;
-    }
-    std::fs::rename(&tmp, &out).with_context(|| format!("renaming into {}", out.display()))?;
+    util::write_dir_atomic(&corpora.build_dir(lang), true, |tmp| {
+        let mut writers = Vec::new();
+        for s in Split::ALL {
+            let f = std::fs::File::create(tmp.join(format!("{}.jsonl", s.name())))?;
+            writers.push(std::io::BufWriter::new(f));
+        }
+        for d in &docs {
+            let s = Split::of_hash(hash64(&d.sha256));
+            let st = stats.split_mut(s);
+            st.files += 1;
+            st.bytes += d.text.len();
+            st.tokens += tok.encode(&d.text, false)?.len();
+            let w = &mut writers[s as usize];
+            serde_json::to_writer(&mut *w, d)?;
+            w.write_all(b"\n")?;
+        }
+        for w in writers {
+            w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?;
+        }
+        std::fs::write(tmp.join("stats.json"), serde_json::to_string_pretty(&stats)?)?;
+        Ok(())
+    })?;
     Ok(stats)
 }
 

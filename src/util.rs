@@ -17,6 +17,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Build the directory `out` all-or-nothing: `fill` writes into a fresh temp sibling, which then
+/// replaces `out`. An existing `out` is an error unless `force`.
+pub fn write_dir_atomic(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if out.exists() && !force {
+        anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
+    }
+    let tmp = tmp_sibling(out);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+}
+
 /// A hidden temp path beside `path` (same filesystem, so rename is atomic).
 pub fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path

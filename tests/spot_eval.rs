@@ -209,9 +209,11 @@ fn sandbox_stops_loops_memory_hogs_and_fork_bombs() {
         ..Default::default()
     };
     let t0 = std::time::Instant::now();
-    assert_eq!(
-        sandbox::run_python("while True:\n    pass\n", &limits).unwrap(),
-        sandbox::Outcome::TimedOut
+    // Stopped by the wall clock or by the CPU-time limit (SIGKILL), whichever comes first.
+    let looped = sandbox::run_python("while True:\n    pass\n", &limits).unwrap();
+    assert!(
+        matches!(looped, sandbox::Outcome::TimedOut | sandbox::Outcome::Signalled(_)),
+        "{looped:?}"
     );
     assert!(t0.elapsed().as_secs_f64() < 6.0);
     let hog = sandbox::run_python("x = bytearray(10 * 1024**3)\n", &limits).unwrap();

@@ -99,13 +99,15 @@ pub fn x_program(
             ],
             None,
         ),
-        // node reserves far more address space than it uses: a larger RLIMIT_AS.
+        // node reserves far more address space than it uses, and its ~10 threads count against
+        // RLIMIT_NPROC: larger limits.
         "js" => (
             vec![("main.js".into(), format!("{}{}\n{}\n", p.prompt, completion, p.test))],
             vec![(
                 s(&["node", "main.js"]),
                 Limits {
                     mem_bytes: 16 << 30,
+                    nproc: 64,
                     ..run.clone()
                 },
             )],

@@ -178,5 +178,11 @@ fn run_one(dir: &std::path::Path, step: &[String], limits: &Limits, err_path: &s
     }
     let _ = child.kill();
     let _ = child.wait();
+    // Wait (up to 5 s) until the whole group is gone, so its processes no longer count against
+    // the next program's process limit.
+    let t1 = Instant::now();
+    while unsafe { libc::killpg(pid, 0) } == 0 && t1.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Ok(outcome)
 }

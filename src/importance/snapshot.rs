@@ -5,7 +5,7 @@ use super::summary::Summaries;
 use super::{Method, Scores};
 use crate::model::LlamaConfig;
 use crate::source::HostTensor;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -39,7 +39,7 @@ type Parts<'a> = (&'a Scores, &'a SnapshotManifest, &'a Summaries);
 
 fn write_parts(dir: &Path, (scores, manifest, summaries): Parts) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    save_scores(scores, &dir.join("scores.safetensors"), manifest.half)?;
+    crate::source::weights::save_safetensors_as(scores, &dir.join("scores.safetensors"), None, manifest.half)?;
     std::fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
     std::fs::write(dir.join("summaries.json"), serde_json::to_string(summaries)?)?;
     Ok(())
@@ -62,67 +62,14 @@ pub fn write_with_halves(out: &Path, full: Parts, a: Parts, b: Parts, force: boo
 }
 
 fn write_dir(out: &Path, full: Parts, halves: Option<(Parts, Parts)>, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        bail!("{}: already exists (use --force to replace it)", out.display());
-    }
-    let tmp = crate::util::tmp_sibling(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    write_parts(&tmp, full)?;
-    if let Some((a, b)) = halves {
-        write_parts(&tmp.join("half-a"), a)?;
-        write_parts(&tmp.join("half-b"), b)?;
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
-}
-
-fn save_scores(scores: &Scores, path: &Path, half: bool) -> Result<()> {
-    use safetensors::tensor::TensorView;
-    type Named = Vec<(String, Vec<u8>, Vec<usize>)>;
-    let (dtype, bytes): (safetensors::Dtype, Named) = if half {
-        (
-            safetensors::Dtype::F16,
-            scores
-                .tensors
-                .iter()
-                .map(|(n, t)| {
-                    (
-                        n.clone(),
-                        t.data
-                            .iter()
-                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                            .collect(),
-                        t.shape.clone(),
-                    )
-                })
-                .collect(),
-        )
-    } else {
-        (
-            safetensors::Dtype::F32,
-            scores
-                .tensors
-                .iter()
-                .map(|(n, t)| {
-                    (
-                        n.clone(),
-                        t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                        t.shape.clone(),
-                    )
-                })
-                .collect(),
-        )
-    };
-    let views = bytes
-        .iter()
-        .map(|(n, b, s)| TensorView::new(dtype, s.clone(), b).map(|v| (n.as_str(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    crate::util::write_dir_atomic(out, force, |tmp| {
+        write_parts(tmp, full)?;
+        if let Some((a, b)) = halves {
+            write_parts(&tmp.join("half-a"), a)?;
+            write_parts(&tmp.join("half-b"), b)?;
+        }
+        Ok(())
+    })
 }
 
 /// A snapshot read back.

@@ -3,50 +3,40 @@
 use super::config::LlamaConfig;
 use super::tokenizer::Tok;
 use crate::source::{weights::save_safetensors, Weights};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::Path;
 
 /// Write config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json and
 /// generation_config.json into `out`. Built in a temp dir and renamed: all or nothing.
 pub fn export_hf_dir(cfg: &LlamaConfig, w: &Weights, tok: &Tok, out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        bail!("{}: already exists (use --force to replace it)", out.display());
-    }
-    let tmp = crate::util::tmp_sibling(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let write = |name: &str, text: String| -> Result<()> {
-        std::fs::write(tmp.join(name), text).with_context(|| format!("writing {name} in {}", tmp.display()))
-    };
-    write("config.json", serde_json::to_string_pretty(&cfg.to_hf_json())?)?;
-    write("tokenizer.json", tok.to_json()?)?;
-    write(
-        "tokenizer_config.json",
-        serde_json::to_string_pretty(&tok.config_json())?,
-    )?;
-    let mut gen = serde_json::json!({"do_sample": false});
-    if let Some(b) = cfg.bos_token_id {
-        gen["bos_token_id"] = b.into();
-    }
-    if !cfg.eos_token_ids.is_empty() {
-        gen["eos_token_id"] = cfg.eos_token_ids.clone().into();
-    }
-    write("generation_config.json", serde_json::to_string_pretty(&gen)?)?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    // Only the tensors the architecture uses (a tied model has no lm_head).
-    let mut kept = Weights::default();
-    for (name, _) in cfg.tensor_shapes() {
-        let t = w
-            .get(&name)
-            .with_context(|| format!("export: missing tensor '{name}'"))?;
-        kept.insert(name, t.clone());
-    }
-    save_safetensors(&kept, &tmp.join("model.safetensors"), Some(meta))?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    crate::util::write_dir_atomic(out, force, |tmp| {
+        let write = |name: &str, text: String| -> Result<()> {
+            std::fs::write(tmp.join(name), text).with_context(|| format!("writing {name} in {}", tmp.display()))
+        };
+        write("config.json", serde_json::to_string_pretty(&cfg.to_hf_json())?)?;
+        write("tokenizer.json", tok.to_json()?)?;
+        write(
+            "tokenizer_config.json",
+            serde_json::to_string_pretty(&tok.config_json())?,
+        )?;
+        let mut gen = serde_json::json!({"do_sample": false});
+        if let Some(b) = cfg.bos_token_id {
+            gen["bos_token_id"] = b.into();
+        }
+        if !cfg.eos_token_ids.is_empty() {
+            gen["eos_token_id"] = cfg.eos_token_ids.clone().into();
+        }
+        write("generation_config.json", serde_json::to_string_pretty(&gen)?)?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        // Only the tensors the architecture uses (a tied model has no lm_head).
+        let mut kept = Weights::default();
+        for (name, _) in cfg.tensor_shapes() {
+            let t = w
+                .get(&name)
+                .with_context(|| format!("export: missing tensor '{name}'"))?;
+            kept.insert(name, t.clone());
+        }
+        save_safetensors(&kept, &tmp.join("model.safetensors"), Some(meta))
+    })
 }

@@ -182,21 +182,37 @@ pub fn save_safetensors(
     path: &Path,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
+    save_safetensors_as(w, path, metadata, false)
+}
+
+/// Write weights as one safetensors file, f32 or (with `half`) f16, atomically.
+pub fn save_safetensors_as(
+    w: &Weights,
+    path: &Path,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    half: bool,
+) -> Result<()> {
     use safetensors::tensor::TensorView;
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = w
+    let encode = |x: &f32| -> Vec<u8> {
+        if half {
+            half::f16::from_f32(*x).to_le_bytes().to_vec()
+        } else {
+            x.to_le_bytes().to_vec()
+        }
+    };
+    let dtype = if half {
+        safetensors::Dtype::F16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let bytes: Vec<(&String, Vec<u8>, &Vec<usize>)> = w
         .tensors
         .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                t.shape.clone(),
-            )
-        })
+        .map(|(n, t)| (n, t.data.iter().flat_map(encode).collect(), &t.shape))
         .collect();
     let views = bytes
         .iter()
-        .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(dtype, s.to_vec(), b)?)))
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tmp = crate::util::tmp_sibling(path);

@@ -103,14 +103,6 @@ pub fn write(
     force: bool,
 ) -> Result<()> {
     use safetensors::tensor::TensorView;
-    if out.exists() && !force {
-        bail!("{}: already exists (use --force to replace it)", out.display());
-    }
-    let tmp = crate::util::tmp_sibling(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut views = Vec::new();
     let mut meta = std::collections::HashMap::new();
     for (set, masks) in sets {
@@ -125,13 +117,12 @@ pub fn write(
         .map(|(n, b)| TensorView::new(safetensors::Dtype::U8, vec![b.len()], b).map(|v| (n.as_str(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    safetensors::serialize_to_file(tv, Some(meta), &tmp.join("spot.safetensors"))
-        .map_err(|e| anyhow::anyhow!("writing spot.safetensors: {e}"))?;
-    std::fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
-    if out.exists() {
-        std::fs::remove_dir_all(out)?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))
+    crate::util::write_dir_atomic(out, force, |tmp| {
+        safetensors::serialize_to_file(tv, Some(meta), &tmp.join("spot.safetensors"))
+            .map_err(|e| anyhow::anyhow!("writing spot.safetensors: {e}"))?;
+        std::fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
+        Ok(())
+    })
 }
 
 pub fn read_manifest(dir: &Path) -> Result<SpotManifest> {
