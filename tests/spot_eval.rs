@@ -452,7 +452,7 @@ fn x_problems(lang: &str) -> Vec<eval::datasets::CodeProblem> {
 /// HumanEval-X canonical solutions pass and a failing body fails, for the languages whose
 /// execution is implemented (C++ on a sample: each program is compiled).
 #[test]
-fn humaneval_x_harness_runs_cpp_js_python() {
+fn humaneval_x_harness_runs_cpp_java_js_python() {
     let limits = sandbox::Limits {
         wall: std::time::Duration::from_secs(10),
         cpu_s: 10,
@@ -462,6 +462,7 @@ fn humaneval_x_harness_runs_cpp_js_python() {
         ("python", "    raise SystemExit(1)\n", 164),
         ("js", "  throw new Error('no');\n}\n", 164),
         ("cpp", "    exit(1);\n}\n", 12),
+        ("java", "        throw new RuntimeException();\n    }\n}\n", 6),
     ] {
         let probs = x_problems(lang);
         assert_eq!(probs.len(), 164);

@@ -113,8 +113,29 @@ pub fn x_program(
             )],
             Some("Assertion failed"),
         ),
+        // The JVM reserves large address space and starts many threads.
+        "java" => {
+            let jvm = |l: &Limits| Limits {
+                mem_bytes: 16 << 30,
+                nproc: 512,
+                ..l.clone()
+            };
+            (
+                vec![(
+                    "Main.java".into(),
+                    format!("{}{}\n{}\n", p.declaration, completion, p.test),
+                )],
+                vec![
+                    (s(&["javac", "Main.java"]), jvm(&compile)),
+                    (s(&["java", "-Xmx512m", "Main"]), jvm(run)),
+                ],
+                None,
+            )
+        }
         other => {
-            anyhow::bail!("humaneval-x:{other}: executing {other} completions is not implemented (cpp, js, python are)")
+            anyhow::bail!(
+                "humaneval-x:{other}: executing {other} completions is not implemented (cpp, java, js, python are)"
+            )
         }
     })
 }

@@ -254,8 +254,8 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
                     format!("humaneval-x:{lang}: '{missing}' is not on this machine"),
                 )]);
             }
-            if !["cpp", "js", "python"].contains(&lang.as_str()) {
-                return Ok(vec![skipped(task, "pass@1", format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet (cpp, js, python are); humaneval-x-bpb:{lang} measures the same problems by bits per byte"))]);
+            if !["cpp", "java", "js", "python"].contains(&lang.as_str()) {
+                return Ok(vec![skipped(task, "pass@1", format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet (cpp, java, js, python are); humaneval-x-bpb:{lang} measures the same problems by bits per byte"))]);
             }
             if !o.allow_code_execution {
                 return Ok(vec![skipped(
