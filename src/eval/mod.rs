@@ -111,6 +111,19 @@ pub struct TaskResult {
     pub skipped: Option<String>,
 }
 
+impl EvalOptions {
+    /// Generation settings for the code-execution tasks.
+    pub fn gen_options(&self) -> crate::model::generate::GenOptions {
+        crate::model::generate::GenOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: 0.95,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+}
+
 /// A seeded sample of `limit` indices out of `n` (all, in order, without a limit).
 pub fn sample_indices(n: usize, limit: Option<usize>, seed: u64) -> Vec<usize> {
     match limit {
@@ -219,13 +232,7 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             }
             let probs = datasets::humaneval()?;
             let chat = tok.chat_template.is_some();
-            let opts = crate::model::generate::GenOptions {
-                max_tokens: o.max_tokens,
-                temperature: o.temperature,
-                top_p: 0.95,
-                seed: o.seed,
-                ..Default::default()
-            };
+            let opts = o.gen_options();
             let limits = sandbox::Limits::default();
             let mut items = Vec::new();
             let k = o.samples.max(1);
@@ -268,13 +275,7 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
                 )]);
             }
             let probs = datasets::humaneval_x(lang, &o.humaneval_x_root)?;
-            let opts = crate::model::generate::GenOptions {
-                max_tokens: o.max_tokens,
-                temperature: o.temperature,
-                top_p: 0.95,
-                seed: o.seed,
-                ..Default::default()
-            };
+            let opts = o.gen_options();
             let limits = sandbox::Limits::default();
             let mut items = Vec::new();
             for i in sample_indices(probs.len(), o.limit, o.seed) {

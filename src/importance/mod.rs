@@ -162,6 +162,24 @@ pub fn batch_grads<B: AutodiffBackend>(
     sum
 }
 
+/// Accumulate the batches `chunks` into a fresh accumulator; `done` counts predicted tokens.
+fn accumulate<B: AutodiffBackend>(
+    model: &Llama<B>,
+    chunks: &[&[Vec<u32>]],
+    micro: usize,
+    method: Method,
+    done: &mut usize,
+    on_batch: &mut impl FnMut(usize),
+) -> Accumulator<B::InnerBackend> {
+    let mut acc = Accumulator::new(method, model);
+    for chunk in chunks {
+        acc.add(model, batch_grads(model, chunk, micro));
+        *done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
+        on_batch(*done);
+    }
+    acc
+}
+
 /// Score `blocks` (each a token sequence) in batches of `batch`, `micro` sequences per
 /// backward pass; `on_batch(tokens_done)` reports progress. Gradients are dropped after each
 /// batch, so memory stays flat however many batches are scored.
@@ -174,15 +192,8 @@ pub fn score<B: AutodiffBackend>(
     mut on_batch: impl FnMut(usize),
 ) -> Result<Scores> {
     anyhow::ensure!(batch > 0 && micro > 0, "batch and micro-batch must be positive");
-    let mut acc = Accumulator::new(method, model);
-    let mut done = 0;
-    for chunk in blocks.chunks(batch) {
-        let grads = batch_grads(model, chunk, micro);
-        acc.add(model, grads);
-        done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
-        on_batch(done);
-    }
-    Ok(acc.finish(model))
+    let chunks: Vec<&[Vec<u32>]> = blocks.chunks(batch).collect();
+    Ok(accumulate(model, &chunks, micro, method, &mut 0, &mut on_batch).finish(model))
 }
 
 /// Score in two halves (first and second half of the batches): returns the scores of the
@@ -200,17 +211,8 @@ pub fn score_halves<B: AutodiffBackend>(
     anyhow::ensure!(chunks.len() >= 2, "--halves needs at least 2 batches");
     let mid = chunks.len() / 2;
     let mut done = 0;
-    let mut run = |part: &[&[Vec<u32>]]| {
-        let mut acc = Accumulator::new(method, model);
-        for chunk in part {
-            acc.add(model, batch_grads(model, chunk, micro));
-            done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
-            on_batch(done);
-        }
-        acc
-    };
-    let a = run(&chunks[..mid]);
-    let b = run(&chunks[mid..]);
+    let a = accumulate(model, &chunks[..mid], micro, method, &mut done, &mut on_batch);
+    let b = accumulate(model, &chunks[mid..], micro, method, &mut done, &mut on_batch);
     let full = a.clone().merge(b.clone());
     Ok((full.finish(model), a.finish(model), b.finish(model)))
 }
