@@ -1,11 +1,11 @@
 //! The process allocator: mimalloc, with purging of freed memory switched off.
 //!
-//! burn-ndarray copies both operands of every matmul into fresh buffers (its reshape to 3-D
-//! turns a view into an owned array), so a forward pass allocates and frees the size of the
-//! weights. With glibc malloc or mimalloc's default 10 ms purge delay each of those buffers is
-//! returned to the OS and page-faulted back in: `codespot generate` spent 60% of its time in
-//! the kernel. Measured on the default model, 40 tokens: glibc 8.2 s, mimalloc with purge
-//! off 4.4 s (README, "Measurements").
+//! The CPU backends allocate a fresh buffer for most tensor ops (burn-ndarray even copies both
+//! operands of every matmul), so a training step allocates and frees gigabytes. With glibc
+//! malloc, or mimalloc's default 10 ms purge delay, each large buffer goes back to the OS and is
+//! page-faulted in again. Measured on the default model: `codespot generate` (ndarray, 40
+//! tokens) 8.2 s with glibc vs 4.4 s with purge off; `codespot bench score` (flex, batch 4 × 256)
+//! 52.6 tokens/s with the 10 ms purge vs 92 tokens/s with purge off, for 2.4 vs 2.7 GB peak RSS.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
