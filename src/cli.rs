@@ -748,14 +748,7 @@ fn bench_forward<B: Backend>(
     device: &B::Device,
 ) -> Result<()> {
     let (ck, m) = load_model::<B>(source, device)?;
-    let v = ck.config.vocab_size as u32;
-    let rows: Vec<Vec<u32>> = (0..batch)
-        .map(|b| {
-            (0..seq_len)
-                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
-                .collect()
-        })
-        .collect();
+    let rows = model::llama::synthetic_tokens(ck.config.vocab_size, batch, seq_len);
     let mut times = Vec::new();
     for r in 0..runs + 1 {
         let t0 = std::time::Instant::now();
@@ -862,14 +855,7 @@ fn bench_score<B: Backend>(
     let mut ck = model::load(source)?;
     let m = Llama::<Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
     ck.weights = Default::default(); // the model holds them now
-    let v = ck.config.vocab_size as u32;
-    let blocks: Vec<Vec<u32>> = (0..batch * (steps + 1))
-        .map(|b| {
-            (0..seq_len + 1)
-                .map(|i| ((i * 7919 + b * 104729) as u32 + 17) % v)
-                .collect()
-        })
-        .collect();
+    let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, batch * (steps + 1), seq_len + 1);
     // The first batch warms up; the rest are timed.
     let (warm, timed) = blocks.split_at(batch);
     crate::importance::score(&m, warm, batch, micro_batch, crate::importance::Method::Taylor, |_| {})?;

@@ -71,6 +71,13 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or("")
 }
 
+/// A JSON array of strings (missing or non-string entries become empty).
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|x| x.as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
+}
+
 /// lm-eval's HellaSwag text clean-up.
 fn hs_pre(t: &str) -> String {
     let t = t.trim().replace(" [title]", ". ");
@@ -108,12 +115,9 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
                     capitalize(s(r, "ctx_b"))
                 );
                 let ctx = hs_pre(&ctx);
-                let opts = r["endings"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
+                let opts = strs(&r["endings"])
                     .iter()
-                    .map(|e| (ctx.clone(), format!(" {}", hs_pre(e.as_str().unwrap_or("")))))
+                    .map(|e| (ctx.clone(), format!(" {}", hs_pre(e))))
                     .collect();
                 McItem {
                     options: opts,
@@ -131,20 +135,8 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
                 .iter()
                 .map(|r| {
                     let ctx = format!("Question: {}\nAnswer:", s(r, "question"));
-                    let texts: Vec<String> = r["choices"]["text"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|x| x.as_str().unwrap_or("").to_string())
-                        .collect();
-                    let labels: Vec<String> = r["choices"]["label"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|x| x.as_str().unwrap_or("").to_string())
-                        .collect();
+                    let texts: Vec<String> = strs(&r["choices"]["text"]);
+                    let labels: Vec<String> = strs(&r["choices"]["label"]);
                     let label = labels.iter().position(|l| l == s(r, "answerKey")).unwrap_or(0);
                     McItem {
                         options: texts.iter().map(|t| (ctx.clone(), format!(" {t}"))).collect(),
@@ -186,13 +178,7 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
             let mut items = Vec::new();
             for subj in MMLU_SUBJECTS {
                 let fmt_q = |r: &Value| {
-                    let ch: Vec<String> = r["choices"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|x| x.as_str().unwrap_or("").to_string())
-                        .collect();
+                    let ch: Vec<String> = strs(&r["choices"]);
                     let mut q = s(r, "question").trim().to_string();
                     for (i, c) in ch.iter().enumerate() {
                         q += &format!("\n{}. {}", (b'A' + i as u8) as char, c);

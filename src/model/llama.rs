@@ -442,6 +442,17 @@ pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tenso
     Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]).convert::<B::IntElem>(), device)
 }
 
+/// Deterministic pseudo-random token rows for benchmarks (`rows` × `len`, ids below `vocab`).
+pub fn synthetic_tokens(vocab: usize, rows: usize, len: usize) -> Vec<Vec<u32>> {
+    (0..rows)
+        .map(|b| {
+            (0..len)
+                .map(|i| ((i * 7919 + b * 104729 + 17) % vocab) as u32)
+                .collect()
+        })
+        .collect()
+}
+
 /// Random weights for a config (seeded): tests and tiny experiments.
 pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Weights {
     use rand::{Rng, SeedableRng};
