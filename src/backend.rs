@@ -22,6 +22,7 @@ pub type CudaAd = Autodiff<Cuda>;
 
 /// Which device the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Cpu,
     Cuda,

@@ -191,6 +191,27 @@ pub enum Cmd {
     /// Download (or find in the cache) a model source and print where it lies.
     Fetch { model: String },
     /// Benchmarks.
+    /// Recipes: `recipe check FILE` validates and prints the resolved recipe.
+    Recipe {
+        #[command(subcommand)]
+        what: RecipeCmd,
+    },
+    /// Fine-tune the recipe's model on one language (or each in turn), with an importance
+    /// snapshot at the base and every checkpoint and TensorBoard events under the run dir.
+    Tune {
+        recipe: PathBuf,
+        /// One language of the recipe (default: every language, one run each).
+        #[arg(long)]
+        lang: Option<String>,
+        /// Continue from the newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Delete an existing run of the language and start over.
+        #[arg(long)]
+        force: bool,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
@@ -247,6 +268,17 @@ pub enum SpotCmd {
         out: PathBuf,
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RecipeCmd {
+    /// Validate a recipe and print it resolved (defaults filled in, overrides applied).
+    Check {
+        file: PathBuf,
+        /// Override a key: --set train.lr=2e-5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
 }
 
@@ -407,6 +439,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 half,
                 step: None,
                 progress: true,
+                model_label: None,
             };
             on_device!(device, score_cmd(&model, &req, &out, force))
         }
@@ -429,6 +462,41 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", crate::importance::summary::layer_module_table(&s));
             if let Some(n) = top {
                 println!("{}", crate::importance::summary::top_text(&s, n));
+            }
+            Ok(())
+        }
+        Cmd::Recipe {
+            what: RecipeCmd::Check { file, set },
+        } => {
+            let loaded = crate::recipe::load(&file, &set)?;
+            loaded.validate(&crate::data::Corpora::from_env())?;
+            println!("# {} is valid; resolved (defaults filled in):", file.display());
+            println!("# output dir: {}", loaded.out_dir().display());
+            println!("{}", loaded.resolved_toml().trim_end());
+            Ok(())
+        }
+        Cmd::Tune {
+            recipe,
+            lang,
+            resume,
+            force,
+            set,
+        } => {
+            let loaded = crate::recipe::load(&recipe, &set)?;
+            loaded.validate(&crate::data::Corpora::from_env())?;
+            let langs = match lang {
+                Some(l) => vec![l],
+                None => loaded.recipe.languages.clone(),
+            };
+            let device = loaded.recipe.device;
+            for lang in langs {
+                let opts = crate::train::TuneOptions {
+                    lang,
+                    resume,
+                    force,
+                    progress: true,
+                };
+                on_device!(device, tune_cmd(&loaded, &opts))?;
             }
             Ok(())
         }
@@ -1005,5 +1073,26 @@ fn eval_cmd<B: Backend>(
         })?;
         println!("wrote {}", o.display());
     }
+    Ok(())
+}
+
+fn tune_cmd<B: Backend>(
+    loaded: &crate::recipe::Loaded,
+    opts: &crate::train::TuneOptions,
+    device: &B::Device,
+) -> Result<()> {
+    let s = crate::train::tune::<B>(loaded, opts, device)?;
+    println!(
+        "tuned {} for {} steps ({} tokens, {:.1} tokens/s, {:.0} s): loss {:.4} → {:.4}; {} snapshots; {}",
+        s.language,
+        s.steps,
+        s.tokens,
+        s.tokens_per_s,
+        s.elapsed_s,
+        s.first_loss,
+        s.last_loss,
+        s.snapshots.len(),
+        crate::train::tune_dir(loaded, &s.language).display()
+    );
     Ok(())
 }

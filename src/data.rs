@@ -642,6 +642,24 @@ pub fn token_blocks(
     n: usize,
     what: &str,
 ) -> Result<Vec<Vec<u32>>> {
+    let (blocks, seen) = token_blocks_at_most(docs, tok, sep, len, n)?;
+    if blocks.len() < n {
+        bail!(
+            "{what} holds {seen} tokens, fewer than the {} requested ({n} blocks of {len})",
+            n * len
+        );
+    }
+    Ok(blocks)
+}
+
+/// Up to `n` blocks of `len` tokens (fewer when the documents run out), and the tokens seen.
+pub fn token_blocks_at_most(
+    docs: impl Iterator<Item = Result<Doc>>,
+    tok: &Tok,
+    sep: Option<u32>,
+    len: usize,
+    n: usize,
+) -> Result<(Vec<Vec<u32>>, usize)> {
     let mut blocks = Vec::with_capacity(n);
     let mut cur: Vec<u32> = Vec::with_capacity(len);
     let mut seen = 0usize;
@@ -662,11 +680,5 @@ pub fn token_blocks(
             }
         }
     }
-    if blocks.len() < n {
-        bail!(
-            "{what} holds {seen} tokens, fewer than the {} requested ({n} blocks of {len})",
-            n * len
-        );
-    }
-    Ok(blocks)
+    Ok((blocks, seen))
 }

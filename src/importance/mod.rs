@@ -140,13 +140,28 @@ pub fn batch_grads<B: AutodiffBackend>(
     rows: &[Vec<u32>],
     micro: usize,
 ) -> Vec<Option<Tensor<B::InnerBackend, 1>>> {
+    batch_loss_grads(model, rows, micro, false).1
+}
+
+/// [`batch_grads`], and the mean loss when `want_loss` (one scalar read per micro-batch).
+pub fn batch_loss_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    rows: &[Vec<u32>],
+    micro: usize,
+    want_loss: bool,
+) -> (f64, Vec<Option<Tensor<B::InnerBackend, 1>>>) {
+    use burn::tensor::ElementConversion;
     let device = model.embed.val().device();
     let params = model.params();
     let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> = (0..params.len()).map(|_| None).collect();
+    let mut loss_sum = 0.0;
     for chunk in rows.chunks(micro.max(1)) {
         let w = chunk.len() as f64 / rows.len() as f64;
         let loss = model.loss(crate::model::tokens_tensor::<B>(chunk, &device));
         let loss = if w == 1.0 { loss } else { loss.mul_scalar(w) };
+        if want_loss {
+            loss_sum += loss.clone().inner().into_scalar().elem::<f64>();
+        }
         let mut grads = loss.backward();
         for (i, (_, p)) in params.iter().enumerate() {
             let g = match p {
@@ -159,7 +174,7 @@ pub fn batch_grads<B: AutodiffBackend>(
             };
         }
     }
-    sum
+    (loss_sum, sum)
 }
 
 /// Accumulate the batches `chunks` into a fresh accumulator; `done` counts predicted tokens.
@@ -234,6 +249,8 @@ pub struct ScoreRequest {
     pub progress: bool,
     /// Also write snapshots of the two calibration halves (`half-a/`, `half-b/`).
     pub halves: bool,
+    /// The model's name and hash in the manifest, when not the loaded source's (a tuned model).
+    pub model_label: Option<(String, String)>,
 }
 
 impl ScoreRequest {
@@ -251,6 +268,7 @@ impl ScoreRequest {
             step: None,
             progress: false,
             halves: false,
+            model_label: None,
         }
     }
 
@@ -280,23 +298,29 @@ pub fn corpus_blocks(
     tok: &crate::model::Tok,
     eos: Option<u32>,
 ) -> Result<Vec<Vec<u32>>> {
+    let (docs, what) = split_docs(corpora, &req.lang, req.split, req.seed)?;
+    crate::data::token_blocks(docs.into_iter().map(Ok), tok, eos, req.seq_len + 1, req.blocks(), &what)
+}
+
+/// The documents of a corpus split (shuffled by `seed` when it is not 0), and a description
+/// for messages. An empty split is an error.
+pub fn split_docs(
+    corpora: &crate::data::Corpora,
+    lang: &str,
+    split: crate::data::Split,
+    seed: u64,
+) -> Result<(Vec<crate::data::Doc>, String)> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
-    let path = corpora.split_path(&req.lang, req.split)?;
+    let path = corpora.split_path(lang, split)?;
     let mut docs: Vec<crate::data::Doc> = crate::data::read_split(&path)?.collect::<Result<_>>()?;
     if docs.is_empty() {
-        anyhow::bail!(
-            "corpus '{}' {} split is empty ({})",
-            req.lang,
-            req.split.name(),
-            path.display()
-        );
+        anyhow::bail!("corpus '{lang}' {} split is empty ({})", split.name(), path.display());
     }
-    if req.seed != 0 {
-        docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(req.seed));
+    if seed != 0 {
+        docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     }
-    let what = format!("corpus '{}' {} split ({})", req.lang, req.split.name(), path.display());
-    crate::data::token_blocks(docs.into_iter().map(Ok), tok, eos, req.seq_len + 1, req.blocks(), &what)
+    Ok((docs, format!("corpus '{lang}' {} split ({})", split.name(), path.display())))
 }
 
 /// Score a model on a language's corpus and write a snapshot directory to `out`.
@@ -331,8 +355,11 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let corpus_sha = corpora.stats(&req.lang).map(|s| s.manifest_sha256).unwrap_or_default();
     let manifest = snapshot::SnapshotManifest {
         format: 1,
-        model: ck.source.clone(),
-        model_sha256: crate::model::load::source_hash(&ck.location)?,
+        model: req.model_label.as_ref().map_or_else(|| ck.source.clone(), |l| l.0.clone()),
+        model_sha256: match &req.model_label {
+            Some(l) => l.1.clone(),
+            None => crate::model::load::source_hash(&ck.location)?,
+        },
         language: req.lang.clone(),
         split: req.split.name().into(),
         method: req.method,

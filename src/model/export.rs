@@ -9,7 +9,12 @@ use std::path::Path;
 /// Write config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json and
 /// generation_config.json into `out`. Built in a temp dir and renamed: all or nothing.
 pub fn export_hf_dir(cfg: &LlamaConfig, w: &Weights, tok: &Tok, out: &Path, force: bool) -> Result<()> {
-    crate::util::write_dir_atomic(out, force, |tmp| {
+    crate::util::write_dir_atomic(out, force, |tmp| write_hf_files(cfg, w, tok, tmp))
+}
+
+/// The files of an HF model directory, written into an existing (temporary) directory.
+pub fn write_hf_files(cfg: &LlamaConfig, w: &Weights, tok: &Tok, tmp: &Path) -> Result<()> {
+    {
         let write = |name: &str, text: String| -> Result<()> {
             std::fs::write(tmp.join(name), text).with_context(|| format!("writing {name} in {}", tmp.display()))
         };
@@ -38,5 +43,5 @@ pub fn export_hf_dir(cfg: &LlamaConfig, w: &Weights, tok: &Tok, out: &Path, forc
             kept.insert(name, t.clone());
         }
         save_safetensors(&kept, &tmp.join("model.safetensors"), Some(meta))
-    })
+    }
 }

@@ -209,14 +209,18 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Replace every parameter's value through `f(name, flat value) -> flat value` (same
-    /// length). Parameter ids are kept, so optimizer state still matches.
+    /// length). Parameter ids are kept, so optimizer state still matches, and a parameter that
+    /// required gradients still does (as a fresh leaf when `f` returns an untracked tensor).
     pub fn map_params(self, mut f: impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>) -> Self {
         fn m1<B: Backend>(
             p: Param<Tensor<B, 1>>,
             name: &str,
             f: &mut impl FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>,
         ) -> Param<Tensor<B, 1>> {
-            p.map(|t| f(name, t))
+            p.map(|t| {
+                let req = t.is_require_grad();
+                f(name, t).set_require_grad(req)
+            })
         }
         fn m2<B: Backend>(
             p: Param<Tensor<B, 2>>,
@@ -225,7 +229,8 @@ impl<B: Backend> Llama<B> {
         ) -> Param<Tensor<B, 2>> {
             p.map(|t| {
                 let [r, c] = t.dims();
-                f(name, t.flatten(0, 1)).reshape([r, c])
+                let req = t.is_require_grad();
+                f(name, t.flatten(0, 1)).reshape([r, c]).set_require_grad(req)
             })
         }
         let n = |l: usize, i: usize| format!("model.layers.{l}.{}", BLOCK_TENSORS[i]);

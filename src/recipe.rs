@@ -1,0 +1,487 @@
+//! Recipes: one TOML file describes a whole study (model, languages, corpora, tuning,
+//! importance, spot selection, evaluation). Unknown keys and wrong types are errors that name
+//! the key and the line; `--set a.b=v` overrides any key; semantic checks run before any work.
+
+use crate::backend::DeviceKind;
+use crate::importance::Method;
+use crate::spot::{Aggregation, Control, Eligible, Scope};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name; outputs go to `out` (default `runs/<name>`).
+    pub name: String,
+    /// Model source (see `codespot info`): `default`, an HF dir, `hf:OWNER/NAME`, a .gguf, …
+    pub model: String,
+    /// Languages to score and tune on (each has a manifest in `corpora/`).
+    pub languages: Vec<String>,
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    #[serde(default = "d_device")]
+    pub device: DeviceKind,
+    #[serde(default)]
+    pub corpus: CorpusSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub importance: ImportanceSection,
+    #[serde(default)]
+    pub spot: SpotSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorpusSection {
+    /// Build a missing corpus (`codespot corpus build`) with this size cap.
+    pub max_mb: f64,
+    /// Let corpus building install Debian packages named by manifests.
+    pub install: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-step.
+    pub batch: usize,
+    /// Micro-steps per optimizer step (gradients averaged).
+    pub grad_accum: usize,
+    /// Sequences per backward pass inside a micro-step (memory knob; same gradient).
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// `cosine` (to `min_lr_ratio · lr`) or `constant`.
+    pub schedule: Schedule,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm (0 = off).
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Checkpoint (and snapshot) every N steps; the last step always checkpoints.
+    pub checkpoint_every: usize,
+    /// Checkpoints kept on disk (model + optimizer); snapshots are always kept.
+    pub keep_checkpoints: usize,
+    /// Held-out tokens per language for the loss at each checkpoint.
+    pub heldout_tokens: usize,
+    /// Log train scalars every N steps.
+    pub log_every: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImportanceSection {
+    pub method: Method,
+    /// Calibration tokens per snapshot.
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub micro_batch: usize,
+    pub seed: u64,
+    /// Store scores as f16.
+    pub half: bool,
+    /// Top-k % whose overlap TensorBoard tracks across checkpoints (per tensor, layers only).
+    pub track_k: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpotSection {
+    pub aggregation: Aggregation,
+    pub scope: Scope,
+    pub params: Eligible,
+    /// Spot sizes in percent of the eligible parameters.
+    pub k: Vec<f64>,
+    pub controls: Vec<Control>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Task list as for `codespot eval --tasks`.
+    pub tasks: Vec<String>,
+    /// Items per task (0 = all).
+    pub limit: usize,
+    pub allow_code_execution: bool,
+    pub max_tokens: usize,
+    pub max_bpb_tokens: usize,
+    pub seed: u64,
+}
+
+fn d_device() -> DeviceKind {
+    DeviceKind::Cpu
+}
+
+impl Default for CorpusSection {
+    fn default() -> Self {
+        Self {
+            max_mb: 8.0,
+            install: false,
+        }
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch: 4,
+            grad_accum: 1,
+            micro_batch: 1,
+            seq_len: 256,
+            lr: 2e-5,
+            warmup: 10,
+            schedule: Schedule::Cosine,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1,
+            checkpoint_every: 50,
+            keep_checkpoints: 1,
+            heldout_tokens: 2048,
+            log_every: 1,
+        }
+    }
+}
+
+impl Default for ImportanceSection {
+    fn default() -> Self {
+        Self {
+            method: Method::Taylor,
+            tokens: 16384,
+            seq_len: 256,
+            batch: 4,
+            micro_batch: 1,
+            seed: 0,
+            half: false,
+            track_k: 1.0,
+        }
+    }
+}
+
+impl Default for SpotSection {
+    fn default() -> Self {
+        Self {
+            aggregation: Aggregation::Sum,
+            scope: Scope::PerTensor,
+            params: Eligible::Layers,
+            k: vec![0.5, 1.0, 3.0],
+            controls: vec![Control::Random],
+            seed: 0,
+        }
+    }
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            tasks: vec!["humaneval-bpb".into(), "code-bpb".into(), "hellaswag".into(), "arc-easy".into()],
+            limit: 100,
+            allow_code_execution: false,
+            max_tokens: 384,
+            max_bpb_tokens: 1024,
+            seed: 0,
+        }
+    }
+}
+
+/// A recipe read from a file, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub recipe: Recipe,
+    pub path: PathBuf,
+    /// The file's text (for line numbers in semantic errors).
+    text: String,
+    pub overrides: Vec<String>,
+}
+
+impl Loaded {
+    /// Output directory of the run.
+    pub fn out_dir(&self) -> PathBuf {
+        self.recipe
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.recipe.name))
+    }
+
+    /// The resolved recipe as TOML.
+    pub fn resolved_toml(&self) -> String {
+        toml::to_string_pretty(&self.recipe).expect("a recipe serializes")
+    }
+
+    /// SHA-256 of the resolved recipe (stages compare it to decide whether outputs match).
+    pub fn hash(&self) -> String {
+        crate::util::sha256_bytes(self.resolved_toml().as_bytes())
+    }
+
+    /// Where a key is set: "line N of FILE", or the `--set` that set it.
+    fn where_is(&self, key: &str) -> String {
+        if let Some(o) = self.overrides.iter().rev().find(|o| o.split('=').next().map(str::trim) == Some(key)) {
+            return format!("--set {o}");
+        }
+        match line_of(&self.text, key) {
+            Some(l) => format!("{} line {l}", self.path.display()),
+            None => format!("{} (default)", self.path.display()),
+        }
+    }
+
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}: {key}: {msg}", self.where_is(key))
+    }
+
+    /// Semantic checks that need no model load: numbers in range, languages known, model
+    /// source parseable (and present when local).
+    pub fn validate(&self, corpora: &crate::data::Corpora) -> Result<()> {
+        let r = &self.recipe;
+        let t = &r.train;
+        let i = &r.importance;
+        if r.name.trim().is_empty() || r.name.contains('/') {
+            return Err(self.err("name", "must be a non-empty name without '/'"));
+        }
+        if r.languages.is_empty() {
+            return Err(self.err("languages", "list at least one language"));
+        }
+        let known = corpora.languages();
+        for l in &r.languages {
+            if !known.contains(l) {
+                return Err(self.err(
+                    "languages",
+                    format!("unknown language '{l}' (manifests in {}: {})", corpora.dir.display(), known.join(", ")),
+                ));
+            }
+        }
+        if r.model.trim().is_empty() {
+            return Err(self.err("model", "missing model source"));
+        }
+        let src = crate::source::Source::parse(&r.model).map_err(|e| self.err("model", e))?;
+        match &src {
+            crate::source::Source::HfDir(p) | crate::source::Source::Gguf(p) if !p.exists() => {
+                return Err(self.err("model", format!("{} does not exist", p.display())));
+            }
+            _ => {}
+        }
+        r.device.check().map_err(|e| self.err("device", e))?;
+        let pos = |key: &str, v: usize| -> Result<()> {
+            if v == 0 {
+                return Err(self.err(key, "must be at least 1"));
+            }
+            Ok(())
+        };
+        pos("train.steps", t.steps)?;
+        pos("train.batch", t.batch)?;
+        pos("train.grad_accum", t.grad_accum)?;
+        pos("train.micro_batch", t.micro_batch)?;
+        pos("train.checkpoint_every", t.checkpoint_every)?;
+        pos("train.keep_checkpoints", t.keep_checkpoints)?;
+        pos("train.log_every", t.log_every)?;
+        pos("importance.tokens", i.tokens)?;
+        pos("importance.batch", i.batch)?;
+        pos("importance.micro_batch", i.micro_batch)?;
+        if t.seq_len < 2 {
+            return Err(self.err("train.seq_len", "must be at least 2"));
+        }
+        if i.seq_len < 2 {
+            return Err(self.err("importance.seq_len", "must be at least 2"));
+        }
+        if i.tokens < i.seq_len {
+            return Err(self.err("importance.tokens", format!("must be at least importance.seq_len ({})", i.seq_len)));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(self.err("train.lr", format!("must be > 0 (got {})", t.lr)));
+        }
+        if t.checkpoint_every > t.steps {
+            return Err(self.err(
+                "train.checkpoint_every",
+                format!("{} is larger than the run (train.steps = {})", t.checkpoint_every, t.steps),
+            ));
+        }
+        if t.warmup > t.steps {
+            return Err(self.err("train.warmup", format!("{} is longer than the run ({} steps)", t.warmup, t.steps)));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(self.err("train.min_lr_ratio", "must be in [0, 1]"));
+        }
+        if !(t.weight_decay >= 0.0) {
+            return Err(self.err("train.weight_decay", "must be ≥ 0"));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return Err(self.err("train.beta1", "beta1 and beta2 must be in [0, 1)"));
+        }
+        if !(t.eps > 0.0) {
+            return Err(self.err("train.eps", "must be > 0"));
+        }
+        if !(t.grad_clip >= 0.0) {
+            return Err(self.err("train.grad_clip", "must be ≥ 0 (0 = off)"));
+        }
+        if !(i.track_k > 0.0 && i.track_k <= 100.0) {
+            return Err(self.err("importance.track_k", "must be in (0, 100]"));
+        }
+        if !(r.corpus.max_mb > 0.0) {
+            return Err(self.err("corpus.max_mb", "must be > 0"));
+        }
+        if r.spot.k.is_empty() || r.spot.k.iter().any(|k| !(*k > 0.0 && *k <= 100.0)) {
+            return Err(self.err("spot.k", "list percentages in (0, 100]"));
+        }
+        self.tasks().map_err(|e| self.err("eval.tasks", e))?;
+        Ok(())
+    }
+
+    /// Evaluation tasks, with `code-bpb` and `humaneval-x-bpb` (no language) expanded to one
+    /// task per recipe language.
+    pub fn tasks(&self) -> Result<Vec<crate::eval::Task>> {
+        let mut out = vec![];
+        for t in &self.recipe.eval.tasks {
+            match t.trim() {
+                "code-bpb" => {
+                    for l in &self.recipe.languages {
+                        out.push(crate::eval::Task::CodeBpb(l.clone()));
+                    }
+                }
+                "humaneval-x-bpb" => {
+                    // HumanEval-X names JavaScript `js` and has no C.
+                    for l in &self.recipe.languages {
+                        let hx = match l.as_str() {
+                            "javascript" => "js",
+                            "cpp" | "go" | "java" | "python" | "rust" => l.as_str(),
+                            _ => continue,
+                        };
+                        out.push(crate::eval::Task::HumanEvalXBpb(hx.into()));
+                    }
+                }
+                other => out.push(crate::eval::Task::parse(other)?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Read a recipe, apply `--set KEY=VALUE` overrides, and deserialize strictly.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
+    // Strict parse of the file alone first: serde errors then carry the file's line and column.
+    let _: Recipe = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+    let mut value: toml::Table = toml::from_str(&text).expect("parsed above");
+    for o in overrides {
+        apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;
+    }
+    let recipe: Recipe = Recipe::deserialize(toml::Value::Table(value)).map_err(|e| {
+        anyhow::anyhow!(
+            "{} with --set {}: {}",
+            path.display(),
+            overrides.join(" --set "),
+            e.to_string().trim()
+        )
+    })?;
+    Ok(Loaded {
+        recipe,
+        path: path.to_path_buf(),
+        text,
+        overrides: overrides.to_vec(),
+    })
+}
+
+/// Set `a.b.c = value` in a table; the value is parsed as TOML (`2e-5`, `true`, `["x"]`), or
+/// taken as a string when it does not parse (`model=hf:owner/name`).
+fn apply_override(t: &mut toml::Table, o: &str) -> Result<()> {
+    let (key, raw) = o.split_once('=').context("expected KEY=VALUE")?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut tt) => tt.remove("v").expect("v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("bad key '{key}'");
+    }
+    let mut cur = t;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = entry
+            .as_table_mut()
+            .with_context(|| format!("'{p}' in '{key}' is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// The 1-based line where dotted `key` is assigned (top-level keys before any table header,
+/// `[section]` then `key =`, or a `section.key =` dotted assignment).
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (section, leaf) = match key.rsplit_once('.') {
+        Some((s, l)) => (s, l),
+        None => ("", key),
+    };
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') && !l.starts_with("[[") {
+            current = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            continue;
+        }
+        let Some((k, _)) = l.split_once('=') else { continue };
+        let k = k.trim().trim_matches('"');
+        let full = if current.is_empty() {
+            k.to_string()
+        } else {
+            format!("{current}.{k}")
+        };
+        if full == key || (current == section && k == leaf) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_of_finds_sections_and_dotted_keys() {
+        let t = "name = \"x\"\n\n[train]\nsteps = 3\nlr = 1\n[importance]\ntokens = 5\n";
+        assert_eq!(line_of(t, "name"), Some(1));
+        assert_eq!(line_of(t, "train.lr"), Some(5));
+        assert_eq!(line_of(t, "importance.tokens"), Some(7));
+        assert_eq!(line_of(t, "train.tokens"), None);
+        assert_eq!(line_of("train.lr = 3\n", "train.lr"), Some(1));
+    }
+
+    #[test]
+    fn overrides_parse_values_and_create_tables() {
+        let mut t: toml::Table = toml::from_str("[train]\nlr = 1.0\n").unwrap();
+        apply_override(&mut t, "train.lr=2e-5").unwrap();
+        apply_override(&mut t, "model=hf:a/b").unwrap();
+        apply_override(&mut t, "languages=[\"rust\"]").unwrap();
+        apply_override(&mut t, "spot.k=[1, 2]").unwrap();
+        assert_eq!(t["train"]["lr"].as_float(), Some(2e-5));
+        assert_eq!(t["model"].as_str(), Some("hf:a/b"));
+        assert_eq!(t["languages"].as_array().unwrap().len(), 1);
+        assert_eq!(t["spot"]["k"].as_array().unwrap().len(), 2);
+        assert!(apply_override(&mut t, "train.lr.x=1").is_err());
+        assert!(apply_override(&mut t, "novalue").is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! Following the spot over time: the measures that compare importance snapshots (top-k
+//! overlap overall and per layer, Spearman rank correlation, mass shares), log10 importance
+//! histograms, heatmap images, and their TensorBoard logging.
+
+pub mod tensorboard;
+
+use crate::importance::snapshot::Snapshot;
+use crate::importance::summary::Summaries;
+use crate::importance::Scores;
+use crate::model::names;
+use crate::spot::{self, Eligible, Mask, Scope};
+use anyhow::Result;
+use std::collections::BTreeMap;
+pub use tensorboard::{Histogram, Tb};
+
+/// Module kinds in display order (columns of the layer × module heatmap).
+pub const MODULE_ORDER: [&str; 9] = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"];
+
+/// Per-tensor top-`k_percent` masks over the layer parameters (the authors' selection rule).
+pub fn top_masks(scores: &Scores, k_percent: f64) -> BTreeMap<String, Mask> {
+    let mut layers = Scores::default();
+    for (n, t) in &scores.tensors {
+        if Eligible::Layers.admits(n) {
+            layers.insert(n.clone(), t.clone());
+        }
+    }
+    let c = spot::counts(&layers, k_percent / 100.0, Scope::PerTensor);
+    spot::select_by(&layers, &c, true)
+}
+
+/// Jaccard overlap per layer (masks grouped by the layer in their tensor names).
+pub fn jaccard_per_layer(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>, layers: usize) -> Vec<f64> {
+    (0..layers)
+        .map(|l| {
+            let pick = |m: &BTreeMap<String, Mask>| -> BTreeMap<String, Mask> {
+                m.iter()
+                    .filter(|(n, _)| names::parse(n).and_then(|p| p.layer) == Some(l))
+                    .map(|(n, x)| (n.clone(), x.clone()))
+                    .collect()
+            };
+            spot::jaccard(&pick(a), &pick(b))
+        })
+        .collect()
+}
+
+/// Average ranks (ties share the mean of their positions), 0-based.
+fn ranks(v: &[f32]) -> Vec<f64> {
+    let mut idx: Vec<u32> = (0..v.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| v[a as usize].total_cmp(&v[b as usize]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i + 1;
+        while j < idx.len() && v[idx[j] as usize] == v[idx[i] as usize] {
+            j += 1;
+        }
+        let avg = (i + j - 1) as f64 / 2.0;
+        for &k in &idx[i..j] {
+            r[k as usize] = avg;
+        }
+        i = j;
+    }
+    r
+}
+
+/// Spearman rank correlation of two score maps over the tensors both hold (same shapes),
+/// on every element when there are at most `max_elems`, else on an evenly strided sample of
+/// about `max_elems` elements (the same positions in both maps).
+pub fn spearman(a: &Scores, b: &Scores, max_elems: usize) -> f64 {
+    let total: usize = a
+        .tensors
+        .iter()
+        .filter(|(n, t)| b.tensors.get(*n).is_some_and(|u| u.shape == t.shape))
+        .map(|(_, t)| t.numel())
+        .sum();
+    let stride = total.div_ceil(max_elems.max(1)).max(1);
+    let (mut xa, mut xb) = (Vec::new(), Vec::new());
+    let mut pos = 0usize;
+    for (n, t) in &a.tensors {
+        let Some(u) = b.tensors.get(n) else { continue };
+        if u.shape != t.shape {
+            continue;
+        }
+        // Global positions pos, pos+1, …: keep those divisible by `stride`.
+        let first = (stride - pos % stride) % stride;
+        let mut i = first;
+        while i < t.data.len() {
+            xa.push(t.data[i]);
+            xb.push(u.data[i]);
+            i += stride;
+        }
+        pos += t.data.len();
+    }
+    pearson(&ranks(&xa), &ranks(&xb))
+}
+
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let mx = x.iter().sum::<f64>() / n;
+    let my = y.iter().sum::<f64>() / n;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        return f64::NAN;
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// log10 of a score, with zero (and anything below 1e-30) clamped to -30.
+fn log10(x: f32) -> f64 {
+    (x as f64).max(1e-30).log10()
+}
+
+/// log10-importance histograms per layer (`L07`) and per module kind (`q`, `gate`, …), on a
+/// shared range so they compare.
+pub fn log10_histograms(scores: &Scores, buckets: usize) -> (BTreeMap<String, Histogram>, BTreeMap<String, Histogram>) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for t in scores.tensors.values() {
+        for &x in &t.data {
+            if x > 0.0 {
+                let l = log10(x);
+                lo = lo.min(l);
+                hi = hi.max(l);
+            }
+        }
+    }
+    if !lo.is_finite() {
+        (lo, hi) = (-30.0, 0.0);
+    }
+    let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
+    let mut by_layer: BTreeMap<String, Vec<&[f32]>> = BTreeMap::new();
+    let mut by_kind: BTreeMap<String, Vec<&[f32]>> = BTreeMap::new();
+    for (n, t) in &scores.tensors {
+        let Some(p) = names::parse(n) else { continue };
+        if let Some(l) = p.layer {
+            by_layer.entry(format!("L{l:02}")).or_default().push(&t.data);
+            by_kind.entry(p.kind.short().to_string()).or_default().push(&t.data);
+        }
+    }
+    let hist = |parts: Vec<&[f32]>| {
+        Histogram::new(
+            parts.into_iter().flat_map(|d| d.iter().map(|&x| log10(x).max(lo))),
+            lo,
+            hi,
+            buckets,
+        )
+    };
+    (
+        by_layer.into_iter().map(|(k, v)| (k, hist(v))).collect(),
+        by_kind.into_iter().map(|(k, v)| (k, hist(v))).collect(),
+    )
+}
+
+/// Layer × module-kind importance mass (rows = layers, columns = [`MODULE_ORDER`]).
+pub fn layer_module_grid(s: &Summaries) -> Vec<Vec<f64>> {
+    (0..s.num_layers)
+        .map(|l| {
+            MODULE_ORDER
+                .iter()
+                .map(|k| s.layer_module_mass.get(&l).and_then(|m| m.get(*k)).copied().unwrap_or(0.0))
+                .collect()
+        })
+        .collect()
+}
+
+/// A viridis-like colour for t in [0, 1].
+pub fn colour(t: f64) -> [u8; 3] {
+    const STOPS: [[f64; 3]; 5] = [
+        [68.0, 1.0, 84.0],
+        [59.0, 82.0, 139.0],
+        [33.0, 145.0, 140.0],
+        [94.0, 201.0, 98.0],
+        [253.0, 231.0, 37.0],
+    ];
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let x = t * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let mut c = [0u8; 3];
+    for (j, cj) in c.iter_mut().enumerate() {
+        *cj = (STOPS[i][j] + (STOPS[i + 1][j] - STOPS[i][j]) * f).round() as u8;
+    }
+    c
+}
+
+/// A square `size × size` RGB heatmap of `grid` (rows top to bottom, colour = value / max),
+/// cells scaled to fill the square.
+pub fn heatmap_rgb(grid: &[Vec<f64>], size: usize) -> Vec<u8> {
+    let rows = grid.len().max(1);
+    let cols = grid.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let max = grid.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
+    let mut img = vec![0u8; size * size * 3];
+    for y in 0..size {
+        let r = y * rows / size;
+        for x in 0..size {
+            let c = x * cols / size;
+            let v = grid.get(r).and_then(|row| row.get(c)).copied().unwrap_or(0.0);
+            let rgb = colour(if max > 0.0 { v / max } else { 0.0 });
+            img[(y * size + x) * 3..][..3].copy_from_slice(&rgb);
+        }
+    }
+    img
+}
+
+/// Side of the heatmap images written to TensorBoard.
+pub const IMAGE_SIZE: usize = 270;
+
+/// What one snapshot contributes to TensorBoard, compared with the base and the previous one.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotMetrics {
+    pub step: usize,
+    pub jaccard_base: f64,
+    pub jaccard_prev: Option<f64>,
+    pub jaccard_base_layer: Vec<f64>,
+    pub jaccard_prev_layer: Option<Vec<f64>>,
+    pub spearman_base: f64,
+    pub module_share: BTreeMap<String, f64>,
+    pub layer_share: Vec<f64>,
+}
+
+/// Elements Spearman correlation is computed on (an evenly strided sample above this).
+pub const SPEARMAN_MAX_ELEMS: usize = 16 << 20;
+
+/// Compare `cur` with the base snapshot and the previous one; `k` is the top-k % tracked.
+pub fn compare_snapshots(
+    step: usize,
+    cur: &Snapshot,
+    base: &Snapshot,
+    prev: Option<&Snapshot>,
+    k: f64,
+) -> SnapshotMetrics {
+    let layers = cur.summaries.num_layers;
+    let mc = top_masks(&cur.scores, k);
+    let mb = top_masks(&base.scores, k);
+    let (jp, jpl) = match prev {
+        Some(p) => {
+            let mp = top_masks(&p.scores, k);
+            (Some(spot::jaccard(&mc, &mp)), Some(jaccard_per_layer(&mc, &mp, layers)))
+        }
+        None => (None, None),
+    };
+    SnapshotMetrics {
+        step,
+        jaccard_base: spot::jaccard(&mc, &mb),
+        jaccard_prev: jp,
+        jaccard_base_layer: jaccard_per_layer(&mc, &mb, layers),
+        jaccard_prev_layer: jpl,
+        spearman_base: spearman(&cur.scores, &base.scores, SPEARMAN_MAX_ELEMS),
+        module_share: cur.summaries.module_share.clone(),
+        layer_share: cur.summaries.layer_share.clone(),
+    }
+}
+
+/// Write a snapshot's measures, histograms and heatmaps to TensorBoard at `step`.
+pub fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<()> {
+    let step = m.step;
+    for (kind, v) in &m.module_share {
+        tb.scalar(&format!("importance/module_share/{kind}"), *v, step)?;
+    }
+    for (l, v) in m.layer_share.iter().enumerate() {
+        tb.scalar(&format!("importance/layer_share/L{l:02}"), *v, step)?;
+    }
+    tb.scalar("importance/spearman_base", m.spearman_base, step)?;
+    tb.scalar("spot/jaccard_base", m.jaccard_base, step)?;
+    for (l, v) in m.jaccard_base_layer.iter().enumerate() {
+        tb.scalar(&format!("spot/jaccard_base_layer/L{l:02}"), *v, step)?;
+    }
+    if let Some(j) = m.jaccard_prev {
+        tb.scalar("spot/jaccard_prev", j, step)?;
+    }
+    if let Some(v) = &m.jaccard_prev_layer {
+        for (l, x) in v.iter().enumerate() {
+            tb.scalar(&format!("spot/jaccard_prev_layer/L{l:02}"), *x, step)?;
+        }
+    }
+    let (by_layer, by_kind) = log10_histograms(&cur.scores, 60);
+    for (l, h) in &by_layer {
+        tb.histogram(&format!("importance_log10/layer/{l}"), h, step)?;
+    }
+    for (k, h) in &by_kind {
+        tb.histogram(&format!("importance_log10/module/{k}"), h, step)?;
+    }
+    let lm = layer_module_grid(&cur.summaries);
+    tb.image("heatmap/layer_x_module", &heatmap_rgb(&lm, IMAGE_SIZE), IMAGE_SIZE, step)?;
+    tb.image(
+        "heatmap/layer_x_head",
+        &heatmap_rgb(&cur.summaries.head_mass, IMAGE_SIZE),
+        IMAGE_SIZE,
+        step,
+    )?;
+    tb.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::HostTensor;
+
+    fn scores(vals: &[f32]) -> Scores {
+        let mut s = Scores::default();
+        s.insert("model.layers.0.mlp.up_proj.weight".into(), HostTensor::new(vec![1, vals.len()], vals.to_vec()));
+        s
+    }
+
+    #[test]
+    fn spearman_is_rank_based_and_handles_ties() {
+        let a = scores(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        let b = scores(&[10.0, 200.0, 3000.0, 40000.0, 5e5]);
+        let c = scores(&[5.0, 4.0, 3.0, 2.0, 1.0]);
+        assert!((spearman(&a, &b, 100) - 1.0).abs() < 1e-12);
+        assert!((spearman(&a, &c, 100) + 1.0).abs() < 1e-12);
+        assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), vec![2.5, 0.0, 2.5, 1.0]);
+        // Strided sample: every 2nd element of a perfectly monotone pair is still 1.
+        let big: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        assert!((spearman(&scores(&big), &scores(&big), 100) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn heatmap_is_square_and_scaled() {
+        let img = heatmap_rgb(&[vec![0.0, 1.0], vec![0.5, 0.25]], 4);
+        assert_eq!(img.len(), 4 * 4 * 3);
+        assert_eq!(&img[0..3], &colour(0.0));
+        assert_eq!(&img[(3) * 3..][..3], &colour(1.0));
+        assert_eq!(&img[(3 * 4) * 3..][..3], &colour(0.5));
+    }
+}

@@ -1,0 +1,617 @@
+//! Per-language fine-tuning (full, AdamW) with an importance snapshot at the base model and at
+//! every checkpoint, held-out loss on every recipe language, and TensorBoard logging.
+//!
+//! A run lives in `<out>/tune/<lang>/`:
+//! - `checkpoints/step-NNNNNN/`: an HF model directory (loadable as a model source) plus
+//!   `optimizer/adamw.safetensors` and `train_state.json` (step, data position, histories);
+//! - `snapshots/step-NNNNNN/`: importance snapshots (step 0 = the base model);
+//! - `tb/`: TensorBoard events; `tune.json`: the finished run's summary.
+//!
+//! Randomness: the only random draw is the order of training blocks, a permutation per epoch
+//! seeded by (`train.seed`, epoch); the data position (blocks consumed) fixes it, so a resumed
+//! run sees exactly the batches an uninterrupted one would.
+
+pub mod adamw;
+
+use crate::importance::{self, snapshot, ScoreRequest};
+use crate::model::{self, Checkpoint, Llama};
+use crate::recipe::{Loaded, Schedule, TrainSection};
+use crate::track::{self, Tb};
+use adamw::{AdamW, AdamWConfig};
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeldoutLog {
+    pub step: usize,
+    /// Language → mean next-token loss (nats) on its held-out split.
+    pub loss: BTreeMap<String, f64>,
+}
+
+/// Where the run is: saved in every checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: u32,
+    pub language: String,
+    pub step: usize,
+    pub tokens_seen: usize,
+    /// Training blocks consumed (the data position).
+    pub blocks_consumed: usize,
+    /// Distinct training blocks (an epoch).
+    pub blocks_per_epoch: usize,
+    pub seed: u64,
+    /// Hash of the recipe parts that shape training (model, languages, corpus, train, importance).
+    pub tune_hash: String,
+    pub base_model_sha256: String,
+    pub history: Vec<StepLog>,
+    pub heldout: Vec<HeldoutLog>,
+    pub elapsed_s: f64,
+}
+
+/// The finished run (`tune.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TuneSummary {
+    pub language: String,
+    pub steps: usize,
+    pub tokens: usize,
+    pub tune_hash: String,
+    pub final_checkpoint: PathBuf,
+    pub snapshots: Vec<PathBuf>,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub elapsed_s: f64,
+    pub tokens_per_s: f64,
+    pub history: Vec<StepLog>,
+    pub heldout: Vec<HeldoutLog>,
+    pub metrics: Vec<track::SnapshotMetrics>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TuneOptions {
+    pub lang: String,
+    pub resume: bool,
+    /// Delete an existing run of this language first.
+    pub force: bool,
+    pub progress: bool,
+}
+
+pub fn step_name(step: usize) -> String {
+    format!("step-{step:06}")
+}
+
+pub fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
+    loaded.out_dir().join("tune").join(lang)
+}
+
+/// Hash of what shapes a tune run; a checkpoint from another hash is not resumed.
+pub fn tune_hash(loaded: &Loaded) -> String {
+    let r = &loaded.recipe;
+    let v = serde_json::json!({
+        "model": r.model, "languages": r.languages, "corpus": r.corpus,
+        "train": r.train, "importance": r.importance,
+    });
+    crate::util::sha256_bytes(v.to_string().as_bytes())
+}
+
+/// Steps present under `dir` as `step-NNNNNN` entries, ascending.
+pub fn steps_in(dir: &Path) -> Vec<usize> {
+    let mut v: Vec<usize> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// The learning rate at `step` (1-based): linear warm-up, then cosine to `min_lr_ratio · lr`
+/// (or constant).
+pub fn lr_at(t: &TrainSection, step: usize) -> f64 {
+    if t.warmup > 0 && step <= t.warmup {
+        return t.lr * step as f64 / t.warmup as f64;
+    }
+    match t.schedule {
+        Schedule::Constant => t.lr,
+        Schedule::Cosine => {
+            let span = (t.steps - t.warmup).max(1) as f64;
+            let p = ((step - t.warmup) as f64 / span).clamp(0.0, 1.0);
+            let min = t.lr * t.min_lr_ratio;
+            min + (t.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+        }
+    }
+}
+
+/// Deterministic order of training blocks: a permutation per epoch, seeded by (seed, epoch).
+struct BlockOrder {
+    n: usize,
+    seed: u64,
+    epoch: Option<(usize, Vec<u32>)>,
+}
+
+impl BlockOrder {
+    fn block(&mut self, global: usize) -> usize {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let (e, i) = (global / self.n, global % self.n);
+        if self.epoch.as_ref().map(|x| x.0) != Some(e) {
+            let mut p: Vec<u32> = (0..self.n as u32).collect();
+            let s = self.seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(s));
+            self.epoch = Some((e, p));
+        }
+        self.epoch.as_ref().unwrap().1[i] as usize
+    }
+}
+
+/// Make sure every language's corpus is built (building missing ones as the recipe says).
+pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Checkpoint) -> Result<()> {
+    for lang in &loaded.recipe.languages {
+        if corpora.stats(lang).is_none() {
+            eprintln!("corpus '{lang}' is not built: building it (corpus.max_mb = {})", loaded.recipe.corpus.max_mb);
+            crate::data::build(
+                corpora,
+                lang,
+                loaded.recipe.corpus.max_mb,
+                &ck.tokenizer,
+                &loaded.recipe.model,
+                loaded.recipe.corpus.install,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Mean next-token loss over `blocks` (forward only), in batches of `batch`.
+pub fn mean_loss<B: Backend>(m: &Llama<B>, blocks: &[Vec<u32>], batch: usize) -> f64 {
+    use burn::tensor::ElementConversion;
+    let device = m.embed.val().device();
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for chunk in blocks.chunks(batch.max(1)) {
+        let l = m
+            .loss(model::tokens_tensor::<B>(chunk, &device))
+            .into_scalar()
+            .elem::<f64>();
+        sum += l * chunk.len() as f64;
+        n += chunk.len();
+    }
+    sum / n.max(1) as f64
+}
+
+/// Held-out blocks of every language (at most `heldout_tokens` each).
+fn heldout_blocks(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    ck: &Checkpoint,
+    eos: Option<u32>,
+) -> Result<BTreeMap<String, Vec<Vec<u32>>>> {
+    let t = &loaded.recipe.train;
+    let mut out = BTreeMap::new();
+    for lang in &loaded.recipe.languages {
+        let (docs, what) = importance::split_docs(corpora, lang, crate::data::Split::Heldout, 0)?;
+        let n = t.heldout_tokens.div_ceil(t.seq_len).max(1);
+        let (b, _) = crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, n)?;
+        if b.is_empty() {
+            bail!("{what} is too small for one block of {} tokens", t.seq_len + 1);
+        }
+        out.insert(lang.clone(), b);
+    }
+    Ok(out)
+}
+
+/// Test hook: abort the process (as a kill would) right after the checkpoint at this step.
+const ABORT_ENV: &str = "CODESPOT_ABORT_AFTER_CHECKPOINT";
+
+/// Run (or resume) the tuning of one language. Returns the summary written to `tune.json`.
+pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device) -> Result<TuneSummary> {
+    let r = &loaded.recipe;
+    let t = &r.train;
+    let lang = opts.lang.as_str();
+    if !r.languages.iter().any(|l| l == lang) {
+        bail!(
+            "--lang {lang}: not in the recipe's languages ({}) of {}",
+            r.languages.join(", "),
+            loaded.path.display()
+        );
+    }
+    let corpora = crate::data::Corpora::from_env();
+    loaded.validate(&corpora)?;
+    let dir = tune_dir(loaded, lang);
+    let ckpt_dir = dir.join("checkpoints");
+    let snap_dir = dir.join("snapshots");
+    let hash = tune_hash(loaded);
+    if dir.exists() && !opts.resume {
+        if !opts.force {
+            bail!(
+                "{}: a tune run exists; use --resume to continue it or --force to start over",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    // Only a checkpoint with a readable state counts (an interrupted write leaves a temp dir).
+    let latest = steps_in(&ckpt_dir)
+        .into_iter()
+        .rev()
+        .find(|s| ckpt_dir.join(step_name(*s)).join("train_state.json").is_file());
+
+    let mut ck = model::load(&r.model)?;
+    ensure_corpora(loaded, &corpora, &ck)?;
+    let base_sha = model::load::source_hash(&ck.location)?;
+    let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
+    let acfg = AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
+
+    // Training blocks: as many as the steps need, fewer when the split is smaller (epochs).
+    let needed = t.steps * t.grad_accum * t.batch;
+    let (docs, what) = importance::split_docs(&corpora, lang, crate::data::Split::Train, t.seed)?;
+    let (train_blocks, _) =
+        crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, needed)?;
+    if train_blocks.len() < t.batch {
+        bail!(
+            "{what} holds {} blocks of {} tokens; train.batch needs {}",
+            train_blocks.len(),
+            t.seq_len + 1,
+            t.batch
+        );
+    }
+    let heldout = heldout_blocks(loaded, &corpora, &ck, eos)?;
+
+    let (mut model, mut opt, mut state) = match latest {
+        Some(step) => {
+            let d = ckpt_dir.join(step_name(step));
+            let st: TrainState = serde_json::from_str(
+                &std::fs::read_to_string(d.join("train_state.json"))
+                    .with_context(|| format!("reading {}", d.join("train_state.json").display()))?,
+            )
+            .with_context(|| format!("{}: invalid train_state.json", d.display()))?;
+            if st.tune_hash != hash {
+                bail!(
+                    "{}: the checkpoint was made with a different recipe (model, languages, corpus, train or importance changed); use --force to start over",
+                    d.display()
+                );
+            }
+            let w = crate::source::weights::from_safetensors(&[d.join("model.safetensors")])?;
+            let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &w, device)
+                .with_context(|| format!("{}: model.safetensors", d.display()))?;
+            let ow = crate::source::weights::from_safetensors(&[d.join("optimizer").join("adamw.safetensors")])?;
+            let o = AdamW::from_host(acfg, &m, &ow, st.step, &d.join("optimizer").display().to_string())?;
+            if opts.progress {
+                eprintln!("resuming {lang} from {} (step {})", d.display(), st.step);
+            }
+            (m, o, st)
+        }
+        None => {
+            let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+            let o = AdamW::new(acfg, &m);
+            let st = TrainState {
+                format: 1,
+                language: lang.into(),
+                step: 0,
+                tokens_seen: 0,
+                blocks_consumed: 0,
+                blocks_per_epoch: train_blocks.len(),
+                seed: t.seed,
+                tune_hash: hash.clone(),
+                base_model_sha256: base_sha.clone(),
+                history: vec![],
+                heldout: vec![],
+                elapsed_s: 0.0,
+            };
+            (m, o, st)
+        }
+    };
+    if state.blocks_per_epoch != train_blocks.len() {
+        bail!(
+            "{what}: {} training blocks now, {} when the run started (the corpus changed); use --force to start over",
+            train_blocks.len(),
+            state.blocks_per_epoch
+        );
+    }
+    ck.weights = Default::default(); // the model holds them now
+    std::fs::create_dir_all(&snap_dir).with_context(|| format!("creating {}", snap_dir.display()))?;
+    let mut tb = Tb::open(&dir.join("tb"))?;
+
+    let ctx = SnapCtx {
+        loaded,
+        ck: &ck,
+        corpora: &corpora,
+        lang,
+        snap_dir: &snap_dir,
+        base_sha: &base_sha,
+        progress: opts.progress,
+    };
+    if state.step == 0 {
+        let losses = heldout_losses(&model, &heldout, t.batch);
+        log_heldout(&mut tb, 0, &losses)?;
+        state.heldout.push(HeldoutLog { step: 0, loss: losses });
+    }
+    // The snapshot of the current step (base or the resumed checkpoint) if it is missing.
+    ctx.ensure_snapshot(&model, state.step, &mut tb)?;
+
+    let mut order = BlockOrder {
+        n: train_blocks.len(),
+        seed: t.seed,
+        epoch: None,
+    };
+    let tokens_per_step = t.grad_accum * t.batch * t.seq_len;
+    let bar = importance::progress_bar((t.steps * tokens_per_step) as u64, &format!("tune {lang}"), opts.progress);
+    bar.set_position((state.step * tokens_per_step) as u64);
+    let started = std::time::Instant::now();
+    let elapsed_before = state.elapsed_s;
+    for step in state.step + 1..=t.steps {
+        let t0 = std::time::Instant::now();
+        let lr = lr_at(t, step);
+        let mut grads: Vec<Option<burn::tensor::Tensor<B, 1>>> = vec![];
+        let mut loss = 0.0;
+        for _ in 0..t.grad_accum {
+            let rows: Vec<Vec<u32>> = (0..t.batch)
+                .map(|_| {
+                    let b = order.block(state.blocks_consumed);
+                    state.blocks_consumed += 1;
+                    train_blocks[b].clone()
+                })
+                .collect();
+            let (l, g) = importance::batch_loss_grads(&model, &rows, t.micro_batch, true);
+            loss += l / t.grad_accum as f64;
+            grads = if grads.is_empty() {
+                g
+            } else {
+                grads
+                    .into_iter()
+                    .zip(g)
+                    .map(|(a, b)| match (a, b) {
+                        (Some(a), Some(b)) => Some(a + b),
+                        (a, b) => a.or(b),
+                    })
+                    .collect()
+            };
+        }
+        let avg = 1.0 / t.grad_accum as f64;
+        let norm = AdamW::grad_norm(&grads) * avg;
+        let clip = if t.grad_clip > 0.0 && norm > t.grad_clip {
+            t.grad_clip / norm
+        } else {
+            1.0
+        };
+        model = opt.step(model, grads, lr, avg * clip);
+        let dt = t0.elapsed().as_secs_f64();
+        state.step = step;
+        state.tokens_seen += tokens_per_step;
+        let log = StepLog {
+            step,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens_per_s: tokens_per_step as f64 / dt.max(1e-9),
+        };
+        if !log.loss.is_finite() {
+            bail!("tune {lang}: loss is {} at step {step} (lower train.lr?)", log.loss);
+        }
+        if step % t.log_every == 0 || step == t.steps {
+            tb.scalar("train/loss", log.loss, step)?;
+            tb.scalar("train/lr", log.lr, step)?;
+            tb.scalar("train/grad_norm", log.grad_norm, step)?;
+            tb.scalar("train/tokens_per_s", log.tokens_per_s, step)?;
+        }
+        bar.set_position((step * tokens_per_step) as u64);
+        bar.set_message(format!("tune {lang} step {step}/{} loss {:.4}", t.steps, log.loss));
+        state.history.push(log);
+
+        if step % t.checkpoint_every == 0 || step == t.steps {
+            let losses = heldout_losses(&model, &heldout, t.batch);
+            log_heldout(&mut tb, step, &losses)?;
+            state.heldout.push(HeldoutLog { step, loss: losses });
+            state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            write_checkpoint(&ckpt_dir.join(step_name(step)), &ck, &model, &opt, &state)?;
+            prune_checkpoints(&ckpt_dir, t.keep_checkpoints)?;
+            tb.flush()?;
+            if std::env::var(ABORT_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
+                eprintln!("{ABORT_ENV}={step}: aborting after the checkpoint");
+                std::process::abort();
+            }
+            ctx.ensure_snapshot(&model, step, &mut tb)?;
+        }
+    }
+    bar.finish_and_clear();
+    state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+
+    let steps_done = steps_in(&snap_dir);
+    let metrics = steps_done
+        .iter()
+        .filter_map(|s| read_metrics(&snap_dir.join(step_name(*s))))
+        .collect();
+    let final_ck = ckpt_dir.join(step_name(t.steps));
+    let summary = TuneSummary {
+        language: lang.into(),
+        steps: t.steps,
+        tokens: state.tokens_seen,
+        tune_hash: hash,
+        final_checkpoint: final_ck,
+        snapshots: steps_done.iter().map(|s| snap_dir.join(step_name(*s))).collect(),
+        first_loss: state.history.first().map_or(f64::NAN, |h| h.loss),
+        last_loss: state.history.last().map_or(f64::NAN, |h| h.loss),
+        elapsed_s: state.elapsed_s,
+        tokens_per_s: state.history.iter().map(|h| h.tokens_per_s).sum::<f64>() / state.history.len().max(1) as f64,
+        history: state.history.clone(),
+        heldout: state.heldout.clone(),
+        metrics,
+    };
+    crate::util::write_atomic(&dir.join("tune.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tb.close()?;
+    Ok(summary)
+}
+
+fn heldout_losses<AB: AutodiffBackend>(
+    model: &Llama<AB>,
+    heldout: &BTreeMap<String, Vec<Vec<u32>>>,
+    batch: usize,
+) -> BTreeMap<String, f64> {
+    use burn::module::AutodiffModule;
+    let inner = model.valid();
+    heldout
+        .iter()
+        .map(|(l, b)| (l.clone(), mean_loss(&inner, b, batch)))
+        .collect()
+}
+
+fn log_heldout(tb: &mut Tb, step: usize, losses: &BTreeMap<String, f64>) -> Result<()> {
+    for (l, v) in losses {
+        tb.scalar(&format!("heldout_loss/{l}"), *v, step)?;
+    }
+    Ok(())
+}
+
+fn write_checkpoint<AB: AutodiffBackend>(
+    out: &Path,
+    ck: &Checkpoint,
+    model: &Llama<AB>,
+    opt: &AdamW<AB::InnerBackend>,
+    state: &TrainState,
+) -> Result<()> {
+    crate::util::write_dir_atomic(out, true, |tmp| {
+        model::export::write_hf_files(&ck.config, &model.to_weights(), &ck.tokenizer, tmp)?;
+        let od = tmp.join("optimizer");
+        std::fs::create_dir_all(&od)?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("t".to_string(), opt.t.to_string());
+        crate::source::weights::save_safetensors(&opt.to_host(model), &od.join("adamw.safetensors"), Some(meta))?;
+        std::fs::write(tmp.join("train_state.json"), serde_json::to_string_pretty(state)?)?;
+        Ok(())
+    })
+}
+
+/// Keep the newest `keep` checkpoints.
+fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
+    let steps = steps_in(dir);
+    if steps.len() > keep {
+        for s in &steps[..steps.len() - keep] {
+            let p = dir.join(step_name(*s));
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_metrics(snap: &Path) -> Option<track::SnapshotMetrics> {
+    serde_json::from_str(&std::fs::read_to_string(snap.join("track.json")).ok()?).ok()
+}
+
+/// What snapshots at checkpoints need.
+struct SnapCtx<'a> {
+    loaded: &'a Loaded,
+    ck: &'a Checkpoint,
+    corpora: &'a crate::data::Corpora,
+    lang: &'a str,
+    snap_dir: &'a Path,
+    base_sha: &'a str,
+    progress: bool,
+}
+
+impl SnapCtx<'_> {
+    /// Take the importance snapshot at `step` unless it exists, compare it with the base and
+    /// the previous snapshot (`track.json` beside it), and log both to TensorBoard.
+    fn ensure_snapshot<AB: AutodiffBackend>(&self, model: &Llama<AB>, step: usize, tb: &mut Tb) -> Result<()> {
+        let i = &self.loaded.recipe.importance;
+        let out = self.snap_dir.join(step_name(step));
+        if out.join("track.json").is_file() {
+            return Ok(());
+        }
+        if !out.join("manifest.json").is_file() {
+            let mut req = ScoreRequest::new(self.lang);
+            req.tokens = i.tokens;
+            req.seq_len = i.seq_len;
+            req.batch = i.batch;
+            req.micro_batch = i.micro_batch;
+            req.method = i.method;
+            req.seed = i.seed;
+            req.half = i.half;
+            req.step = Some(step);
+            req.progress = self.progress;
+            if step > 0 {
+                req.model_label = Some((
+                    format!("{} tuned on {} to step {step}", self.loaded.recipe.model, self.lang),
+                    crate::util::sha256_bytes(format!("{}:{}:{step}", self.base_sha, tune_hash(self.loaded)).as_bytes()),
+                ));
+            }
+            importance::score_snapshot(model, self.ck, self.corpora, &req, &out, true)?;
+        }
+        let cur = snapshot::read(&out)?;
+        let base_dir = self.snap_dir.join(step_name(0));
+        let prev_step = steps_in(self.snap_dir).into_iter().filter(|s| *s < step).max();
+        let base = if step == 0 { None } else { Some(snapshot::read(&base_dir)?) };
+        let prev = match prev_step {
+            Some(p) if p != 0 => Some(snapshot::read(&self.snap_dir.join(step_name(p)))?),
+            _ => None,
+        };
+        let base_ref = base.as_ref().unwrap_or(&cur);
+        let prev_ref = if prev_step == Some(0) { base.as_ref() } else { prev.as_ref() };
+        let m = track::compare_snapshots(step, &cur, base_ref, prev_ref, i.track_k);
+        track::log_snapshot(tb, &m, &cur)?;
+        crate::util::write_atomic(&out.join("track.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_warms_up_then_decays_to_the_floor() {
+        let t = TrainSection {
+            steps: 10,
+            warmup: 2,
+            lr: 1.0,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
+        assert_eq!(lr_at(&t, 1), 0.5);
+        assert_eq!(lr_at(&t, 2), 1.0);
+        assert!((lr_at(&t, 6) - 0.55).abs() < 1e-12);
+        assert!((lr_at(&t, 10) - 0.1).abs() < 1e-12);
+        let c = TrainSection {
+            schedule: Schedule::Constant,
+            ..t
+        };
+        assert_eq!(lr_at(&c, 7), 1.0);
+    }
+
+    #[test]
+    fn block_order_is_a_permutation_per_epoch_and_repeatable() {
+        let mut a = BlockOrder {
+            n: 5,
+            seed: 3,
+            epoch: None,
+        };
+        let e0: Vec<usize> = (0..5).map(|i| a.block(i)).collect();
+        let e1: Vec<usize> = (5..10).map(|i| a.block(i)).collect();
+        let mut s = e0.clone();
+        s.sort();
+        assert_eq!(s, vec![0, 1, 2, 3, 4]);
+        assert_ne!(e0, e1, "epochs are reshuffled");
+        let mut b = BlockOrder {
+            n: 5,
+            seed: 3,
+            epoch: None,
+        };
+        assert_eq!(b.block(7), e1[2], "a fresh order at position 7 agrees (resume)");
+    }
+}
