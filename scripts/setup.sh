@@ -5,3 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 ./target/release/codespot fetch default >/dev/null
+# TensorBoard's own reader, for the test that reads codespot's event files back (and for users:
+# target/tb-venv/bin/tensorboard --logdir runs/).
+if [ ! -x target/tb-venv/bin/tensorboard ]; then
+  python3 -m venv target/tb-venv
+  target/tb-venv/bin/pip install --quiet --disable-pip-version-check tensorboard==2.21.0
+fi

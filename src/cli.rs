@@ -472,6 +472,12 @@ pub fn run(cli: Cli) -> Result<()> {
             loaded.validate(&crate::data::Corpora::from_env())?;
             println!("# {} is valid; resolved (defaults filled in):", file.display());
             println!("# output dir: {}", loaded.out_dir().display());
+            if let Err(e) = loaded.recipe.device.check() {
+                println!(
+                    "# note: device = \"{}\" cannot run with this build: {e}",
+                    format!("{:?}", loaded.recipe.device).to_lowercase()
+                );
+            }
             println!("{}", loaded.resolved_toml().trim_end());
             Ok(())
         }
@@ -1081,7 +1087,7 @@ fn tune_cmd<B: Backend>(
     opts: &crate::train::TuneOptions,
     device: &B::Device,
 ) -> Result<()> {
-    let s = crate::train::tune::<B>(loaded, opts, device)?;
+    let s = crate::train::tune::<B>(loaded, &crate::data::Corpora::from_env(), opts, device)?;
     println!(
         "tuned {} for {} steps ({} tokens, {:.1} tokens/s, {:.0} s): loss {:.4} → {:.4}; {} snapshots; {}",
         s.language,

@@ -196,7 +196,12 @@ impl Default for SpotSection {
 impl Default for EvalSection {
     fn default() -> Self {
         Self {
-            tasks: vec!["humaneval-bpb".into(), "code-bpb".into(), "hellaswag".into(), "arc-easy".into()],
+            tasks: vec![
+                "humaneval-bpb".into(),
+                "code-bpb".into(),
+                "hellaswag".into(),
+                "arc-easy".into(),
+            ],
             limit: 100,
             allow_code_execution: false,
             max_tokens: 384,
@@ -237,7 +242,12 @@ impl Loaded {
 
     /// Where a key is set: "line N of FILE", or the `--set` that set it.
     fn where_is(&self, key: &str) -> String {
-        if let Some(o) = self.overrides.iter().rev().find(|o| o.split('=').next().map(str::trim) == Some(key)) {
+        if let Some(o) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|o| o.split('=').next().map(str::trim) == Some(key))
+        {
             return format!("--set {o}");
         }
         match line_of(&self.text, key) {
@@ -267,7 +277,11 @@ impl Loaded {
             if !known.contains(l) {
                 return Err(self.err(
                     "languages",
-                    format!("unknown language '{l}' (manifests in {}: {})", corpora.dir.display(), known.join(", ")),
+                    format!(
+                        "unknown language '{l}' (manifests in {}: {})",
+                        corpora.dir.display(),
+                        known.join(", ")
+                    ),
                 ));
             }
         }
@@ -281,7 +295,6 @@ impl Loaded {
             }
             _ => {}
         }
-        r.device.check().map_err(|e| self.err("device", e))?;
         let pos = |key: &str, v: usize| -> Result<()> {
             if v == 0 {
                 return Err(self.err(key, "must be at least 1"));
@@ -305,7 +318,10 @@ impl Loaded {
             return Err(self.err("importance.seq_len", "must be at least 2"));
         }
         if i.tokens < i.seq_len {
-            return Err(self.err("importance.tokens", format!("must be at least importance.seq_len ({})", i.seq_len)));
+            return Err(self.err(
+                "importance.tokens",
+                format!("must be at least importance.seq_len ({})", i.seq_len),
+            ));
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(self.err("train.lr", format!("must be > 0 (got {})", t.lr)));
@@ -313,31 +329,37 @@ impl Loaded {
         if t.checkpoint_every > t.steps {
             return Err(self.err(
                 "train.checkpoint_every",
-                format!("{} is larger than the run (train.steps = {})", t.checkpoint_every, t.steps),
+                format!(
+                    "{} is larger than the run (train.steps = {})",
+                    t.checkpoint_every, t.steps
+                ),
             ));
         }
         if t.warmup > t.steps {
-            return Err(self.err("train.warmup", format!("{} is longer than the run ({} steps)", t.warmup, t.steps)));
+            return Err(self.err(
+                "train.warmup",
+                format!("{} is longer than the run ({} steps)", t.warmup, t.steps),
+            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return Err(self.err("train.min_lr_ratio", "must be in [0, 1]"));
         }
-        if !(t.weight_decay >= 0.0) {
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
             return Err(self.err("train.weight_decay", "must be ≥ 0"));
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
             return Err(self.err("train.beta1", "beta1 and beta2 must be in [0, 1)"));
         }
-        if !(t.eps > 0.0) {
+        if !(t.eps.is_finite() && t.eps > 0.0) {
             return Err(self.err("train.eps", "must be > 0"));
         }
-        if !(t.grad_clip >= 0.0) {
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
             return Err(self.err("train.grad_clip", "must be ≥ 0 (0 = off)"));
         }
-        if !(i.track_k > 0.0 && i.track_k <= 100.0) {
+        if !(i.track_k.is_finite() && i.track_k > 0.0 && i.track_k <= 100.0) {
             return Err(self.err("importance.track_k", "must be in (0, 100]"));
         }
-        if !(r.corpus.max_mb > 0.0) {
+        if !(r.corpus.max_mb.is_finite() && r.corpus.max_mb > 0.0) {
             return Err(self.err("corpus.max_mb", "must be > 0"));
         }
         if r.spot.k.is_empty() || r.spot.k.iter().any(|k| !(*k > 0.0 && *k <= 100.0)) {
@@ -380,7 +402,8 @@ impl Loaded {
 pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
     // Strict parse of the file alone first: serde errors then carry the file's line and column.
-    let _: Recipe = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+    let _: Recipe =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
     let mut value: toml::Table = toml::from_str(&text).expect("parsed above");
     for o in overrides {
         apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;

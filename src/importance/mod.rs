@@ -320,7 +320,10 @@ pub fn split_docs(
     if seed != 0 {
         docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     }
-    Ok((docs, format!("corpus '{lang}' {} split ({})", split.name(), path.display())))
+    Ok((
+        docs,
+        format!("corpus '{lang}' {} split ({})", split.name(), path.display()),
+    ))
 }
 
 /// Score a model on a language's corpus and write a snapshot directory to `out`.
@@ -355,7 +358,10 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let corpus_sha = corpora.stats(&req.lang).map(|s| s.manifest_sha256).unwrap_or_default();
     let manifest = snapshot::SnapshotManifest {
         format: 1,
-        model: req.model_label.as_ref().map_or_else(|| ck.source.clone(), |l| l.0.clone()),
+        model: req
+            .model_label
+            .as_ref()
+            .map_or_else(|| ck.source.clone(), |l| l.0.clone()),
         model_sha256: match &req.model_label {
             Some(l) => l.1.clone(),
             None => crate::model::load::source_hash(&ck.location)?,

@@ -164,7 +164,13 @@ pub fn layer_module_grid(s: &Summaries) -> Vec<Vec<f64>> {
         .map(|l| {
             MODULE_ORDER
                 .iter()
-                .map(|k| s.layer_module_mass.get(&l).and_then(|m| m.get(*k)).copied().unwrap_or(0.0))
+                .map(|k| {
+                    s.layer_module_mass
+                        .get(&l)
+                        .and_then(|m| m.get(*k))
+                        .copied()
+                        .unwrap_or(0.0)
+                })
                 .collect()
         })
         .collect()
@@ -288,7 +294,12 @@ pub fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<
         tb.histogram(&format!("importance_log10/module/{k}"), h, step)?;
     }
     let lm = layer_module_grid(&cur.summaries);
-    tb.image("heatmap/layer_x_module", &heatmap_rgb(&lm, IMAGE_SIZE), IMAGE_SIZE, step)?;
+    tb.image(
+        "heatmap/layer_x_module",
+        &heatmap_rgb(&lm, IMAGE_SIZE),
+        IMAGE_SIZE,
+        step,
+    )?;
     tb.image(
         "heatmap/layer_x_head",
         &heatmap_rgb(&cur.summaries.head_mass, IMAGE_SIZE),
@@ -305,7 +316,10 @@ mod tests {
 
     fn scores(vals: &[f32]) -> Scores {
         let mut s = Scores::default();
-        s.insert("model.layers.0.mlp.up_proj.weight".into(), HostTensor::new(vec![1, vals.len()], vals.to_vec()));
+        s.insert(
+            String::from("model.layers.0.mlp.up_proj.weight"),
+            HostTensor::new(vec![1, vals.len()], vals.to_vec()),
+        );
         s
     }
 

@@ -97,7 +97,8 @@ impl Tb {
     /// Open a writer on `dir` (created). A new event file is started each time, as
     /// TensorBoard expects of a resumed run.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create TensorBoard dir: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create TensorBoard dir: {e}", dir.display()))?;
         let probe = dir.join(".codespot-write-test");
         std::fs::write(&probe, b"")
             .map_err(|e| anyhow::anyhow!("{}: TensorBoard dir is not writable: {e}", dir.display()))?;
@@ -142,7 +143,17 @@ impl Tb {
 
     pub fn histogram(&mut self, tag: &str, h: &Histogram, step: usize) -> Result<()> {
         self.call(tag, |w| {
-            w.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, &h.limits, &h.counts, step)
+            w.add_histogram_raw(
+                tag,
+                h.min,
+                h.max,
+                h.num,
+                h.sum,
+                h.sum_squares,
+                &h.limits,
+                &h.counts,
+                step,
+            )
         })
     }
 

@@ -109,7 +109,12 @@ impl<B: Backend> AdamW<B> {
         for (k, (name, p)) in model.params().into_iter().enumerate() {
             let shape = p.shape();
             for (prefix, t) in [("m", &self.m[k]), ("v", &self.v[k])] {
-                let data = t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 state");
+                let data = t
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("f32 state");
                 w.insert(format!("{prefix}.{name}"), HostTensor::new(shape.clone(), data));
             }
         }
@@ -132,14 +137,17 @@ impl<B: Backend> AdamW<B> {
             let shape = p.shape();
             for prefix in ["m", "v"] {
                 let key = format!("{prefix}.{name}");
-                let h = w.get(&key).with_context(|| format!("{what}: missing optimizer tensor '{key}'"))?;
+                let h = w
+                    .get(&key)
+                    .with_context(|| format!("{what}: missing optimizer tensor '{key}'"))?;
                 anyhow::ensure!(
                     h.shape == shape,
                     "{what}: optimizer tensor '{key}' has shape {:?}, expected {shape:?}",
                     h.shape
                 );
                 let n = h.data.len();
-                let t = Tensor::<B, 1>::from_data(TensorData::new(h.data.clone(), [n]).convert::<B::FloatElem>(), &device);
+                let t =
+                    Tensor::<B, 1>::from_data(TensorData::new(h.data.clone(), [n]).convert::<B::FloatElem>(), &device);
                 if prefix == "m" {
                     s.m[k] = t;
                 } else {

@@ -160,7 +160,10 @@ impl BlockOrder {
 pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Checkpoint) -> Result<()> {
     for lang in &loaded.recipe.languages {
         if corpora.stats(lang).is_none() {
-            eprintln!("corpus '{lang}' is not built: building it (corpus.max_mb = {})", loaded.recipe.corpus.max_mb);
+            eprintln!(
+                "corpus '{lang}' is not built: building it (corpus.max_mb = {})",
+                loaded.recipe.corpus.max_mb
+            );
             crate::data::build(
                 corpora,
                 lang,
@@ -216,7 +219,12 @@ fn heldout_blocks(
 const ABORT_ENV: &str = "CODESPOT_ABORT_AFTER_CHECKPOINT";
 
 /// Run (or resume) the tuning of one language. Returns the summary written to `tune.json`.
-pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device) -> Result<TuneSummary> {
+pub fn tune<B: Backend>(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    opts: &TuneOptions,
+    device: &B::Device,
+) -> Result<TuneSummary> {
     let r = &loaded.recipe;
     let t = &r.train;
     let lang = opts.lang.as_str();
@@ -227,8 +235,7 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
             loaded.path.display()
         );
     }
-    let corpora = crate::data::Corpora::from_env();
-    loaded.validate(&corpora)?;
+    loaded.validate(corpora)?;
     let dir = tune_dir(loaded, lang);
     let ckpt_dir = dir.join("checkpoints");
     let snap_dir = dir.join("snapshots");
@@ -249,7 +256,7 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
         .find(|s| ckpt_dir.join(step_name(*s)).join("train_state.json").is_file());
 
     let mut ck = model::load(&r.model)?;
-    ensure_corpora(loaded, &corpora, &ck)?;
+    ensure_corpora(loaded, corpora, &ck)?;
     let base_sha = model::load::source_hash(&ck.location)?;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
     let acfg = AdamWConfig {
@@ -261,7 +268,7 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
 
     // Training blocks: as many as the steps need, fewer when the split is smaller (epochs).
     let needed = t.steps * t.grad_accum * t.batch;
-    let (docs, what) = importance::split_docs(&corpora, lang, crate::data::Split::Train, t.seed)?;
+    let (docs, what) = importance::split_docs(corpora, lang, crate::data::Split::Train, t.seed)?;
     let (train_blocks, _) =
         crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, needed)?;
     if train_blocks.len() < t.batch {
@@ -272,7 +279,7 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
             t.batch
         );
     }
-    let heldout = heldout_blocks(loaded, &corpora, &ck, eos)?;
+    let heldout = heldout_blocks(loaded, corpora, &ck, eos)?;
 
     let (mut model, mut opt, mut state) = match latest {
         Some(step) => {
@@ -332,7 +339,7 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
     let ctx = SnapCtx {
         loaded,
         ck: &ck,
-        corpora: &corpora,
+        corpora,
         lang,
         snap_dir: &snap_dir,
         base_sha: &base_sha,
@@ -352,7 +359,11 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
         epoch: None,
     };
     let tokens_per_step = t.grad_accum * t.batch * t.seq_len;
-    let bar = importance::progress_bar((t.steps * tokens_per_step) as u64, &format!("tune {lang}"), opts.progress);
+    let bar = importance::progress_bar(
+        (t.steps * tokens_per_step) as u64,
+        &format!("tune {lang}"),
+        opts.progress,
+    );
     bar.set_position((state.step * tokens_per_step) as u64);
     let started = std::time::Instant::now();
     let elapsed_before = state.elapsed_s;
@@ -454,7 +465,10 @@ pub fn tune<B: Backend>(loaded: &Loaded, opts: &TuneOptions, device: &B::Device)
         heldout: state.heldout.clone(),
         metrics,
     };
-    crate::util::write_atomic(&dir.join("tune.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::util::write_atomic(
+        &dir.join("tune.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     tb.close()?;
     Ok(summary)
 }
@@ -548,7 +562,9 @@ impl SnapCtx<'_> {
             if step > 0 {
                 req.model_label = Some((
                     format!("{} tuned on {} to step {step}", self.loaded.recipe.model, self.lang),
-                    crate::util::sha256_bytes(format!("{}:{}:{step}", self.base_sha, tune_hash(self.loaded)).as_bytes()),
+                    crate::util::sha256_bytes(
+                        format!("{}:{}:{step}", self.base_sha, tune_hash(self.loaded)).as_bytes(),
+                    ),
                 ));
             }
             importance::score_snapshot(model, self.ck, self.corpora, &req, &out, true)?;
@@ -556,13 +572,21 @@ impl SnapCtx<'_> {
         let cur = snapshot::read(&out)?;
         let base_dir = self.snap_dir.join(step_name(0));
         let prev_step = steps_in(self.snap_dir).into_iter().filter(|s| *s < step).max();
-        let base = if step == 0 { None } else { Some(snapshot::read(&base_dir)?) };
+        let base = if step == 0 {
+            None
+        } else {
+            Some(snapshot::read(&base_dir)?)
+        };
         let prev = match prev_step {
             Some(p) if p != 0 => Some(snapshot::read(&self.snap_dir.join(step_name(p)))?),
             _ => None,
         };
         let base_ref = base.as_ref().unwrap_or(&cur);
-        let prev_ref = if prev_step == Some(0) { base.as_ref() } else { prev.as_ref() };
+        let prev_ref = if prev_step == Some(0) {
+            base.as_ref()
+        } else {
+            prev.as_ref()
+        };
         let m = track::compare_snapshots(step, &cur, base_ref, prev_ref, i.track_k);
         track::log_snapshot(tb, &m, &cur)?;
         crate::util::write_atomic(&out.join("track.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;

@@ -1,0 +1,369 @@
+//! Recipes and tuning on a tiny random model: checkpoints, snapshots, held-out losses,
+//! TensorBoard events read back by TensorBoard itself, kill-and-resume, bad recipes.
+
+mod common;
+
+use codespot::data::Corpora;
+use codespot::recipe;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Tiny corpora with two languages: `toy` (python-like) and `toyrs` (rust-like), built.
+fn two_language_corpora(dir: &Path, gguf: &Path) -> Corpora {
+    let corpora = common::tiny_corpora(dir, 60);
+    let src = dir.join("rs");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..60 {
+        let body: String = (0..10)
+            .map(|j| format!("fn g_{i}_{j}(x: i64) -> i64 {{\n    x * {j} - {i}\n}}\n\n"))
+            .collect();
+        std::fs::write(src.join(format!("m{i}.rs")), body).unwrap();
+    }
+    std::fs::write(
+        corpora.dir.join("toyrs.toml"),
+        format!(
+            "language = \"toyrs\"\n[[sources]]\nkind = \"dir\"\nroots = [\"{}\"]\ninclude = [\"**/*.rs\"]\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let tok = codespot::model::load(gguf.to_str().unwrap()).unwrap().tokenizer;
+    for l in ["toy", "toyrs"] {
+        codespot::data::build(&corpora, l, 64.0, &tok, "tiny", false).unwrap();
+    }
+    corpora
+}
+
+fn recipe_text(gguf: &Path, out: &Path) -> String {
+    format!(
+        r#"name = "tiny"
+model = "{}"
+languages = ["toy", "toyrs"]
+out = "{}"
+
+[train]
+steps = 4
+batch = 2
+seq_len = 16
+lr = 3e-3
+warmup = 1
+checkpoint_every = 2
+keep_checkpoints = 2
+heldout_tokens = 64
+
+[importance]
+tokens = 64
+seq_len = 16
+batch = 2
+"#,
+        gguf.display(),
+        out.display()
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    gguf: PathBuf,
+    corpora: Corpora,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let (gguf, _) = common::tiny_gguf(&root, 3, true);
+    let corpora = two_language_corpora(&root, &gguf);
+    Setup {
+        _dir: dir,
+        root,
+        gguf,
+        corpora,
+    }
+}
+
+fn write_recipe(s: &Setup, name: &str, out: &Path) -> PathBuf {
+    let p = s.root.join(name);
+    std::fs::write(&p, recipe_text(&s.gguf, out)).unwrap();
+    p
+}
+
+fn tensorboard_python() -> PathBuf {
+    std::env::var_os("CODESPOT_TB_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tb-venv/bin/python"))
+}
+
+/// Every tag of a TensorBoard dir, read by TensorBoard's EventAccumulator.
+fn read_tensorboard(dir: &Path) -> serde_json::Value {
+    let py = tensorboard_python();
+    assert!(
+        py.exists(),
+        "{} is missing: scripts/setup.sh makes the venv with TensorBoard",
+        py.display()
+    );
+    let out = Command::new(&py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/read_tensorboard.py"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn steps_of(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect()
+}
+
+#[test]
+fn tune_checkpoints_snapshots_and_tensorboard_reads_every_tag() {
+    let s = setup();
+    let out = s.root.join("run");
+    let rp = write_recipe(&s, "r.toml", &out);
+    let loaded = recipe::load(&rp, &[]).unwrap();
+    let opts = codespot::train::TuneOptions {
+        lang: "toy".into(),
+        resume: false,
+        force: false,
+        progress: false,
+    };
+    let sum = codespot::train::tune::<codespot::backend::Cpu>(&loaded, &s.corpora, &opts, &Default::default()).unwrap();
+    let dir = out.join("tune/toy");
+    // Checkpoints at 2 and 4 (HF dirs a model source can load), snapshots at 0, 2, 4.
+    for st in ["step-000002", "step-000004"] {
+        let c = dir.join("checkpoints").join(st);
+        assert!(c.join("optimizer/adamw.safetensors").is_file());
+        let ck = codespot::model::load(c.to_str().unwrap()).unwrap();
+        assert_eq!(ck.config.num_hidden_layers, 2);
+    }
+    assert_eq!(codespot::train::steps_in(&dir.join("snapshots")), vec![0, 2, 4]);
+    let m = codespot::importance::snapshot::read_manifest(&dir.join("snapshots/step-000004")).unwrap();
+    assert_eq!(m.step, Some(4));
+    assert!(m.model.contains("tuned on toy to step 4"), "{}", m.model);
+    assert_eq!(sum.history.len(), 4);
+    assert_eq!(sum.heldout.iter().map(|h| h.step).collect::<Vec<_>>(), vec![0, 2, 4]);
+    assert!(sum.heldout.iter().all(|h| h.loss.len() == 2));
+    // Tuning on toy lowers toy's held-out loss.
+    let (h0, h4) = (&sum.heldout[0].loss["toy"], &sum.heldout[2].loss["toy"]);
+    assert!(h4 < h0, "held-out toy loss {h0} → {h4}");
+    // The tuned weights differ from the base ones, and the tracked overlap with the base falls
+    // below 1 while it is exactly 1 at the base.
+    assert_eq!(sum.metrics[0].jaccard_base, 1.0);
+    assert!(sum.metrics[2].jaccard_base < 1.0);
+
+    let tb = read_tensorboard(&dir.join("tb"));
+    let scalars = tb["scalars"].as_object().unwrap();
+    let mut want: Vec<String> = [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "heldout_loss/toy",
+        "heldout_loss/toyrs",
+        "importance/spearman_base",
+        "spot/jaccard_base",
+        "spot/jaccard_prev",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for k in codespot::track::MODULE_ORDER {
+        want.push(format!("importance/module_share/{k}"));
+    }
+    for l in ["L00", "L01"] {
+        want.push(format!("importance/layer_share/{l}"));
+        want.push(format!("spot/jaccard_base_layer/{l}"));
+        want.push(format!("spot/jaccard_prev_layer/{l}"));
+    }
+    for t in &want {
+        assert!(
+            scalars.contains_key(t),
+            "scalar '{t}' missing; have {:?}",
+            scalars.keys()
+        );
+    }
+    assert_eq!(steps_of(&scalars["train/loss"]), vec![1, 2, 3, 4]);
+    assert_eq!(steps_of(&scalars["heldout_loss/toyrs"]), vec![0, 2, 4]);
+    assert_eq!(steps_of(&scalars["spot/jaccard_prev"]), vec![2, 4]);
+    let lr: Vec<f64> = scalars["train/lr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_f64().unwrap())
+        .collect();
+    assert!(
+        (lr[0] - 3e-3).abs() < 1e-9 && lr[3] < lr[1],
+        "warm-up then decay: {lr:?}"
+    );
+    let hist = tb["histograms"].as_object().unwrap();
+    for t in ["importance_log10/layer/L00", "importance_log10/layer/L01"]
+        .into_iter()
+        .map(String::from)
+        .chain(
+            codespot::track::MODULE_ORDER
+                .iter()
+                .map(|k| format!("importance_log10/module/{k}")),
+        )
+    {
+        assert!(hist.contains_key(&t), "histogram '{t}' missing; have {:?}", hist.keys());
+        assert_eq!(steps_of(&hist[&t]), vec![0, 2, 4]);
+    }
+    let images = tb["images"].as_object().unwrap();
+    for t in ["heatmap/layer_x_module", "heatmap/layer_x_head"] {
+        let v = images[t].as_array().unwrap();
+        assert_eq!(steps_of(&images[t]), vec![0, 2, 4], "{t}");
+        assert!(v
+            .iter()
+            .all(|e| e[1] == 270 && e[2] == 270 && e[3].as_i64().unwrap() > 100));
+    }
+
+    // Without --resume an existing run is refused; with it a finished run is a no-op.
+    let e =
+        codespot::train::tune::<codespot::backend::Cpu>(&loaded, &s.corpora, &opts, &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+}
+
+fn cli(s: &Setup, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_codespot"));
+    c.args(args).env("CODESPOT_CORPORA", &s.corpora.dir);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn losses(tune_json: &Path) -> Vec<(usize, f64)> {
+    let s: codespot::train::TuneSummary = serde_json::from_str(&std::fs::read_to_string(tune_json).unwrap()).unwrap();
+    s.history.iter().map(|h| (h.step, h.loss)).collect()
+}
+
+#[test]
+fn a_killed_run_resumes_on_the_same_loss_trajectory() {
+    let s = setup();
+    let full = write_recipe(&s, "full.toml", &s.root.join("full"));
+    let out = cli(&s, &["tune", full.to_str().unwrap(), "--lang", "toy"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let killed = write_recipe(&s, "killed.toml", &s.root.join("killed"));
+    let k = killed.to_str().unwrap();
+    let out = cli(
+        &s,
+        &["tune", k, "--lang", "toy"],
+        &[("CODESPOT_ABORT_AFTER_CHECKPOINT", "2")],
+    );
+    assert!(!out.status.success(), "the abort hook kills the process");
+    let d = s.root.join("killed/tune/toy");
+    assert!(d.join("checkpoints/step-000002/train_state.json").is_file());
+    assert!(!d.join("checkpoints/step-000004").exists());
+    assert!(!d.join("tune.json").exists());
+    // Killed before the step-2 snapshot: the resumed run takes it.
+    assert!(!d.join("snapshots/step-000002/track.json").exists());
+
+    let out = cli(&s, &["tune", k, "--lang", "toy", "--resume"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming toy"));
+    let a = losses(&s.root.join("full/tune/toy/tune.json"));
+    let b = losses(&d.join("tune.json"));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "bit-identical losses at every step, before and after the kill");
+    assert_eq!(codespot::train::steps_in(&d.join("snapshots")), vec![0, 2, 4]);
+    let w = |p: &Path| codespot::source::weights::from_safetensors(&[p.join("model.safetensors")]).unwrap();
+    assert_eq!(
+        w(&s.root.join("full/tune/toy/checkpoints/step-000004")).tensors,
+        w(&d.join("checkpoints/step-000004")).tensors,
+        "same final weights"
+    );
+}
+
+#[test]
+fn bad_recipes_fail_before_any_work_naming_key_and_line() {
+    let s = setup();
+    let out_dir = s.root.join("never");
+    let base = recipe_text(&s.gguf, &out_dir);
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "unknown key",
+            base.replace("lr = 3e-3", "lr = 3e-3\nlearning_rate = 1"),
+            &["learning_rate", "line 11"],
+        ),
+        (
+            "wrong type",
+            base.replace("steps = 4", "steps = \"four\""),
+            &["steps", "line 7"],
+        ),
+        (
+            "missing model",
+            base.replace(&format!("model = \"{}\"\n", s.gguf.display()), ""),
+            &["missing field `model`"],
+        ),
+        (
+            "model not found",
+            base.replace(&s.gguf.display().to_string(), "/no/such/model.gguf"),
+            &["model", "line 2", "/no/such/model.gguf"],
+        ),
+        (
+            "lr <= 0",
+            base.replace("lr = 3e-3", "lr = 0.0"),
+            &["train.lr", "line 10", "> 0"],
+        ),
+        (
+            "checkpoint interval > run",
+            base.replace("checkpoint_every = 2", "checkpoint_every = 9"),
+            &["train.checkpoint_every", "line 12", "larger than the run"],
+        ),
+        (
+            "unknown language",
+            base.replace("\"toyrs\"]", "\"cobol\"]"),
+            &["languages", "line 3", "cobol"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        let p = s.root.join("bad.toml");
+        std::fs::write(&p, &text).unwrap();
+        let out = cli(&s, &["tune", p.to_str().unwrap(), "--lang", "toy"], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{what}: '{n}' not in: {err}");
+        }
+        assert!(!out_dir.exists(), "{what}: no run dir is written");
+        let check = cli(&s, &["recipe", "check", p.to_str().unwrap()], &[]);
+        assert_eq!(check.status.code(), Some(1), "{what}: recipe check fails too");
+    }
+    // --set errors name the override.
+    let p = write_recipe(&s, "ok.toml", &out_dir);
+    let out = cli(
+        &s,
+        &["recipe", "check", p.to_str().unwrap(), "--set", "train.lr=-1"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--set train.lr=-1") && err.contains("train.lr"), "{err}");
+    let out = cli(
+        &s,
+        &["recipe", "check", p.to_str().unwrap(), "--set", "train.lrr=1"],
+        &[],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `lrr`"));
+    // A good recipe checks and prints the resolved values (defaults filled in).
+    let out = cli(
+        &s,
+        &["recipe", "check", p.to_str().unwrap(), "--set", "train.lr=1e-4"],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("lr = 0.0001") && text.contains("beta2 = 0.95"), "{text}");
+}
+
+#[test]
+fn shipped_recipes_pass_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let corpora = Corpora {
+        dir: root.join("corpora"),
+    };
+    for r in ["recipes/quickstart.toml", "recipes/llama31-8b-instruct.toml"] {
+        let l = recipe::load(&root.join(r), &[]).unwrap();
+        l.validate(&corpora).unwrap_or_else(|e| panic!("{r}: {e}"));
+    }
+}
