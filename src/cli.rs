@@ -212,6 +212,27 @@ pub enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// The whole study from one recipe: base snapshots → base spot → tuning with snapshots →
+    /// tuned spot → compare → ablation + evaluation → runs/<name>/report.md. Finished stages
+    /// are skipped, so rerunning after a crash picks up where it stopped.
+    Run {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Compare two snapshots or two spots: Jaccard at several k, Spearman of the scores,
+    /// overlap per layer and module, heads that entered or left the spot.
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "0.5,1,3,5")]
+        k: Vec<f64>,
+        /// Also write compare.json, compare.txt and layer_module.png here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
@@ -503,6 +524,36 @@ pub fn run(cli: Cli) -> Result<()> {
                     progress: true,
                 };
                 on_device!(device, tune_cmd(&loaded, &opts))?;
+            }
+            Ok(())
+        }
+        Cmd::Run { recipe, set } => {
+            let loaded = crate::recipe::load(&recipe, &set)?;
+            let corpora = crate::data::Corpora::from_env();
+            loaded.validate(&corpora)?;
+            let t0 = std::time::Instant::now();
+            let device = loaded.recipe.device;
+            let s = on_device!(device, run_cmd(&loaded, &corpora))?;
+            println!(
+                "run {} finished in {:.0} s ({} stages run, {} skipped): {}",
+                loaded.recipe.name,
+                t0.elapsed().as_secs_f64(),
+                s.stages_run.len(),
+                s.stages_skipped.len(),
+                s.report.display()
+            );
+            Ok(())
+        }
+        Cmd::Compare { a, b, k, out, json } => {
+            let c = crate::track::compare::compare(&a, &b, &k)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print!("{}", crate::track::compare::text(&c));
+            }
+            if let Some(o) = out {
+                crate::study::write_comparison(&o, &c)?;
+                eprintln!("wrote {}", o.display());
             }
             Ok(())
         }
@@ -1004,8 +1055,6 @@ fn ablate_cmd<B: Backend>(
     Ok(())
 }
 
-type MaskSet = (String, std::collections::BTreeMap<String, crate::spot::Mask>);
-
 #[allow(clippy::too_many_arguments)]
 fn eval_cmd<B: Backend>(
     source: &str,
@@ -1017,66 +1066,12 @@ fn eval_cmd<B: Backend>(
     out: Option<&std::path::Path>,
     device: &B::Device,
 ) -> Result<()> {
-    use crate::eval::{run_task, ConditionResults};
-    // Every mask set is read before any model work, so a bad spot fails fast.
-    let mut conds: Vec<(String, Option<MaskSet>)> = vec![("base".into(), None)];
-    if let Some(sp) = spot {
-        for &k in ks {
-            let kk = crate::spot::file::fmt_k(k);
-            conds.push((format!("spot {kk}%"), Some(spot_set(sp, k, None)?)));
-            for c in controls {
-                conds.push((format!("{c} {kk}%"), Some(spot_set(sp, k, Some(c))?)));
-            }
-        }
-    }
-    let mut ck = model::load(source)?;
-    let sha = model::load::source_hash(&ck.location)?;
-    let mut all = Vec::new();
-    for (name, set) in &conds {
-        let t0 = std::time::Instant::now();
-        let saved = match set {
-            Some((_, masks)) => Some(crate::ablate::zero(&mut ck.weights, masks)?),
-            None => None,
-        };
-        let zeroed = saved.as_ref().map(|s| s.count()).unwrap_or(0);
-        let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
-        if let Some(s) = saved {
-            crate::ablate::restore(&mut ck.weights, s);
-        }
-        let mut results = Vec::new();
-        for t in tasks {
-            eprintln!("[{name}] {} …", t.name());
-            for r in run_task(&m, &ck.tokenizer, t, opts)? {
-                if let Some(why) = &r.skipped {
-                    eprintln!("[{name}] {} skipped: {why}", r.task);
-                } else {
-                    eprintln!(
-                        "[{name}] {} {} = {:.4} [{:.4}, {:.4}] (n = {})",
-                        r.task, r.metric, r.value, r.ci95.0, r.ci95.1, r.n
-                    );
-                }
-                results.push(r);
-            }
-        }
-        all.push(ConditionResults {
-            condition: name.clone(),
-            model: source.into(),
-            model_sha256: sha.clone(),
-            spot: spot.map(|p| p.display().to_string()),
-            spot_set: set.as_ref().map(|(s, _)| s.clone()),
-            zeroed,
-            results,
-            seconds: t0.elapsed().as_secs_f64(),
-        });
-    }
+    let conds = crate::eval::conditions(spot, ks, controls)?;
+    let all = crate::eval::evaluate::<B>(source, source, tasks, spot, &conds, opts, device)?;
     let table = crate::eval::table(&all);
     println!("{table}");
     if let Some(o) = out {
-        crate::util::write_dir_atomic(o, true, |tmp| {
-            std::fs::write(tmp.join("results.json"), serde_json::to_string_pretty(&all)?)?;
-            std::fs::write(tmp.join("table.md"), &table)?;
-            Ok(())
-        })?;
+        crate::eval::write_results(o, &all)?;
         println!("wrote {}", o.display());
     }
     Ok(())
@@ -1101,4 +1096,12 @@ fn tune_cmd<B: Backend>(
         crate::train::tune_dir(loaded, &s.language).display()
     );
     Ok(())
+}
+
+fn run_cmd<B: Backend>(
+    loaded: &crate::recipe::Loaded,
+    corpora: &crate::data::Corpora,
+    device: &B::Device,
+) -> Result<crate::study::RunSummary> {
+    crate::study::run::<B>(loaded, corpora, device)
 }

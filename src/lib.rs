@@ -1,7 +1,8 @@
 //! codespot: find and follow the Coding Spot of a large language model.
 //!
 //! Modules in pipeline order: [`source`] → [`model`] → [`data`] → [`train`] → [`importance`] →
-//! [`spot`] → [`ablate`] → [`eval`] → [`track`]; [`recipe`] describes a whole study.
+//! [`spot`] → [`ablate`] → [`eval`] → [`track`] → [`report`]; [`recipe`] describes a whole
+//! study and [`study`] runs it.
 
 pub mod ablate;
 pub mod alloc;
@@ -12,8 +13,10 @@ pub mod eval;
 pub mod importance;
 pub mod model;
 pub mod recipe;
+pub mod report;
 pub mod source;
 pub mod spot;
+pub mod study;
 pub mod track;
 pub mod train;
 pub mod util;

@@ -124,6 +124,10 @@ pub struct EvalSection {
     pub max_tokens: usize,
     pub max_bpb_tokens: usize,
     pub seed: u64,
+    /// Spot sizes evaluated on the base model (empty = every `spot.k`): the dose–response.
+    pub k: Vec<f64>,
+    /// Spot sizes evaluated on each tuned model (with the tuned spot; empty = intact only).
+    pub tuned_k: Vec<f64>,
 }
 
 fn d_device() -> DeviceKind {
@@ -207,6 +211,8 @@ impl Default for EvalSection {
             max_tokens: 384,
             max_bpb_tokens: 1024,
             seed: 0,
+            k: vec![],
+            tuned_k: vec![1.0],
         }
     }
 }
@@ -366,6 +372,11 @@ impl Loaded {
             return Err(self.err("spot.k", "list percentages in (0, 100]"));
         }
         self.tasks().map_err(|e| self.err("eval.tasks", e))?;
+        for (key, ks) in [("eval.k", &r.eval.k), ("eval.tuned_k", &r.eval.tuned_k)] {
+            if let Some(k) = ks.iter().find(|k| !r.spot.k.iter().any(|s| (*s - **k).abs() < 1e-9)) {
+                return Err(self.err(key, format!("{k} is not among spot.k {:?}", r.spot.k)));
+            }
+        }
         Ok(())
     }
 

@@ -8,32 +8,6 @@ use codespot::recipe;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Tiny corpora with two languages: `toy` (python-like) and `toyrs` (rust-like), built.
-fn two_language_corpora(dir: &Path, gguf: &Path) -> Corpora {
-    let corpora = common::tiny_corpora(dir, 60);
-    let src = dir.join("rs");
-    std::fs::create_dir_all(&src).unwrap();
-    for i in 0..60 {
-        let body: String = (0..10)
-            .map(|j| format!("fn g_{i}_{j}(x: i64) -> i64 {{\n    x * {j} - {i}\n}}\n\n"))
-            .collect();
-        std::fs::write(src.join(format!("m{i}.rs")), body).unwrap();
-    }
-    std::fs::write(
-        corpora.dir.join("toyrs.toml"),
-        format!(
-            "language = \"toyrs\"\n[[sources]]\nkind = \"dir\"\nroots = [\"{}\"]\ninclude = [\"**/*.rs\"]\n",
-            src.display()
-        ),
-    )
-    .unwrap();
-    let tok = codespot::model::load(gguf.to_str().unwrap()).unwrap().tokenizer;
-    for l in ["toy", "toyrs"] {
-        codespot::data::build(&corpora, l, 64.0, &tok, "tiny", false).unwrap();
-    }
-    corpora
-}
-
 fn recipe_text(gguf: &Path, out: &Path) -> String {
     format!(
         r#"name = "tiny"
@@ -72,7 +46,7 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let (gguf, _) = common::tiny_gguf(&root, 3, true);
-    let corpora = two_language_corpora(&root, &gguf);
+    let corpora = common::two_language_corpora(&root, &gguf);
     Setup {
         _dir: dir,
         root,

@@ -416,3 +416,95 @@ pub fn table(conds: &[ConditionResults]) -> String {
     }
     out
 }
+
+/// One evaluation condition: a name and the mask set zeroed (None = the intact model).
+pub type Condition = (
+    String,
+    Option<(String, std::collections::BTreeMap<String, crate::spot::Mask>)>,
+);
+
+/// The intact model, then for each k the spot and each control. Every mask set is read here,
+/// before any model work, so a bad spot fails fast.
+pub fn conditions(spot: Option<&std::path::Path>, ks: &[f64], controls: &[String]) -> Result<Vec<Condition>> {
+    let mut conds: Vec<Condition> = vec![("base".into(), None)];
+    if let Some(sp) = spot {
+        for &k in ks {
+            let kk = crate::spot::file::fmt_k(k);
+            conds.push((
+                format!("spot {kk}%"),
+                Some(("spot".into(), crate::spot::file::read_set(sp, k, "spot")?)),
+            ));
+            for c in controls {
+                conds.push((
+                    format!("{c} {kk}%"),
+                    Some((c.clone(), crate::spot::file::read_set(sp, k, c)?)),
+                ));
+            }
+        }
+    }
+    Ok(conds)
+}
+
+/// Evaluate `tasks` on a model under each condition (masks zeroed in memory and restored).
+/// `label` names the model in the results (e.g. "tuned on rust").
+pub fn evaluate<B: Backend>(
+    source: &str,
+    label: &str,
+    tasks: &[Task],
+    spot: Option<&std::path::Path>,
+    conds: &[Condition],
+    opts: &EvalOptions,
+    device: &B::Device,
+) -> Result<Vec<ConditionResults>> {
+    let mut ck = crate::model::load(source)?;
+    let sha = crate::model::load::source_hash(&ck.location)?;
+    let mut all = Vec::new();
+    for (name, set) in conds {
+        let t0 = std::time::Instant::now();
+        let saved = match set {
+            Some((_, masks)) => Some(crate::ablate::zero(&mut ck.weights, masks)?),
+            None => None,
+        };
+        let zeroed = saved.as_ref().map(|s| s.count()).unwrap_or(0);
+        let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+        if let Some(s) = saved {
+            crate::ablate::restore(&mut ck.weights, s);
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            eprintln!("[{label}: {name}] {} …", t.name());
+            for r in run_task(&m, &ck.tokenizer, t, opts)? {
+                if let Some(why) = &r.skipped {
+                    eprintln!("[{label}: {name}] {} skipped: {why}", r.task);
+                } else {
+                    eprintln!(
+                        "[{label}: {name}] {} {} = {:.4} [{:.4}, {:.4}] (n = {})",
+                        r.task, r.metric, r.value, r.ci95.0, r.ci95.1, r.n
+                    );
+                }
+                results.push(r);
+            }
+        }
+        all.push(ConditionResults {
+            condition: name.clone(),
+            model: label.into(),
+            model_sha256: sha.clone(),
+            spot: spot.map(|p| p.display().to_string()),
+            spot_set: set.as_ref().map(|(s, _)| s.clone()),
+            zeroed,
+            results,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(all)
+}
+
+/// `results.json` and `table.md` in a directory, atomically.
+pub fn write_results(out: &std::path::Path, all: &[ConditionResults]) -> Result<()> {
+    let table = table(all);
+    crate::util::write_dir_atomic(out, true, |tmp| {
+        std::fs::write(tmp.join("results.json"), serde_json::to_string_pretty(all)?)?;
+        std::fs::write(tmp.join("table.md"), &table)?;
+        Ok(())
+    })
+}

@@ -2,6 +2,7 @@
 //! overlap overall and per layer, Spearman rank correlation, mass shares), log10 importance
 //! histograms, heatmap images, and their TensorBoard logging.
 
+pub mod compare;
 pub mod tensorboard;
 
 use crate::importance::snapshot::Snapshot;

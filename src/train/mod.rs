@@ -105,6 +105,18 @@ pub fn tune_hash(loaded: &Loaded) -> String {
     crate::util::sha256_bytes(v.to_string().as_bytes())
 }
 
+/// Whether the run in `dir` has a checkpoint made with tune hash `hash` (so `--resume` can
+/// continue it).
+pub fn resumable(dir: &Path, hash: &str) -> bool {
+    let ck = dir.join("checkpoints");
+    steps_in(&ck).into_iter().rev().any(|s| {
+        std::fs::read_to_string(ck.join(step_name(s)).join("train_state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<TrainState>(&t).ok())
+            .is_some_and(|st| st.tune_hash == hash)
+    })
+}
+
 /// Steps present under `dir` as `step-NNNNNN` entries, ascending.
 pub fn steps_in(dir: &Path) -> Vec<usize> {
     let mut v: Vec<usize> = std::fs::read_dir(dir)
@@ -524,6 +536,22 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Copy (hard-link when possible) the files of `from` into a new directory `to`, atomically.
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    crate::util::write_dir_atomic(to, true, |tmp| {
+        for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                let dst = tmp.join(e.file_name());
+                if std::fs::hard_link(e.path(), &dst).is_err() {
+                    std::fs::copy(e.path(), &dst).with_context(|| format!("copying {}", e.path().display()))?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 fn read_metrics(snap: &Path) -> Option<track::SnapshotMetrics> {
     serde_json::from_str(&std::fs::read_to_string(snap.join("track.json")).ok()?).ok()
 }
@@ -547,6 +575,15 @@ impl SnapCtx<'_> {
         let out = self.snap_dir.join(step_name(step));
         if out.join("track.json").is_file() {
             return Ok(());
+        }
+        if step == 0 && !out.join("manifest.json").is_file() {
+            // `codespot run` scored the base model on this language already: reuse it.
+            let plan = crate::study::Plan::new(self.loaded);
+            if let Some((_, dir, h)) = plan.base_snap.iter().find(|x| x.0 == self.lang) {
+                if crate::study::stage_done(dir, h) {
+                    copy_files(dir, &out)?;
+                }
+            }
         }
         if !out.join("manifest.json").is_file() {
             let mut req = ScoreRequest::new(self.lang);

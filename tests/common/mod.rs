@@ -165,3 +165,29 @@ pub fn tiny_corpora(dir: &std::path::Path, files: usize) -> codespot::data::Corp
     .unwrap();
     codespot::data::Corpora { dir: cdir }
 }
+
+/// Tiny corpora with two languages: `toy` (python-like) and `toyrs` (rust-like), built.
+pub fn two_language_corpora(dir: &Path, gguf: &Path) -> codespot::data::Corpora {
+    let corpora = tiny_corpora(dir, 60);
+    let src = dir.join("rs");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..60 {
+        let body: String = (0..10)
+            .map(|j| format!("fn g_{i}_{j}(x: i64) -> i64 {{\n    x * {j} - {i}\n}}\n\n"))
+            .collect();
+        std::fs::write(src.join(format!("m{i}.rs")), body).unwrap();
+    }
+    std::fs::write(
+        corpora.dir.join("toyrs.toml"),
+        format!(
+            "language = \"toyrs\"\n[[sources]]\nkind = \"dir\"\nroots = [\"{}\"]\ninclude = [\"**/*.rs\"]\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let tok = codespot::model::load(gguf.to_str().unwrap()).unwrap().tokenizer;
+    for l in ["toy", "toyrs"] {
+        codespot::data::build(&corpora, l, 64.0, &tok, "tiny", false).unwrap();
+    }
+    corpora
+}

@@ -1,0 +1,350 @@
+//! `runs/<name>/report.md` and its PNG plots (`runs/<name>/report/`): loss curves, importance
+//! heatmaps for base and tuned models, spot overlap across checkpoints, dose–response curves
+//! and the results tables. Reads whatever stages of the run exist.
+
+pub mod plot;
+
+use crate::eval::ConditionResults;
+use crate::importance::summary::Summaries;
+use crate::recipe::Loaded;
+use crate::train::TuneSummary;
+use anyhow::Result;
+use plot::Series;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+/// Sum of summaries (layer × module and layer × head mass) over languages.
+type Grid = Vec<Vec<f64>>;
+
+fn summed(dirs: &[PathBuf]) -> Option<(Grid, Grid)> {
+    let mut lm: Option<Vec<Vec<f64>>> = None;
+    let mut lh: Option<Vec<Vec<f64>>> = None;
+    for d in dirs {
+        let s: Summaries = crate::importance::snapshot::read_summaries(d).ok()?;
+        let g = crate::track::layer_module_grid(&s);
+        let share = |g: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+            let t = s.total_mass.max(1e-30);
+            g.into_iter().map(|r| r.into_iter().map(|x| x / t).collect()).collect()
+        };
+        let (g, h) = (share(g), share(s.head_mass.clone()));
+        let add = |acc: &mut Option<Vec<Vec<f64>>>, g: Vec<Vec<f64>>| match acc {
+            None => *acc = Some(g),
+            Some(a) => {
+                for (ra, rg) in a.iter_mut().zip(g) {
+                    for (x, y) in ra.iter_mut().zip(rg) {
+                        *x += y;
+                    }
+                }
+            }
+        };
+        add(&mut lm, g);
+        add(&mut lh, h);
+    }
+    Some((lm?, lh?))
+}
+
+/// Signed drop % (positive = worse), as in the eval table.
+fn drop_pct(base: f64, x: f64, lower_is_better: bool) -> f64 {
+    if base == 0.0 || !base.is_finite() || !x.is_finite() {
+        return f64::NAN;
+    }
+    100.0
+        * if lower_is_better {
+            (x - base) / base
+        } else {
+            (base - x) / base
+        }
+}
+
+/// "spot 0.5%" → ("spot", 0.5).
+fn parse_condition(c: &str) -> Option<(String, f64)> {
+    let (set, k) = c.rsplit_once(' ')?;
+    Some((set.to_string(), k.strip_suffix('%')?.parse().ok()?))
+}
+
+/// Dose–response series per (task, metric): drop % vs k for the spot and each control.
+pub fn dose_response(conds: &[ConditionResults]) -> BTreeMap<(String, String), Vec<Series>> {
+    type Points = BTreeMap<String, Vec<(f64, f64)>>;
+    let mut out: BTreeMap<(String, String), Points> = BTreeMap::new();
+    let Some(base) = conds.iter().find(|c| c.condition == "base") else {
+        return BTreeMap::new();
+    };
+    for c in conds {
+        let Some((set, k)) = parse_condition(&c.condition) else {
+            continue;
+        };
+        for (b, x) in base.results.iter().zip(&c.results) {
+            if b.skipped.is_some() || x.skipped.is_some() {
+                continue;
+            }
+            out.entry((b.task.clone(), b.metric.clone()))
+                .or_default()
+                .entry(set.clone())
+                .or_default()
+                .push((k, drop_pct(b.value, x.value, b.lower_is_better)));
+        }
+    }
+    // A drop % needs a non-zero base value: tasks without one get no curve.
+    out.into_iter()
+        .filter(|(_, sets)| sets.values().flatten().any(|p| p.1.is_finite()))
+        .map(|(key, sets)| {
+            let series = sets
+                .into_iter()
+                .map(|(name, mut points)| {
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    Series {
+                        dashed: name != "spot",
+                        name,
+                        points,
+                    }
+                })
+                .collect();
+            (key, series)
+        })
+        .collect()
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Write `<out>/report/*.png` and `<out>/report.md`; returns the report's path.
+pub fn write(loaded: &Loaded) -> Result<PathBuf> {
+    let r = &loaded.recipe;
+    let out = loaded.out_dir();
+    let tunes: Vec<(String, TuneSummary)> = r
+        .languages
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l.clone(),
+                read_json(&crate::train::tune_dir(loaded, l).join("tune.json"))?,
+            ))
+        })
+        .collect();
+    let evals: Vec<(String, Vec<ConditionResults>)> = std::iter::once("base".to_string())
+        .chain(r.languages.iter().map(|l| format!("tuned-{l}")))
+        .filter_map(|n| Some((n.clone(), read_json(&out.join("eval").join(&n).join("results.json"))?)))
+        .collect();
+    let base_dirs: Vec<PathBuf> = r.languages.iter().map(|l| out.join("base").join(l)).collect();
+    let final_dirs: Vec<PathBuf> = r
+        .languages
+        .iter()
+        .map(|l| crate::study::final_snapshot(loaded, l))
+        .collect();
+    let mut md = String::new();
+    let mut images: Vec<(String, String)> = vec![]; // (file, caption)
+
+    crate::util::write_dir_atomic(&out.join("report"), true, |dir| {
+        if !tunes.is_empty() {
+            let train: Vec<Series> = tunes
+                .iter()
+                .map(|(l, t)| Series {
+                    name: format!("{l} (train)"),
+                    points: t.history.iter().map(|h| (h.step as f64, h.loss)).collect(),
+                    dashed: false,
+                })
+                .collect();
+            plot::lines(
+                &dir.join("loss.png"),
+                "Training loss",
+                "step",
+                "loss (nats/token)",
+                &train,
+            )?;
+            images.push((
+                "loss.png".into(),
+                "Training loss per language (each its own run)".into(),
+            ));
+            let mut held = vec![];
+            for (l, t) in &tunes {
+                for lang in &r.languages {
+                    held.push(Series {
+                        name: format!("tuned on {l}: {lang}"),
+                        points: t
+                            .heldout
+                            .iter()
+                            .filter_map(|h| Some((h.step as f64, *h.loss.get(lang)?)))
+                            .collect(),
+                        dashed: lang != l,
+                    });
+                }
+            }
+            plot::lines(
+                &dir.join("heldout.png"),
+                "Held-out loss",
+                "step",
+                "loss (nats/token)",
+                &held,
+            )?;
+            images.push((
+                "heldout.png".into(),
+                "Held-out loss of every language while tuning on one (dashed: the other languages)".into(),
+            ));
+            let overlap: Vec<Series> = tunes
+                .iter()
+                .flat_map(|(l, t)| {
+                    [
+                        Series {
+                            name: format!("{l}: Jaccard with base"),
+                            points: t.metrics.iter().map(|m| (m.step as f64, m.jaccard_base)).collect(),
+                            dashed: false,
+                        },
+                        Series {
+                            name: format!("{l}: Spearman with base"),
+                            points: t.metrics.iter().map(|m| (m.step as f64, m.spearman_base)).collect(),
+                            dashed: true,
+                        },
+                    ]
+                })
+                .collect();
+            plot::lines(
+                &dir.join("overlap.png"),
+                &format!("Top-{}% set vs the base model across checkpoints", r.importance.track_k),
+                "step",
+                "overlap",
+                &overlap,
+            )?;
+            images.push((
+                "overlap.png".into(),
+                "Spot overlap with the base model across checkpoints".into(),
+            ));
+        }
+        let cols: Vec<String> = crate::track::MODULE_ORDER.iter().map(|s| s.to_string()).collect();
+        for (tag, dirs) in [("base", &base_dirs), ("tuned", &final_dirs)] {
+            let Some((lm, lh)) = summed(dirs) else { continue };
+            let f = format!("mass_{tag}_layer_module.png");
+            plot::heatmap(
+                &dir.join(&f),
+                &format!("Importance mass, {tag}: layer × module"),
+                &lm,
+                &cols,
+                None,
+            )?;
+            images.push((
+                f,
+                format!("Importance mass share ({tag} model(s), summed over languages): layer × module"),
+            ));
+            let heads: Vec<String> = (0..lh.first().map_or(0, |r| r.len()))
+                .map(|h| format!("H{h}"))
+                .collect();
+            let f = format!("mass_{tag}_layer_head.png");
+            plot::heatmap(
+                &dir.join(&f),
+                &format!("Importance mass, {tag}: layer × head"),
+                &lh,
+                &heads,
+                None,
+            )?;
+            images.push((f, format!("Importance mass share ({tag}): layer × query head")));
+        }
+        if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
+            for ((task, metric), series) in dose_response(base) {
+                let f = format!("dose_{}_{}.png", slug(&task), slug(&metric));
+                plot::lines(
+                    &dir.join(&f),
+                    &format!("{task} {metric}: drop vs spot size"),
+                    "k (% of layer parameters zeroed)",
+                    "drop % (positive = worse)",
+                    &series,
+                )?;
+                images.push((
+                    f,
+                    format!("Dose–response, {task} {metric}: spot (solid) vs controls (dashed)"),
+                ));
+            }
+        }
+        Ok(())
+    })?;
+
+    let _ = writeln!(md, "# codespot report: {}\n", r.name);
+    let _ = writeln!(
+        md,
+        "Model `{}`, languages {}, recipe `{}` (resolved copy: `recipe.resolved.toml`).\n",
+        r.model,
+        r.languages.join(", "),
+        loaded.path.display()
+    );
+    if !tunes.is_empty() {
+        let _ = writeln!(md, "## Tuning\n\n| language | steps | tokens | tokens/s | wall s | first loss | last loss | held-out (own) base → final |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (l, t) in &tunes {
+            let own = |i: usize| {
+                t.heldout
+                    .get(i)
+                    .and_then(|h| h.loss.get(l))
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            let _ = writeln!(
+                md,
+                "| {l} | {} | {} | {:.1} | {:.0} | {:.4} | {:.4} | {:.4} → {:.4} |",
+                t.steps,
+                t.tokens,
+                t.tokens_per_s,
+                t.elapsed_s,
+                t.first_loss,
+                t.last_loss,
+                own(0),
+                own(t.heldout.len().saturating_sub(1))
+            );
+        }
+        md.push('\n');
+    }
+    let compare_dir = out.join("compare");
+    let mut comps: Vec<(String, crate::track::compare::Comparison)> = std::fs::read_dir(&compare_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                read_json(&e.path().join("compare.json"))?,
+            ))
+        })
+        .collect();
+    comps.sort_by(|a, b| a.0.cmp(&b.0));
+    if !comps.is_empty() {
+        let _ = writeln!(md, "## Spot before and after tuning\n\n| comparison | Jaccard by k | Spearman | heads entered | heads left |\n|---|---|---:|---|---|");
+        for (n, c) in &comps {
+            let j: Vec<String> = c
+                .jaccard
+                .iter()
+                .map(|(k, j)| format!("{}%: {j:.3}", crate::spot::file::fmt_k(*k)))
+                .collect();
+            let hs = |v: &[(usize, usize)]| {
+                v.iter()
+                    .map(|(l, h)| format!("L{l}.H{h}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} | {} |",
+                j.join(", "),
+                c.spearman.map_or("–".into(), |s| format!("{s:.3}")),
+                hs(&c.heads_entered),
+                hs(&c.heads_left)
+            );
+        }
+        md.push('\n');
+    }
+    for (n, conds) in &evals {
+        let _ = writeln!(md, "## Results: {n}\n\n{}", crate::eval::table(conds));
+    }
+    if !images.is_empty() {
+        let _ = writeln!(md, "## Plots\n");
+        for (f, cap) in &images {
+            let _ = writeln!(md, "### {cap}\n\n![{cap}](report/{f})\n");
+        }
+    }
+    let p = out.join("report.md");
+    crate::util::write_atomic(&p, md.as_bytes())?;
+    Ok(p)
+}

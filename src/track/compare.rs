@@ -1,0 +1,233 @@
+//! `codespot compare A B`: two snapshots or two spots (base vs tuned, python vs rust, step 100
+//! vs step 500). Jaccard of the top-k sets at several k, Spearman correlation of the scores
+//! (snapshots only), overlap per layer, per module kind and per layer × module, and the
+//! attention heads that entered or left the spot.
+
+use crate::importance::snapshot;
+use crate::model::{names, LlamaConfig};
+use crate::spot::{self, Mask};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One side of a comparison.
+pub enum Side {
+    Snapshot(Box<snapshot::Snapshot>),
+    Spot {
+        dir: PathBuf,
+        manifest: Box<spot::file::SpotManifest>,
+    },
+}
+
+impl Side {
+    /// A snapshot directory (`scores.safetensors`) or a spot directory (`spot.safetensors`).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if dir.join("scores.safetensors").is_file() {
+            Ok(Side::Snapshot(Box::new(snapshot::read(dir)?)))
+        } else if dir.join("spot.safetensors").is_file() {
+            Ok(Side::Spot {
+                dir: dir.to_path_buf(),
+                manifest: Box::new(spot::file::read_manifest(dir)?),
+            })
+        } else {
+            bail!(
+                "{}: neither a snapshot (scores.safetensors) nor a spot (spot.safetensors)",
+                dir.display()
+            )
+        }
+    }
+
+    fn config(&self) -> &LlamaConfig {
+        match self {
+            Side::Snapshot(s) => &s.manifest.config,
+            Side::Spot { manifest, .. } => &manifest.config,
+        }
+    }
+
+    /// The k values this side can give a set for (any k for a snapshot).
+    fn has_k(&self, k: f64) -> bool {
+        match self {
+            Side::Snapshot(_) => true,
+            Side::Spot { manifest, .. } => manifest.ks.iter().any(|x| (x - k).abs() < 1e-9),
+        }
+    }
+
+    /// The top-k % set: per-tensor top-k over layer parameters for a snapshot, the stored
+    /// spot set for a spot.
+    pub fn masks(&self, k: f64) -> Result<BTreeMap<String, Mask>> {
+        match self {
+            Side::Snapshot(s) => Ok(super::top_masks(&s.scores, k)),
+            Side::Spot { dir, .. } => spot::file::read_set(dir, k, "spot"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    pub kind: String,
+    /// (k %, Jaccard of the two top-k sets).
+    pub jaccard: Vec<(f64, f64)>,
+    /// Spearman correlation of the scores (both sides snapshots).
+    pub spearman: Option<f64>,
+    /// The k of the detailed breakdown below.
+    pub k_detail: f64,
+    pub per_layer: Vec<f64>,
+    pub per_module: BTreeMap<String, f64>,
+    /// `[layer][module kind in MODULE_ORDER]`.
+    pub layer_module: Vec<Vec<f64>>,
+    /// Spot heads (layer, query head): the top tenth of heads by their share of the set.
+    pub heads_a: Vec<(usize, usize)>,
+    pub heads_b: Vec<(usize, usize)>,
+    pub heads_entered: Vec<(usize, usize)>,
+    pub heads_left: Vec<(usize, usize)>,
+}
+
+fn pick(m: &BTreeMap<String, Mask>, f: impl Fn(&names::ParamName) -> bool) -> BTreeMap<String, Mask> {
+    m.iter()
+        .filter(|(n, _)| names::parse(n).is_some_and(|p| f(&p)))
+        .map(|(n, x)| (n.clone(), x.clone()))
+        .collect()
+}
+
+/// The top tenth of (layer, head) pairs by share of the set (at least one).
+fn spot_heads(masks: &BTreeMap<String, Mask>, cfg: &LlamaConfig) -> Vec<(usize, usize)> {
+    let shapes: BTreeMap<String, Vec<usize>> = cfg.tensor_shapes().into_iter().collect();
+    let s = spot::file::shares(masks, &shapes, cfg);
+    let mut all: Vec<((usize, usize), f64)> = s
+        .head
+        .iter()
+        .enumerate()
+        .flat_map(|(l, r)| r.iter().enumerate().map(move |(h, v)| ((l, h), *v)))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let n = (all.len() / 10).max(1);
+    let mut top: Vec<(usize, usize)> = all.into_iter().take(n).map(|x| x.0).collect();
+    top.sort_unstable();
+    top
+}
+
+/// Compare two sides at `ks` (those both sides have); the breakdown is at `k_detail` (1 % when
+/// both have it, else the first common k).
+pub fn compare(a_dir: &Path, b_dir: &Path, ks: &[f64]) -> Result<Comparison> {
+    let a = Side::open(a_dir)?;
+    let b = Side::open(b_dir)?;
+    let (ca, cb) = (a.config(), b.config());
+    if ca.tensor_shapes() != cb.tensor_shapes() {
+        bail!(
+            "{} and {}: different architectures (tensor shapes differ)",
+            a_dir.display(),
+            b_dir.display()
+        );
+    }
+    let common: Vec<f64> = ks.iter().copied().filter(|k| a.has_k(*k) && b.has_k(*k)).collect();
+    if common.is_empty() {
+        bail!(
+            "{} and {}: no common k among {:?} (a spot holds only the k it was selected with)",
+            a_dir.display(),
+            b_dir.display(),
+            ks
+        );
+    }
+    let mut jaccard = vec![];
+    for &k in &common {
+        jaccard.push((k, spot::jaccard(&a.masks(k)?, &b.masks(k)?)));
+    }
+    let k_detail = if common.iter().any(|k| (k - 1.0).abs() < 1e-9) {
+        1.0
+    } else {
+        common[0]
+    };
+    let (ma, mb) = (a.masks(k_detail)?, b.masks(k_detail)?);
+    let layers = ca.num_hidden_layers;
+    let per_layer = super::jaccard_per_layer(&ma, &mb, layers);
+    let per_module = super::MODULE_ORDER
+        .iter()
+        .map(|k| {
+            let f = |p: &names::ParamName| p.layer.is_some() && p.kind.short() == *k;
+            (k.to_string(), spot::jaccard(&pick(&ma, f), &pick(&mb, f)))
+        })
+        .collect();
+    let layer_module = (0..layers)
+        .map(|l| {
+            super::MODULE_ORDER
+                .iter()
+                .map(|k| {
+                    let f = |p: &names::ParamName| p.layer == Some(l) && p.kind.short() == *k;
+                    spot::jaccard(&pick(&ma, f), &pick(&mb, f))
+                })
+                .collect()
+        })
+        .collect();
+    let spearman = match (&a, &b) {
+        (Side::Snapshot(x), Side::Snapshot(y)) => {
+            Some(super::spearman(&x.scores, &y.scores, super::SPEARMAN_MAX_ELEMS))
+        }
+        _ => None,
+    };
+    let heads_a = spot_heads(&ma, ca);
+    let heads_b = spot_heads(&mb, cb);
+    let heads_entered = heads_b.iter().filter(|h| !heads_a.contains(h)).copied().collect();
+    let heads_left = heads_a.iter().filter(|h| !heads_b.contains(h)).copied().collect();
+    Ok(Comparison {
+        a: a_dir.display().to_string(),
+        b: b_dir.display().to_string(),
+        kind: match (&a, &b) {
+            (Side::Snapshot(_), Side::Snapshot(_)) => "snapshots".into(),
+            (Side::Spot { .. }, Side::Spot { .. }) => "spots".into(),
+            _ => "snapshot and spot".into(),
+        },
+        jaccard,
+        spearman,
+        k_detail,
+        per_layer,
+        per_module,
+        layer_module,
+        heads_a,
+        heads_b,
+        heads_entered,
+        heads_left,
+    })
+}
+
+fn heads_text(v: &[(usize, usize)]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    v.iter()
+        .map(|(l, h)| format!("L{l}.H{h}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The comparison as a text report.
+pub fn text(c: &Comparison) -> String {
+    let mut s = format!(
+        "A: {}\nB: {}\n({})\n\n| k % | Jaccard |\n|---:|---:|\n",
+        c.a, c.b, c.kind
+    );
+    for (k, j) in &c.jaccard {
+        s += &format!("| {} | {j:.4} |\n", spot::file::fmt_k(*k));
+    }
+    if let Some(r) = c.spearman {
+        s += &format!("\nSpearman rank correlation of the scores: {r:.4}\n");
+    }
+    s += &format!("\nOverlap at k = {}% per module kind:\n", spot::file::fmt_k(c.k_detail));
+    for (k, j) in &c.per_module {
+        s += &format!("  {k:<9} {j:.3}\n");
+    }
+    s += "Per layer:\n";
+    for (l, j) in c.per_layer.iter().enumerate() {
+        s += &format!("  L{l:02} {j:.3}\n");
+    }
+    s += &format!(
+        "Spot heads (top tenth by share): A {} · B {}\n  entered: {}\n  left:    {}\n",
+        c.heads_a.len(),
+        c.heads_b.len(),
+        heads_text(&c.heads_entered),
+        heads_text(&c.heads_left)
+    );
+    s
+}

@@ -1,0 +1,217 @@
+//! `codespot run` end to end on a tiny random model and tiny corpora: every stage, the report
+//! and its images, results for every task; an interrupted run picks up where it stopped; and
+//! `codespot compare`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn recipe(gguf: &Path, out: &Path) -> String {
+    format!(
+        r#"name = "tiny-study"
+model = "{}"
+languages = ["toy", "toyrs"]
+out = "{}"
+
+[train]
+steps = 4
+batch = 2
+seq_len = 16
+lr = 3e-3
+warmup = 1
+checkpoint_every = 2
+heldout_tokens = 32
+
+[importance]
+tokens = 64
+seq_len = 16
+batch = 2
+
+[spot]
+k = [1.0, 5.0]
+controls = ["random"]
+
+[eval]
+tasks = ["humaneval-bpb", "code-bpb", "hellaswag", "arc-easy"]
+limit = 3
+max_bpb_tokens = 64
+tuned_k = [5.0]
+"#,
+        gguf.display(),
+        out.display()
+    )
+}
+
+fn run(corpora: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_codespot"));
+    c.args(args).env("CODESPOT_CORPORA", corpora);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn run_does_every_stage_resumes_after_an_interrupt_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (gguf, _) = common::tiny_gguf(root, 5, true);
+    let corpora = common::two_language_corpora(root, &gguf);
+    let out = root.join("run");
+    let rp = root.join("study.toml");
+    std::fs::write(&rp, recipe(&gguf, &out)).unwrap();
+    let r = rp.to_str().unwrap();
+
+    // Interrupted while tuning the first language, right after its first checkpoint.
+    let (ok, _, err) = run(&corpora.dir, &["run", r], &[("CODESPOT_ABORT_AFTER_CHECKPOINT", "2")]);
+    assert!(!ok, "aborted: {err}");
+    assert!(err.contains("[run] base snapshot toy: running"), "{err}");
+    assert!(out.join("tune/toy/checkpoints/step-000002").is_dir());
+    assert!(!out.join("tune/toy/tune.json").exists());
+    assert!(!out.join("report.md").exists());
+    let base_scores = out.join("base/toy/scores.safetensors");
+    let t_base = mtime(&base_scores);
+    let t_spot = mtime(&out.join("spots/base/spot.safetensors"));
+
+    // Rerun: finished stages are skipped, tuning resumes from its checkpoint.
+    let (ok, stdout, err) = run(&corpora.dir, &["run", r], &[]);
+    assert!(ok, "{err}");
+    for s in ["base snapshot toy", "base snapshot toyrs", "base spot"] {
+        assert!(err.contains(&format!("[run] {s}: done, skipped")), "{s}: {err}");
+    }
+    assert!(
+        err.contains("[run] tune toy: running") && err.contains("resuming toy from"),
+        "{err}"
+    );
+    assert_eq!(mtime(&base_scores), t_base, "base snapshot not redone");
+    assert_eq!(
+        mtime(&out.join("spots/base/spot.safetensors")),
+        t_spot,
+        "base spot not redone"
+    );
+    assert!(stdout.contains("report.md"), "{stdout}");
+    // Tuning reused the run's base snapshot as its step 0.
+    let m0 = codespot::importance::snapshot::read_manifest(&out.join("tune/toyrs/snapshots/step-000000")).unwrap();
+    let mb = codespot::importance::snapshot::read_manifest(&out.join("base/toyrs")).unwrap();
+    assert_eq!(m0, mb);
+
+    // Every stage's outputs.
+    for l in ["toy", "toyrs"] {
+        assert!(out.join("tune").join(l).join("tune.json").is_file());
+        assert!(out
+            .join("compare")
+            .join(format!("{l}-base-vs-final/compare.json"))
+            .is_file());
+    }
+    assert!(out.join("spots/tuned/spot.safetensors").is_file());
+    let cmp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare/base-vs-tuned-spot/compare.json")).unwrap())
+            .unwrap();
+    assert_eq!(cmp["jaccard"].as_array().unwrap().len(), 2, "k = 1 and 5");
+    assert!(out.join("compare/base-vs-tuned-spot/layer_module.png").is_file());
+
+    // Results hold every task (code-bpb expanded per language) in every condition.
+    let want = [
+        "humaneval-bpb",
+        "code-bpb:toy",
+        "code-bpb:toyrs",
+        "hellaswag",
+        "arc-easy",
+    ];
+    for (name, conds) in [
+        ("base", vec!["base", "spot 1%", "random 1%", "spot 5%", "random 5%"]),
+        ("tuned-toy", vec!["base", "spot 5%", "random 5%"]),
+        ("tuned-toyrs", vec!["base", "spot 5%", "random 5%"]),
+    ] {
+        let v: Vec<codespot::eval::ConditionResults> =
+            serde_json::from_str(&std::fs::read_to_string(out.join("eval").join(name).join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            v.iter().map(|c| c.condition.as_str()).collect::<Vec<_>>(),
+            conds,
+            "{name}"
+        );
+        for c in &v {
+            for t in want {
+                let r = c
+                    .results
+                    .iter()
+                    .find(|r| r.task == t)
+                    .unwrap_or_else(|| panic!("{name}/{}: no {t}", c.condition));
+                assert!(
+                    r.skipped.is_none() && r.value.is_finite() && r.n > 0,
+                    "{name}/{}: {t}: {r:?}",
+                    c.condition
+                );
+            }
+        }
+    }
+
+    // The report and its images.
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "## Tuning",
+        "## Spot before and after tuning",
+        "## Results: base",
+        "## Results: tuned-toyrs",
+    ] {
+        assert!(report.contains(needle), "{needle} not in report");
+    }
+    let images: Vec<String> = report
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("![")
+                .and_then(|x| x.split_once("]("))
+                .map(|x| x.1.trim_end_matches(')').to_string())
+        })
+        .collect();
+    for f in [
+        "report/loss.png",
+        "report/heldout.png",
+        "report/overlap.png",
+        "report/mass_base_layer_module.png",
+        "report/mass_base_layer_head.png",
+        "report/mass_tuned_layer_module.png",
+        "report/mass_tuned_layer_head.png",
+        "report/dose_humaneval_bpb_bits_byte.png",
+    ] {
+        assert!(images.iter().any(|i| i == f), "{f} not linked");
+    }
+    for i in &images {
+        let bytes = std::fs::read(out.join(i)).unwrap_or_else(|e| panic!("{i}: {e}"));
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 2000,
+            "{i} is a real PNG"
+        );
+    }
+
+    // A third run redoes nothing but the report.
+    let (ok, _, err) = run(&corpora.dir, &["run", r], &[]);
+    assert!(ok, "{err}");
+    assert!(!err.contains(": running"), "{err}");
+
+    // `compare` on two snapshots from the command line.
+    let (ok, stdout, err) = run(
+        &corpora.dir,
+        &[
+            "compare",
+            out.join("base/toy").to_str().unwrap(),
+            out.join("tune/toy/snapshots/step-000004").to_str().unwrap(),
+            "--k",
+            "1,5",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("Spearman") && stdout.contains("| 5 |"), "{stdout}");
+}
