@@ -11,3 +11,7 @@ if [ ! -x target/tb-venv/bin/tensorboard ]; then
   python3 -m venv target/tb-venv
   target/tb-venv/bin/pip install --quiet --disable-pip-version-check tensorboard==2.21.0
 fi
+# A TrueType font for the report's plots (plotters draws text with ab_glyph).
+if [ -z "${CODESPOT_FONT:-}" ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  apt-get install -y --no-install-recommends fonts-dejavu-core >/dev/null || echo "warning: install fonts-dejavu-core or set CODESPOT_FONT for report plots" >&2
+fi
