@@ -8,38 +8,12 @@ use std::path::Path;
 use std::process::Command;
 
 fn recipe(gguf: &Path, out: &Path) -> String {
-    format!(
-        r#"name = "tiny-study"
-model = "{}"
-languages = ["toy", "toyrs"]
-out = "{}"
-
-[train]
-steps = 4
-batch = 2
-seq_len = 16
-lr = 3e-3
-warmup = 1
-checkpoint_every = 2
-heldout_tokens = 32
-
-[importance]
-tokens = 64
-seq_len = 16
-batch = 2
-
-[spot]
-k = [1.0, 5.0]
-controls = ["random"]
-
-[eval]
-tasks = ["humaneval-bpb", "code-bpb", "hellaswag", "arc-easy"]
-limit = 3
-max_bpb_tokens = 64
-tuned_k = [5.0]
-"#,
-        gguf.display(),
-        out.display()
+    common::tiny_recipe(
+        "tiny-study",
+        gguf,
+        out,
+        "heldout_tokens = 32\n",
+        "\n[spot]\nk = [1.0, 5.0]\ncontrols = [\"random\"]\n\n[eval]\ntasks = [\"humaneval-bpb\", \"code-bpb\", \"hellaswag\", \"arc-easy\"]\nlimit = 3\nmax_bpb_tokens = 64\ntuned_k = [5.0]\n",
     )
 }
 

@@ -9,30 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn recipe_text(gguf: &Path, out: &Path) -> String {
-    format!(
-        r#"name = "tiny"
-model = "{}"
-languages = ["toy", "toyrs"]
-out = "{}"
-
-[train]
-steps = 4
-batch = 2
-seq_len = 16
-lr = 3e-3
-warmup = 1
-checkpoint_every = 2
-keep_checkpoints = 2
-heldout_tokens = 64
-
-[importance]
-tokens = 64
-seq_len = 16
-batch = 2
-"#,
-        gguf.display(),
-        out.display()
-    )
+    common::tiny_recipe("tiny", gguf, out, "keep_checkpoints = 2\nheldout_tokens = 64\n", "")
 }
 
 struct Setup {

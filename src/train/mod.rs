@@ -13,7 +13,7 @@
 
 pub mod adamw;
 
-use crate::importance::{self, snapshot, ScoreRequest};
+use crate::importance::{self, snapshot};
 use crate::model::{self, Checkpoint, Llama};
 use crate::recipe::{Loaded, Schedule, TrainSection};
 use crate::track::{self, Tb};
@@ -586,14 +586,7 @@ impl SnapCtx<'_> {
             }
         }
         if !out.join("manifest.json").is_file() {
-            let mut req = ScoreRequest::new(self.lang);
-            req.tokens = i.tokens;
-            req.seq_len = i.seq_len;
-            req.batch = i.batch;
-            req.micro_batch = i.micro_batch;
-            req.method = i.method;
-            req.seed = i.seed;
-            req.half = i.half;
+            let mut req = crate::study::snapshot_request(self.loaded, self.lang);
             req.step = Some(step);
             req.progress = self.progress;
             if step > 0 {
