@@ -405,7 +405,10 @@ pub fn table(conds: &[ConditionResults]) -> String {
         out += "\n";
     }
     out += &format!("\nn per task: {}. Drop % is relative to `{}`; positive = worse (lower accuracy or pass rate, more bits per byte).\n",
-        base.results.iter().map(|r| format!("{} {}", r.task, r.n)).collect::<Vec<_>>().join(", "), base.condition);
+        {
+            let mut seen = std::collections::BTreeSet::new();
+            base.results.iter().filter(|r| seen.insert(r.task.clone())).map(|r| format!("{} {}", r.task, r.n)).collect::<Vec<_>>().join(", ")
+        }, base.condition);
     let skipped: Vec<String> = base
         .results
         .iter()

@@ -161,7 +161,13 @@ pub fn heatmap(path: &Path, title: &str, grid: &[Vec<f64>], cols: &[String], ran
         .x_labels(ncols)
         .y_labels(rows.min(32))
         .x_label_formatter(&|x| cols_owned.get(*x).cloned().unwrap_or_default())
-        .y_label_formatter(&|y| format!("L{}", rows.saturating_sub(1 + *y)))
+        .y_label_formatter(&|y| {
+            if *y < rows {
+                format!("L{}", rows - 1 - *y)
+            } else {
+                String::new()
+            }
+        })
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(err(path))?;
