@@ -441,6 +441,18 @@ pub fn tune<B: Backend>(
         if step % t.checkpoint_every == 0 || step == t.steps {
             let losses = heldout_losses(&model, &heldout, t.batch);
             log_heldout(&mut tb, step, &losses)?;
+            if opts.progress {
+                // A line per checkpoint, for logs where the progress bar is hidden.
+                let held: Vec<String> = losses.iter().map(|(l, v)| format!("{l} {v:.4}")).collect();
+                bar.suspend(|| {
+                    eprintln!(
+                        "tune {lang}: step {step}/{}, train loss {:.4}, held-out {}",
+                        t.steps,
+                        state.history.last().map_or(f64::NAN, |h| h.loss),
+                        held.join(", ")
+                    )
+                });
+            }
             state.heldout.push(HeldoutLog { step, loss: losses });
             state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             write_checkpoint(&ckpt_dir.join(step_name(step)), &ck, &model, &opt, &state)?;
