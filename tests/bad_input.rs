@@ -289,3 +289,31 @@ fn score_rejects_bad_requests_before_work() {
     assert!(err.contains("bad.toml") && err.contains("sauces"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn compare_and_recipes_reject_what_they_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = empty.to_str().unwrap();
+    assert_one_line_error(&["compare", e, e], &[e, "neither a snapshot", "nor a spot"]);
+    let corrupt = dir.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("scores.safetensors"), b"not safetensors").unwrap();
+    std::fs::write(corrupt.join("manifest.json"), b"{").unwrap();
+    assert_one_line_error(
+        &["compare", corrupt.to_str().unwrap(), e],
+        &["manifest.json", "invalid snapshot manifest"],
+    );
+    let missing = dir.path().join("nope.toml");
+    assert_one_line_error(&["recipe", "check", missing.to_str().unwrap()], &["nope.toml"]);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nmodel = \"default\"\nlanguages = [\"python\"]\n[train\n",
+    )
+    .unwrap();
+    let (code, err) = cli(&["recipe", "check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bad.toml") && err.contains("line 4"), "{err}");
+}
