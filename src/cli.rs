@@ -509,8 +509,8 @@ pub fn run(cli: Cli) -> Result<()> {
             force,
             set,
         } => {
+            // `tune` validates the recipe before any work.
             let loaded = crate::recipe::load(&recipe, &set)?;
-            loaded.validate(&crate::data::Corpora::from_env())?;
             let langs = match lang {
                 Some(l) => vec![l],
                 None => loaded.recipe.languages.clone(),
@@ -529,8 +529,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run { recipe, set } => {
             let loaded = crate::recipe::load(&recipe, &set)?;
-            let corpora = crate::data::Corpora::from_env();
-            loaded.validate(&corpora)?;
+            let corpora = crate::data::Corpora::from_env(); // `run` validates the recipe first
             let t0 = std::time::Instant::now();
             let device = loaded.recipe.device;
             let s = on_device!(device, run_cmd(&loaded, &corpora))?;

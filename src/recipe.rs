@@ -241,11 +241,6 @@ impl Loaded {
         toml::to_string_pretty(&self.recipe).expect("a recipe serializes")
     }
 
-    /// SHA-256 of the resolved recipe (stages compare it to decide whether outputs match).
-    pub fn hash(&self) -> String {
-        crate::util::sha256_bytes(self.resolved_toml().as_bytes())
-    }
-
     /// Where a key is set: "line N of FILE", or the `--set` that set it.
     fn where_is(&self, key: &str) -> String {
         if let Some(o) = self

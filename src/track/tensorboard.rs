@@ -114,10 +114,6 @@ impl Tb {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn call(&mut self, what: &str, f: impl FnOnce(&mut tensorboard_rs::summary_writer::SummaryWriter)) -> Result<()> {
         if let Some(e) = &self.failed {
             bail!("{}: TensorBoard writer failed earlier: {e}", self.dir.display());
