@@ -143,31 +143,36 @@ pub fn batch_grads<B: AutodiffBackend>(
     batch_loss_grads(model, rows, micro, false).1
 }
 
-/// [`batch_grads`], and the mean loss when `want_loss` (one scalar read per micro-batch).
+/// [`batch_grads`], and the mean loss when `want_loss`.
 pub fn batch_loss_grads<B: AutodiffBackend>(
     model: &Llama<B>,
     rows: &[Vec<u32>],
     micro: usize,
     want_loss: bool,
 ) -> (f64, Vec<Option<Tensor<B::InnerBackend, 1>>>) {
-    use burn::tensor::ElementConversion;
-    let device = model.embed.val().device();
     let params = model.params();
+    let head = model.head_name();
     let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> = (0..params.len()).map(|_| None).collect();
     let mut loss_sum = 0.0;
     for chunk in rows.chunks(micro.max(1)) {
         let w = chunk.len() as f64 / rows.len() as f64;
-        let loss = model.loss(crate::model::tokens_tensor::<B>(chunk, &device));
-        let loss = if w == 1.0 { loss } else { loss.mul_scalar(w) };
+        let mut out = model.loss_backward(chunk, w);
         if want_loss {
-            loss_sum += loss.clone().inner().into_scalar().elem::<f64>();
+            loss_sum += out.loss;
         }
-        let mut grads = loss.backward();
-        for (i, (_, p)) in params.iter().enumerate() {
-            let g = match p {
-                ParamRef::Vector(p) => p.val().grad_remove(&mut grads),
-                ParamRef::Matrix(p) => p.val().grad_remove(&mut grads).map(|g| g.flatten(0, 1)),
+        let mut head_grad = Some(out.head.flatten(0, 1));
+        for (i, (name, p)) in params.iter().enumerate() {
+            let mut g = match p {
+                ParamRef::Vector(p) => p.val().grad_remove(&mut out.grads),
+                ParamRef::Matrix(p) => p.val().grad_remove(&mut out.grads).map(|g| g.flatten(0, 1)),
             };
+            if name == head {
+                let h = head_grad.take().expect("one head");
+                g = Some(match g {
+                    Some(g) => g + h,
+                    None => h,
+                });
+            }
             sum[i] = match (sum[i].take(), g) {
                 (Some(a), Some(g)) => Some(a + g),
                 (a, g) => a.or(g),
@@ -378,8 +383,9 @@ pub fn score_snapshot<B: AutodiffBackend>(
         corpus_manifest_sha256: corpus_sha,
         code_version: snapshot::code_version(),
         config: model.config.clone(),
-        elapsed_s: elapsed,
-        tokens_per_s: total as f64 / elapsed.max(1e-9),
+        // Rounded to short decimals, which JSON reads back exactly.
+        elapsed_s: (elapsed * 1e3).round() / 1e3,
+        tokens_per_s: (total as f64 / elapsed.max(1e-9) * 10.0).round() / 10.0,
     };
     match halves {
         None => snapshot::write(out, &scores, &manifest, &summaries, force)?,

@@ -3,12 +3,14 @@
 pub mod config;
 pub mod export;
 pub mod generate;
+pub mod head;
 pub mod llama;
 pub mod load;
 pub mod names;
 pub mod tokenizer;
 
 pub use config::{LlamaConfig, RopeLayout};
+pub use head::LossGrads;
 pub use llama::{tokens_tensor, KvCache, Llama, ParamRef};
 pub use load::{load, Checkpoint};
 pub use tokenizer::{Message, Tok};
