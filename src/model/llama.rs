@@ -38,7 +38,7 @@ pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
 }
 
-/// Keys and values of past positions, per layer (`[batch, kv_heads, past, head_dim]`).
+/// Keys and values of past positions, per layer (`[batch, past, kv_heads, head_dim]`).
 #[derive(Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -282,7 +282,9 @@ impl<B: Backend> Llama<B> {
             .sum()
     }
 
-    fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// RoPE tables `[1, len, 1, head_dim]` for positions `start..start+len`, each scaled by
+    /// `scale` (the attention's 1/√d is folded into the query's tables).
+    fn rope_tables(&self, start: usize, len: usize, scale: f64, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let hd = self.config.head_dim;
         let inv = self.config.rope_inv_freq();
         let mut cos = Vec::with_capacity(len * hd);
@@ -294,56 +296,72 @@ impl<B: Backend> Llama<B> {
                     RopeLayout::Interleaved => inv[i / 2],
                 };
                 let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+                cos.push((a.cos() * scale) as f32);
+                sin.push((a.sin() * scale) as f32);
             }
         }
         let mk = |v: Vec<f32>| {
             Tensor::<B, 2>::from_data(TensorData::new(v, [len, hd]).convert::<B::FloatElem>(), device)
-                .reshape([1, 1, len, hd])
+                .reshape([1, len, 1, hd])
         };
         (mk(cos), mk(sin))
     }
 
-    fn rope(&self, x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, hd] = x.dims();
-        let rotated = match self.config.rope_layout {
-            RopeLayout::Half => {
-                let x1 = x.clone().narrow(3, 0, hd / 2);
-                let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-                Tensor::cat(vec![x2.neg(), x1], 3)
-            }
-            RopeLayout::Interleaved => {
-                let pairs = x.clone().reshape([b, h, t, hd / 2, 2]);
-                let a = pairs.clone().narrow(4, 0, 1);
-                let c = pairs.narrow(4, 1, 1);
-                Tensor::cat(vec![c.neg(), a], 4).reshape([b, h, t, hd])
-            }
-        };
+    /// The rotation of RoPE as a `[head_dim, head_dim]` matrix `R` (entries 0, ±1), so that
+    /// `rotate(x) = x · R`: `[-x₂, x₁]` for the half layout, `[-x₁, x₀, -x₃, x₂, …]` for the
+    /// interleaved one. A small matmul instead of slices and a concatenation, whose copies
+    /// dominate on CPU backends.
+    fn rope_rotation(&self, device: &B::Device) -> Tensor<B, 2> {
+        let hd = self.config.head_dim;
+        let mut r = vec![0f32; hd * hd];
+        for i in 0..hd {
+            // Output column i takes ±x[j].
+            let (j, sign) = match self.config.rope_layout {
+                RopeLayout::Half if i < hd / 2 => (i + hd / 2, -1.0),
+                RopeLayout::Half => (i - hd / 2, 1.0),
+                RopeLayout::Interleaved if i % 2 == 0 => (i + 1, -1.0),
+                RopeLayout::Interleaved => (i - 1, 1.0),
+            };
+            r[j * hd + i] = sign;
+        }
+        Tensor::from_data(TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(), device)
+    }
+
+    /// RoPE on `[batch, seq, heads, head_dim]`.
+    fn rope(x: Tensor<B, 4>, rot: &Tensor<B, 2>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, h, hd] = x.dims();
+        let rotated = x.clone().reshape([b * t * h, hd]).matmul(rot.clone()).reshape([b, t, h, hd]);
         x * cos.clone() + rotated * sin.clone()
     }
 
-    fn rms_norm<const D: usize>(&self, x: Tensor<B, D>, w: &Param<Tensor<B, 1>>) -> Tensor<B, D> {
+    /// RMSNorm over the last dimension of `[tokens, hidden]`.
+    fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
         let eps = self.config.rms_norm_eps;
-        let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let mut shape = [1usize; D];
-        shape[D - 1] = w.val().dims()[0];
-        x * (ms + eps).sqrt().recip() * w.val().reshape(shape)
+        let ms = x.clone().powi_scalar(2).mean_dim(1);
+        x * (ms + eps).sqrt().recip() * w.val().unsqueeze_dim(0)
     }
 
     /// Hidden states after the final norm: `[batch, seq, hidden]`.
+    ///
+    /// Activations are kept token-major (`[batch·seq, features]`, contiguous) so every
+    /// projection is one 2-D matmul and no reshape of a transposed tensor forces a copy;
+    /// attention broadcasts each key/value head over its query group instead of repeating it.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let cfg = &self.config;
         let device = tokens.device();
         let [b, t] = tokens.dims();
+        let n = b * t;
         let (nh, nkv, hd, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
             cfg.hidden_size,
         );
+        let rep = nh / nkv;
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
-        let (cos, sin) = self.rope_tables(past, t, &device);
+        let (cos, sin) = self.rope_tables(past, t, 1.0, &device);
+        let (cos_q, sin_q) = self.rope_tables(past, t, 1.0 / (hd as f64).sqrt(), &device);
+        let rot = self.rope_rotation(&device);
         let total = past + t;
         let mask = (t > 1).then(|| {
             let mut m = vec![0f32; t * total];
@@ -353,37 +371,32 @@ impl<B: Backend> Llama<B> {
                 }
             }
             Tensor::<B, 2>::from_data(TensorData::new(m, [t, total]).convert::<B::FloatElem>(), &device)
-                .reshape([1, 1, t, total])
+                .reshape([1, 1, 1, t, total])
         });
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.val().select(0, tokens.reshape([b * t])).reshape([b, t, d]);
+        let mut x = self.embed.val().select(0, tokens.reshape([n]));
         for (l, blk) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &blk.attn_norm);
-            let q = linear(h.clone(), &blk.q).reshape([b, t, nh, hd]).swap_dims(1, 2);
-            let k = linear(h.clone(), &blk.k).reshape([b, t, nkv, hd]).swap_dims(1, 2);
-            let v = linear(h, &blk.v).reshape([b, t, nkv, hd]).swap_dims(1, 2);
-            let q = self.rope(q, &cos, &sin);
-            let mut k = self.rope(k, &cos, &sin);
-            let mut v = v;
+            let q = linear(h.clone(), &blk.q).reshape([b, t, nh, hd]);
+            let k = linear(h.clone(), &blk.k).reshape([b, t, nkv, hd]);
+            let mut v = linear(h, &blk.v).reshape([b, t, nkv, hd]);
+            let q = Self::rope(q, &rot, &cos_q, &sin_q);
+            let mut k = Self::rope(k, &rot, &cos, &sin);
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = c.layers[l].take() {
-                    k = Tensor::cat(vec![pk, k], 2);
-                    v = Tensor::cat(vec![pv, v], 2);
+                    k = Tensor::cat(vec![pk, k], 1);
+                    v = Tensor::cat(vec![pv, v], 1);
                 }
                 c.layers[l] = Some((k.clone(), v.clone()));
             }
-            let rep = nh / nkv;
-            let (k, v) = if rep > 1 {
-                let r = |x: Tensor<B, 4>| x.unsqueeze_dim::<5>(2).repeat_dim(2, rep).reshape([b, nh, total, hd]);
-                (r(k), r(v))
-            } else {
-                (k, v)
-            };
-            let mut s = q.matmul(k.swap_dims(2, 3)) * scale;
+            // [b, kv head, group member, t, hd] against [b, kv head, 1, ·, ·].
+            let q = q.reshape([b, t, nkv, rep, hd]).permute([0, 2, 3, 1, 4]);
+            let kt = k.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 4, 1]);
+            let v = v.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 1, 4]);
+            let mut s = q.matmul(kt);
             if let Some(m) = &mask {
                 s = s + m.clone();
             }
-            let a = softmax(s, 3).matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+            let a = softmax(s, 4).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
             x = x + linear(a, &blk.o);
             let h = self.rms_norm(x.clone(), &blk.mlp_norm);
             let g = silu(linear(h.clone(), &blk.gate)) * linear(h, &blk.up);
@@ -392,13 +405,25 @@ impl<B: Backend> Llama<B> {
         if let Some(c) = cache {
             c.len = total;
         }
-        self.rms_norm(x, &self.norm)
+        self.rms_norm(x, &self.norm).reshape([b, t, d])
+    }
+
+    /// Canonical name of the output projection's weight (the embedding when tied).
+    pub fn head_name(&self) -> &'static str {
+        if self.lm_head.is_some() {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        }
     }
 
     /// Project hidden states to vocabulary logits.
     pub fn logits_of(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = h.dims();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        linear(h, head)
+        let logits = linear(h.reshape([b * t, d]), head);
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
     }
 
     /// Logits `[batch, seq, vocab]`.
@@ -428,15 +453,10 @@ fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() / (x.neg().exp() + 1.0)
 }
 
-/// `x · Wᵀ` for HF-layout `W: [out, in]`, computed as `(W · xᵀ)ᵀ`: burn-ndarray copies a
-/// non-contiguous matmul operand, and the activations are far smaller than the weights.
-fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
-    let [b, t, i] = x.dims();
-    let w = w.val();
-    let o = w.dims()[0];
-    w.matmul(x.reshape([b * t, i]).transpose())
-        .transpose()
-        .reshape([b, t, o])
+/// `x · Wᵀ` for `x: [tokens, in]` and HF-layout `W: [out, in]`: the transpose is a strided
+/// view that the matmul reads in place, and the output is contiguous.
+fn linear<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> {
+    x.matmul(w.val().transpose())
 }
 
 /// Token ids as a `[batch, seq]` Int tensor.
