@@ -282,27 +282,38 @@ impl<B: Backend> Llama<B> {
             .sum()
     }
 
-    /// RoPE tables `[1, len, 1, head_dim]` for positions `start..start+len`, each scaled by
-    /// `scale` (the attention's 1/√d is folded into the query's tables).
-    fn rope_tables(&self, start: usize, len: usize, scale: f64, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// RoPE tables for positions `start..start+len`, repeated over `heads` heads and flattened
+    /// to `[1, len·heads·head_dim]` (so they broadcast over the batch as one shared row, the
+    /// fast broadcast of CPU backends), each scaled by `scale` (the attention's 1/√d is folded
+    /// into the query's tables).
+    fn rope_tables(
+        &self,
+        start: usize,
+        len: usize,
+        heads: usize,
+        scale: f64,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let hd = self.config.head_dim;
         let inv = self.config.rope_inv_freq();
-        let mut cos = Vec::with_capacity(len * hd);
-        let mut sin = Vec::with_capacity(len * hd);
+        let mut cos = Vec::with_capacity(len * heads * hd);
+        let mut sin = Vec::with_capacity(len * heads * hd);
         for p in start..start + len {
-            for i in 0..hd {
-                let f = match self.config.rope_layout {
-                    RopeLayout::Half => inv[i % (hd / 2)],
-                    RopeLayout::Interleaved => inv[i / 2],
-                };
-                let a = p as f64 * f;
-                cos.push((a.cos() * scale) as f32);
-                sin.push((a.sin() * scale) as f32);
+            for _ in 0..heads {
+                for i in 0..hd {
+                    let f = match self.config.rope_layout {
+                        RopeLayout::Half => inv[i % (hd / 2)],
+                        RopeLayout::Interleaved => inv[i / 2],
+                    };
+                    let a = p as f64 * f;
+                    cos.push((a.cos() * scale) as f32);
+                    sin.push((a.sin() * scale) as f32);
+                }
             }
         }
         let mk = |v: Vec<f32>| {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [len, hd]).convert::<B::FloatElem>(), device)
-                .reshape([1, len, 1, hd])
+            let n = v.len();
+            Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device)
         };
         (mk(cos), mk(sin))
     }
@@ -327,11 +338,11 @@ impl<B: Backend> Llama<B> {
         Tensor::from_data(TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(), device)
     }
 
-    /// RoPE on `[batch, seq, heads, head_dim]`.
-    fn rope(x: Tensor<B, 4>, rot: &Tensor<B, 2>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    /// RoPE on `[batch, seq, heads, head_dim]`, with tables from [`Self::rope_tables`].
+    fn rope(x: Tensor<B, 4>, rot: &Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
         let [b, t, h, hd] = x.dims();
-        let rotated = x.clone().reshape([b * t * h, hd]).matmul(rot.clone()).reshape([b, t, h, hd]);
-        x * cos.clone() + rotated * sin.clone()
+        let rotated = x.clone().reshape([b * t * h, hd]).matmul(rot.clone()).reshape([b, t * h * hd]);
+        (x.reshape([b, t * h * hd]) * cos.clone() + rotated * sin.clone()).reshape([b, t, h, hd])
     }
 
     /// RMSNorm over the last dimension of `[tokens, hidden]`.
@@ -359,8 +370,8 @@ impl<B: Backend> Llama<B> {
         );
         let rep = nh / nkv;
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
-        let (cos, sin) = self.rope_tables(past, t, 1.0, &device);
-        let (cos_q, sin_q) = self.rope_tables(past, t, 1.0 / (hd as f64).sqrt(), &device);
+        let (cos, sin) = self.rope_tables(past, t, nkv, 1.0, &device);
+        let (cos_q, sin_q) = self.rope_tables(past, t, nh, 1.0 / (hd as f64).sqrt(), &device);
         let rot = self.rope_rotation(&device);
         let total = past + t;
         let mask = (t > 1).then(|| {
@@ -370,8 +381,7 @@ impl<B: Backend> Llama<B> {
                     m[i * total + j] = -1e9;
                 }
             }
-            Tensor::<B, 2>::from_data(TensorData::new(m, [t, total]).convert::<B::FloatElem>(), &device)
-                .reshape([1, 1, 1, t, total])
+            Tensor::<B, 2>::from_data(TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(), &device)
         });
         let mut x = self.embed.val().select(0, tokens.reshape([n]));
         for (l, blk) in self.layers.iter().enumerate() {
@@ -394,7 +404,8 @@ impl<B: Backend> Llama<B> {
             let v = v.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 1, 4]);
             let mut s = q.matmul(kt);
             if let Some(m) = &mask {
-                s = s + m.clone();
+                // One shared row of t·total per (batch, head): the backends' fast broadcast.
+                s = (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total]);
             }
             let a = softmax(s, 4).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
             x = x + linear(a, &blk.o);
