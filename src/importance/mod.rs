@@ -82,19 +82,32 @@ impl<B: Backend> Accumulator<B> {
 
     /// Add one batch's gradients (flat, in `model.params()` order; `None` = no gradient).
     pub fn add<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>, grads: Vec<Option<Tensor<B, 1>>>) {
-        for (i, ((_, p), g)) in model.params().iter().zip(grads).enumerate() {
-            let Some(g) = g else { continue };
-            let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
-            self.acc[i] = match self.method {
-                Method::Taylor => a + (flat_value(p) * g).abs(),
-                Method::TaylorSum => a + g,
-                Method::Taylor2 => {
-                    let q = std::mem::replace(&mut self.sq[i], Tensor::empty([0], &g.device()));
-                    self.sq[i] = q + g.clone().powi_scalar(2);
-                    a + g
-                }
-            };
+        let params = model.params();
+        for (i, g) in grads.into_iter().enumerate() {
+            if let Some(g) = g {
+                self.add_one(&params[i].1, i, g);
+            }
         }
+        self.batches += 1;
+    }
+
+    /// Add one parameter's gradient of the current batch (`i`: its index in `model.params()`);
+    /// [`Accumulator::end_batch`] once every parameter's is in.
+    pub fn add_one<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: Tensor<B, 1>) {
+        let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
+        self.acc[i] = match self.method {
+            Method::Taylor => a + (flat_value(p) * g).abs(),
+            Method::TaylorSum => a + g,
+            Method::Taylor2 => {
+                let q = std::mem::replace(&mut self.sq[i], Tensor::empty([0], &g.device()));
+                self.sq[i] = q + g.clone().powi_scalar(2);
+                a + g
+            }
+        };
+    }
+
+    /// Count a batch whose gradients went in through [`Accumulator::add_one`].
+    pub fn end_batch(&mut self) {
         self.batches += 1;
     }
 
@@ -150,33 +163,19 @@ pub fn batch_loss_grads<B: AutodiffBackend>(
     micro: usize,
     want_loss: bool,
 ) -> (f64, Vec<Option<Tensor<B::InnerBackend, 1>>>) {
-    let params = model.params();
-    let head = model.head_name();
-    let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> = (0..params.len()).map(|_| None).collect();
+    let n = model.params().len();
+    let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> = (0..n).map(|_| None).collect();
     let mut loss_sum = 0.0;
     for chunk in rows.chunks(micro.max(1)) {
         let w = chunk.len() as f64 / rows.len() as f64;
-        let mut out = model.loss_backward(chunk, w);
+        let loss = model.loss_backward(chunk, w, |i, g| {
+            sum[i] = Some(match sum[i].take() {
+                Some(a) => a + g,
+                None => g,
+            });
+        });
         if want_loss {
-            loss_sum += out.loss;
-        }
-        let mut head_grad = Some(out.head.flatten(0, 1));
-        for (i, (name, p)) in params.iter().enumerate() {
-            let mut g = match p {
-                ParamRef::Vector(p) => p.val().grad_remove(&mut out.grads),
-                ParamRef::Matrix(p) => p.val().grad_remove(&mut out.grads).map(|g| g.flatten(0, 1)),
-            };
-            if name == head {
-                let h = head_grad.take().expect("one head");
-                g = Some(match g {
-                    Some(g) => g + h,
-                    None => h,
-                });
-            }
-            sum[i] = match (sum[i].take(), g) {
-                (Some(a), Some(g)) => Some(a + g),
-                (a, g) => a.or(g),
-            };
+            loss_sum += loss;
         }
     }
     (loss_sum, sum)
@@ -192,8 +191,15 @@ fn accumulate<B: AutodiffBackend>(
     on_batch: &mut impl FnMut(usize),
 ) -> Accumulator<B::InnerBackend> {
     let mut acc = Accumulator::new(method, model);
+    let params = model.params();
     for chunk in chunks {
-        acc.add(model, batch_grads(model, chunk, micro));
+        if chunk.len() <= micro {
+            // One backward pass per batch: each gradient goes into the sums as soon as it exists.
+            model.loss_backward(chunk, 1.0, |i, g| acc.add_one(&params[i].1, i, g));
+            acc.end_batch();
+        } else {
+            acc.add(model, batch_grads(model, chunk, micro));
+        }
         *done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
         on_batch(*done);
     }

@@ -41,7 +41,7 @@ pub struct Llama<B: Backend> {
 /// Keys and values of past positions, per layer (`[batch, past, kv_heads, head_dim]`).
 #[derive(Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<KvSlot<B>>,
     /// Number of positions already cached.
     pub len: usize,
 }
@@ -186,18 +186,7 @@ impl<B: Backend> Llama<B> {
     pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), ParamRef::Matrix(&self.embed))];
         for (l, b) in self.layers.iter().enumerate() {
-            let refs = [
-                ParamRef::Vector(&b.attn_norm),
-                ParamRef::Matrix(&b.q),
-                ParamRef::Matrix(&b.k),
-                ParamRef::Matrix(&b.v),
-                ParamRef::Matrix(&b.o),
-                ParamRef::Vector(&b.mlp_norm),
-                ParamRef::Matrix(&b.gate),
-                ParamRef::Matrix(&b.up),
-                ParamRef::Matrix(&b.down),
-            ];
-            for (n, r) in BLOCK_TENSORS.iter().zip(refs) {
+            for (n, r) in BLOCK_TENSORS.iter().zip(b.param_refs()) {
                 v.push((format!("model.layers.{l}.{n}"), r));
             }
         }
@@ -338,18 +327,44 @@ impl<B: Backend> Llama<B> {
         Tensor::from_data(TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(), device)
     }
 
-    /// RoPE on `[batch, seq, heads, head_dim]`, with tables from [`Self::rope_tables`].
-    fn rope(x: Tensor<B, 4>, rot: &Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-        let [b, t, h, hd] = x.dims();
-        let rotated = x.clone().reshape([b * t * h, hd]).matmul(rot.clone()).reshape([b, t * h * hd]);
-        (x.reshape([b, t * h * hd]) * cos.clone() + rotated * sin.clone()).reshape([b, t, h, hd])
+    /// RMSNorm over the last dimension of `[tokens, hidden]`.
+    pub fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
+        rms_norm(x, w, self.config.rms_norm_eps)
     }
 
-    /// RMSNorm over the last dimension of `[tokens, hidden]`.
-    fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
-        let eps = self.config.rms_norm_eps;
-        let ms = x.clone().powi_scalar(2).mean_dim(1);
-        x * (ms + eps).sqrt().recip() * w.val().unsqueeze_dim(0)
+    /// The per-call constants of the blocks for `b` rows of `t` new tokens after `past` cached ones.
+    pub fn block_context(&self, b: usize, t: usize, past: usize, device: &B::Device) -> BlockContext<B> {
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let total = past + t;
+        let (cos, sin) = self.rope_tables(past, t, nkv, 1.0, device);
+        let (cos_q, sin_q) = self.rope_tables(past, t, nh, 1.0 / (hd as f64).sqrt(), device);
+        let mask = (t > 1).then(|| {
+            let mut m = vec![0f32; t * total];
+            for i in 0..t {
+                for j in (past + i + 1)..total {
+                    m[i * total + j] = -1e9;
+                }
+            }
+            Tensor::<B, 2>::from_data(TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(), device)
+        });
+        BlockContext {
+            b,
+            t,
+            past,
+            cos,
+            sin,
+            cos_q,
+            sin_q,
+            rot: self.rope_rotation(device),
+            mask,
+        }
+    }
+
+    /// Embeddings of `tokens` as `[batch·seq, hidden]`.
+    pub fn embed_tokens(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, t] = tokens.dims();
+        self.embed.val().select(0, tokens.reshape([b * t]))
     }
 
     /// Hidden states after the final norm: `[batch, seq, hidden]`.
@@ -358,74 +373,19 @@ impl<B: Backend> Llama<B> {
     /// projection is one 2-D matmul and no reshape of a transposed tensor forces a copy;
     /// attention broadcasts each key/value head over its query group instead of repeating it.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let cfg = &self.config;
         let device = tokens.device();
         let [b, t] = tokens.dims();
-        let n = b * t;
-        let (nh, nkv, hd, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.hidden_size,
-        );
-        let rep = nh / nkv;
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
-        let (cos, sin) = self.rope_tables(past, t, nkv, 1.0, &device);
-        let (cos_q, sin_q) = self.rope_tables(past, t, nh, 1.0 / (hd as f64).sqrt(), &device);
-        let rot = self.rope_rotation(&device);
-        let total = past + t;
-        let mask = (t > 1).then(|| {
-            let mut m = vec![0f32; t * total];
-            for i in 0..t {
-                for j in (past + i + 1)..total {
-                    m[i * total + j] = -1e9;
-                }
-            }
-            Tensor::<B, 2>::from_data(TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(), &device)
-        });
-        let mut x = self.embed.val().select(0, tokens.reshape([n]));
+        let ctx = self.block_context(b, t, past, &device);
+        let mut x = self.embed_tokens(tokens);
         for (l, blk) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(x.clone(), &blk.attn_norm);
-            let q = linear(h.clone(), &blk.q).reshape([b, t, nh, hd]);
-            let k = linear(h.clone(), &blk.k).reshape([b, t, nkv, hd]);
-            let mut v = linear(h, &blk.v).reshape([b, t, nkv, hd]);
-            let q = Self::rope(q, &rot, &cos_q, &sin_q);
-            let mut k = Self::rope(k, &rot, &cos, &sin);
-            if let Some(c) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = c.layers[l].take() {
-                    k = Tensor::cat(vec![pk, k], 1);
-                    v = Tensor::cat(vec![pv, v], 1);
-                }
-                c.layers[l] = Some((k.clone(), v.clone()));
-            }
-            // [b, kv head, group member, t, hd] against [b, kv head, 1, ·, ·].
-            let q = q.reshape([b, t, nkv, rep, hd]).permute([0, 2, 3, 1, 4]);
-            let kt = k.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 4, 1]);
-            let v = v.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 1, 4]);
-            let mut s = q.matmul(kt);
-            if let Some(m) = &mask {
-                // One shared row of t·total per (batch, head): the backends' fast broadcast.
-                s = (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total]);
-            }
-            let a = softmax(s, 4).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
-            x = x + linear(a, &blk.o);
-            let h = self.rms_norm(x.clone(), &blk.mlp_norm);
-            let g = silu(linear(h.clone(), &blk.gate)) * linear(h, &blk.up);
-            x = x + linear(g, &blk.down);
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = blk.forward(&self.config, x, &ctx, slot);
         }
         if let Some(c) = cache {
-            c.len = total;
+            c.len = past + t;
         }
-        self.rms_norm(x, &self.norm).reshape([b, t, d])
-    }
-
-    /// Canonical name of the output projection's weight (the embedding when tied).
-    pub fn head_name(&self) -> &'static str {
-        if self.lm_head.is_some() {
-            "lm_head.weight"
-        } else {
-            "model.embed_tokens.weight"
-        }
+        self.rms_norm(x, &self.norm).reshape([b, t, self.config.hidden_size])
     }
 
     /// Project hidden states to vocabulary logits.
@@ -456,6 +416,93 @@ impl<B: Backend> Llama<B> {
     pub fn loss(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         self.token_nll(tokens).mean()
     }
+}
+
+/// What every block of one forward call shares: RoPE tables, rotation, causal mask.
+pub struct BlockContext<B: Backend> {
+    b: usize,
+    t: usize,
+    past: usize,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    cos_q: Tensor<B, 2>,
+    sin_q: Tensor<B, 2>,
+    rot: Tensor<B, 2>,
+    mask: Option<Tensor<B, 2>>,
+}
+
+/// One layer's cached keys and values.
+pub type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+impl<B: Backend> Block<B> {
+    /// The block's parameters in [`BLOCK_TENSORS`] order.
+    pub fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
+        [
+            ParamRef::Vector(&self.attn_norm),
+            ParamRef::Matrix(&self.q),
+            ParamRef::Matrix(&self.k),
+            ParamRef::Matrix(&self.v),
+            ParamRef::Matrix(&self.o),
+            ParamRef::Vector(&self.mlp_norm),
+            ParamRef::Matrix(&self.gate),
+            ParamRef::Matrix(&self.up),
+            ParamRef::Matrix(&self.down),
+        ]
+    }
+
+    /// The block on `x: [batch·seq, hidden]` (residual stream in, residual stream out).
+    pub fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        x: Tensor<B, 2>,
+        ctx: &BlockContext<B>,
+        cache: Option<&mut KvSlot<B>>,
+    ) -> Tensor<B, 2> {
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (b, t) = (ctx.b, ctx.t);
+        let (n, rep, total) = (b * t, nh / nkv, ctx.past + t);
+        let eps = cfg.rms_norm_eps;
+        let h = rms_norm(x.clone(), &self.attn_norm, eps);
+        let q = linear(h.clone(), &self.q).reshape([b, t, nh, hd]);
+        let k = linear(h.clone(), &self.k).reshape([b, t, nkv, hd]);
+        let mut v = linear(h, &self.v).reshape([b, t, nkv, hd]);
+        let q = rope(q, &ctx.rot, &ctx.cos_q, &ctx.sin_q);
+        let mut k = rope(k, &ctx.rot, &ctx.cos, &ctx.sin);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 1);
+                v = Tensor::cat(vec![pv, v], 1);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // [b, kv head, group member, t, hd] against [b, kv head, 1, ·, ·].
+        let q = q.reshape([b, t, nkv, rep, hd]).permute([0, 2, 3, 1, 4]);
+        let kt = k.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 4, 1]);
+        let v = v.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 1, 4]);
+        let mut s = q.matmul(kt);
+        if let Some(m) = &ctx.mask {
+            // One shared row of t·total per (batch, head): the backends' fast broadcast.
+            s = (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total]);
+        }
+        let a = softmax(s, 4).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
+        let x = x + linear(a, &self.o);
+        let h = rms_norm(x.clone(), &self.mlp_norm, eps);
+        let g = silu(linear(h.clone(), &self.gate)) * linear(h, &self.up);
+        x + linear(g, &self.down)
+    }
+}
+
+/// RMSNorm over the last dimension of `[tokens, hidden]`.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>, eps: f64) -> Tensor<B, 2> {
+    let ms = x.clone().powi_scalar(2).mean_dim(1);
+    x * (ms + eps).sqrt().recip() * w.val().unsqueeze_dim(0)
+}
+
+/// RoPE on `[batch, seq, heads, head_dim]`, with tables from `Llama::rope_tables`.
+fn rope<B: Backend>(x: Tensor<B, 4>, rot: &Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, t, h, hd] = x.dims();
+    let rotated = x.clone().reshape([b * t * h, hd]).matmul(rot.clone()).reshape([b, t * h * hd]);
+    (x.reshape([b, t * h * hd]) * cos.clone() + rotated * sin.clone()).reshape([b, t, h, hd])
 }
 
 /// SiLU as `x / (1 + e^-x)`. burn-ndarray's own sigmoid is accurate only to ~5e-7 relative

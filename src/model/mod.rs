@@ -1,5 +1,6 @@
 //! The model layer: config → weights → burn module, tokenizer, generation, export.
 
+pub mod backprop;
 pub mod config;
 pub mod export;
 pub mod generate;
@@ -10,7 +11,6 @@ pub mod names;
 pub mod tokenizer;
 
 pub use config::{LlamaConfig, RopeLayout};
-pub use head::LossGrads;
 pub use llama::{tokens_tensor, KvCache, Llama, ParamRef};
 pub use load::{load, Checkpoint};
 pub use tokenizer::{Message, Tok};
