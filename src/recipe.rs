@@ -54,6 +54,8 @@ pub struct TrainSection {
     pub grad_accum: usize,
     /// Sequences per backward pass inside a micro-step (memory knob; same gradient).
     pub micro_batch: usize,
+    /// Top blocks whose activations a backward pass keeps instead of recomputing (memory knob).
+    pub keep_blocks: usize,
     pub seq_len: usize,
     pub lr: f64,
     /// Linear warm-up steps.
@@ -94,6 +96,8 @@ pub struct ImportanceSection {
     pub seq_len: usize,
     pub batch: usize,
     pub micro_batch: usize,
+    /// Top blocks whose activations a backward pass keeps instead of recomputing (memory knob).
+    pub keep_blocks: usize,
     pub seed: u64,
     /// Store scores as f16.
     pub half: bool,
@@ -149,7 +153,8 @@ impl Default for TrainSection {
             steps: 100,
             batch: 4,
             grad_accum: 1,
-            micro_batch: 1,
+            micro_batch: 4,
+            keep_blocks: crate::model::backprop::DEFAULT_KEEP_BLOCKS,
             seq_len: 256,
             lr: 2e-5,
             warmup: 10,
@@ -176,7 +181,8 @@ impl Default for ImportanceSection {
             tokens: 16384,
             seq_len: 256,
             batch: 4,
-            micro_batch: 1,
+            micro_batch: 4,
+            keep_blocks: crate::model::backprop::DEFAULT_KEEP_BLOCKS,
             seed: 0,
             half: false,
             track_k: 1.0,

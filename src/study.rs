@@ -286,6 +286,7 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.seq_len = i.seq_len;
     req.batch = i.batch;
     req.micro_batch = i.micro_batch;
+    req.keep_blocks = i.keep_blocks;
     req.method = i.method;
     req.seed = i.seed;
     req.half = i.half;

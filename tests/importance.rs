@@ -42,35 +42,74 @@ fn fd_grad(cfg: &LlamaConfig, w: &Weights, rows: &[Vec<u32>], name: &str) -> Vec
     (0..n).map(|i| (loss(i, eps) - loss(i, -eps)) / (2.0 * eps)).collect()
 }
 
+/// The scores use the block-at-a-time backward (`model::backprop`): check it against finite
+/// differences with every block re-run (keep 0), some kept (1) and all kept (2), tied and untied.
 #[test]
 fn taylor_equals_theta_times_finite_difference_gradient() {
-    let cfg = LlamaConfig::tiny(64);
-    let w = model::llama::random_weights(&cfg, 9);
-    let dev = Default::default();
-    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
-    let rows = &blocks()[..2];
-    let s = importance::score(&m, rows, 2, 2, Method::Taylor, |_| {}).unwrap();
-    // Every tensor is scored, with its parameter's shape.
-    for (name, shape) in cfg.tensor_shapes() {
-        assert_eq!(s.tensors[&name].shape, shape, "{name}");
-    }
-    for name in [
-        "model.layers.1.input_layernorm.weight",
-        "model.layers.0.self_attn.k_proj.weight",
-        "model.norm.weight",
-    ] {
-        let g = fd_grad(&cfg, &w, rows, name);
-        let theta = &w.tensors[name].data;
-        let got = &s.tensors[name].data;
-        for i in 0..g.len() {
-            let want = (theta[i] as f64 * g[i]).abs();
-            let err = (got[i] as f64 - want).abs();
-            assert!(
-                err <= 1e-7 + 1e-4 * want,
-                "{name}[{i}]: taylor {} vs |θ·g_fd| {want}",
-                got[i]
-            );
+    for tied in [true, false] {
+        let mut cfg = LlamaConfig::tiny(64);
+        cfg.tie_word_embeddings = tied;
+        let w = model::llama::random_weights(&cfg, 9);
+        let dev = Default::default();
+        let rows = &blocks()[..2];
+        let mut names = vec![
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.input_layernorm.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.norm.weight",
+        ];
+        if !tied {
+            names.push("lm_head.weight");
         }
+        let fd: Vec<Vec<f64>> = names.iter().map(|n| fd_grad(&cfg, &w, rows, n)).collect();
+        for keep in [0, 1, 2] {
+            let mut m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+            m.keep_blocks = keep;
+            let s = importance::score(&m, rows, 2, 2, Method::Taylor, |_| {}).unwrap();
+            // Every tensor is scored, with its parameter's shape.
+            for (name, shape) in cfg.tensor_shapes() {
+                assert_eq!(s.tensors[&name].shape, shape, "{name}");
+            }
+            for (name, g) in names.iter().zip(&fd) {
+                let theta = &w.tensors[*name].data;
+                let got = &s.tensors[*name].data;
+                // The embedding: only rows of tokens that occur have a gradient from the input side.
+                for i in (0..g.len()).step_by(if g.len() > 2000 { 7 } else { 1 }) {
+                    let want = (theta[i] as f64 * g[i]).abs();
+                    let err = (got[i] as f64 - want).abs();
+                    assert!(
+                        err <= 1e-7 + 1e-4 * want,
+                        "tied {tied}, keep {keep}, {name}[{i}]: taylor {} vs |θ·g_fd| {want}",
+                        got[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The tool's backend (burn-flex, f32) gives the f64 reference's gradients.
+#[test]
+fn cpu_backend_gradients_match_the_f64_reference() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 3);
+    let rows = &blocks()[..3];
+    let mut a = Llama::<codespot::backend::CpuAd>::from_weights(&cfg, &w, &Default::default()).unwrap();
+    a.keep_blocks = 1;
+    let b = Llama::<F64Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();
+    let ga = importance::batch_grads(&a, rows, 3);
+    let gb = importance::batch_grads(&b, rows, 2);
+    for (((name, _), x), y) in a.params().iter().zip(ga).zip(gb) {
+        let x: Vec<f64> = x.unwrap().into_data().convert::<f64>().into_vec().unwrap();
+        let y: Vec<f64> = y.unwrap().into_data().convert::<f64>().into_vec().unwrap();
+        let max = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(&y).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            max > 0.0 && diff <= 1e-4 * max,
+            "{name}: max |g| {max:e}, max diff {diff:e}"
+        );
     }
 }
 

@@ -96,7 +96,8 @@ impl<B: Backend> Accumulator<B> {
     pub fn add_one<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: Tensor<B, 1>) {
         let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
         self.acc[i] = match self.method {
-            Method::Taylor => a + (flat_value(p) * g).abs(),
+            // Fresh, unshared left operands, so CPU backends can work in place.
+            Method::Taylor => a + (g * flat_value(p)).abs(),
             Method::TaylorSum => a + g,
             Method::Taylor2 => {
                 let q = std::mem::replace(&mut self.sq[i], Tensor::empty([0], &g.device()));
@@ -253,6 +254,8 @@ pub struct ScoreRequest {
     pub batch: usize,
     /// Sequences per backward pass (the batch's gradient is the sum over its micro-batches).
     pub micro_batch: usize,
+    /// Top blocks whose activations a backward pass keeps ([`Llama::keep_blocks`]).
+    pub keep_blocks: usize,
     pub method: Method,
     pub seed: u64,
     pub half: bool,
@@ -272,7 +275,8 @@ impl ScoreRequest {
             tokens: 16384,
             seq_len: 256,
             batch: 4,
-            micro_batch: 1,
+            micro_batch: 4,
+            keep_blocks: crate::model::backprop::DEFAULT_KEEP_BLOCKS,
             method: Method::Taylor,
             seed: 0,
             half: false,
@@ -347,6 +351,9 @@ pub fn score_snapshot<B: AutodiffBackend>(
     force: bool,
 ) -> Result<snapshot::SnapshotManifest> {
     req.validate()?;
+    let mut model = model.clone(); // shares the weights
+    model.keep_blocks = req.keep_blocks;
+    let model = &model;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
     let blocks = corpus_blocks(corpora, req, &ck.tokenizer, eos)?;
     let total = blocks.len() * req.seq_len;

@@ -24,7 +24,12 @@ pub struct HeadGrads<B: Backend> {
 
 /// Cross-entropy of `h · Wᵀ` (`h: [tokens, hidden]`, `W: [vocab, hidden]`) against `targets:
 /// [tokens, 1]`, and the gradients of `scale` times its sum.
-pub fn head_grads<B: Backend>(h: Tensor<B, 2>, w: Tensor<B, 2>, targets: Tensor<B, 2, Int>, scale: f64) -> HeadGrads<B> {
+pub fn head_grads<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    scale: f64,
+) -> HeadGrads<B> {
     let device = h.device();
     let [n, _] = h.dims();
     let vocab = w.dims()[0];

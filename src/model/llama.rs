@@ -36,6 +36,10 @@ pub struct Llama<B: Backend> {
     pub lm_head: Option<Param<Tensor<B, 2>>>,
     #[module(skip)]
     pub config: LlamaConfig,
+    /// Backward passes keep the autodiff graphs of this many top blocks from the forward pass
+    /// and re-run the others (memory against speed; see `model::backprop`).
+    #[module(skip)]
+    pub keep_blocks: usize,
 }
 
 /// Keys and values of past positions, per layer (`[batch, past, kv_heads, head_dim]`).
@@ -179,6 +183,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             config: config.clone(),
+            keep_blocks: super::backprop::DEFAULT_KEEP_BLOCKS,
         })
     }
 
@@ -248,6 +253,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             config: self.config,
+            keep_blocks: self.keep_blocks,
         }
     }
 
@@ -501,14 +507,24 @@ fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>, eps: f64) -> T
 /// RoPE on `[batch, seq, heads, head_dim]`, with tables from `Llama::rope_tables`.
 fn rope<B: Backend>(x: Tensor<B, 4>, rot: &Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
     let [b, t, h, hd] = x.dims();
-    let rotated = x.clone().reshape([b * t * h, hd]).matmul(rot.clone()).reshape([b, t * h * hd]);
+    let rotated = x
+        .clone()
+        .reshape([b * t * h, hd])
+        .matmul(rot.clone())
+        .reshape([b, t * h * hd]);
     (x.reshape([b, t * h * hd]) * cos.clone() + rotated * sin.clone()).reshape([b, t, h, hd])
 }
 
-/// SiLU as `x / (1 + e^-x)`. burn-ndarray's own sigmoid is accurate only to ~5e-7 relative
-/// even in f64 (measured), which breaks finite-difference gradient checks.
+/// SiLU. In f32 as `x · sigmoid(x)`: the backends' own sigmoid is one op forward and one
+/// backward (four element-wise passes fewer than the composed form, measured on burn-flex). In
+/// f64 (the tests' reference backend) as `x / (1 + e^-x)`: burn-ndarray's sigmoid is accurate
+/// only to ~5e-7 relative even in f64 (measured), which breaks finite-difference checks.
 fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() / (x.neg().exp() + 1.0)
+    if std::mem::size_of::<B::FloatElem>() >= 8 {
+        x.clone() / (x.neg().exp() + 1.0)
+    } else {
+        x.clone() * burn::tensor::activation::sigmoid(x)
+    }
 }
 
 /// `x · Wᵀ` for `x: [tokens, in]` and HF-layout `W: [out, in]`: the transpose is a strided

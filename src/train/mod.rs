@@ -308,8 +308,9 @@ pub fn tune<B: Backend>(
                 );
             }
             let w = crate::source::weights::from_safetensors(&[d.join("model.safetensors")])?;
-            let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &w, device)
+            let mut m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &w, device)
                 .with_context(|| format!("{}: model.safetensors", d.display()))?;
+            m.keep_blocks = t.keep_blocks;
             let ow = crate::source::weights::from_safetensors(&[d.join("optimizer").join("adamw.safetensors")])?;
             let o = AdamW::from_host(acfg, &m, &ow, st.step, &d.join("optimizer").display().to_string())?;
             if opts.progress {
@@ -318,7 +319,8 @@ pub fn tune<B: Backend>(
             (m, o, st)
         }
         None => {
-            let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+            let mut m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+            m.keep_blocks = t.keep_blocks;
             let o = AdamW::new(acfg, &m);
             let st = TrainState {
                 format: 1,
