@@ -20,6 +20,25 @@ pub type Cuda = burn::backend::Cuda<f32, i32>;
 #[cfg(feature = "cuda")]
 pub type CudaAd = Autodiff<Cuda>;
 
+/// f32 matmul GFLOP/s of backend `B` at the default model's MLP shape, [2048×576]·[576×1536]
+/// (median of 7): the machine's sgemm rate that `bench score` is measured against.
+pub fn sgemm_gflops<B: burn::tensor::backend::Backend>(dev: &B::Device) -> f64 {
+    use burn::tensor::{Distribution, Tensor};
+    let (m, k, n) = (2048, 576, 1536);
+    let a = Tensor::<B, 2>::random([m, k], Distribution::Default, dev);
+    let b = Tensor::<B, 2>::random([k, n], Distribution::Default, dev);
+    let _ = a.clone().matmul(b.clone()).into_data();
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let _ = a.clone().matmul(b.clone()).into_data();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    2.0 * (m * k * n) as f64 / times[times.len() / 2] / 1e9
+}
+
 /// Which device the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

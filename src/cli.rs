@@ -1006,13 +1006,14 @@ fn bench_score<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device:
         "bench score: batch, micro-batch, seq-len and steps must be positive"
     );
     let mut ck = model::load(source)?;
-    let mut m = Llama::<Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+    let mut m = Llama::<Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device)?;
     m.keep_blocks = keep_blocks;
-    ck.weights = Default::default(); // the model holds them now
     let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, batch * (steps + 1), seq_len + 1);
     // The first batch warms up; the rest are timed.
     let (warm, timed) = blocks.split_at(batch);
     crate::importance::score(&m, warm, batch, micro_batch, crate::importance::Method::Taylor, |_| {})?;
+    // The machine's sgemm rate, measured before and after (a shared machine's speed drifts).
+    let sgemm_before = crate::backend::sgemm_gflops::<B>(device);
     let t0 = std::time::Instant::now();
     let mut marks = vec![];
     crate::importance::score(&m, timed, batch, micro_batch, crate::importance::Method::Taylor, |_| {
@@ -1029,18 +1030,27 @@ fn bench_score<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device:
         .collect();
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
-    let rss = crate::util::peak_rss_bytes().unwrap_or(0);
+    let sgemm = (sgemm_before + crate::backend::sgemm_gflops::<B>(device)) / 2.0;
+    // Tokens/s that half the sgemm rate allows at 6·N flops per token: the target.
     let n = ck.config.num_params() as f64;
+    let target = sgemm * 1e9 / (2.0 * 6.0 * n);
+    let rss = crate::util::peak_rss_bytes().unwrap_or(0);
     if json {
         println!(
             "{}",
             serde_json::json!({"tokens_per_s": tps, "median_batch_tokens_per_s": median, "batch_tokens_per_s": rates,
-            "seconds": dt, "batch": batch, "micro_batch": micro_batch, "keep_blocks": keep_blocks, "seq_len": seq_len, "steps": steps,
+            "sgemm_gflop_per_s": sgemm, "half_sgemm_tokens_per_s": target, "seconds": dt, "batch": batch, "micro_batch": micro_batch, "keep_blocks": keep_blocks, "seq_len": seq_len, "steps": steps,
             "peak_rss_bytes": rss, "gflop_per_s": 6.0 * n * tps / 1e9})
         );
     } else {
-        println!("score: {tps:.1} tokens/s (batch {batch} × {seq_len}, micro-batch {micro_batch}, {keep_blocks} blocks kept, {steps} steps, {dt:.1} s; ≈{:.0} GFLOP/s at 6·N flops/token); median batch {median:.1} tokens/s (range {:.1}–{:.1}); peak RSS {:.0} MiB",
-            6.0 * n * tps / 1e9, rates[0], rates[rates.len() - 1], rss as f64 / 1048576.0);
+        println!(
+            "score: {tps:.1} tokens/s (batch {batch} × {seq_len}, micro-batch {micro_batch}, {keep_blocks} blocks kept, {steps} steps, {dt:.1} s); median batch {median:.1} tokens/s (range {:.1}–{:.1}); ≈{:.0} GFLOP/s at 6·N flops/token = {:.0}% of sgemm ({sgemm:.0} GFLOP/s; half of it allows {target:.1} tokens/s); peak RSS {:.0} MiB",
+            rates[0],
+            rates[rates.len() - 1],
+            6.0 * n * median / 1e9,
+            100.0 * 6.0 * n * median / 1e9 / sgemm,
+            rss as f64 / 1048576.0
+        );
     }
     Ok(())
 }

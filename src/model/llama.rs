@@ -81,8 +81,7 @@ impl<B: Backend> ParamRef<'_, B> {
     }
 }
 
-fn param<B: Backend, const D: usize>(t: &HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
-    let data = TensorData::new(t.data.clone(), t.shape.clone());
+fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Param<Tensor<B, D>> {
     Param::from_tensor(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device))
 }
 
@@ -139,22 +138,35 @@ impl LlamaConfig {
 impl<B: Backend> Llama<B> {
     /// Build from canonical host weights, checking every name and shape.
     pub fn from_weights(config: &LlamaConfig, w: &Weights, device: &B::Device) -> Result<Self> {
+        Self::build(config, device, |name| {
+            w.get(name).map(|t| (t.shape.clone(), t.data.clone()))
+        })
+    }
+
+    /// [`Llama::from_weights`], consuming the host weights tensor by tensor (peak memory: the
+    /// weights once, not twice).
+    pub fn from_weights_owned(config: &LlamaConfig, mut w: Weights, device: &B::Device) -> Result<Self> {
+        Self::build(config, device, |name| w.tensors.remove(name).map(|t| (t.shape, t.data)))
+    }
+
+    fn build(
+        config: &LlamaConfig,
+        device: &B::Device,
+        mut get: impl FnMut(&str) -> Option<(Vec<usize>, Vec<f32>)>,
+    ) -> Result<Self> {
         config.validate()?;
-        let get = |name: &str, shape: &[usize]| -> Result<&HostTensor> {
-            let Some(t) = w.get(name) else {
-                bail!("missing tensor '{name}'");
-            };
-            if t.shape != shape {
-                bail!("tensor '{name}' has shape {:?}, expected {shape:?}", t.shape);
-            }
-            Ok(t)
-        };
         let shapes = config.tensor_shapes();
         let mut it = shapes.iter();
         // Walk the expected-shape list in its order: embed, layers, norm, lm_head.
-        let mut take = || -> Result<&HostTensor> {
-            let (n, s) = it.next().expect("shape list");
-            get(n, s)
+        let mut take = || -> Result<TensorData> {
+            let (name, shape) = it.next().expect("shape list");
+            let Some((s, data)) = get(name) else {
+                bail!("missing tensor '{name}'");
+            };
+            if s != *shape {
+                bail!("tensor '{name}' has shape {s:?}, expected {shape:?}");
+            }
+            Ok(TensorData::new(data, s))
         };
         let embed = param::<B, 2>(take()?, device);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
