@@ -1,14 +1,15 @@
 //! Loss and gradients of a batch, one block at a time.
 //!
 //! Autodiff over the whole model keeps every block's activations until the backward pass
-//! (~85 MB a block at batch 4 × 256 on the default model, 2.5 GB in all), and hands back all
+//! (~75–85 MB a block at batch 4 × 256 on the default model, 2.5 GB in all), and hands back all
 //! gradients at once (another copy of the weights). Here the forward pass runs without autodiff
 //! and keeps only each block's input; the backward pass then goes from the top: the final norm
 //! and the chunked head ([`super::head`]), then each block re-run under autodiff from its saved
 //! input and backpropagated from `Σ y ⊙ ∂L/∂y`, whose gradient with respect to `y` is exactly
 //! `∂L/∂y`. Each parameter's gradient goes to a sink as soon as it exists, so a caller can fold
-//! it into its sums and drop it. Peak memory is one block's graph; the price is one more forward
-//! pass of the blocks.
+//! it into its sums and drop it. The top [`Llama::keep_blocks`] blocks run under autodiff in the
+//! forward pass already and keep their graphs (memory traded for their second forward pass);
+//! the rest cost one block's graph at a time and one more forward pass each.
 
 use super::head::head_grads;
 use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
@@ -17,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{IndexingUpdateOp, Tensor};
 
 /// Default [`Llama::keep_blocks`]: the top blocks whose autodiff graphs are kept from the
-/// forward pass instead of re-run (each ~80 MB at batch 4 × 256 on the default model; 6 keeps
+/// forward pass instead of re-run (each ~75 MB at batch 4 × 256 on the default model; 6 keeps
 /// `bench score` under 2.5 GB there).
 pub const DEFAULT_KEEP_BLOCKS: usize = 6;
 
