@@ -214,6 +214,32 @@ fn micro_batches_give_the_batch_gradient() {
     }
 }
 
+/// The loss the block-at-a-time backward reports (tuning logs it) is the model's mean loss.
+#[test]
+fn backward_reports_the_models_mean_loss() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 5);
+    let dev = Default::default();
+    for keep in [0, 2] {
+        let mut m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+        m.keep_blocks = keep;
+        let want: f64 = Llama::<F64>::from_weights(&cfg, &w, &dev)
+            .unwrap()
+            .loss(tokens_tensor::<F64>(&blocks(), &dev))
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .unwrap()[0];
+        for micro in [4, 1] {
+            let (got, _) = importance::batch_loss_grads(&m, &blocks(), micro, true);
+            assert!(
+                (got - want).abs() <= 1e-9 * want,
+                "keep {keep}, micro {micro}: {got} vs {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn corpus_build_filters_dedupes_and_splits_stably() {
     let dir = tempfile::tempdir().unwrap();
