@@ -18,6 +18,27 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
+/// The report's figures: each drawn into `dir` and listed, with its caption, in `report.md`.
+struct Figures<'a> {
+    dir: &'a Path,
+    /// (file, caption)
+    list: Vec<(String, String)>,
+}
+
+impl Figures<'_> {
+    fn lines(&mut self, file: &str, title: &str, x: &str, y: &str, series: &[Series], caption: String) -> Result<()> {
+        plot::lines(&self.dir.join(file), title, x, y, series)?;
+        self.list.push((file.into(), caption));
+        Ok(())
+    }
+
+    fn heatmap(&mut self, file: &str, title: &str, grid: &[Vec<f64>], cols: &[String], caption: String) -> Result<()> {
+        plot::heatmap(&self.dir.join(file), title, grid, cols, None)?;
+        self.list.push((file.into(), caption));
+        Ok(())
+    }
+}
+
 /// Sum of summaries (layer × module and layer × head mass) over languages.
 type Grid = Vec<Vec<f64>>;
 
@@ -143,6 +164,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
     let mut images: Vec<(String, String)> = vec![]; // (file, caption)
 
     crate::util::write_dir_atomic(&out.join("report"), true, |dir| {
+        let mut fig = Figures { dir, list: vec![] };
         if !tunes.is_empty() {
             let train: Vec<Series> = tunes
                 .iter()
@@ -152,17 +174,14 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                     dashed: false,
                 })
                 .collect();
-            plot::lines(
-                &dir.join("loss.png"),
+            fig.lines(
+                "loss.png",
                 "Training loss",
                 "step",
                 "loss (nats/token)",
                 &train,
-            )?;
-            images.push((
-                "loss.png".into(),
                 "Training loss per language (each its own run)".into(),
-            ));
+            )?;
             let mut held = vec![];
             for (l, t) in &tunes {
                 for lang in &r.languages {
@@ -177,17 +196,14 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                     });
                 }
             }
-            plot::lines(
-                &dir.join("heldout.png"),
+            fig.lines(
+                "heldout.png",
                 "Held-out loss",
                 "step",
                 "loss (nats/token)",
                 &held,
-            )?;
-            images.push((
-                "heldout.png".into(),
                 "Held-out loss of every language while tuning on one (dashed: the other languages)".into(),
-            ));
+            )?;
             let overlap: Vec<Series> = tunes
                 .iter()
                 .flat_map(|(l, t)| {
@@ -205,62 +221,49 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                     ]
                 })
                 .collect();
-            plot::lines(
-                &dir.join("overlap.png"),
+            fig.lines(
+                "overlap.png",
                 &format!("Top-{}% set vs the base model across checkpoints", r.importance.track_k),
                 "step",
                 "overlap",
                 &overlap,
-            )?;
-            images.push((
-                "overlap.png".into(),
                 "Spot overlap with the base model across checkpoints".into(),
-            ));
+            )?;
         }
         let cols: Vec<String> = crate::track::MODULE_ORDER.iter().map(|s| s.to_string()).collect();
         for (tag, dirs) in [("base", &base_dirs), ("tuned", &final_dirs)] {
             let Some((lm, lh)) = summed(dirs) else { continue };
-            let f = format!("mass_{tag}_layer_module.png");
-            plot::heatmap(
-                &dir.join(&f),
+            fig.heatmap(
+                &format!("mass_{tag}_layer_module.png"),
                 &format!("Importance mass, {tag}: layer × module"),
                 &lm,
                 &cols,
-                None,
-            )?;
-            images.push((
-                f,
                 format!("Importance mass share ({tag} model(s), summed over languages): layer × module"),
-            ));
+            )?;
             let heads: Vec<String> = (0..lh.first().map_or(0, |r| r.len()))
                 .map(|h| format!("H{h}"))
                 .collect();
-            let f = format!("mass_{tag}_layer_head.png");
-            plot::heatmap(
-                &dir.join(&f),
+            fig.heatmap(
+                &format!("mass_{tag}_layer_head.png"),
                 &format!("Importance mass, {tag}: layer × head"),
                 &lh,
                 &heads,
-                None,
+                format!("Importance mass share ({tag}): layer × query head"),
             )?;
-            images.push((f, format!("Importance mass share ({tag}): layer × query head")));
         }
         if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
             for ((task, metric), series) in dose_response(base) {
-                let f = format!("dose_{}_{}.png", slug(&task), slug(&metric));
-                plot::lines(
-                    &dir.join(&f),
+                fig.lines(
+                    &format!("dose_{}_{}.png", slug(&task), slug(&metric)),
                     &format!("{task} {metric}: drop vs spot size"),
                     "k (% of layer parameters zeroed)",
                     "drop % (positive = worse)",
                     &series,
-                )?;
-                images.push((
-                    f,
                     format!("Dose–response, {task} {metric}: spot (solid) vs controls (dashed)"),
-                ));
+                )?;
             }
         }
+        images = fig.list;
         Ok(())
     })?;
 
