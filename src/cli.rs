@@ -108,12 +108,28 @@ pub enum Cmd {
         /// Also write snapshots of each half of the calibration batches (spot stability).
         #[arg(long)]
         halves: bool,
+        /// Score only the I-th of N contiguous slices of the batches (`snapshot merge` adds the
+        /// N shard snapshots up): one job of a Slurm array or Kubernetes indexed job each.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<crate::importance::Shard>,
+        /// Data-parallel peers on this node through burn-collective (GPUs 0..N with --device
+        /// cuda; on the CPU the N peers share it): sums are all-reduced, scores equal one device's.
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        #[command(flatten)]
+        nodes: NodeArgs,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
         force: bool,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
+    },
+    /// The global orchestrator of a multi-node collective (`score --nodes N --orchestrator
+    /// ws://THIS_HOST:PORT` on every node); runs until killed.
+    Orchestrator {
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
     },
     /// Inspect importance snapshots.
     Snapshot {
@@ -307,6 +323,38 @@ pub enum RecipeCmd {
     },
 }
 
+/// A multi-node collective: every node runs the same command with its own --node-rank.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NodeArgs {
+    /// Nodes in the run (each runs this command with --devices peers).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u32,
+    /// This node's rank in 0..nodes; node 0 writes the snapshot.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: u32,
+    /// The global orchestrator, started on one node by `codespot orchestrator --port P`.
+    #[arg(long, value_name = "ws://HOST:PORT")]
+    pub orchestrator: Option<String>,
+    /// This node's address as the others reach it.
+    #[arg(long, value_name = "ws://HOST:PORT")]
+    pub node_address: Option<String>,
+    /// Port of this node's tensor data service.
+    #[arg(long)]
+    pub data_port: Option<u16>,
+}
+
+impl From<NodeArgs> for crate::collective::Nodes {
+    fn from(a: NodeArgs) -> Self {
+        Self {
+            count: a.nodes,
+            rank: a.node_rank,
+            orchestrator: a.orchestrator,
+            address: a.node_address,
+            data_port: a.data_port,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
     /// The layer × module table of importance mass; --top N adds the top tensors, heads, neurons.
@@ -314,6 +362,15 @@ pub enum SnapshotCmd {
         dir: PathBuf,
         #[arg(long)]
         top: Option<usize>,
+    },
+    /// Add up the shard snapshots of one run (`score --shard I/N`, every I) into one snapshot.
+    Merge {
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -451,12 +508,18 @@ pub fn run(cli: Cli) -> Result<()> {
             half,
             split,
             halves,
+            shard,
+            devices,
+            nodes,
             out,
             force,
             device,
         } => {
             let req = crate::importance::ScoreRequest {
                 halves,
+                shard,
+                devices,
+                nodes: nodes.into(),
                 lang,
                 split,
                 tokens,
@@ -472,6 +535,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 model_label: None,
             };
             on_device!(device, score_cmd(&model, &req, &out, force))
+        }
+        Cmd::Orchestrator { port } => crate::collective::orchestrator(port),
+        Cmd::Snapshot {
+            what: SnapshotCmd::Merge { shards, out, force },
+        } => {
+            let m = crate::importance::merge_shards(&shards, &out, force)?;
+            println!(
+                "wrote {} ({} shards, {} tokens, {} method)",
+                out.display(),
+                m.merged_from.len(),
+                m.tokens,
+                m.method.name()
+            );
+            Ok(())
         }
         Cmd::Snapshot {
             what: SnapshotCmd::Show { dir, top },

@@ -8,6 +8,7 @@ pub mod ablate;
 pub mod alloc;
 pub mod backend;
 pub mod cli;
+pub mod collective;
 pub mod data;
 pub mod eval;
 pub mod importance;

@@ -22,6 +22,10 @@ pub struct Recipe {
     pub out: Option<PathBuf>,
     #[serde(default = "d_device")]
     pub device: DeviceKind,
+    /// Data-parallel devices (GPUs 0..n through burn-collective; on the CPU, n peers share it):
+    /// tuning splits each batch over them, snapshots split their batches.
+    #[serde(default = "d_devices")]
+    pub devices: usize,
     #[serde(default)]
     pub corpus: CorpusSection,
     #[serde(default)]
@@ -132,6 +136,10 @@ pub struct EvalSection {
     pub k: Vec<f64>,
     /// Spot sizes evaluated on each tuned model (with the tuned spot; empty = intact only).
     pub tuned_k: Vec<f64>,
+}
+
+fn d_devices() -> usize {
+    1
 }
 
 fn d_device() -> DeviceKind {
@@ -318,6 +326,13 @@ impl Loaded {
         pos("importance.tokens", i.tokens)?;
         pos("importance.batch", i.batch)?;
         pos("importance.micro_batch", i.micro_batch)?;
+        pos("devices", r.devices)?;
+        if t.batch < r.devices {
+            return Err(self.err(
+                "train.batch",
+                format!("{} rows cannot be split over devices = {}", t.batch, r.devices),
+            ));
+        }
         if t.seq_len < 2 {
             return Err(self.err("train.seq_len", "must be at least 2"));
         }

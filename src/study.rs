@@ -290,6 +290,7 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.method = i.method;
     req.seed = i.seed;
     req.half = i.half;
+    req.devices = loaded.recipe.devices;
     req.progress = true;
     req
 }

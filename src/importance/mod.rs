@@ -124,27 +124,158 @@ impl<B: Backend> Accumulator<B> {
         self
     }
 
-    /// Final scores on the host (f32), under canonical names.
-    pub fn finish<AB: AutodiffBackend<InnerBackend = B>>(self, model: &Llama<AB>) -> Scores {
-        let n = self.batches.max(1) as f64;
-        let mut out = Scores::default();
+    /// The sums on the host, multiplied by θ where the method needs it (see [`RawSums`]).
+    pub fn raw<AB: AutodiffBackend<InnerBackend = B>>(self, model: &Llama<AB>) -> RawSums {
         let params = model.params();
+        let host = |t: Tensor<B, 1>, i: usize| {
+            let data = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 sums");
+            HostTensor::new(self.shapes[i].clone(), data)
+        };
+        let mut sum = Weights::default();
+        let mut sq = Weights::default();
+        let mut sqs = self.sq.into_iter();
         for (i, acc) in self.acc.into_iter().enumerate() {
             let theta = || flat_value(&params[i].1);
             let s = match self.method {
                 Method::Taylor => acc,
-                Method::TaylorSum => (theta() * acc).abs(),
-                Method::Taylor2 => {
-                    let first = (theta() * acc.div_scalar(n)).abs();
-                    let second = theta().powi_scalar(2) * self.sq[i].clone().div_scalar(n) * 0.5;
-                    first + second
-                }
+                Method::TaylorSum | Method::Taylor2 => theta() * acc,
             };
-            let data = s.into_data().convert::<f32>().into_vec::<f32>().expect("f32 scores");
-            out.insert(self.names[i].clone(), HostTensor::new(self.shapes[i].clone(), data));
+            sum.insert(self.names[i].clone(), host(s, i));
+            if let Some(q) = sqs.next() {
+                sq.insert(self.names[i].clone(), host(theta().powi_scalar(2) * q, i));
+            }
+        }
+        RawSums {
+            method: self.method,
+            batches: self.batches,
+            sum,
+            sq: (self.method == Method::Taylor2).then_some(sq),
+        }
+    }
+
+    /// Final scores on the host (f32), under canonical names.
+    pub fn finish<AB: AutodiffBackend<InnerBackend = B>>(self, model: &Llama<AB>) -> Scores {
+        self.raw(model).scores()
+    }
+
+    /// The running sums as flat tensors (for an all-reduce across peers).
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Tensor<B, 1>> {
+        self.acc.iter_mut().chain(self.sq.iter_mut())
+    }
+}
+
+/// What a scoring pass has summed, on the host, in a form that adds up across disjoint sets of
+/// batches without the model: `sum` is Σ_b |θ ⊙ g_b| (`taylor`) or θ ⊙ Σ_b g_b (`taylor-sum`,
+/// `taylor2`; signed, so |·| is taken after a merge), `sq` is θ² ⊙ Σ_b g_b² (`taylor2` only).
+/// θ is the same for every shard, so θ ⊙ Σ g over all batches is the sum of the shards' θ ⊙ Σ g
+/// up to f32 rounding.
+#[derive(Debug, Clone)]
+pub struct RawSums {
+    pub method: Method,
+    pub batches: usize,
+    pub sum: Weights,
+    pub sq: Option<Weights>,
+}
+
+impl RawSums {
+    /// The scores: `sum` (`taylor`), |`sum`| (`taylor-sum`), |`sum`|/n + ½ `sq`/n (`taylor2`).
+    pub fn scores(&self) -> Scores {
+        let n = self.batches.max(1) as f32;
+        let mut out = Scores::default();
+        for (name, s) in &self.sum.tensors {
+            let data = match (self.method, &self.sq) {
+                (Method::Taylor, _) => s.data.clone(),
+                (Method::TaylorSum, _) => s.data.iter().map(|x| x.abs()).collect(),
+                (Method::Taylor2, Some(sq)) => {
+                    let q = &sq.tensors[name].data;
+                    s.data.iter().zip(q).map(|(x, q)| x.abs() / n + 0.5 * q / n).collect()
+                }
+                (Method::Taylor2, None) => unreachable!("taylor2 sums carry sq"),
+            };
+            out.insert(name.clone(), HostTensor::new(s.shape.clone(), data));
         }
         out
     }
+
+    /// Add the sums of another pass over disjoint batches of the same model.
+    pub fn add(&mut self, other: &RawSums) -> Result<()> {
+        anyhow::ensure!(
+            self.method == other.method,
+            "method {} cannot merge with {}",
+            self.method.name(),
+            other.method.name()
+        );
+        add_weights(&mut self.sum, &other.sum)?;
+        if let (Some(a), Some(b)) = (&mut self.sq, &other.sq) {
+            add_weights(a, b)?;
+        }
+        self.batches += other.batches;
+        Ok(())
+    }
+
+    /// As safetensors tensors: `sum/<name>` and `sq/<name>`.
+    pub fn to_weights(&self) -> Weights {
+        let mut w = Weights::default();
+        for (prefix, part) in [("sum", Some(&self.sum)), ("sq", self.sq.as_ref())] {
+            for (name, t) in part.into_iter().flat_map(|p| &p.tensors) {
+                w.insert(format!("{prefix}/{name}"), t.clone());
+            }
+        }
+        w
+    }
+
+    /// Back from [`RawSums::to_weights`]; `what` names the file for errors.
+    pub fn from_weights(method: Method, batches: usize, w: Weights, what: &str) -> Result<Self> {
+        let mut sum = Weights::default();
+        let mut sq = Weights::default();
+        for (key, t) in w.tensors {
+            match key.split_once('/') {
+                Some(("sum", name)) => sum.insert(name, t),
+                Some(("sq", name)) => sq.insert(name, t),
+                _ => anyhow::bail!("{what}: unexpected tensor '{key}' (expected sum/<name> or sq/<name>)"),
+            }
+        }
+        let wants_sq = method == Method::Taylor2;
+        anyhow::ensure!(
+            wants_sq == !sq.tensors.is_empty(),
+            "{what}: method {} {} sq/ tensors",
+            method.name(),
+            if wants_sq { "needs" } else { "has no use for" }
+        );
+        if wants_sq {
+            let names = |w: &Weights| w.tensors.keys().cloned().collect::<Vec<_>>();
+            anyhow::ensure!(names(&sum) == names(&sq), "{what}: sum/ and sq/ name different tensors");
+        }
+        Ok(Self {
+            method,
+            batches,
+            sum,
+            sq: wants_sq.then_some(sq),
+        })
+    }
+}
+
+/// `a += b`, tensor by tensor; names and shapes must match.
+fn add_weights(a: &mut Weights, b: &Weights) -> Result<()> {
+    let names = |w: &Weights| w.tensors.keys().cloned().collect::<Vec<_>>();
+    anyhow::ensure!(names(a) == names(b), "the two sets of sums name different tensors");
+    for (name, t) in &mut a.tensors {
+        let o = &b.tensors[name];
+        anyhow::ensure!(
+            t.shape == o.shape,
+            "tensor '{name}': shape {:?} against {:?}",
+            t.shape,
+            o.shape
+        );
+        t.data.iter_mut().zip(&o.data).for_each(|(x, y)| *x += y);
+    }
+    Ok(())
+}
+
+/// The batches `[lo, hi)` of shard `index` (1-based) of `count` over `batches` batches: contiguous,
+/// disjoint, covering all batches, sizes differing by at most one.
+pub fn shard_range(batches: usize, index: usize, count: usize) -> std::ops::Range<usize> {
+    (index - 1) * batches / count..index * batches / count
 }
 
 /// Flat gradients of the mean loss over `rows`, computed `micro` rows per backward pass and
@@ -182,6 +313,42 @@ pub fn batch_loss_grads<B: AutodiffBackend>(
     (loss_sum, sum)
 }
 
+/// [`batch_loss_grads`] (with the loss) data-parallel over `devices`: the rows are split into
+/// contiguous slices, one per peer; each peer's loss and gradients are weighted by its share
+/// of the rows and all-reduced through burn's collective, so the result is the whole batch's
+/// mean loss and gradient, on `devices[0]`. One device: plain [`batch_loss_grads`].
+pub fn batch_loss_grads_parallel<B: AutodiffBackend>(
+    model: &Llama<B>,
+    rows: &[Vec<u32>],
+    micro: usize,
+    devices: &[B::Device],
+) -> Result<(f64, Vec<Option<Tensor<B::InnerBackend, 1>>>)> {
+    use burn::module::Module;
+    let n = devices.len();
+    if n <= 1 {
+        return Ok(batch_loss_grads(model, rows, micro, true));
+    }
+    anyhow::ensure!(
+        rows.len() >= n,
+        "a batch of {} rows cannot feed {n} devices",
+        rows.len()
+    );
+    let inputs = devices.iter().map(|d| (d.clone(), model.clone().fork(d))).collect();
+    let nodes = crate::collective::Nodes::default();
+    let mut outs = crate::collective::run_peers::<B::InnerBackend, _, _, _>(inputs, &nodes, |peer, m: Llama<B>| {
+        let mine = &rows[shard_range(rows.len(), peer.rank + 1, n)];
+        let w = mine.len() as f64 / rows.len() as f64;
+        let (loss, grads) = batch_loss_grads(&m, mine, micro, true);
+        let loss = peer.all_reduce_scalar(loss * w)?;
+        let grads = grads
+            .into_iter()
+            .map(|g| g.map(|g| peer.all_reduce_sum(g * w)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok((peer.rank == 0).then_some((loss, grads)))
+    })?;
+    Ok(outs.swap_remove(0).expect("peer 0 returns the sums"))
+}
+
 /// Accumulate the batches `chunks` into a fresh accumulator; `done` counts predicted tokens.
 fn accumulate<B: AutodiffBackend>(
     model: &Llama<B>,
@@ -205,6 +372,40 @@ fn accumulate<B: AutodiffBackend>(
         on_batch(*done);
     }
     acc
+}
+
+/// [`accumulate`] data-parallel: global peer `r` (node rank × devices + local rank) of all the
+/// run's peers takes the `r+1`-th of that many contiguous slices of the batches (as
+/// `score --shard`) on its device, and the sums are all-reduced through burn's collective
+/// (across nodes too); returns local peer 0's (on `devices[0]`).
+pub fn accumulate_parallel<B: AutodiffBackend>(
+    model: &Llama<B>,
+    chunks: &[&[Vec<u32>]],
+    micro: usize,
+    method: Method,
+    devices: &[B::Device],
+    nodes: &crate::collective::Nodes,
+) -> Result<Accumulator<B::InnerBackend>> {
+    use burn::module::Module;
+    let n = devices.len();
+    let world = n * nodes.world();
+    anyhow::ensure!(
+        chunks.len() >= world,
+        "{} batches cannot feed {world} peers",
+        chunks.len()
+    );
+    let inputs = devices.iter().map(|d| (d.clone(), model.clone().fork(d))).collect();
+    let mut accs = crate::collective::run_peers::<B::InnerBackend, _, _, _>(inputs, nodes, |peer, m: Llama<B>| {
+        let mine = &chunks[shard_range(chunks.len(), nodes.global_rank(peer.rank, n) + 1, world)];
+        let mut acc = accumulate(&m, mine, micro, method, &mut 0, &mut |_| {});
+        for t in acc.tensors_mut() {
+            let own = std::mem::replace(t, Tensor::empty([0], &peer.device));
+            *t = peer.all_reduce_sum(own)?;
+        }
+        acc.batches = chunks.len();
+        Ok(if peer.rank == 0 { Some(acc) } else { None })
+    })?;
+    Ok(accs.swap_remove(0).expect("peer 0 returns the sums"))
 }
 
 /// Score `blocks` (each a token sequence) in batches of `batch`, `micro` sequences per
@@ -265,6 +466,35 @@ pub struct ScoreRequest {
     pub halves: bool,
     /// The model's name and hash in the manifest, when not the loaded source's (a tuned model).
     pub model_label: Option<(String, String)>,
+    /// Score only shard `index` (1-based) of `count` slices of the batches (`--shard I/N`).
+    pub shard: Option<Shard>,
+    /// Data-parallel peers on this node (GPUs 0..n; on the CPU, n peers share it).
+    pub devices: usize,
+    /// Other nodes of a multi-node run (default: this node alone).
+    pub nodes: crate::collective::Nodes,
+}
+
+/// One of `count` disjoint, contiguous slices of a scoring run's batches (1-based `index`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("'{s}': expected I/N with 1 ≤ I ≤ N (e.g. 2/4)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }
 
 impl ScoreRequest {
@@ -284,6 +514,9 @@ impl ScoreRequest {
             progress: false,
             halves: false,
             model_label: None,
+            shard: None,
+            devices: 1,
+            nodes: Default::default(),
         }
     }
 
@@ -291,6 +524,28 @@ impl ScoreRequest {
         anyhow::ensure!(self.seq_len >= 2, "--seq-len must be at least 2");
         anyhow::ensure!(self.batch >= 1, "--batch must be at least 1");
         anyhow::ensure!(self.micro_batch >= 1, "--micro-batch must be at least 1");
+        anyhow::ensure!(self.devices >= 1, "--devices must be at least 1");
+        anyhow::ensure!(
+            !(self.halves && self.devices > 1),
+            "--halves runs on one device (use --devices 1)"
+        );
+        anyhow::ensure!(
+            !(self.halves && self.shard.is_some()),
+            "--halves and --shard cannot be combined (score each shard whole, then merge)"
+        );
+        if let Some(sh) = self.shard {
+            let batches = self.blocks().div_ceil(self.batch);
+            anyhow::ensure!(
+                sh.count <= batches,
+                "--shard {}/{}: the run has only {batches} batches ({} tokens in batches of {} × {}), fewer than {} shards",
+                sh.index,
+                sh.count,
+                self.tokens,
+                self.batch,
+                self.seq_len,
+                sh.count
+            );
+        }
         anyhow::ensure!(
             self.tokens >= self.seq_len,
             "--tokens ({}) must be at least --seq-len ({})",
@@ -356,18 +611,33 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let model = &model;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
     let blocks = corpus_blocks(corpora, req, &ck.tokenizer, eos)?;
-    let total = blocks.len() * req.seq_len;
+    let all_tokens = blocks.len() * req.seq_len;
+    let chunks: Vec<&[Vec<u32>]> = blocks.chunks(req.batch).collect();
+    let range = req
+        .shard
+        .map_or(0..chunks.len(), |s| shard_range(chunks.len(), s.index, s.count));
+    let total: usize = chunks[range.clone()].iter().map(|c| c.len() * req.seq_len).sum();
     let bar = progress_bar(total as u64, &format!("score {}", req.lang), req.progress);
     let t0 = std::time::Instant::now();
+    let mut sums = None;
     let (scores, halves) = if req.halves {
         let (f, a, b) = score_halves(model, &blocks, req.batch, req.micro_batch, req.method, |done| {
             bar.set_position(done as u64)
         })?;
         (f, Some((a, b)))
     } else {
-        let s = score(model, &blocks, req.batch, req.micro_batch, req.method, |done| {
-            bar.set_position(done as u64)
-        })?;
+        let mine = &chunks[range.clone()];
+        let acc = if req.devices > 1 || req.nodes.count > 1 {
+            let devices = crate::collective::peer_devices::<B>(req.devices);
+            accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?
+        } else {
+            accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut |done| {
+                bar.set_position(done as u64)
+            })
+        };
+        let raw = acc.raw(model);
+        let s = raw.scores();
+        sums = Some(raw);
         (s, None)
     };
     let elapsed = t0.elapsed().as_secs_f64();
@@ -399,8 +669,24 @@ pub fn score_snapshot<B: AutodiffBackend>(
         // Rounded to short decimals, which JSON reads back exactly.
         elapsed_s: (elapsed * 1e3).round() / 1e3,
         tokens_per_s: (total as f64 / elapsed.max(1e-9) * 10.0).round() / 10.0,
+        shard: req.shard.map(|s| snapshot::ShardInfo {
+            index: s.index,
+            count: s.count,
+            first_batch: range.start,
+            batches: range.len(),
+            total_tokens: all_tokens,
+        }),
+        merged_from: vec![],
+        devices: req.devices,
+        dtype: "f32".into(),
     };
     match halves {
+        // Every node of a multi-node run holds the same all-reduced sums; node 0 writes them.
+        _ if req.nodes.rank > 0 => {}
+        None if req.shard.is_some() => {
+            let sums = sums.expect("sums of a shard");
+            snapshot::write_shard(out, (&scores, &manifest, &summaries), &sums, force)?
+        }
         None => snapshot::write(out, &scores, &manifest, &summaries, force)?,
         Some((a, b)) => {
             let half = |s: &Scores| {
@@ -419,6 +705,124 @@ pub fn score_snapshot<B: AutodiffBackend>(
             )?;
         }
     }
+    Ok(manifest)
+}
+
+/// Add up shard snapshots (`score --shard I/N`, every I of one N) into one snapshot at `out`,
+/// equal to an unsharded `score` of the same batches up to f32 summation order. The shards must
+/// agree on everything but their slice (model, language, split, method, sizes, seed, step).
+pub fn merge_shards(
+    dirs: &[std::path::PathBuf],
+    out: &std::path::Path,
+    force: bool,
+) -> Result<snapshot::SnapshotManifest> {
+    use anyhow::Context;
+    anyhow::ensure!(!dirs.is_empty(), "snapshot merge: no shard directories given");
+    if out.exists() && !force {
+        anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
+    }
+    let mut shards = vec![];
+    for d in dirs {
+        let m = snapshot::read_manifest(d)?;
+        let sh = m.shard.clone().with_context(|| {
+            format!(
+                "{}: manifest.json has no 'shard' field: not a shard (score --shard I/N writes one)",
+                d.display()
+            )
+        })?;
+        shards.push((d.clone(), m, sh));
+    }
+    shards.sort_by_key(|(_, _, sh)| sh.index);
+    let (first_dir, first, first_sh) = shards[0].clone();
+    let n = first_sh.count;
+    for (d, m, sh) in &shards {
+        let differs = |field: &str, a: String, b: String| -> Result<()> {
+            anyhow::ensure!(
+                a == b,
+                "{}: manifest.json field '{field}' is {b}, but {} has {a}: not shards of one run",
+                d.display(),
+                first_dir.display()
+            );
+            Ok(())
+        };
+        differs("model_sha256", first.model_sha256.clone(), m.model_sha256.clone())?;
+        differs("language", first.language.clone(), m.language.clone())?;
+        differs("split", first.split.clone(), m.split.clone())?;
+        differs("method", first.method.name().into(), m.method.name().into())?;
+        differs("seq_len", first.seq_len.to_string(), m.seq_len.to_string())?;
+        differs("batch", first.batch.to_string(), m.batch.to_string())?;
+        differs("seed", first.seed.to_string(), m.seed.to_string())?;
+        differs("step", format!("{:?}", first.step), format!("{:?}", m.step))?;
+        differs("dtype", first.dtype.clone(), m.dtype.clone())?;
+        differs(
+            "corpus_manifest_sha256",
+            first.corpus_manifest_sha256.clone(),
+            m.corpus_manifest_sha256.clone(),
+        )?;
+        differs("shard.count", n.to_string(), sh.count.to_string())?;
+        differs(
+            "shard.total_tokens",
+            first_sh.total_tokens.to_string(),
+            sh.total_tokens.to_string(),
+        )?;
+        anyhow::ensure!(
+            m.config == first.config,
+            "{}: manifest.json field 'config' differs from {}",
+            d.display(),
+            first_dir.display()
+        );
+    }
+    let indices: Vec<usize> = shards.iter().map(|(_, _, sh)| sh.index).collect();
+    anyhow::ensure!(
+        indices == (1..=n).collect::<Vec<_>>(),
+        "snapshot merge: need each shard 1..{n} exactly once, got {indices:?}"
+    );
+    let mut sums: Option<RawSums> = None;
+    let mut merged_from = vec![];
+    let mut elapsed = 0.0;
+    let mut tokens = 0;
+    let mut next_batch = 0;
+    for (d, m, sh) in &shards {
+        anyhow::ensure!(
+            sh.first_batch == next_batch,
+            "{}: shard {}/{n} starts at batch {}, expected {next_batch}",
+            d.display(),
+            sh.index,
+            sh.first_batch
+        );
+        next_batch += sh.batches;
+        let s = snapshot::read_sums(d, m)?;
+        match &mut sums {
+            None => sums = Some(s),
+            Some(acc) => acc.add(&s).with_context(|| format!("adding {}", d.display()))?,
+        }
+        elapsed += m.elapsed_s;
+        tokens += m.tokens;
+        merged_from.push(snapshot::MergedShard {
+            dir: d.display().to_string(),
+            index: sh.index,
+            tokens: m.tokens,
+            elapsed_s: m.elapsed_s,
+            accumulators_sha256: crate::util::sha256_file(&d.join(snapshot::ACCUMULATORS))?,
+        });
+    }
+    anyhow::ensure!(
+        tokens == first_sh.total_tokens,
+        "snapshot merge: the shards hold {tokens} tokens, but the run had {}",
+        first_sh.total_tokens
+    );
+    let scores = sums.expect("at least one shard").scores();
+    let summaries = summary::summarize(&scores, &first.config);
+    let manifest = snapshot::SnapshotManifest {
+        tokens,
+        shard: None,
+        merged_from,
+        elapsed_s: (elapsed * 1e3).round() / 1e3,
+        tokens_per_s: (tokens as f64 / f64::max(elapsed, 1e-9) * 10.0).round() / 10.0,
+        code_version: snapshot::code_version(),
+        ..first
+    };
+    snapshot::write(out, &scores, &manifest, &summaries, force)?;
     Ok(manifest)
 }
 

@@ -29,7 +29,61 @@ pub struct SnapshotManifest {
     pub config: LlamaConfig,
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
+    /// Set when this snapshot scored one shard of the calibration batches (`score --shard I/N`);
+    /// its `accumulators.safetensors` holds the sums that `snapshot merge` adds up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+    /// Set on a merged snapshot: the shards it was added up from, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<MergedShard>,
+    /// Data-parallel peers (devices) the scoring ran on; 1 when absent.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub devices: usize,
+    /// Dtype the model's weights were held and computed in (`f32` when absent); scores are
+    /// always accumulated in f32.
+    #[serde(default = "f32_name", skip_serializing_if = "is_f32")]
+    pub dtype: String,
 }
+
+fn one() -> usize {
+    1
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+fn f32_name() -> String {
+    "f32".into()
+}
+fn is_f32(s: &str) -> bool {
+    s == "f32"
+}
+
+/// Which slice of the calibration batches a shard scored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardInfo {
+    /// 1-based.
+    pub index: usize,
+    pub count: usize,
+    /// Batch range `[first_batch, first_batch + batches)` of the whole run's batches.
+    pub first_batch: usize,
+    pub batches: usize,
+    /// Predicted tokens of the whole (unsharded) run.
+    pub total_tokens: usize,
+}
+
+/// One shard of a merged snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MergedShard {
+    pub dir: String,
+    pub index: usize,
+    pub tokens: usize,
+    pub elapsed_s: f64,
+    /// SHA-256 of the shard's accumulators.safetensors.
+    pub accumulators_sha256: String,
+}
+
+/// The file of a shard snapshot that holds its raw sums ([`super::RawSums`]).
+pub const ACCUMULATORS: &str = "accumulators.safetensors";
 
 pub fn code_version() -> String {
     format!("codespot {}", env!("CARGO_PKG_VERSION"))
@@ -54,6 +108,38 @@ pub fn write(
     force: bool,
 ) -> Result<()> {
     write_dir(out, (scores, manifest, summaries), None, force)
+}
+
+/// A shard's snapshot: the scores of its batches plus its raw sums for `snapshot merge`.
+pub fn write_shard(out: &Path, full: Parts, sums: &super::RawSums, force: bool) -> Result<()> {
+    crate::util::write_dir_atomic(out, force, |tmp| {
+        write_parts(tmp, full)?;
+        let meta = [
+            ("method".to_string(), sums.method.name().to_string()),
+            ("batches".to_string(), sums.batches.to_string()),
+        ];
+        crate::source::weights::save_safetensors(&sums.to_weights(), &tmp.join(ACCUMULATORS), Some(meta.into()))
+    })
+}
+
+/// A shard's raw sums read back, checked against its manifest.
+pub fn read_sums(dir: &Path, manifest: &SnapshotManifest) -> Result<super::RawSums> {
+    let path = dir.join(ACCUMULATORS);
+    let shard = manifest.shard.as_ref().with_context(|| {
+        format!(
+            "{}: manifest.json has no 'shard' field: not a shard (score --shard I/N writes one)",
+            dir.display()
+        )
+    })?;
+    anyhow::ensure!(
+        path.is_file(),
+        "{}: shard {}/{} has no {ACCUMULATORS}",
+        dir.display(),
+        shard.index,
+        shard.count
+    );
+    let w = crate::source::weights::from_safetensors(std::slice::from_ref(&path))?;
+    super::RawSums::from_weights(manifest.method, shard.batches, w, &path.display().to_string())
 }
 
 /// A snapshot with the snapshots of its two calibration halves in `half-a/` and `half-b/`.

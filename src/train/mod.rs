@@ -373,6 +373,8 @@ pub fn tune<B: Backend>(
         epoch: None,
     };
     let tokens_per_step = t.grad_accum * t.batch * t.seq_len;
+    // Data-parallel peers (burn-collective); the first is the model's own device.
+    let devices = crate::collective::peer_devices::<crate::backend::Ad<B>>(r.devices);
     let bar = importance::progress_bar(
         (t.steps * tokens_per_step) as u64,
         &format!("tune {lang}"),
@@ -394,7 +396,7 @@ pub fn tune<B: Backend>(
                     train_blocks[b].clone()
                 })
                 .collect();
-            let (l, g) = importance::batch_loss_grads(&model, &rows, t.micro_batch, true);
+            let (l, g) = importance::batch_loss_grads_parallel(&model, &rows, t.micro_batch, &devices)?;
             loss += l / t.grad_accum as f64;
             grads = if grads.is_empty() {
                 g
