@@ -118,6 +118,9 @@ pub enum Cmd {
         devices: usize,
         #[command(flatten)]
         nodes: NodeArgs,
+        /// Hold and compute the weights in this dtype (scores are summed in f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::model::Dtype,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
@@ -391,6 +394,9 @@ pub enum BenchCmd {
         seq_len: usize,
         #[arg(long, default_value_t = 6)]
         steps: usize,
+        /// Weights' dtype (scores are summed in f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::model::Dtype,
         #[arg(long)]
         json: bool,
         #[arg(long, value_enum, default_value = "cpu")]
@@ -511,6 +517,7 @@ pub fn run(cli: Cli) -> Result<()> {
             shard,
             devices,
             nodes,
+            dtype,
             out,
             force,
             device,
@@ -534,7 +541,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 progress: true,
                 model_label: None,
             };
-            on_device!(device, score_cmd(&model, &req, &out, force))
+            on_device!(device, score_cmd(&model, &req, dtype, &out, force))
         }
         Cmd::Orchestrator { port } => crate::collective::orchestrator(port),
         Cmd::Snapshot {
@@ -651,6 +658,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     keep_blocks,
                     seq_len,
                     steps,
+                    dtype,
                     json,
                     device,
                 },
@@ -661,6 +669,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 keep_blocks,
                 seq_len,
                 steps,
+                dtype,
             };
             on_device!(device, bench_score(&model, &shape, json))
         }
@@ -1036,6 +1045,7 @@ fn corpus_list() -> Result<()> {
 fn score_cmd<B: Backend>(
     source: &str,
     req: &crate::importance::ScoreRequest,
+    dtype: crate::model::Dtype,
     out: &std::path::Path,
     force: bool,
     device: &B::Device,
@@ -1047,8 +1057,7 @@ fn score_cmd<B: Backend>(
         anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
     }
     let mut ck = model::load(source)?;
-    let m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
-    ck.weights = Default::default(); // the model holds them now
+    let m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
     let man = crate::importance::score_snapshot(&m, &ck, &corpora, req, out, force)?;
     println!(
         "wrote {} ({} tokens, {:.1} tokens/s, {:.0} s)",
@@ -1067,6 +1076,7 @@ struct ScoreShape {
     keep_blocks: usize,
     seq_len: usize,
     steps: usize,
+    dtype: crate::model::Dtype,
 }
 
 fn bench_score<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device: &B::Device) -> Result<()> {
@@ -1077,13 +1087,14 @@ fn bench_score<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device:
         keep_blocks,
         seq_len,
         steps,
+        dtype,
     } = *shape;
     anyhow::ensure!(
         batch > 0 && micro_batch > 0 && steps > 0 && seq_len > 0,
         "bench score: batch, micro-batch, seq-len and steps must be positive"
     );
     let mut ck = model::load(source)?;
-    let mut m = Llama::<Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device)?;
+    let mut m = Llama::<Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
     m.keep_blocks = keep_blocks;
     let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, batch * (steps + 1), seq_len + 1);
     // The first batch warms up; the rest are timed.

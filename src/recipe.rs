@@ -26,6 +26,10 @@ pub struct Recipe {
     /// tuning splits each batch over them, snapshots split their batches.
     #[serde(default = "d_devices")]
     pub devices: usize,
+    /// Weights held and computed in `f32`, `bf16` or `f16` (Taylor sums, losses and AdamW
+    /// moments stay f32).
+    #[serde(default)]
+    pub dtype: crate::model::Dtype,
     #[serde(default)]
     pub corpus: CorpusSection,
     #[serde(default)]

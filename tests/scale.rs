@@ -240,3 +240,46 @@ fn two_cpu_peers_give_one_devices_tuning_losses() {
     let e = importance::batch_loss_grads_parallel(&m, &rows, 2, &devs).unwrap_err();
     assert!(e.to_string().contains("cannot feed 5 devices"), "{e}");
 }
+
+#[test]
+fn bf16_weights_score_and_tune_close_to_f32() {
+    use burn::tensor::DType;
+    use codespot::model::Dtype;
+    use codespot::track::{spearman, top_masks};
+    let mut cfg = model::LlamaConfig::tiny(64);
+    cfg.tie_word_embeddings = false;
+    let w = model::llama::random_weights(&cfg, 11);
+    let dev = Default::default();
+    let rows: Vec<Vec<u32>> = (0..8)
+        .map(|r| (0..17).map(|i| ((i * 5 + r * 13 + 1) % 64) as u32).collect())
+        .collect();
+    let f32m = Llama::<CpuAd>::from_weights_as(&cfg, &w, &dev, Dtype::F32).unwrap();
+    let bf16m = Llama::<CpuAd>::from_weights_as(&cfg, &w, &dev, Dtype::Bf16).unwrap();
+    assert_eq!(bf16m.embed.val().dtype(), DType::BF16);
+    assert_eq!(f32m.embed.val().dtype(), DType::F32);
+    for method in [Method::Taylor, Method::TaylorSum] {
+        let a = importance::score(&f32m, &rows, 2, 2, method, |_| {}).unwrap();
+        let b = importance::score(&bf16m, &rows, 2, 2, method, |_| {}).unwrap();
+        let rho = spearman(&a, &b, 1 << 20);
+        let j = codespot::spot::jaccard(&top_masks(&a, 10.0), &top_masks(&b, 10.0));
+        println!("{}: bf16 vs f32 Spearman {rho:.4}, top-10 % Jaccard {j:.3}", method.name());
+        assert!(rho > 0.95, "{rho}");
+        assert!(j > 0.6, "{j}");
+    }
+    // Loss in bf16 is close to f32, and an AdamW step keeps the weights bf16 (moments f32).
+    let (l32, _) = importance::batch_loss_grads(&f32m, &rows, 4, true);
+    let (l16, g16) = importance::batch_loss_grads(&bf16m, &rows, 4, true);
+    assert!((l32 - l16).abs() < 0.02 * l32, "{l32} vs {l16}");
+    assert!(g16.iter().flatten().all(|g| g.dtype() == DType::F32), "gradients leave the backward in f32");
+    let acfg = codespot::train::adamw::AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut opt = codespot::train::adamw::AdamW::<Cpu>::new(acfg, &bf16m);
+    let stepped = opt.step(bf16m, g16, 1e-2, 1.0);
+    assert_eq!(stepped.layers[0].q.val().dtype(), DType::BF16);
+    let (after, _) = importance::batch_loss_grads(&stepped, &rows, 4, true);
+    assert!(after < l16, "one bf16 step lowers the loss: {l16} → {after}");
+}

@@ -39,8 +39,9 @@ impl Method {
 }
 
 /// Flattened value of a parameter on the inner (non-autodiff) backend.
+/// Flattened value of a parameter on the inner (non-autodiff) backend, in f32 (or wider).
 pub fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBackend, 1> {
-    p.flat().inner()
+    crate::model::dtype::widen(p.flat().inner())
 }
 
 /// Running sums for one scoring pass, one flat tensor per parameter.
@@ -678,7 +679,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
         }),
         merged_from: vec![],
         devices: req.devices,
-        dtype: "f32".into(),
+        dtype: model.dtype.name().into(),
     };
     match halves {
         // Every node of a multi-node run holds the same all-reduced sums; node 0 writes them.

@@ -11,6 +11,7 @@
 //! forward pass already and keep their graphs (memory traded for their second forward pass);
 //! the rest cost one block's graph at a time and one more forward pass each.
 
+use super::dtype::{like, widen};
 use super::head::head_grads;
 use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
 use burn::module::AutodiffModule;
@@ -35,7 +36,7 @@ fn block_grads<B: AutodiffBackend>(
             ParamRef::Matrix(p) => p.val().grad_remove(grads).map(|g| g.flatten(0, 1)),
         };
         if let Some(g) = g {
-            sink(1 + BLOCK_TENSORS.len() * l + j, g);
+            sink(1 + BLOCK_TENSORS.len() * l + j, widen(g));
         }
     }
 }
@@ -85,10 +86,11 @@ impl<B: AutodiffBackend> Llama<B> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).val().inner();
         let scale = weight / n as f64;
         let out = head_grads(h.clone().inner(), head, targets, scale);
-        let mut grads = (h * Tensor::from_inner(out.dh)).sum().backward();
+        let dh = like(out.dh, &h.clone().inner());
+        let mut grads = (h * Tensor::from_inner(dh)).sum().backward();
         let norm_index = 1 + BLOCK_TENSORS.len() * layers;
         if let Some(g) = self.norm.val().grad_remove(&mut grads) {
-            sink(norm_index, g);
+            sink(norm_index, widen(g));
         }
         for l in layers - keep..layers {
             block_grads(&self.layers[l], l, &mut grads, &mut sink);
@@ -113,7 +115,7 @@ impl<B: AutodiffBackend> Llama<B> {
             let g = Tensor::<B::InnerBackend, 2>::zeros([vocab, d], &idev).select_assign(
                 0,
                 inputs.reshape([n]),
-                dy,
+                widen(dy),
                 IndexingUpdateOp::Add,
             );
             Some(g)

@@ -7,6 +7,7 @@
 //! onehot`, then `∂L/∂h` and `∂L/∂W` by two matmuls.
 
 use burn::tensor::backend::Backend;
+use super::dtype::{like, widen};
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor};
 
 /// Logit elements computed at once (64 MB in f32): 341 tokens of a 49152 vocabulary.
@@ -18,7 +19,7 @@ pub struct HeadGrads<B: Backend> {
     pub nll_sum: f64,
     /// `∂(scale · Σ nll)/∂h`, `[tokens, hidden]`.
     pub dh: Tensor<B, 2>,
-    /// `∂(scale · Σ nll)/∂W`, `[vocab, hidden]`.
+    /// `∂(scale · Σ nll)/∂W`, `[vocab, hidden]`, in f32 (or wider).
     pub dw: Tensor<B, 2>,
 }
 
@@ -41,7 +42,8 @@ pub fn head_grads<B: Backend>(
         let c = chunk.min(n - start);
         let hc = h.clone().narrow(0, start, c);
         let tc = targets.clone().narrow(0, start, c);
-        let logits = hc.clone().matmul(w.clone().transpose());
+        // The softmax and its gradient in f32 whatever the weights' dtype.
+        let logits = widen(hc.clone().matmul(w.clone().transpose()));
         let max = logits.clone().max_dim(1);
         let picked = logits.clone().gather(1, tc.clone());
         let e = (logits - max.clone()).exp();
@@ -51,8 +53,9 @@ pub fn head_grads<B: Backend>(
         let dlogits = (e / sum)
             .scatter(1, tc, minus_one, IndexingUpdateOp::Add)
             .mul_scalar(scale);
+        let dlogits = like(dlogits, &w);
         dh.push(dlogits.clone().matmul(w.clone()));
-        let g = dlogits.transpose().matmul(hc);
+        let g = widen(dlogits.transpose().matmul(hc));
         dw = Some(match dw {
             Some(a) => a + g,
             None => g,

@@ -5,6 +5,7 @@
 //! slicing and export stay one-to-one with `transformers`.
 
 use super::config::{LlamaConfig, RopeLayout};
+use super::dtype::{like, widen, Dtype};
 use crate::source::{HostTensor, Weights};
 use anyhow::{bail, Result};
 use burn::module::{Module, Param};
@@ -40,6 +41,9 @@ pub struct Llama<B: Backend> {
     /// and re-run the others (memory against speed; see `model::backprop`).
     #[module(skip)]
     pub keep_blocks: usize,
+    /// The dtype the weights are held and computed in.
+    #[module(skip)]
+    pub dtype: Dtype,
 }
 
 /// Keys and values of past positions, per layer (`[batch, past, kv_heads, head_dim]`).
@@ -81,8 +85,8 @@ impl<B: Backend> ParamRef<'_, B> {
     }
 }
 
-fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Param<Tensor<B, D>> {
-    Param::from_tensor(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device))
+fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device, dtype: Dtype) -> Param<Tensor<B, D>> {
+    Param::from_tensor(dtype.apply(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device)))
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
@@ -138,20 +142,26 @@ impl LlamaConfig {
 impl<B: Backend> Llama<B> {
     /// Build from canonical host weights, checking every name and shape.
     pub fn from_weights(config: &LlamaConfig, w: &Weights, device: &B::Device) -> Result<Self> {
-        Self::build(config, device, |name| {
+        Self::from_weights_as(config, w, device, Dtype::F32)
+    }
+
+    /// [`Llama::from_weights`] with the weights held in `dtype`.
+    pub fn from_weights_as(config: &LlamaConfig, w: &Weights, device: &B::Device, dtype: Dtype) -> Result<Self> {
+        Self::build(config, device, dtype, |name| {
             w.get(name).map(|t| (t.shape.clone(), t.data.clone()))
         })
     }
 
     /// [`Llama::from_weights`], consuming the host weights tensor by tensor (peak memory: the
     /// weights once, not twice).
-    pub fn from_weights_owned(config: &LlamaConfig, mut w: Weights, device: &B::Device) -> Result<Self> {
-        Self::build(config, device, |name| w.tensors.remove(name).map(|t| (t.shape, t.data)))
+    pub fn from_weights_owned(config: &LlamaConfig, mut w: Weights, device: &B::Device, dtype: Dtype) -> Result<Self> {
+        Self::build(config, device, dtype, |name| w.tensors.remove(name).map(|t| (t.shape, t.data)))
     }
 
     fn build(
         config: &LlamaConfig,
         device: &B::Device,
+        dtype: Dtype,
         mut get: impl FnMut(&str) -> Option<(Vec<usize>, Vec<f32>)>,
     ) -> Result<Self> {
         config.validate()?;
@@ -168,26 +178,26 @@ impl<B: Backend> Llama<B> {
             }
             Ok(TensorData::new(data, s))
         };
-        let embed = param::<B, 2>(take()?, device);
+        let embed = param::<B, 2>(take()?, device, dtype);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for _ in 0..config.num_hidden_layers {
             layers.push(Block {
-                attn_norm: param(take()?, device),
-                q: param(take()?, device),
-                k: param(take()?, device),
-                v: param(take()?, device),
-                o: param(take()?, device),
-                mlp_norm: param(take()?, device),
-                gate: param(take()?, device),
-                up: param(take()?, device),
-                down: param(take()?, device),
+                attn_norm: param(take()?, device, dtype),
+                q: param(take()?, device, dtype),
+                k: param(take()?, device, dtype),
+                v: param(take()?, device, dtype),
+                o: param(take()?, device, dtype),
+                mlp_norm: param(take()?, device, dtype),
+                gate: param(take()?, device, dtype),
+                up: param(take()?, device, dtype),
+                down: param(take()?, device, dtype),
             });
         }
-        let norm = param(take()?, device);
+        let norm = param(take()?, device, dtype);
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(param(take()?, device))
+            Some(param(take()?, device, dtype))
         };
         Ok(Self {
             embed,
@@ -196,6 +206,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             config: config.clone(),
             keep_blocks: super::backprop::DEFAULT_KEEP_BLOCKS,
+            dtype,
         })
     }
 
@@ -225,7 +236,10 @@ impl<B: Backend> Llama<B> {
         ) -> Param<Tensor<B, 1>> {
             p.map(|t| {
                 let req = t.is_require_grad();
-                f(name, t).set_require_grad(req)
+                let dt = t.dtype();
+                let out = f(name, t);
+                let out = if out.dtype() == dt { out } else { out.cast(dt) };
+                out.set_require_grad(req)
             })
         }
         fn m2<B: Backend>(
@@ -236,7 +250,10 @@ impl<B: Backend> Llama<B> {
             p.map(|t| {
                 let [r, c] = t.dims();
                 let req = t.is_require_grad();
-                f(name, t.flatten(0, 1)).reshape([r, c]).set_require_grad(req)
+                let dt = t.dtype();
+                let out = f(name, t.flatten(0, 1));
+                let out = if out.dtype() == dt { out } else { out.cast(dt) };
+                out.reshape([r, c]).set_require_grad(req)
             })
         }
         let n = |l: usize, i: usize| format!("model.layers.{l}.{}", BLOCK_TENSORS[i]);
@@ -266,6 +283,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             config: self.config,
             keep_blocks: self.keep_blocks,
+            dtype: self.dtype,
         }
     }
 
@@ -320,7 +338,8 @@ impl<B: Backend> Llama<B> {
         }
         let mk = |v: Vec<f32>| {
             let n = v.len();
-            Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device)
+            self.dtype
+                .apply(Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device))
         };
         (mk(cos), mk(sin))
     }
@@ -342,7 +361,8 @@ impl<B: Backend> Llama<B> {
             };
             r[j * hd + i] = sign;
         }
-        Tensor::from_data(TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(), device)
+        self.dtype
+            .apply(Tensor::from_data(TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(), device))
     }
 
     /// RMSNorm over the last dimension of `[tokens, hidden]`.
@@ -364,7 +384,8 @@ impl<B: Backend> Llama<B> {
                     m[i * total + j] = -1e9;
                 }
             }
-            Tensor::<B, 2>::from_data(TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(), device)
+            self.dtype
+                .apply(Tensor::<B, 2>::from_data(TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(), device))
         });
         BlockContext {
             b,
@@ -410,7 +431,8 @@ impl<B: Backend> Llama<B> {
     pub fn logits_of(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = h.dims();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = linear(h.reshape([b * t, d]), head);
+        // Log-probabilities are taken in f32 whatever the weights' dtype.
+        let logits = widen(linear(h.reshape([b * t, d]), head));
         let v = logits.dims()[1];
         logits.reshape([b, t, v])
     }
@@ -502,7 +524,7 @@ impl<B: Backend> Block<B> {
             // One shared row of t·total per (batch, head): the backends' fast broadcast.
             s = (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total]);
         }
-        let a = softmax(s, 4).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
+        let a = like(softmax(widen(s), 4), &v).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
         let x = x + linear(a, &self.o);
         let h = rms_norm(x.clone(), &self.mlp_norm, eps);
         let g = silu(linear(h.clone(), &self.gate)) * linear(h, &self.up);
@@ -511,9 +533,12 @@ impl<B: Backend> Block<B> {
 }
 
 /// RMSNorm over the last dimension of `[tokens, hidden]`.
+/// The statistics in f32 whatever the weights' dtype (as transformers does).
 fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>, eps: f64) -> Tensor<B, 2> {
+    let w = w.val();
+    let x = widen(x);
     let ms = x.clone().powi_scalar(2).mean_dim(1);
-    x * (ms + eps).sqrt().recip() * w.val().unsqueeze_dim(0)
+    like(x * (ms + eps).sqrt().recip(), &w) * w.unsqueeze_dim(0)
 }
 
 /// RoPE on `[batch, seq, heads, head_dim]`, with tables from `Llama::rope_tables`.

@@ -2,6 +2,7 @@
 
 pub mod backprop;
 pub mod config;
+pub mod dtype;
 pub mod export;
 pub mod generate;
 pub mod head;
@@ -11,6 +12,7 @@ pub mod names;
 pub mod tokenizer;
 
 pub use config::{LlamaConfig, RopeLayout};
+pub use dtype::Dtype;
 pub use llama::{tokens_tensor, KvCache, Llama, ParamRef};
 pub use load::{load, Checkpoint};
 pub use tokenizer::{Message, Tok};

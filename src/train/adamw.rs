@@ -86,7 +86,8 @@ impl<B: Backend> AdamW<B> {
             i += 1;
             let Some(g) = grads[k].take() else { return theta };
             let g = if scale == 1.0 { g } else { g.mul_scalar(scale) };
-            let mut th = theta.inner();
+            // The update in f32 whatever the weights' dtype (map_params casts back).
+            let mut th = crate::model::dtype::widen(theta.inner());
             if self.decay[k] && c.weight_decay > 0.0 {
                 th = th.mul_scalar(1.0 - lr * c.weight_decay);
             }

@@ -308,7 +308,7 @@ pub fn tune<B: Backend>(
                 );
             }
             let w = crate::source::weights::from_safetensors(&[d.join("model.safetensors")])?;
-            let mut m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &w, device)
+            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_as(&ck.config, &w, device, r.dtype)
                 .with_context(|| format!("{}: model.safetensors", d.display()))?;
             m.keep_blocks = t.keep_blocks;
             let ow = crate::source::weights::from_safetensors(&[d.join("optimizer").join("adamw.safetensors")])?;
@@ -319,7 +319,7 @@ pub fn tune<B: Backend>(
             (m, o, st)
         }
         None => {
-            let mut m = Llama::<crate::backend::Ad<B>>::from_weights(&ck.config, &ck.weights, device)?;
+            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_as(&ck.config, &ck.weights, device, r.dtype)?;
             m.keep_blocks = t.keep_blocks;
             let o = AdamW::new(acfg, &m);
             let st = TrainState {

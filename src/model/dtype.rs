@@ -1,0 +1,69 @@
+//! The dtype weights are held and computed in. `f32` is the backend's own float type (f64 on
+//! the tests' reference backend); `bf16` and `f16` halve the weights' memory. Whatever the
+//! weights' dtype, RMSNorm statistics, softmaxes, the head's cross-entropy, gradients handed
+//! out of the backward pass, Taylor sums and AdamW moments are f32 ([`widen`]).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes per weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// The burn dtype to cast weights to (`None`: the backend's own float type).
+    pub fn half_dtype(self) -> Option<FloatDType> {
+        match self {
+            Dtype::F32 => None,
+            Dtype::Bf16 => Some(FloatDType::BF16),
+            Dtype::F16 => Some(FloatDType::F16),
+        }
+    }
+
+    /// `t` in this dtype (unchanged for `f32`).
+    pub fn apply<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
+        match self.half_dtype() {
+            Some(d) if t.dtype() != DType::from(d) => t.cast(d),
+            _ => t,
+        }
+    }
+}
+
+/// A half-precision tensor as f32; any other unchanged (no graph node, no copy).
+pub fn widen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.cast(FloatDType::F32),
+        _ => t,
+    }
+}
+
+/// `t` in the dtype of `like` (unchanged when they agree).
+pub fn like<B: Backend, const D: usize, const E: usize>(t: Tensor<B, D>, like: &Tensor<B, E>) -> Tensor<B, D> {
+    let d = like.dtype();
+    if t.dtype() == d {
+        t
+    } else {
+        t.cast(FloatDType::from(d))
+    }
+}
