@@ -128,6 +128,23 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
+    /// Memory per device for scoring and tuning a recipe (weights, sums, optimizer, activations)
+    /// and whether it fits each device size.
+    Plan {
+        recipe: PathBuf,
+        /// Override a recipe key: --set dtype=bf16 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The model's HF config.json, when the recipe's model is not at hand (an `hf:` model
+        /// outside the HF cache): e.g. recipes/configs/Llama-3.1-8B-Instruct.config.json.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Device sizes to check, NAME=GIB (repeatable; default: this CPU's 24, H100 80, H200 141).
+        #[arg(long, value_name = "NAME=GIB")]
+        memory: Vec<crate::plan::DeviceMemory>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The global orchestrator of a multi-node collective (`score --nodes N --orchestrator
     /// ws://THIS_HOST:PORT` on every node); runs until killed.
     Orchestrator {
@@ -542,6 +559,30 @@ pub fn run(cli: Cli) -> Result<()> {
                 model_label: None,
             };
             on_device!(device, score_cmd(&model, &req, dtype, &out, force))
+        }
+        Cmd::Plan {
+            recipe,
+            set,
+            config,
+            memory,
+            json,
+        } => {
+            let loaded = crate::recipe::load(&recipe, &set)?;
+            loaded.validate(&crate::data::Corpora::from_env())?;
+            let cfg = crate::plan::model_config(&loaded.recipe.model, config.as_deref())?;
+            let p = crate::plan::plan(&cfg, &loaded.recipe);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                let memory = if memory.is_empty() {
+                    crate::plan::default_memories()
+                } else {
+                    memory
+                };
+                println!("# {} ({})", recipe.display(), loaded.recipe.model);
+                print!("{}", crate::plan::text(&p, &memory));
+            }
+            Ok(())
         }
         Cmd::Orchestrator { port } => crate::collective::orchestrator(port),
         Cmd::Snapshot {
@@ -1057,7 +1098,8 @@ fn score_cmd<B: Backend>(
         anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
     }
     let mut ck = model::load(source)?;
-    let m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
+    let m =
+        Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
     let man = crate::importance::score_snapshot(&m, &ck, &corpora, req, out, force)?;
     println!(
         "wrote {} ({} tokens, {:.1} tokens/s, {:.0} s)",

@@ -13,6 +13,7 @@ pub mod data;
 pub mod eval;
 pub mod importance;
 pub mod model;
+pub mod plan;
 pub mod recipe;
 pub mod report;
 pub mod source;

@@ -140,7 +140,12 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             ck = Some(c);
         }
         let c = ck.as_mut().expect("loaded");
-        let m = crate::model::Llama::<crate::backend::Ad<B>>::from_weights_as(&c.config, &c.weights, device, loaded.recipe.dtype)?;
+        let m = crate::model::Llama::<crate::backend::Ad<B>>::from_weights_as(
+            &c.config,
+            &c.weights,
+            device,
+            loaded.recipe.dtype,
+        )?;
         let req = snapshot_request(loaded, lang);
         importance::score_snapshot(&m, c, corpora, &req, dir, true)?;
         mark(dir, h)?;

@@ -262,7 +262,10 @@ fn bf16_weights_score_and_tune_close_to_f32() {
         let b = importance::score(&bf16m, &rows, 2, 2, method, |_| {}).unwrap();
         let rho = spearman(&a, &b, 1 << 20);
         let j = codespot::spot::jaccard(&top_masks(&a, 10.0), &top_masks(&b, 10.0));
-        println!("{}: bf16 vs f32 Spearman {rho:.4}, top-10 % Jaccard {j:.3}", method.name());
+        println!(
+            "{}: bf16 vs f32 Spearman {rho:.4}, top-10 % Jaccard {j:.3}",
+            method.name()
+        );
         assert!(rho > 0.95, "{rho}");
         assert!(j > 0.6, "{j}");
     }
@@ -270,7 +273,10 @@ fn bf16_weights_score_and_tune_close_to_f32() {
     let (l32, _) = importance::batch_loss_grads(&f32m, &rows, 4, true);
     let (l16, g16) = importance::batch_loss_grads(&bf16m, &rows, 4, true);
     assert!((l32 - l16).abs() < 0.02 * l32, "{l32} vs {l16}");
-    assert!(g16.iter().flatten().all(|g| g.dtype() == DType::F32), "gradients leave the backward in f32");
+    assert!(
+        g16.iter().flatten().all(|g| g.dtype() == DType::F32),
+        "gradients leave the backward in f32"
+    );
     let acfg = codespot::train::adamw::AdamWConfig {
         beta1: 0.9,
         beta2: 0.999,

@@ -311,6 +311,41 @@ fn the_default_model_gets_obvious_items_right() {
     assert_eq!(arc.len(), 570);
 }
 
+/// Batched, length-sorted, right-padded scoring (what `eval` runs) gives each option the
+/// log-likelihood the one-item-at-a-time KV-cache path gives, on real items of four tasks
+/// whose lengths differ within a batch, and with batches of 1, 3 and 8 rows.
+#[test]
+fn batched_multiple_choice_equals_item_by_item() {
+    let ck = model::load(common::default_gguf().to_str().unwrap()).unwrap();
+    let dev = Default::default();
+    let m = Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
+    let mut items = vec![];
+    for (task, n) in [("arc-easy", 6), ("hellaswag", 3), ("winogrande", 4), ("piqa", 3)] {
+        items.extend(mc::load(task, 0).unwrap().into_iter().take(n));
+    }
+    let refs: Vec<&mc::McItem> = items.iter().collect();
+    let single: Vec<Vec<f64>> = items
+        .iter()
+        .map(|it| mc::item_loglikelihoods(&m, &ck.tokenizer, it).unwrap())
+        .collect();
+    for rows in [1, 3, 8] {
+        let batched = mc::loglikelihoods(&m, &ck.tokenizer, &refs, rows).unwrap();
+        for (i, (a, b)) in single.iter().zip(&batched).enumerate() {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 2e-3 * x.abs().max(1.0),
+                    "rows {rows}, item {i}: {x} vs {y}"
+                );
+            }
+        }
+    }
+    let outs = mc::score_items(&m, &ck.tokenizer, &refs, 8).unwrap();
+    for (it, o) in items.iter().zip(&outs) {
+        assert_eq!(mc::score_item(&m, &ck.tokenizer, it).unwrap().acc, o.acc);
+    }
+}
+
 #[test]
 fn table_reports_drop_relative_to_base() {
     let r = |v: f64, lower: bool| eval::TaskResult {

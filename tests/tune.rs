@@ -225,6 +225,37 @@ fn a_killed_run_resumes_on_the_same_loss_trajectory() {
     );
 }
 
+/// `devices = 2`: each step's rows are split over two CPU peers and the gradients all-reduced
+/// through burn-collective; the losses, the held-out losses and the snapshots follow the
+/// one-device run up to f32 summation order.
+#[test]
+fn tuning_on_two_collective_peers_follows_one_device() {
+    let s = setup();
+    let one = write_recipe(&s, "one.toml", &s.root.join("one"));
+    let out = cli(&s, &["tune", one.to_str().unwrap(), "--lang", "toy"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let two = write_recipe(&s, "two.toml", &s.root.join("two"));
+    let out = cli(
+        &s,
+        &["tune", two.to_str().unwrap(), "--lang", "toy", "--set", "devices=2"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = losses(&s.root.join("one/tune/toy/tune.json"));
+    let b = losses(&s.root.join("two/tune/toy/tune.json"));
+    assert_eq!(a.len(), 4);
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} vs {lb}");
+    }
+    let snap =
+        |d: &str| codespot::importance::snapshot::read(&s.root.join(d).join("tune/toy/snapshots/step-000004")).unwrap();
+    let (x, y) = (snap("one"), snap("two"));
+    assert_eq!(y.manifest.devices, 2);
+    let rho = codespot::track::spearman(&x.scores, &y.scores, 1 << 20);
+    assert!(rho > 0.9999, "final snapshots agree: Spearman {rho}");
+}
+
 #[test]
 fn bad_recipes_fail_before_any_work_naming_key_and_line() {
     let s = setup();

@@ -25,9 +25,14 @@ pub struct McOutcome {
 
 /// Score one item; options sharing a context reuse its KV cache.
 pub fn score_item<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<McOutcome> {
+    Ok(outcome(item, &item_loglikelihoods(m, tok, item)?))
+}
+
+/// Summed log-likelihood of each option's continuation, one forward per context (its KV cache
+/// shared by the options) and one per continuation.
+pub fn item_loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<Vec<f64>> {
     let dev = m.embed.val().device();
     let mut lls = Vec::with_capacity(item.options.len());
-    let mut norm = Vec::with_capacity(item.options.len());
     let mut cached: Option<(String, KvCache<B>, burn::tensor::Tensor<B, 3>)> = None;
     for (ctx, cont) in &item.options {
         let ctx_ids = tok.encode(ctx, false)?;
@@ -58,13 +63,112 @@ pub fn score_item<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -> Result<
             .map(|(i, &t)| lp[i * v + t as usize] as f64)
             .sum();
         lls.push(s);
-        norm.push(s / cont.len().max(1) as f64);
     }
+    Ok(lls)
+}
+
+/// `acc` and `acc_norm` of an item from its options' log-likelihoods.
+pub fn outcome(item: &McItem, lls: &[f64]) -> McOutcome {
+    let norm: Vec<f64> = lls
+        .iter()
+        .zip(&item.options)
+        .map(|(l, (_, cont))| l / cont.len().max(1) as f64)
+        .collect();
     let argmax = |v: &[f64]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap_or(0);
-    Ok(McOutcome {
-        acc: (argmax(&lls) == item.label) as u8 as f64,
+    McOutcome {
+        acc: (argmax(lls) == item.label) as u8 as f64,
         acc_norm: (argmax(&norm) == item.label) as u8 as f64,
-    })
+    }
+}
+
+/// Rows of one padded forward pass in [`score_items`] (lm-evaluation-harness's `--batch_size 8`).
+pub const BATCH_ROWS: usize = 8;
+
+/// Score many items at once, as lm-evaluation-harness does: every (context, continuation)
+/// request becomes one sequence `context + continuation[..-1]`, the sequences are sorted by
+/// length (longest first) and run `rows` at a time, right-padded (under the causal mask padding
+/// after a sequence cannot change it); only the continuation positions go through the output
+/// head and log-softmax. Equal to [`score_item`] up to float rounding.
+pub fn score_items<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], rows: usize) -> Result<Vec<McOutcome>> {
+    let lls = loglikelihoods(m, tok, items, rows)?;
+    Ok(items.iter().zip(&lls).map(|(item, ll)| outcome(item, ll)).collect())
+}
+
+/// Each item's options' summed continuation log-likelihoods, batched as [`score_items`] says.
+pub fn loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], rows: usize) -> Result<Vec<Vec<f64>>> {
+    struct Req {
+        item: usize,
+        ids: Vec<u32>,
+        /// Positions whose next-token log-probability is summed, and those next tokens.
+        first: usize,
+        targets: Vec<u32>,
+    }
+    let dev = m.embed.val().device();
+    let mut reqs = vec![];
+    let mut lls: Vec<Vec<f64>> = vec![];
+    for (i, item) in items.iter().enumerate() {
+        lls.push(vec![0.0; item.options.len()]);
+        for (ctx, cont) in &item.options {
+            let ctx_ids = tok.encode(ctx, false)?;
+            let cont_ids = tok.encode(cont, false)?;
+            if ctx_ids.is_empty() || cont_ids.is_empty() {
+                bail!("empty context or continuation in a multiple-choice item");
+            }
+            let mut ids = ctx_ids.clone();
+            ids.extend_from_slice(&cont_ids[..cont_ids.len() - 1]);
+            reqs.push(Req {
+                item: i,
+                ids,
+                first: ctx_ids.len() - 1,
+                targets: cont_ids,
+            });
+        }
+    }
+    // Requests are pushed item by item, option by option: request r is option option_of[r].
+    let option_of: Vec<usize> = items.iter().flat_map(|it| 0..it.options.len()).collect();
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by_key(|&r| std::cmp::Reverse(reqs[r].ids.len()));
+    let v = m.config.vocab_size;
+    for batch in order.chunks(rows.max(1)) {
+        let t = reqs[batch[0]].ids.len();
+        let padded: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|&r| {
+                let mut x = reqs[r].ids.clone();
+                x.resize(t, 0);
+                x
+            })
+            .collect();
+        let mut index = vec![];
+        let mut targets = vec![];
+        for (row, &r) in batch.iter().enumerate() {
+            for (k, &tgt) in reqs[r].targets.iter().enumerate() {
+                index.push((row * t + reqs[r].first + k) as i64);
+                targets.push(tgt as i64);
+            }
+        }
+        let k = index.len();
+        let h = m.hidden(tokens_tensor::<B>(&padded, &dev), None);
+        let d = m.config.hidden_size;
+        let idx = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(index, [k]).convert::<B::IntElem>(),
+            &dev,
+        );
+        let picked = h.reshape([batch.len() * t, d]).select(0, idx).reshape([1, k, d]);
+        let lp = log_softmax(m.logits_of(picked), 2).reshape([k, v]);
+        let tg = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(targets, [k, 1]).convert::<B::IntElem>(),
+            &dev,
+        );
+        let got: Vec<f32> = lp.gather(1, tg).into_data().convert::<f32>().into_vec().expect("f32");
+        let mut at = 0;
+        for &r in batch {
+            let n = reqs[r].targets.len();
+            lls[reqs[r].item][option_of[r]] = got[at..at + n].iter().map(|&x| x as f64).sum();
+            at += n;
+        }
+    }
+    Ok(lls)
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {

@@ -338,8 +338,11 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             let all = mc::load(name, o.fewshot)?;
             let mut acc = Vec::new();
             let mut accn = Vec::new();
-            for i in sample_indices(all.len(), o.limit, o.seed) {
-                let r = mc::score_item(m, tok, &all[i])?;
+            let picked: Vec<&mc::McItem> = sample_indices(all.len(), o.limit, o.seed)
+                .into_iter()
+                .map(|i| &all[i])
+                .collect();
+            for r in mc::score_items(m, tok, &picked, mc::BATCH_ROWS)? {
                 acc.push((r.acc, 1.0));
                 accn.push((r.acc_norm, 1.0));
             }

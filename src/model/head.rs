@@ -6,8 +6,8 @@
 //! autodiff graph, a few hundred tokens at a time: logits, softmax, `∂L/∂logits = softmax −
 //! onehot`, then `∂L/∂h` and `∂L/∂W` by two matmuls.
 
-use burn::tensor::backend::Backend;
 use super::dtype::{like, widen};
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor};
 
 /// Logit elements computed at once (64 MB in f32): 341 tokens of a 49152 vocabulary.

@@ -155,7 +155,9 @@ impl<B: Backend> Llama<B> {
     /// [`Llama::from_weights`], consuming the host weights tensor by tensor (peak memory: the
     /// weights once, not twice).
     pub fn from_weights_owned(config: &LlamaConfig, mut w: Weights, device: &B::Device, dtype: Dtype) -> Result<Self> {
-        Self::build(config, device, dtype, |name| w.tensors.remove(name).map(|t| (t.shape, t.data)))
+        Self::build(config, device, dtype, |name| {
+            w.tensors.remove(name).map(|t| (t.shape, t.data))
+        })
     }
 
     fn build(
@@ -338,8 +340,10 @@ impl<B: Backend> Llama<B> {
         }
         let mk = |v: Vec<f32>| {
             let n = v.len();
-            self.dtype
-                .apply(Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device))
+            self.dtype.apply(Tensor::<B, 2>::from_data(
+                TensorData::new(v, [1, n]).convert::<B::FloatElem>(),
+                device,
+            ))
         };
         (mk(cos), mk(sin))
     }
@@ -361,8 +365,10 @@ impl<B: Backend> Llama<B> {
             };
             r[j * hd + i] = sign;
         }
-        self.dtype
-            .apply(Tensor::from_data(TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(), device))
+        self.dtype.apply(Tensor::from_data(
+            TensorData::new(r, [hd, hd]).convert::<B::FloatElem>(),
+            device,
+        ))
     }
 
     /// RMSNorm over the last dimension of `[tokens, hidden]`.
@@ -384,8 +390,10 @@ impl<B: Backend> Llama<B> {
                     m[i * total + j] = -1e9;
                 }
             }
-            self.dtype
-                .apply(Tensor::<B, 2>::from_data(TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(), device))
+            self.dtype.apply(Tensor::<B, 2>::from_data(
+                TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(),
+                device,
+            ))
         });
         BlockContext {
             b,
@@ -524,7 +532,10 @@ impl<B: Backend> Block<B> {
             // One shared row of t·total per (batch, head): the backends' fast broadcast.
             s = (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total]);
         }
-        let a = like(softmax(widen(s), 4), &v).matmul(v).permute([0, 3, 1, 2, 4]).reshape([n, nh * hd]);
+        let a = like(softmax(widen(s), 4), &v)
+            .matmul(v)
+            .permute([0, 3, 1, 2, 4])
+            .reshape([n, nh * hd]);
         let x = x + linear(a, &self.o);
         let h = rms_norm(x.clone(), &self.mlp_norm, eps);
         let g = silu(linear(h.clone(), &self.gate)) * linear(h, &self.up);
