@@ -81,12 +81,18 @@ pub fn outcome(item: &McItem, lls: &[f64]) -> McOutcome {
     }
 }
 
-/// Rows of one padded forward pass in [`score_items`] (lm-evaluation-harness's `--batch_size 8`).
+/// Rows of one padded forward pass in [`score_items`] at least (lm-evaluation-harness's
+/// `--batch_size 8`); short sequences are batched up to [`BATCH_TOKENS`] padded tokens.
 pub const BATCH_ROWS: usize = 8;
+/// Padded tokens a batch may grow to when its sequences are short (matmuls of a few hundred
+/// rows run well below the machine's sgemm rate).
+pub const BATCH_TOKENS: usize = 2048;
+const MAX_ROWS: usize = 128;
 
 /// Score many items at once, as lm-evaluation-harness does: every (context, continuation)
 /// request becomes one sequence `context + continuation[..-1]`, the sequences are sorted by
-/// length (longest first) and run `rows` at a time, right-padded (under the causal mask padding
+/// length (longest first) and run at least `rows` at a time (more while they fit in
+/// [`BATCH_TOKENS`]), right-padded (under the causal mask padding
 /// after a sequence cannot change it); only the continuation positions go through the output
 /// head and log-softmax. Equal to [`score_item`] up to float rounding.
 pub fn score_items<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], rows: usize) -> Result<Vec<McOutcome>> {
@@ -129,7 +135,17 @@ pub fn loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], ro
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&r| std::cmp::Reverse(reqs[r].ids.len()));
     let v = m.config.vocab_size;
-    for batch in order.chunks(rows.max(1)) {
+    // Batches of at least `rows` sequences, more while they fit in BATCH_TOKENS padded tokens
+    // (longest first, so a batch's first sequence sets its padded length).
+    let mut batches = vec![];
+    let mut rest = &order[..];
+    while !rest.is_empty() {
+        let t = reqs[rest[0]].ids.len();
+        let n = (BATCH_TOKENS / t).clamp(rows.max(1), MAX_ROWS).min(rest.len());
+        batches.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    for batch in batches {
         let t = reqs[batch[0]].ids.len();
         let padded: Vec<Vec<u32>> = batch
             .iter()
