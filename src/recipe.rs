@@ -337,6 +337,16 @@ impl Loaded {
                 format!("{} rows cannot be split over devices = {}", t.batch, r.devices),
             ));
         }
+        let snapshot_batches = i.tokens.div_ceil(i.seq_len.max(1)).div_ceil(i.batch.max(1));
+        if snapshot_batches < r.devices {
+            return Err(self.err(
+                "devices",
+                format!(
+                    "{} devices, but a snapshot has only {snapshot_batches} batches (importance.tokens / seq_len / batch)",
+                    r.devices
+                ),
+            ));
+        }
         if t.seq_len < 2 {
             return Err(self.err("train.seq_len", "must be at least 2"));
         }

@@ -56,10 +56,13 @@ impl Plan {
             .languages
             .iter()
             .map(|l| {
-                let h = hash_of(
-                    serde_json::json!({"stage": "base-snapshot", "model": r.model, "lang": l,
-                    "corpus": r.corpus, "importance": r.importance}),
-                );
+                let mut v = serde_json::json!({"stage": "base-snapshot", "model": r.model, "lang": l,
+                    "corpus": r.corpus, "importance": r.importance});
+                if r.dtype != crate::model::Dtype::F32 {
+                    // Only when not the default, so runs made before `dtype` existed still match.
+                    v["dtype"] = r.dtype.name().into();
+                }
+                let h = hash_of(v);
                 (l.clone(), out.join("base").join(l), h)
             })
             .collect();

@@ -297,6 +297,16 @@ fn bad_recipes_fail_before_any_work_naming_key_and_line() {
             base.replace("\"toyrs\"]", "\"cobol\"]"),
             &["languages", "line 3", "cobol"],
         ),
+        (
+            "more devices than a batch has rows",
+            base.replace("out = ", "devices = 3\nout = "),
+            &["train.batch", "devices = 3"],
+        ),
+        (
+            "unknown dtype",
+            base.replace("out = ", "dtype = \"fp8\"\nout = "),
+            &["dtype", "fp8"],
+        ),
     ];
     for (what, text, needles) in cases {
         let p = s.root.join("bad.toml");

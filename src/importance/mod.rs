@@ -238,7 +238,7 @@ impl RawSums {
         }
         let wants_sq = method == Method::Taylor2;
         anyhow::ensure!(
-            wants_sq == !sq.tensors.is_empty(),
+            wants_sq != sq.tensors.is_empty(),
             "{what}: method {} {} sq/ tensors",
             method.name(),
             if wants_sq { "needs" } else { "has no use for" }
@@ -278,6 +278,9 @@ fn add_weights(a: &mut Weights, b: &Weights) -> Result<()> {
 pub fn shard_range(batches: usize, index: usize, count: usize) -> std::ops::Range<usize> {
     (index - 1) * batches / count..index * batches / count
 }
+
+/// One flat gradient per parameter (`None`: no gradient), on the inner backend.
+pub type FlatGrads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
 
 /// Flat gradients of the mean loss over `rows`, computed `micro` rows per backward pass and
 /// summed (weighted by rows), so a batch's gradient needs only one micro-batch's activations.
@@ -323,7 +326,7 @@ pub fn batch_loss_grads_parallel<B: AutodiffBackend>(
     rows: &[Vec<u32>],
     micro: usize,
     devices: &[B::Device],
-) -> Result<(f64, Vec<Option<Tensor<B::InnerBackend, 1>>>)> {
+) -> Result<(f64, FlatGrads<B>)> {
     use burn::module::Module;
     let n = devices.len();
     if n <= 1 {

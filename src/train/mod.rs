@@ -98,10 +98,14 @@ pub fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
 /// Hash of what shapes a tune run; a checkpoint from another hash is not resumed.
 pub fn tune_hash(loaded: &Loaded) -> String {
     let r = &loaded.recipe;
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "model": r.model, "languages": r.languages, "corpus": r.corpus,
         "train": r.train, "importance": r.importance,
     });
+    if r.dtype != crate::model::Dtype::F32 {
+        // Only when not the default, so checkpoints made before `dtype` existed still resume.
+        v["dtype"] = r.dtype.name().into();
+    }
     crate::util::sha256_bytes(v.to_string().as_bytes())
 }
 
