@@ -419,6 +419,27 @@ pub enum BenchCmd {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
+    /// Tokens/s of a tuning step (forward + backward + AdamW, the tune loop's code) and peak RSS.
+    Tune {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 4)]
+        micro_batch: usize,
+        #[arg(long, default_value_t = crate::model::backprop::DEFAULT_KEEP_BLOCKS)]
+        keep_blocks: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::model::Dtype,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
     /// Tokens/s of a forward pass (median of several runs) and peak RSS.
     Forward {
         #[arg(long, default_value = "default")]
@@ -839,6 +860,30 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench {
             what:
+                BenchCmd::Tune {
+                    model,
+                    batch,
+                    micro_batch,
+                    keep_blocks,
+                    seq_len,
+                    steps,
+                    dtype,
+                    json,
+                    device,
+                },
+        } => {
+            let shape = ScoreShape {
+                batch,
+                micro_batch,
+                keep_blocks,
+                seq_len,
+                steps,
+                dtype,
+            };
+            on_device!(device, bench_tune(&model, &shape, json))
+        }
+        Cmd::Bench {
+            what:
                 BenchCmd::Forward {
                     model,
                     batch,
@@ -1038,6 +1083,64 @@ fn bench_forward<B: Backend>(
         );
     } else {
         println!("forward: {tps:.0} tokens/s (median {med:.3} s of {runs} runs, batch {batch} × {seq_len}); peak RSS {:.0} MiB", rss as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+/// AdamW steps on synthetic tokens through the tune loop's own gradient and update code.
+fn bench_tune<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device: &B::Device) -> Result<()> {
+    use crate::backend::Ad;
+    use crate::train::adamw::{AdamW, AdamWConfig};
+    let ScoreShape {
+        batch,
+        micro_batch,
+        keep_blocks,
+        seq_len,
+        steps,
+        dtype,
+    } = *shape;
+    anyhow::ensure!(
+        batch > 0 && micro_batch > 0 && steps > 0 && seq_len > 0,
+        "bench tune: batch, micro-batch, seq-len and steps must be positive"
+    );
+    let mut ck = model::load(source)?;
+    let mut m = Llama::<Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
+    m.keep_blocks = keep_blocks;
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut opt = AdamW::<B>::new(cfg, &m);
+    let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, batch * (steps + 1), seq_len + 1);
+    let mut rates = vec![];
+    for (i, rows) in blocks.chunks(batch).enumerate() {
+        let t0 = std::time::Instant::now();
+        let (_, grads) = crate::importance::batch_loss_grads(&m, rows, micro_batch, true);
+        m = opt.step(m, grads, 1e-5, 1.0);
+        let _ = m.embed.val().inner().slice([0..1, 0..1]).into_data(); // wait for the update
+        if i > 0 {
+            rates.push((batch * seq_len) as f64 / t0.elapsed().as_secs_f64()); // the first is warm-up
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    let rss = crate::util::peak_rss_bytes().unwrap_or(0);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"median_tokens_per_s": median, "step_tokens_per_s": rates, "batch": batch, "micro_batch": micro_batch,
+            "keep_blocks": keep_blocks, "seq_len": seq_len, "steps": steps, "dtype": dtype.name(), "peak_rss_bytes": rss})
+        );
+    } else {
+        println!(
+            "tune step: median {median:.1} tokens/s (range {:.1}–{:.1}; batch {batch} × {seq_len}, micro-batch {micro_batch}, {keep_blocks} blocks kept, {steps} steps, {}); peak RSS {:.0} MiB",
+            rates[0],
+            rates[rates.len() - 1],
+            dtype.name(),
+            rss as f64 / 1048576.0
+        );
     }
     Ok(())
 }

