@@ -677,6 +677,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     resume,
                     force,
                     progress: true,
+                    lock: true,
                 };
                 on_device!(device, tune_cmd(&loaded, &opts))?;
             }
@@ -1200,6 +1201,7 @@ fn score_cmd<B: Backend>(
     if out.exists() && !force {
         anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
     }
+    let _lock = crate::util::DirLock::exclusive(&crate::util::output_lock_path(out), out)?;
     let mut ck = model::load(source)?;
     let m =
         Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;

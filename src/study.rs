@@ -113,6 +113,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     loaded.validate(corpora)?;
     let tasks = loaded.tasks()?;
     let plan = Plan::new(loaded);
+    let _lock = crate::util::DirLock::exclusive(&crate::util::run_lock_path(&plan.out), &plan.out)?;
     std::fs::create_dir_all(&plan.out).with_context(|| format!("creating {}", plan.out.display()))?;
     crate::util::write_atomic(
         &plan.out.join("recipe.resolved.toml"),
@@ -186,6 +187,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             resume,
             force: !resume,
             progress: true,
+            lock: false,
         };
         train::tune::<B>(loaded, corpora, &opts, device)?;
     }

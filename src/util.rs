@@ -102,3 +102,106 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// An advisory lock (`flock`) that makes one process the writer of an output: held for the
+/// life of the value, released by the kernel when the process dies, so a lock left by a killed
+/// process is simply taken over. The file records the holder (pid, command line, start time)
+/// for the message a second writer gets.
+pub struct DirLock {
+    file: std::fs::File,
+}
+
+impl DirLock {
+    /// The only writer of `what` (e.g. a run directory): fails at once while another process
+    /// holds the lock, shared or exclusive.
+    pub fn exclusive(lock_path: &Path, what: &Path) -> Result<Self> {
+        Self::take(lock_path, what, true)
+    }
+
+    /// One of several writers of separate parts of `what` (each tune of one language): fails
+    /// while another process holds it exclusively.
+    pub fn shared(lock_path: &Path, what: &Path) -> Result<Self> {
+        Self::take(lock_path, what, false)
+    }
+
+    fn take(lock_path: &Path, what: &Path, exclusive: bool) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::io::AsRawFd;
+        if let Some(dir) = lock_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock_path)
+            .with_context(|| format!("opening the lock file {}", lock_path.display()))?;
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut lines = holder.lines();
+                let pid = lines.next().unwrap_or("?");
+                let cmd = lines.next().unwrap_or("?");
+                anyhow::bail!(
+                    "{} is being written by process {pid} ({cmd}); wait for it to finish or stop it (lock {})",
+                    what.display(),
+                    lock_path.display()
+                );
+            }
+            return Err(err).with_context(|| format!("locking {}", lock_path.display()));
+        }
+        // A holder recorded in the file but no longer holding the lock died without releasing it.
+        if let Some(pid) = holder.lines().next().and_then(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: signal 0 only asks whether the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if !alive {
+                eprintln!(
+                    "codespot: took over the lock of {} left by process {pid}, which is no longer running",
+                    what.display()
+                );
+            }
+        }
+        let cmd: Vec<String> = std::env::args().collect();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}\n{}\n{started}\n", std::process::id(), cmd.join(" "))?;
+        file.flush()?;
+        Ok(Self { file })
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // A clean exit leaves an empty file: only a crashed holder leaves its pid behind. With
+        // shared holders the file is cleared only by the last one out (it gets the lock alone).
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: as in take.
+        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let _ = self.file.set_len(0);
+        }
+    }
+}
+
+/// The lock file of a run directory (`codespot run` holds it alone, each `tune` shared).
+pub fn run_lock_path(out_dir: &Path) -> PathBuf {
+    out_dir.join(".codespot.lock")
+}
+
+/// The lock file beside a single output directory (`score --out`): a hidden sibling.
+pub fn output_lock_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    out.with_file_name(format!(".{name}.lock"))
+}

@@ -76,6 +76,7 @@ fn tune_checkpoints_snapshots_and_tensorboard_reads_every_tag() {
         resume: false,
         force: false,
         progress: false,
+        lock: true,
     };
     let sum = codespot::train::tune::<codespot::backend::Cpu>(&loaded, &s.corpora, &opts, &Default::default()).unwrap();
     let dir = out.join("tune/toy");
@@ -211,7 +212,12 @@ fn a_killed_run_resumes_on_the_same_loss_trajectory() {
 
     let out = cli(&s, &["tune", k, "--lang", "toy", "--resume"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming toy"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resuming toy"), "{err}");
+    assert!(
+        err.contains("took over the lock"),
+        "the killed process's lock is taken over: {err}"
+    );
     let a = losses(&s.root.join("full/tune/toy/tune.json"));
     let b = losses(&d.join("tune.json"));
     assert_eq!(a.len(), 4);
@@ -254,6 +260,65 @@ fn tuning_on_two_collective_peers_follows_one_device() {
     assert_eq!(y.manifest.devices, 2);
     let rho = codespot::track::spearman(&x.scores, &y.scores, 1 << 20);
     assert!(rho > 0.9999, "final snapshots agree: Spearman {rho}");
+}
+
+/// One writer per output: while a live process holds a run directory (as `codespot run` does),
+/// `tune` and `run` on it fail at once naming that process, and `score` likewise on an output
+/// being written; a lock left behind by a dead process is taken over.
+#[test]
+fn a_second_writer_is_refused_while_the_first_lives() {
+    use codespot::util::{output_lock_path, run_lock_path, DirLock};
+    let s = setup();
+    let out = s.root.join("locked");
+    let rp = write_recipe(&s, "l.toml", &out);
+    let r = rp.to_str().unwrap();
+    let me = format!("is being written by process {}", std::process::id());
+    let held = DirLock::exclusive(&run_lock_path(&out), &out).unwrap();
+    for args in [vec!["tune", r, "--lang", "toy"], vec!["run", r]] {
+        let o = cli(&s, &args, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&me) && err.contains(&out.display().to_string()),
+            "{args:?}: {err}"
+        );
+        assert!(!out.join("tune").exists() && !out.join("base").exists());
+    }
+    let snap = s.root.join("snap");
+    let held2 = DirLock::exclusive(&output_lock_path(&snap), &snap).unwrap();
+    let gguf = s.gguf.to_str().unwrap();
+    let score = [
+        "score",
+        "--model",
+        gguf,
+        "--lang",
+        "toy",
+        "--tokens",
+        "32",
+        "--seq-len",
+        "16",
+        "--batch",
+        "1",
+        "--out",
+        snap.to_str().unwrap(),
+    ];
+    let o = cli(&s, &score, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&me), "{err}");
+    assert!(!snap.exists());
+    drop((held, held2));
+    let o = cli(&s, &score, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A lock file naming a process that is gone: taken over, and the tune runs.
+    std::fs::write(run_lock_path(&out), "999999999\ncodespot run l.toml\n0\n").unwrap();
+    let o = cli(&s, &["tune", r, "--lang", "toy"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("took over the lock") && err.contains("999999999"), "{err}");
+    assert!(out.join("tune/toy/tune.json").is_file());
+    // A clean exit leaves the lock file empty (no stale holder for the next writer).
+    assert_eq!(std::fs::read_to_string(run_lock_path(&out)).unwrap(), "");
 }
 
 #[test]

@@ -85,6 +85,9 @@ pub struct TuneOptions {
     /// Delete an existing run of this language first.
     pub force: bool,
     pub progress: bool,
+    /// Take the run directory's lock (shared: tunes of other languages may run beside) and
+    /// this language's (exclusive). `codespot run` holds the run's lock itself and passes false.
+    pub lock: bool,
 }
 
 pub fn step_name(step: usize) -> String {
@@ -253,6 +256,15 @@ pub fn tune<B: Backend>(
     }
     loaded.validate(corpora)?;
     let dir = tune_dir(loaded, lang);
+    let _locks = if opts.lock {
+        let out = loaded.out_dir();
+        Some((
+            crate::util::DirLock::shared(&crate::util::run_lock_path(&out), &out)?,
+            crate::util::DirLock::exclusive(&crate::util::output_lock_path(&dir), &dir)?,
+        ))
+    } else {
+        None
+    };
     let ckpt_dir = dir.join("checkpoints");
     let snap_dir = dir.join("snapshots");
     let hash = tune_hash(loaded);
