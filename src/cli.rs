@@ -394,51 +394,65 @@ pub enum SnapshotCmd {
     },
 }
 
+/// The training-shaped benchmarks' arguments (`bench score`, `bench tune`): synthetic batches.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StepShape {
+    #[arg(long, default_value = "default")]
+    model: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    /// Top blocks whose activations the backward pass keeps instead of recomputing them.
+    #[arg(long, default_value_t = crate::model::backprop::DEFAULT_KEEP_BLOCKS)]
+    keep_blocks: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed batches (after one warm-up batch).
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Weights' dtype (scores, gradients and AdamW moments stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::model::Dtype,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+impl StepShape {
+    /// Check the sizes, load the model with the shape's dtype and kept blocks, and make
+    /// `steps + 1` batches of synthetic rows (the first for warm-up).
+    fn load<B: Backend>(
+        &self,
+        what: &str,
+        device: &B::Device,
+    ) -> Result<(Checkpoint, Llama<crate::backend::Ad<B>>, Vec<Vec<u32>>)> {
+        anyhow::ensure!(
+            self.batch > 0 && self.micro_batch > 0 && self.steps > 0 && self.seq_len > 0,
+            "bench {what}: batch, micro-batch, seq-len and steps must be positive"
+        );
+        let mut ck = model::load(&self.model)?;
+        let w = std::mem::take(&mut ck.weights);
+        let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, self.dtype)?;
+        m.keep_blocks = self.keep_blocks;
+        let rows = self.batch * (self.steps + 1);
+        let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, rows, self.seq_len + 1);
+        Ok((ck, m, blocks))
+    }
+}
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Tokens/s of forward + backward importance scoring and peak RSS.
     Score {
-        #[arg(long, default_value = "default")]
-        model: String,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 4)]
-        micro_batch: usize,
-        /// Top blocks whose activations the backward pass keeps instead of recomputing them.
-        #[arg(long, default_value_t = crate::model::backprop::DEFAULT_KEEP_BLOCKS)]
-        keep_blocks: usize,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 6)]
-        steps: usize,
-        /// Weights' dtype (scores are summed in f32).
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: crate::model::Dtype,
-        #[arg(long)]
-        json: bool,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceKind,
+        #[command(flatten)]
+        shape: StepShape,
     },
     /// Tokens/s of a tuning step (forward + backward + AdamW, the tune loop's code) and peak RSS.
     Tune {
-        #[arg(long, default_value = "default")]
-        model: String,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 4)]
-        micro_batch: usize,
-        #[arg(long, default_value_t = crate::model::backprop::DEFAULT_KEEP_BLOCKS)]
-        keep_blocks: usize,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 6)]
-        steps: usize,
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: crate::model::Dtype,
-        #[arg(long)]
-        json: bool,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceKind,
+        #[command(flatten)]
+        shape: StepShape,
     },
     /// Tokens/s of a forward pass (median of several runs) and peak RSS.
     Forward {
@@ -713,29 +727,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what:
-                BenchCmd::Score {
-                    model,
-                    batch,
-                    micro_batch,
-                    keep_blocks,
-                    seq_len,
-                    steps,
-                    dtype,
-                    json,
-                    device,
-                },
-        } => {
-            let shape = ScoreShape {
-                batch,
-                micro_batch,
-                keep_blocks,
-                seq_len,
-                steps,
-                dtype,
-            };
-            on_device!(device, bench_score(&model, &shape, json))
-        }
+            what: BenchCmd::Score { shape },
+        } => on_device!(shape.device, bench_score(&shape)),
         Cmd::Spot {
             what:
                 SpotCmd::Select {
@@ -860,29 +853,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what:
-                BenchCmd::Tune {
-                    model,
-                    batch,
-                    micro_batch,
-                    keep_blocks,
-                    seq_len,
-                    steps,
-                    dtype,
-                    json,
-                    device,
-                },
-        } => {
-            let shape = ScoreShape {
-                batch,
-                micro_batch,
-                keep_blocks,
-                seq_len,
-                steps,
-                dtype,
-            };
-            on_device!(device, bench_tune(&model, &shape, json))
-        }
+            what: BenchCmd::Tune { shape },
+        } => on_device!(shape.device, bench_tune(&shape)),
         Cmd::Bench {
             what:
                 BenchCmd::Forward {
@@ -1089,24 +1061,19 @@ fn bench_forward<B: Backend>(
 }
 
 /// AdamW steps on synthetic tokens through the tune loop's own gradient and update code.
-fn bench_tune<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device: &B::Device) -> Result<()> {
-    use crate::backend::Ad;
+fn bench_tune<B: Backend>(shape: &StepShape, device: &B::Device) -> Result<()> {
     use crate::train::adamw::{AdamW, AdamWConfig};
-    let ScoreShape {
+    let (_, mut m, blocks) = shape.load::<B>("tune", device)?;
+    let StepShape {
         batch,
         micro_batch,
         keep_blocks,
         seq_len,
         steps,
         dtype,
+        json,
+        ..
     } = *shape;
-    anyhow::ensure!(
-        batch > 0 && micro_batch > 0 && steps > 0 && seq_len > 0,
-        "bench tune: batch, micro-batch, seq-len and steps must be positive"
-    );
-    let mut ck = model::load(source)?;
-    let mut m = Llama::<Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
-    m.keep_blocks = keep_blocks;
     let cfg = AdamWConfig {
         beta1: 0.9,
         beta2: 0.999,
@@ -1114,7 +1081,6 @@ fn bench_tune<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device: 
         weight_decay: 0.0,
     };
     let mut opt = AdamW::<B>::new(cfg, &m);
-    let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, batch * (steps + 1), seq_len + 1);
     let mut rates = vec![];
     for (i, rows) in blocks.chunks(batch).enumerate() {
         let t0 = std::time::Instant::now();
@@ -1216,34 +1182,17 @@ fn score_cmd<B: Backend>(
     Ok(())
 }
 
-/// What `bench score` runs.
-struct ScoreShape {
-    batch: usize,
-    micro_batch: usize,
-    keep_blocks: usize,
-    seq_len: usize,
-    steps: usize,
-    dtype: crate::model::Dtype,
-}
-
-fn bench_score<B: Backend>(source: &str, shape: &ScoreShape, json: bool, device: &B::Device) -> Result<()> {
-    use crate::backend::Ad;
-    let ScoreShape {
+fn bench_score<B: Backend>(shape: &StepShape, device: &B::Device) -> Result<()> {
+    let (ck, m, blocks) = shape.load::<B>("score", device)?;
+    let StepShape {
         batch,
         micro_batch,
         keep_blocks,
         seq_len,
         steps,
-        dtype,
+        json,
+        ..
     } = *shape;
-    anyhow::ensure!(
-        batch > 0 && micro_batch > 0 && steps > 0 && seq_len > 0,
-        "bench score: batch, micro-batch, seq-len and steps must be positive"
-    );
-    let mut ck = model::load(source)?;
-    let mut m = Llama::<Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
-    m.keep_blocks = keep_blocks;
-    let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, batch * (steps + 1), seq_len + 1);
     // The first batch warms up; the rest are timed.
     let (warm, timed) = blocks.split_at(batch);
     crate::importance::score(&m, warm, batch, micro_batch, crate::importance::Method::Taylor, |_| {})?;

@@ -119,42 +119,34 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
         * 4;
     // Embedding scatter-add and the head's ∂W (f32), a block gradient with its |θ ⊙ g| temporaries.
     let inflight = 2 * vocab_d * 4 + 3 * big * 4;
-    let mut score = vec![
-        (format!("weights ({} × {n})", r.dtype.name()), n * wb),
+    let weights = (format!("weights ({} × {n})", r.dtype.name()), n * wb);
+    let moments = ("AdamW moments (2 × f32)".to_string(), 2 * n * 4);
+    // Scoring: the weights, the sums, a gradient at a time and one backward's activations.
+    let scoring = [
         (format!("Taylor sums (f32, {})", i.method.name()), sums),
         ("gradients in flight (f32)".into(), inflight),
-    ];
-    score.extend(activations(
+    ]
+    .into_iter()
+    .chain(activations(
         cfg,
         i.micro_batch.min(i.batch),
         i.seq_len,
         i.keep_blocks,
         r.dtype,
     ));
+    let score: Vec<_> = std::iter::once(weights.clone()).chain(scoring.clone()).collect();
 
     let t = &r.train;
     let rows = t.batch.div_ceil(r.devices).min(t.micro_batch);
     let mut step = vec![
-        (format!("weights ({} × {n})", r.dtype.name()), n * wb),
-        ("AdamW moments (2 × f32)".into(), 2 * n * 4),
+        weights.clone(),
+        moments.clone(),
         ("gradient sum of a step (f32)".into(), n * 4),
         ("update temporaries (f32)".into(), 4 * big * 4 + inflight),
     ];
     step.extend(activations(cfg, rows, t.seq_len, t.keep_blocks, r.dtype));
     // At a checkpoint the step's gradients are gone and a snapshot is scored beside the optimizer.
-    let mut ckpt = vec![
-        (format!("weights ({} × {n})", r.dtype.name()), n * wb),
-        ("AdamW moments (2 × f32)".into(), 2 * n * 4),
-        (format!("Taylor sums (f32, {})", i.method.name()), sums),
-        ("gradients in flight (f32)".into(), inflight),
-    ];
-    ckpt.extend(activations(
-        cfg,
-        i.micro_batch.min(i.batch),
-        i.seq_len,
-        i.keep_blocks,
-        r.dtype,
-    ));
+    let ckpt: Vec<_> = [weights, moments].into_iter().chain(scoring).collect();
     Plan {
         params: n,
         dtype: r.dtype,

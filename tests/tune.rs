@@ -424,3 +424,91 @@ fn shipped_recipes_pass_check() {
         l.validate(&corpora).unwrap_or_else(|e| panic!("{r}: {e}"));
     }
 }
+
+/// `codespot plan` on the research recipe (the shipped Llama-3.1-8B config): exact parameter
+/// and weight bytes per dtype, every stage's total is the sum of its items, bf16 needs less
+/// than f32 and tuning more than scoring; a tiny GGUF recipe reads its config from the file;
+/// an `hf:` model outside the cache without --config says what to pass.
+#[test]
+fn plan_prints_the_memory_per_device() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let recipe = root.join("recipes/llama31-8b-instruct.toml");
+    let config = root.join("recipes/configs/Llama-3.1-8B-Instruct.config.json");
+    let plan = |dtype: &str| -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_codespot"))
+            .args([
+                "plan",
+                recipe.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--json",
+            ])
+            .args(["--set", &format!("dtype={dtype}")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (f32p, bf16p) = (plan("f32"), plan("bf16"));
+    let n = 8_030_261_248u64; // Llama-3.1-8B
+    assert_eq!(f32p["params"].as_u64(), Some(n));
+    let item =
+        |p: &serde_json::Value, stage: usize, i: usize| p["stages"][stage]["items"][i]["bytes"].as_u64().unwrap();
+    let total = |p: &serde_json::Value, stage: usize| p["stages"][stage]["total"].as_u64().unwrap();
+    assert_eq!(item(&f32p, 0, 0), 4 * n, "f32 weights");
+    assert_eq!(item(&bf16p, 0, 0), 2 * n, "bf16 weights");
+    assert_eq!(item(&bf16p, 0, 1), 4 * n, "taylor-sum sums stay f32");
+    for p in [&f32p, &bf16p] {
+        for st in p["stages"].as_array().unwrap() {
+            let sum: u64 = st["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["bytes"].as_u64().unwrap())
+                .sum();
+            assert_eq!(Some(sum), st["total"].as_u64());
+        }
+        // A step holds two f32 moments and an f32 gradient sum where scoring holds the f32 sums.
+        assert!(
+            total(p, 1) > total(p, 0) + 8 * n,
+            "tuning adds moments and a gradient sum"
+        );
+    }
+    assert!(total(&bf16p, 0) < total(&f32p, 0));
+    // The text form names the devices checked.
+    let o = Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args([
+            "plan",
+            recipe.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--memory",
+            "A100=40",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("| A100 | 40 | no (") && text.contains("score (importance snapshot)"),
+        "{text}"
+    );
+    // Without --config an hf: model must be in the HF cache.
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args(["plan", recipe.to_str().unwrap()])
+        .env("HF_HOME", empty.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("not in the HF cache") && err.contains("--config"), "{err}");
+    // A GGUF recipe: the config comes from the file.
+    let s = setup();
+    let rp = write_recipe(&s, "p.toml", &s.root.join("p"));
+    let o = cli(&s, &["plan", rp.to_str().unwrap(), "--json"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cfg = codespot::model::load(s.gguf.to_str().unwrap()).unwrap().config;
+    assert_eq!(p["params"].as_u64(), Some(cfg.num_params() as u64));
+}
