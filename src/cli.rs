@@ -420,14 +420,13 @@ pub struct StepShape {
     device: DeviceKind,
 }
 
+/// A benchmark's checkpoint, its model under autodiff, and its synthetic rows.
+type BenchModel<B> = (Checkpoint, Llama<crate::backend::Ad<B>>, Vec<Vec<u32>>);
+
 impl StepShape {
     /// Check the sizes, load the model with the shape's dtype and kept blocks, and make
     /// `steps + 1` batches of synthetic rows (the first for warm-up).
-    fn load<B: Backend>(
-        &self,
-        what: &str,
-        device: &B::Device,
-    ) -> Result<(Checkpoint, Llama<crate::backend::Ad<B>>, Vec<Vec<u32>>)> {
+    fn load<B: Backend>(&self, what: &str, device: &B::Device) -> Result<BenchModel<B>> {
         anyhow::ensure!(
             self.batch > 0 && self.micro_batch > 0 && self.steps > 0 && self.seq_len > 0,
             "bench {what}: batch, micro-batch, seq-len and steps must be positive"
