@@ -12,6 +12,7 @@ pub mod collective;
 pub mod data;
 pub mod eval;
 pub mod importance;
+pub mod layout;
 pub mod model;
 pub mod plan;
 pub mod recipe;

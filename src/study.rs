@@ -13,71 +13,14 @@
 //! 6. `eval/base`, `eval/tuned-<lang>`: ablation + evaluation with spot and controls;
 //! 7. `report.md` with PNG plots in `report/`.
 
-use crate::importance::{self, ScoreRequest};
+use crate::importance;
+pub use crate::layout::{final_snapshot, snapshot_request, stage_done, Plan};
+use crate::layout::{hash_of, mark};
 use crate::recipe::Loaded;
 use crate::train::{self, TuneOptions};
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
-
-/// The stage marker beside an output (`base/python` → `base/python.stage`).
-fn marker(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".stage");
-    PathBuf::from(s)
-}
-
-/// Whether `out` holds the result of a stage with this hash.
-pub fn stage_done(out: &Path, hash: &str) -> bool {
-    out.exists() && std::fs::read_to_string(marker(out)).is_ok_and(|h| h.trim() == hash)
-}
-
-fn mark(out: &Path, hash: &str) -> Result<()> {
-    crate::util::write_atomic(&marker(out), hash.as_bytes())
-}
-
-fn hash_of(v: serde_json::Value) -> String {
-    crate::util::sha256_bytes(v.to_string().as_bytes())
-}
-
-/// Stage hashes and the dirs of a run.
-pub struct Plan {
-    pub out: PathBuf,
-    pub base_snap: Vec<(String, PathBuf, String)>,
-    pub base_spot: (PathBuf, String),
-    pub tuned_spot: (PathBuf, String),
-}
-
-impl Plan {
-    pub fn new(loaded: &Loaded) -> Self {
-        let r = &loaded.recipe;
-        let out = loaded.out_dir();
-        let base_snap: Vec<(String, PathBuf, String)> = r
-            .languages
-            .iter()
-            .map(|l| {
-                let mut v = serde_json::json!({"stage": "base-snapshot", "model": r.model, "lang": l,
-                    "corpus": r.corpus, "importance": r.importance});
-                if r.dtype != crate::model::Dtype::F32 {
-                    // Only when not the default, so runs made before `dtype` existed still match.
-                    v["dtype"] = r.dtype.name().into();
-                }
-                let h = hash_of(v);
-                (l.clone(), out.join("base").join(l), h)
-            })
-            .collect();
-        let base_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot,
-            "inputs": base_snap.iter().map(|x| &x.2).collect::<Vec<_>>()}));
-        let tuned_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot,
-            "tune": train::tune_hash(loaded)}));
-        Self {
-            base_spot: (out.join("spots").join("base"), base_spot_hash),
-            tuned_spot: (out.join("spots").join("tuned"), tuned_spot_hash),
-            out,
-            base_snap,
-        }
-    }
-}
 
 fn say(msg: impl std::fmt::Display) {
     eprintln!("[run] {msg}");
@@ -286,30 +229,6 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         stages_run: ran,
         stages_skipped: skipped,
     })
-}
-
-/// The importance request of the recipe for one language.
-pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
-    let i = &loaded.recipe.importance;
-    let mut req = ScoreRequest::new(lang);
-    req.tokens = i.tokens;
-    req.seq_len = i.seq_len;
-    req.batch = i.batch;
-    req.micro_batch = i.micro_batch;
-    req.keep_blocks = i.keep_blocks;
-    req.method = i.method;
-    req.seed = i.seed;
-    req.half = i.half;
-    req.devices = loaded.recipe.devices;
-    req.progress = true;
-    req
-}
-
-/// The snapshot at the last step of a language's tuning.
-pub fn final_snapshot(loaded: &Loaded, lang: &str) -> PathBuf {
-    train::tune_dir(loaded, lang)
-        .join("snapshots")
-        .join(train::step_name(loaded.recipe.train.steps))
 }
 
 pub fn eval_options(loaded: &Loaded, corpora: &crate::data::Corpora) -> crate::eval::EvalOptions {

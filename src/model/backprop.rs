@@ -18,10 +18,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{IndexingUpdateOp, Tensor};
 
-/// Default [`Llama::keep_blocks`]: the top blocks whose autodiff graphs are kept from the
-/// forward pass instead of re-run (each ~75 MB at batch 4 × 256 on the default model; 6 keeps
-/// `bench score` under 2.5 GB there).
-pub const DEFAULT_KEEP_BLOCKS: usize = 6;
+pub use super::llama::DEFAULT_KEEP_BLOCKS;
 
 /// Hand block `l`'s parameter gradients in `grads` to `sink`.
 fn block_grads<B: AutodiffBackend>(

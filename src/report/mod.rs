@@ -146,7 +146,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         .filter_map(|l| {
             Some((
                 l.clone(),
-                read_json(&crate::train::tune_dir(loaded, l).join("tune.json"))?,
+                read_json(&crate::layout::tune_dir(loaded, l).join("tune.json"))?,
             ))
         })
         .collect();
@@ -158,7 +158,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
     let final_dirs: Vec<PathBuf> = r
         .languages
         .iter()
-        .map(|l| crate::study::final_snapshot(loaded, l))
+        .map(|l| crate::layout::final_snapshot(loaded, l))
         .collect();
     let mut md = String::new();
     let mut images: Vec<(String, String)> = vec![]; // (file, caption)

@@ -14,6 +14,7 @@
 pub mod adamw;
 
 use crate::importance::{self, snapshot};
+pub use crate::layout::{step_name, tune_dir, tune_hash};
 use crate::model::{self, Checkpoint, Llama};
 use crate::recipe::{Loaded, Schedule, TrainSection};
 use crate::track::{self, Tb};
@@ -88,28 +89,6 @@ pub struct TuneOptions {
     /// Take the run directory's lock (shared: tunes of other languages may run beside) and
     /// this language's (exclusive). `codespot run` holds the run's lock itself and passes false.
     pub lock: bool,
-}
-
-pub fn step_name(step: usize) -> String {
-    format!("step-{step:06}")
-}
-
-pub fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
-    loaded.out_dir().join("tune").join(lang)
-}
-
-/// Hash of what shapes a tune run; a checkpoint from another hash is not resumed.
-pub fn tune_hash(loaded: &Loaded) -> String {
-    let r = &loaded.recipe;
-    let mut v = serde_json::json!({
-        "model": r.model, "languages": r.languages, "corpus": r.corpus,
-        "train": r.train, "importance": r.importance,
-    });
-    if r.dtype != crate::model::Dtype::F32 {
-        // Only when not the default, so checkpoints made before `dtype` existed still resume.
-        v["dtype"] = r.dtype.name().into();
-    }
-    crate::util::sha256_bytes(v.to_string().as_bytes())
 }
 
 /// Whether the run in `dir` has a checkpoint made with tune hash `hash` (so `--resume` can
@@ -610,15 +589,15 @@ impl SnapCtx<'_> {
         }
         if step == 0 && !out.join("manifest.json").is_file() {
             // `codespot run` scored the base model on this language already: reuse it.
-            let plan = crate::study::Plan::new(self.loaded);
+            let plan = crate::layout::Plan::new(self.loaded);
             if let Some((_, dir, h)) = plan.base_snap.iter().find(|x| x.0 == self.lang) {
-                if crate::study::stage_done(dir, h) {
+                if crate::layout::stage_done(dir, h) {
                     copy_files(dir, &out)?;
                 }
             }
         }
         if !out.join("manifest.json").is_file() {
-            let mut req = crate::study::snapshot_request(self.loaded, self.lang);
+            let mut req = crate::layout::snapshot_request(self.loaded, self.lang);
             req.step = Some(step);
             req.progress = self.progress;
             if step > 0 {

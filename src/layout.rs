@@ -1,0 +1,124 @@
+//! The run directory's layout, owned here so that the trainer, the study and the report all
+//! read it from one place (and none of them reaches into another for a path):
+//!
+//! ```text
+//! <out>/recipe.resolved.toml   .codespot.lock
+//! <out>/base/<lang>/            base-model snapshot       (+ <lang>.stage: its stage hash)
+//! <out>/spots/{base,tuned}/     spot masks and controls   (+ .stage)
+//! <out>/tune/<lang>/            checkpoints/step-NNNNNN/, snapshots/step-NNNNNN/, tb/, tune.json
+//! <out>/compare/…  <out>/eval/…  <out>/report.md  <out>/report/*.png
+//! ```
+
+use crate::importance::ScoreRequest;
+use crate::recipe::Loaded;
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+/// The stage marker beside an output (`base/python` → `base/python.stage`).
+fn marker(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".stage");
+    PathBuf::from(s)
+}
+
+/// Whether `out` holds the result of a stage with this hash.
+pub fn stage_done(out: &Path, hash: &str) -> bool {
+    out.exists() && std::fs::read_to_string(marker(out)).is_ok_and(|h| h.trim() == hash)
+}
+
+/// Record that `out` holds the result of the stage with this hash.
+pub fn mark(out: &Path, hash: &str) -> Result<()> {
+    crate::util::write_atomic(&marker(out), hash.as_bytes())
+}
+
+/// A stage hash: SHA-256 of the JSON of what the stage reads.
+pub fn hash_of(v: serde_json::Value) -> String {
+    crate::util::sha256_bytes(v.to_string().as_bytes())
+}
+
+/// Stage hashes and the dirs of a run.
+pub struct Plan {
+    pub out: PathBuf,
+    pub base_snap: Vec<(String, PathBuf, String)>,
+    pub base_spot: (PathBuf, String),
+    pub tuned_spot: (PathBuf, String),
+}
+
+impl Plan {
+    pub fn new(loaded: &Loaded) -> Self {
+        let r = &loaded.recipe;
+        let out = loaded.out_dir();
+        let base_snap: Vec<(String, PathBuf, String)> = r
+            .languages
+            .iter()
+            .map(|l| {
+                let mut v = serde_json::json!({"stage": "base-snapshot", "model": r.model, "lang": l,
+                    "corpus": r.corpus, "importance": r.importance});
+                if r.dtype != crate::model::Dtype::F32 {
+                    // Only when not the default, so runs made before `dtype` existed still match.
+                    v["dtype"] = r.dtype.name().into();
+                }
+                let h = hash_of(v);
+                (l.clone(), out.join("base").join(l), h)
+            })
+            .collect();
+        let base_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot,
+            "inputs": base_snap.iter().map(|x| &x.2).collect::<Vec<_>>()}));
+        let tuned_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot,
+            "tune": tune_hash(loaded)}));
+        Self {
+            base_spot: (out.join("spots").join("base"), base_spot_hash),
+            tuned_spot: (out.join("spots").join("tuned"), tuned_spot_hash),
+            out,
+            base_snap,
+        }
+    }
+}
+
+/// A checkpoint's or snapshot's directory name.
+pub fn step_name(step: usize) -> String {
+    format!("step-{step:06}")
+}
+
+/// One language's tuning run.
+pub fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
+    loaded.out_dir().join("tune").join(lang)
+}
+
+/// Hash of what shapes a tune run; a checkpoint from another hash is not resumed.
+pub fn tune_hash(loaded: &Loaded) -> String {
+    let r = &loaded.recipe;
+    let mut v = serde_json::json!({
+        "model": r.model, "languages": r.languages, "corpus": r.corpus,
+        "train": r.train, "importance": r.importance,
+    });
+    if r.dtype != crate::model::Dtype::F32 {
+        // Only when not the default, so checkpoints made before `dtype` existed still resume.
+        v["dtype"] = r.dtype.name().into();
+    }
+    crate::util::sha256_bytes(v.to_string().as_bytes())
+}
+
+/// The importance request of the recipe for one language.
+pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
+    let i = &loaded.recipe.importance;
+    let mut req = ScoreRequest::new(lang);
+    req.tokens = i.tokens;
+    req.seq_len = i.seq_len;
+    req.batch = i.batch;
+    req.micro_batch = i.micro_batch;
+    req.keep_blocks = i.keep_blocks;
+    req.method = i.method;
+    req.seed = i.seed;
+    req.half = i.half;
+    req.devices = loaded.recipe.devices;
+    req.progress = true;
+    req
+}
+
+/// The snapshot at the last step of a language's tuning.
+pub fn final_snapshot(loaded: &Loaded, lang: &str) -> PathBuf {
+    tune_dir(loaded, lang)
+        .join("snapshots")
+        .join(step_name(loaded.recipe.train.steps))
+}
