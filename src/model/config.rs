@@ -76,9 +76,16 @@ impl LlamaConfig {
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
         ];
-        for (k, v) in nz {
+        // Upper bounds far beyond any Llama (405B has 126 layers, 16384 hidden, 53248
+        // intermediate, 128 heads, a 128256 vocabulary), so a corrupt header cannot make the
+        // tensor list or a shape product allocate without bound before the weights are checked.
+        let max = [1usize << 24, 1 << 18, 1 << 20, 1 << 12, 1 << 12, 1 << 12, 1 << 12];
+        for ((k, v), m) in nz.into_iter().zip(max) {
             if v == 0 {
                 bail!("field '{k}' must be positive");
+            }
+            if v > m {
+                bail!("field '{k}' = {v} is implausibly large (at most {m})");
             }
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {

@@ -52,7 +52,7 @@ impl Tok {
         };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path)?;
+            let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
             let tok_str = |k: &str| match v.get(k) {
@@ -76,7 +76,8 @@ impl Tok {
         }
         let jinja = dir.join("chat_template.jinja");
         if tok.chat_template.is_none() && jinja.is_file() {
-            tok.chat_template = Some(std::fs::read_to_string(&jinja)?);
+            let t = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
+            tok.chat_template = Some(t);
         }
         Ok(tok)
     }
