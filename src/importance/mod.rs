@@ -38,7 +38,6 @@ impl Method {
     }
 }
 
-/// Flattened value of a parameter on the inner (non-autodiff) backend.
 /// Flattened value of a parameter on the inner (non-autodiff) backend, in f32 (or wider).
 pub fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBackend, 1> {
     crate::model::dtype::widen(p.flat().inner())
@@ -156,7 +155,7 @@ impl<B: Backend> Accumulator<B> {
 
     /// Final scores on the host (f32), under canonical names.
     pub fn finish<AB: AutodiffBackend<InnerBackend = B>>(self, model: &Llama<AB>) -> Scores {
-        self.raw(model).scores()
+        self.raw(model).into_scores()
     }
 
     /// The running sums as flat tensors (for an all-reduce across peers).
@@ -179,21 +178,27 @@ pub struct RawSums {
 }
 
 impl RawSums {
-    /// The scores: `sum` (`taylor`), |`sum`| (`taylor-sum`), |`sum`|/n + ½ `sq`/n (`taylor2`).
-    pub fn scores(&self) -> Scores {
+    /// The scores: `sum` (`taylor`), |`sum`| (`taylor-sum`), |`sum`|/n + ½ `sq`/n (`taylor2`),
+    /// computed in place in `sum`'s buffers (no second copy of a model-sized set of tensors).
+    pub fn into_scores(self) -> Scores {
         let n = self.batches.max(1) as f32;
-        let mut out = Scores::default();
-        for (name, s) in &self.sum.tensors {
-            let data = match (self.method, &self.sq) {
-                (Method::Taylor, _) => s.data.clone(),
-                (Method::TaylorSum, _) => s.data.iter().map(|x| x.abs()).collect(),
-                (Method::Taylor2, Some(sq)) => {
+        let mut out = self.sum;
+        match (self.method, &self.sq) {
+            (Method::Taylor, _) => {}
+            (Method::TaylorSum, _) => out
+                .tensors
+                .values_mut()
+                .for_each(|t| t.data.iter_mut().for_each(|x| *x = x.abs())),
+            (Method::Taylor2, Some(sq)) => {
+                for (name, t) in &mut out.tensors {
                     let q = &sq.tensors[name].data;
-                    s.data.iter().zip(q).map(|(x, q)| x.abs() / n + 0.5 * q / n).collect()
+                    t.data
+                        .iter_mut()
+                        .zip(q)
+                        .for_each(|(x, q)| *x = x.abs() / n + 0.5 * q / n);
                 }
-                (Method::Taylor2, None) => unreachable!("taylor2 sums carry sq"),
-            };
-            out.insert(name.clone(), HostTensor::new(s.shape.clone(), data));
+            }
+            (Method::Taylor2, None) => unreachable!("taylor2 sums carry sq"),
         }
         out
     }
@@ -640,9 +645,11 @@ pub fn score_snapshot<B: AutodiffBackend>(
             })
         };
         let raw = acc.raw(model);
-        let s = raw.scores();
-        sums = Some(raw);
-        (s, None)
+        if req.shard.is_some() {
+            // A shard keeps its raw sums for the merge beside its scores.
+            sums = Some(raw.clone());
+        }
+        (raw.into_scores(), None)
     };
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
@@ -815,7 +822,7 @@ pub fn merge_shards(
         "snapshot merge: the shards hold {tokens} tokens, but the run had {}",
         first_sh.total_tokens
     );
-    let scores = sums.expect("at least one shard").scores();
+    let scores = sums.expect("at least one shard").into_scores();
     let summaries = summary::summarize(&scores, &first.config);
     let manifest = snapshot::SnapshotManifest {
         tokens,
