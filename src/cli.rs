@@ -344,6 +344,9 @@ pub enum RecipeCmd {
 }
 
 /// A multi-node collective: every node runs the same command with its own --node-rank.
+/// Experimental: in a two-node test on one machine (burn-collective 0.21's orchestrator and data
+/// service) the first global all-reduce stalled after a few tensors; spread scoring over
+/// machines with `--shard` + `snapshot merge` instead.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct NodeArgs {
     /// Nodes in the run (each runs this command with --devices peers).
@@ -355,7 +358,8 @@ pub struct NodeArgs {
     /// The global orchestrator, started on one node by `codespot orchestrator --port P`.
     #[arg(long, value_name = "ws://HOST:PORT")]
     pub orchestrator: Option<String>,
-    /// This node's address as the others reach it.
+    /// This node's address as the others reach it: the port must be --data-port's (the
+    /// others download tensors from it).
     #[arg(long, value_name = "ws://HOST:PORT")]
     pub node_address: Option<String>,
     /// Port of this node's tensor data service.
