@@ -344,9 +344,6 @@ pub enum RecipeCmd {
 }
 
 /// A multi-node collective: every node runs the same command with its own --node-rank.
-/// Experimental: in a two-node test on one machine (burn-collective 0.21's orchestrator and data
-/// service) the first global all-reduce stalled after a few tensors; spread scoring over
-/// machines with `--shard` + `snapshot merge` instead.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct NodeArgs {
     /// Nodes in the run (each runs this command with --devices peers).
@@ -1175,6 +1172,13 @@ fn score_cmd<B: Backend>(
     let m =
         Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, std::mem::take(&mut ck.weights), device, dtype)?;
     let man = crate::importance::score_snapshot(&m, &ck, &corpora, req, out, force)?;
+    if req.nodes.rank > 0 {
+        println!(
+            "node {}: its share of the {}-token run scored, sums all-reduced into node 0's snapshot",
+            req.nodes.rank, man.tokens
+        );
+        return Ok(());
+    }
     println!(
         "wrote {} ({} tokens, {:.1} tokens/s, {:.0} s)",
         out.display(),

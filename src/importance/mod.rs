@@ -407,9 +407,18 @@ pub fn accumulate_parallel<B: AutodiffBackend>(
     let mut accs = crate::collective::run_peers::<B::InnerBackend, _, _, _>(inputs, nodes, |peer, m: Llama<B>| {
         let mine = &chunks[shard_range(chunks.len(), nodes.global_rank(peer.rank, n) + 1, world)];
         let mut acc = accumulate(&m, mine, micro, method, &mut 0, &mut |_| {});
-        for t in acc.tensors_mut() {
-            let own = std::mem::replace(t, Tensor::empty([0], &peer.device));
-            *t = peer.all_reduce_sum(own)?;
+        // One all-reduce of all sums concatenated: burn-collective 0.21's global (multi-node)
+        // strategies reuse transfer ids across consecutive all-reduces (tracel-ai/burn#4549).
+        let parts: Vec<Tensor<B::InnerBackend, 1>> = acc
+            .tensors_mut()
+            .map(|t| std::mem::replace(t, Tensor::empty([0], &peer.device)))
+            .collect();
+        let lens: Vec<usize> = parts.iter().map(|t| t.dims()[0]).collect();
+        let all = peer.all_reduce_sum(Tensor::cat(parts, 0))?;
+        let mut at = 0;
+        for (t, n) in acc.tensors_mut().zip(lens) {
+            *t = all.clone().narrow(0, at, n);
+            at += n;
         }
         acc.batches = chunks.len();
         Ok(if peer.rank == 0 { Some(acc) } else { None })
