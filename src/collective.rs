@@ -79,7 +79,6 @@ static SECTION: Mutex<()> = Mutex::new(());
 /// One peer's handle inside [`run_peers`].
 pub struct Peer<B: Backend> {
     pub rank: usize,
-    pub count: usize,
     pub device: B::Device,
 }
 
@@ -120,7 +119,6 @@ where
     let config = nodes.config(inputs.len())?;
     let _section = SECTION.lock().unwrap_or_else(|e| e.into_inner());
     collective::reset_collective::<B>();
-    let count = inputs.len();
     let results: Vec<Result<T>> = std::thread::scope(|s| {
         let handles: Vec<_> = inputs
             .into_iter()
