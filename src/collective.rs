@@ -126,7 +126,7 @@ where
             .map(|(rank, (device, input))| {
                 let (config, work) = (config.clone(), &work);
                 s.spawn(move || -> Result<T> {
-                    let peer = Peer::<B> { rank, count, device };
+                    let peer = Peer::<B> { rank, device };
                     collective::register::<B>(peer.id(), peer.device.clone(), config)
                         .map_err(|e| anyhow!("registering peer {rank} with the collective: {e:?}"))?;
                     let out = work(&peer, input);
