@@ -236,6 +236,102 @@ fn sandbox_stops_loops_memory_hogs_and_fork_bombs() {
     assert_ne!(sandbox::run_python(net, &limits).unwrap(), sandbox::Outcome::Passed);
 }
 
+/// Generated code is confined to its own directory: reading the project or a planted file in
+/// the home dir or /var/tmp, writing outside its dir, opening a socket to a listener of this
+/// process, or signalling this process each make the program fail; a HumanEval completion that
+/// reads the project first is scored as a failure even though its answer is right; and programs
+/// after those still run and pass.
+#[test]
+fn generated_code_cannot_leave_its_directory() {
+    let limits = sandbox::Limits {
+        wall: std::time::Duration::from_secs(5),
+        cpu_s: 5,
+        ..Default::default()
+    };
+    let run = |src: &str| sandbox::run_python(src, &limits).unwrap();
+    let project = std::fs::canonicalize(env!("CARGO_MANIFEST_DIR"))
+        .unwrap()
+        .join("Cargo.toml");
+    // A world-readable planted file in a world-readable dir: only Landlock keeps it out of reach.
+    let planted = tempfile::Builder::new()
+        .prefix("codespot-canary-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let home = std::path::PathBuf::from(std::env::var("HOME").unwrap());
+    let home_canary = tempfile::Builder::new()
+        .prefix(".codespot-canary-")
+        .tempdir_in(&home)
+        .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [planted.path(), home_canary.path()] {
+            std::fs::write(d.join("secret.txt"), "secret").unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+            std::fs::set_permissions(d.join("secret.txt"), std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
+    }
+    // Controls: the program's own dir is writable, the system's files are readable.
+    assert_eq!(
+        run("open('own.txt', 'w').write('x')\nassert open('own.txt').read() == 'x'\nassert open('/etc/hostname').read() is not None or True\nimport json, os\nassert os.listdir('/usr')\n"),
+        sandbox::Outcome::Passed
+    );
+    let read = |p: &std::path::Path| format!("print(open({:?}).read())\n", p.to_str().unwrap());
+    for (what, src) in [
+        ("the project", read(&project)),
+        ("a file planted in /var/tmp", read(&planted.path().join("secret.txt"))),
+        (
+            "a file planted in the home dir",
+            read(&home_canary.path().join("secret.txt")),
+        ),
+        (
+            "a listing of the home dir",
+            format!("import os\nprint(os.listdir({:?}))\n", home.to_str().unwrap()),
+        ),
+        ("/tmp", "import os\nprint(os.listdir('/tmp'))\n".to_string()),
+    ] {
+        assert_ne!(run(&src), sandbox::Outcome::Passed, "reading {what} must fail");
+    }
+    let escape = planted.path().join("escape.txt");
+    let write = format!("open({:?}, 'w').write('out')\n", escape.to_str().unwrap());
+    assert_ne!(
+        run(&write),
+        sandbox::Outcome::Passed,
+        "writing outside its dir must fail"
+    );
+    assert!(!escape.exists(), "a program wrote {}", escape.display());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connect = format!("import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n");
+    assert_ne!(
+        run(&connect),
+        sandbox::Outcome::Passed,
+        "a socket to this host must fail"
+    );
+    let bind = "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.listen()\nprint(s.getsockname())\nimport urllib.request\nurllib.request.urlopen('http://127.0.0.1:%d' % s.getsockname()[1], timeout=1)\n";
+    assert_ne!(
+        run(bind),
+        sandbox::Outcome::Passed,
+        "a listening socket must be unreachable"
+    );
+    let signal = format!("import os, signal\nos.kill({}, signal.SIGCONT)\n", std::process::id());
+    assert_ne!(run(&signal), sandbox::Outcome::Passed, "signalling codespot must fail");
+
+    // A right answer that first reads the project is scored as a failure; the run goes on.
+    let probs = eval::datasets::humaneval().unwrap();
+    let p = &probs[0];
+    assert!(humaneval::passes(p, &p.canonical_solution, &limits).unwrap());
+    let snoop = format!(
+        "    open({:?}).read()\n{}",
+        project.to_str().unwrap(),
+        p.canonical_solution
+    );
+    assert!(
+        !humaneval::passes(p, &snoop, &limits).unwrap(),
+        "a snooping completion passed"
+    );
+    assert!(humaneval::passes(&probs[1], &probs[1].canonical_solution, &limits).unwrap());
+}
+
 #[test]
 fn pass_at_k_matches_the_unbiased_estimator() {
     assert_eq!(humaneval::pass_at_k(1, 1, 1), 1.0);

@@ -1,7 +1,14 @@
 //! Running untrusted generated programs: each in a fresh temp dir, in its own process group,
 //! with CPU-time, address-space, file-size and process-count limits, a wall-clock timeout
 //! that kills the whole group, no network (a new network namespace where the kernel allows
-//! one), and, when codespot runs as root, as the unprivileged user `nobody`.
+//! one, and Landlock's TCP rules), as the unprivileged user `nobody` when codespot runs as root,
+//! and confined by Landlock to its own directory: it may write only there, and read only the
+//! system's program and library directories (`/usr`, `/lib*`, `/bin`, `/etc`, `/opt`, `/proc`,
+//! `/sys`, `/dev`) and the toolchain that runs it. Home directories, the project, `/tmp` and
+//! every other path are out of reach, whoever runs codespot.
+//!
+//! Landlock (Linux ≥ 5.13) is required: on a kernel without it no program runs, unless
+//! `CODESPOT_ALLOW_UNCONFINED=1` says to go on without filesystem confinement.
 
 use anyhow::{Context, Result};
 use std::os::unix::process::CommandExt;
@@ -100,7 +107,85 @@ pub fn run_steps(
     Ok(Outcome::Passed)
 }
 
+/// Directories every program may read and execute from.
+const SYSTEM_DIRS: [&str; 12] = [
+    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys", "/dev",
+];
+/// Device files a program may also write.
+const WRITABLE_DEVICES: [&str; 2] = ["/dev/null", "/dev/zero"];
+
+/// Whether programs may run without Landlock (`CODESPOT_ALLOW_UNCONFINED=1`).
+fn unconfined_allowed() -> bool {
+    std::env::var("CODESPOT_ALLOW_UNCONFINED").is_ok_and(|v| v == "1")
+}
+
+/// The install prefix of the program `exe` (looked up on `PATH`, links followed): `/x/bin/exe`
+/// gives `/x`, so a toolchain outside the system directories (pyenv, a JDK in /srv) can still
+/// read its own library.
+fn toolchain_prefix(exe: &str, path: &str) -> Option<std::path::PathBuf> {
+    let found = if exe.contains('/') {
+        std::path::PathBuf::from(exe)
+    } else {
+        std::env::split_paths(path).map(|d| d.join(exe)).find(|p| p.is_file())?
+    };
+    let real = std::fs::canonicalize(found).ok()?;
+    let bin = real.parent()?;
+    Some(bin.parent().unwrap_or(bin).to_path_buf())
+}
+
+/// The Landlock ruleset for a program in `dir`: read + execute on the system directories and
+/// `extra_read`, everything inside `dir`, no TCP bind or connect, no signals to or abstract
+/// sockets of processes outside. Built in the parent (it opens files and allocates); the child
+/// only calls `restrict_self` between fork and exec.
+fn confinement(dir: &std::path::Path, extra_read: &[std::path::PathBuf]) -> Result<landlock::RulesetCreated> {
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, Scope, ABI,
+    };
+    let level = if unconfined_allowed() {
+        CompatLevel::BestEffort
+    } else {
+        CompatLevel::HardRequirement
+    };
+    let build = || -> std::result::Result<landlock::RulesetCreated, landlock::RulesetError> {
+        let read = AccessFs::from_read(ABI::V1);
+        Ruleset::default()
+            // Filesystem confinement (ABI 1, Linux 5.13) is what this module promises.
+            .set_compatibility(level)
+            .handle_access(AccessFs::from_all(ABI::V1))?
+            // Newer rights where the kernel has them: rename across dirs, truncate, ioctl on
+            // devices (ABI 2, 3, 5), TCP (4), scoped signals and abstract sockets (6).
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(AccessFs::from_all(ABI::V5))?
+            .handle_access(AccessNet::from_all(ABI::V4))?
+            .scope(Scope::from_all(ABI::V6))?
+            .create()?
+            .add_rules(path_beneath_rules(SYSTEM_DIRS, read))?
+            .add_rules(path_beneath_rules(extra_read, read))?
+            .add_rules(path_beneath_rules(WRITABLE_DEVICES, AccessFs::from_all(ABI::V5)))?
+            .add_rules(path_beneath_rules([dir], AccessFs::from_all(ABI::V5)))
+    };
+    build().map_err(|e| {
+        anyhow::anyhow!(
+            "confining generated code with Landlock: {e}. This kernel lacks Landlock (Linux ≥ 5.13 with \
+             `landlock` in its LSM list); set CODESPOT_ALLOW_UNCONFINED=1 to run programs with rlimits, \
+             no network and as `nobody`, but without filesystem confinement"
+        )
+    })
+}
+
 fn run_one(dir: &std::path::Path, step: &[String], limits: &Limits, err_path: &std::path::Path) -> Result<Outcome> {
+    const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+    let mut extra = Vec::new();
+    for exe in [step[0].clone(), python()] {
+        if let Some(p) = toolchain_prefix(&exe, PATH) {
+            if !p.starts_with(dir) && p.parent().is_some() {
+                extra.push(p);
+            }
+        }
+    }
+    let mut ruleset = Some(confinement(dir, &extra)?);
+    let strict = !unconfined_allowed();
     let mut cmd = Command::new(&step[0]);
     cmd.args(&step[1..])
         .current_dir(dir)
@@ -108,8 +193,9 @@ fn run_one(dir: &std::path::Path, step: &[String], limits: &Limits, err_path: &s
         .stdout(Stdio::null());
     cmd.stderr(Stdio::from(std::fs::File::create(err_path)?));
     cmd.env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("PATH", PATH)
         .env("HOME", dir)
+        .env("TMPDIR", dir)
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let l = limits.clone();
     // SAFETY: only async-signal-safe libc calls between fork and exec.
@@ -139,6 +225,17 @@ fn run_one(dir: &std::path::Path, step: &[String], limits: &Limits, err_path: &s
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Last: Landlock (it also sets no_new_privs). A failure stops the exec.
+            if let Some(r) = ruleset.take() {
+                match r.restrict_self() {
+                    Ok(s) if strict && s.ruleset == landlock::RulesetStatus::NotEnforced => {
+                        return Err(std::io::Error::from_raw_os_error(libc::ENOSYS));
+                    }
+                    Ok(_) => {}
+                    Err(_) if !strict => {}
+                    Err(_) => return Err(std::io::Error::from_raw_os_error(libc::EPERM)),
+                }
+            }
             Ok(())
         });
     }
@@ -152,7 +249,10 @@ fn run_one(dir: &std::path::Path, step: &[String], limits: &Limits, err_path: &s
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(e).with_context(|| format!("starting {}", step[0])),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("starting {} (confined: rlimits, no network, Landlock)", step[0]))
+            }
         }
     };
     let pid = child.id() as i32;
