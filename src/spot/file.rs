@@ -104,14 +104,18 @@ pub fn write(
 ) -> Result<()> {
     use safetensors::tensor::TensorView;
     let mut views = Vec::new();
-    let mut meta = std::collections::HashMap::new();
+    // Mask lengths go into one metadata entry, a JSON object in name order: the safetensors
+    // header's metadata is a hash map, so one entry per mask would be written in a different
+    // order each time and identical spots would differ byte for byte.
+    let mut lengths = BTreeMap::new();
     for (set, masks) in sets {
         for (n, m) in masks {
             let name = format!("{set}/{n}");
-            meta.insert(name.clone(), m.len.to_string());
+            lengths.insert(name.clone(), m.len);
             views.push((name, m.bits.as_slice()));
         }
     }
+    let meta = std::collections::HashMap::from([(LENGTHS_KEY.to_string(), serde_json::to_string(&lengths)?)]);
     let tv = views
         .iter()
         .map(|(n, b)| TensorView::new(safetensors::Dtype::U8, vec![b.len()], b).map(|v| (n.as_str(), v)))
@@ -123,6 +127,21 @@ pub fn write(
         std::fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(manifest)?)?;
         Ok(())
     })
+}
+
+/// The safetensors metadata entry that holds every mask's length (elements), by tensor name.
+const LENGTHS_KEY: &str = "mask_lengths";
+
+/// Mask lengths from a spot file's metadata: the `mask_lengths` entry, or, in files written
+/// before it existed, one entry per mask.
+fn mask_lengths(meta: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, usize>> {
+    if let Some(json) = meta.get(LENGTHS_KEY) {
+        return serde_json::from_str(json).context("not a JSON object of lengths");
+    }
+    Ok(meta
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect())
 }
 
 pub fn read_manifest(dir: &Path) -> Result<SpotManifest> {
@@ -148,7 +167,8 @@ pub fn read_set(dir: &Path, k: f64, set: &str) -> Result<BTreeMap<String, Mask>>
     let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: invalid header: {e}", p.display()))?;
-    let lens = meta.metadata().clone().unwrap_or_default();
+    let lens = mask_lengths(meta.metadata().clone().unwrap_or_default())
+        .with_context(|| format!("{}: metadata '{LENGTHS_KEY}'", p.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: invalid header: {e}", p.display()))?;
     let prefix = format!("{want}/");
@@ -157,9 +177,8 @@ pub fn read_set(dir: &Path, k: f64, set: &str) -> Result<BTreeMap<String, Mask>>
         let Some(param) = name.strip_prefix(&prefix) else {
             continue;
         };
-        let len: usize = lens
+        let len: usize = *lens
             .get(&name)
-            .and_then(|l| l.parse().ok())
             .with_context(|| format!("{}: no length for '{name}'", p.display()))?;
         if view.data().len() != len.div_ceil(8) {
             bail!(

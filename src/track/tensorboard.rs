@@ -8,6 +8,11 @@
 //! swapped, so only square images come out right. Hence: every call runs under
 //! `catch_unwind`, images must be square, and after a failure the writer is closed and each
 //! later call reports the first error.
+//!
+//! Its `SummaryWriter` cannot write a session-start event, which is how TensorBoard learns that
+//! a run was resumed (it then drops the events a killed process wrote after its last
+//! checkpoint, as PyTorch's `SummaryWriter(purge_step=…)` does); so this wraps its lower
+//! `FileWriter` and builds summaries with its `summary` functions.
 
 use anyhow::{bail, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub struct Tb {
     dir: PathBuf,
-    inner: Option<tensorboard_rs::summary_writer::SummaryWriter>,
+    inner: Option<tensorboard_rs::summary_writer::FileWriter>,
     failed: Option<String>,
 }
 
@@ -71,21 +76,22 @@ fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// tensorboard-rs names its file `events.out.tfevents.<unix seconds>.<host>.<pid>.0` and
-/// truncates an existing one: a second writer on the same dir from the same process within
-/// the same second would erase the first. Wait for the next second in that case.
+/// truncates an existing one, and TensorBoard reads a dir's files in name order. So a new file
+/// must not share its second with an existing one (a second writer of the same process would
+/// erase it; another process's file might sort after it although written before): wait for
+/// the next second in that case.
 fn avoid_name_clash(dir: &Path) {
-    let pid = std::process::id();
     for _ in 0..20 {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let prefix = format!("events.out.tfevents.{secs:010}.");
-        let suffix = format!(".{pid}.0");
-        let clash = std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(&prefix) && n.ends_with(&suffix)
-        });
+        let clash = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix));
         if !clash {
             return;
         }
@@ -105,7 +111,7 @@ impl Tb {
         let _ = std::fs::remove_file(&probe);
         avoid_name_clash(dir);
         let d = dir.to_path_buf();
-        let inner = catch_unwind(move || tensorboard_rs::summary_writer::SummaryWriter::new(d))
+        let inner = catch_unwind(move || tensorboard_rs::summary_writer::FileWriter::new(d))
             .map_err(|e| anyhow::anyhow!("{}: opening TensorBoard writer: {}", dir.display(), panic_text(e)))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -114,7 +120,7 @@ impl Tb {
         })
     }
 
-    fn call(&mut self, what: &str, f: impl FnOnce(&mut tensorboard_rs::summary_writer::SummaryWriter)) -> Result<()> {
+    fn call(&mut self, what: &str, f: impl FnOnce(&mut tensorboard_rs::summary_writer::FileWriter)) -> Result<()> {
         if let Some(e) = &self.failed {
             bail!("{}: TensorBoard writer failed earlier: {e}", self.dir.display());
         }
@@ -134,12 +140,33 @@ impl Tb {
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: usize) -> Result<()> {
-        self.call(tag, |w| w.add_scalar(tag, value as f32, step))
+        self.call(tag, |w| {
+            w.add_summary(tensorboard_rs::summary::scalar(tag, value as f32), step)
+        })
+    }
+
+    /// Mark a (re)start at `step`: TensorBoard then discards every event of this dir with a
+    /// step ≥ `step` written before (by a process killed after its last checkpoint), so a
+    /// resumed run shows each step once. The caller re-logs what belongs to `step` itself.
+    pub fn restart(&mut self, step: usize) -> Result<()> {
+        use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
+        let mut log = SessionLog::new();
+        log.set_status(SessionLog_SessionStatus::START);
+        let mut e = Event::new();
+        e.set_session_log(log);
+        self.call("session start", |w| w.add_event(&e, step))
     }
 
     pub fn histogram(&mut self, tag: &str, h: &Histogram, step: usize) -> Result<()> {
+        if h.limits.len() != h.counts.len() {
+            bail!(
+                "histogram '{tag}': {} limits for {} counts",
+                h.limits.len(),
+                h.counts.len()
+            );
+        }
         self.call(tag, |w| {
-            w.add_histogram_raw(
+            let s = tensorboard_rs::summary::histogram_raw(
                 tag,
                 h.min,
                 h.max,
@@ -148,8 +175,8 @@ impl Tb {
                 h.sum_squares,
                 &h.limits,
                 &h.counts,
-                step,
-            )
+            );
+            w.add_summary(s, step)
         })
     }
 
@@ -158,7 +185,9 @@ impl Tb {
         if rgb.len() != size * size * 3 {
             bail!("image '{tag}': {} bytes for a {size}×{size} RGB image", rgb.len());
         }
-        self.call(tag, |w| w.add_image(tag, rgb, &[3, size, size], step))
+        self.call(tag, |w| {
+            w.add_summary(tensorboard_rs::summary::image(tag, rgb, &[3, size, size]), step)
+        })
     }
 
     pub fn flush(&mut self) -> Result<()> {

@@ -344,6 +344,20 @@ pub fn tune<B: Backend>(
     ck.weights = Default::default(); // the model holds them now
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("creating {}", snap_dir.display()))?;
     let mut tb = Tb::open(&dir.join("tb"))?;
+    // TensorBoard forgets whatever an earlier process logged at this step or later (a process
+    // killed after its last checkpoint); what belongs to this step is logged again here and by
+    // `ensure_snapshot` below.
+    tb.restart(state.step)?;
+    if state.step > 0 {
+        if let Some(log) = state.history.iter().find(|h| h.step == state.step) {
+            if state.step % t.log_every == 0 || state.step == t.steps {
+                log_train(&mut tb, log)?;
+            }
+        }
+        if let Some(h) = state.heldout.iter().find(|h| h.step == state.step) {
+            log_heldout(&mut tb, state.step, &h.loss)?;
+        }
+    }
 
     let ctx = SnapCtx {
         loaded,
@@ -428,10 +442,7 @@ pub fn tune<B: Backend>(
             bail!("tune {lang}: loss is {} at step {step} (lower train.lr?)", log.loss);
         }
         if step % t.log_every == 0 || step == t.steps {
-            tb.scalar("train/loss", log.loss, step)?;
-            tb.scalar("train/lr", log.lr, step)?;
-            tb.scalar("train/grad_norm", log.grad_norm, step)?;
-            tb.scalar("train/tokens_per_s", log.tokens_per_s, step)?;
+            log_train(&mut tb, &log)?;
         }
         bar.set_position((step * tokens_per_step) as u64);
         bar.set_message(format!("tune {lang} step {step}/{} loss {:.4}", t.steps, log.loss));
@@ -509,6 +520,13 @@ fn heldout_losses<AB: AutodiffBackend>(
         .collect()
 }
 
+fn log_train(tb: &mut Tb, log: &StepLog) -> Result<()> {
+    tb.scalar("train/loss", log.loss, log.step)?;
+    tb.scalar("train/lr", log.lr, log.step)?;
+    tb.scalar("train/grad_norm", log.grad_norm, log.step)?;
+    tb.scalar("train/tokens_per_s", log.tokens_per_s, log.step)
+}
+
 fn log_heldout(tb: &mut Tb, step: usize, losses: &BTreeMap<String, f64>) -> Result<()> {
     for (l, v) in losses {
         tb.scalar(&format!("heldout_loss/{l}"), *v, step)?;
@@ -584,8 +602,15 @@ impl SnapCtx<'_> {
     fn ensure_snapshot<AB: AutodiffBackend>(&self, model: &Llama<AB>, step: usize, tb: &mut Tb) -> Result<()> {
         let i = &self.loaded.recipe.importance;
         let out = self.snap_dir.join(step_name(step));
-        if out.join("track.json").is_file() {
-            return Ok(());
+        let track_path = out.join("track.json");
+        if track_path.is_file() {
+            // Done before a restart: log it again (the restart told TensorBoard to drop this
+            // step's events, which may or may not have been written).
+            let text =
+                std::fs::read_to_string(&track_path).with_context(|| format!("reading {}", track_path.display()))?;
+            let m: track::SnapshotMetrics =
+                serde_json::from_str(&text).with_context(|| format!("{}: invalid", track_path.display()))?;
+            return track::log_snapshot(tb, &m, &snapshot::read(&out)?);
         }
         if step == 0 && !out.join("manifest.json").is_file() {
             // `codespot run` scored the base model on this language already: reuse it.

@@ -201,3 +201,26 @@ pub fn tiny_recipe(name: &str, gguf: &Path, out: &Path, train_rest: &str, tail: 
         out.display()
     )
 }
+
+pub fn tensorboard_python() -> PathBuf {
+    std::env::var_os("CODESPOT_TB_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tb-venv/bin/python"))
+}
+
+/// Every tag of a TensorBoard dir, read by TensorBoard's EventAccumulator.
+pub fn read_tensorboard(dir: &Path) -> serde_json::Value {
+    let py = tensorboard_python();
+    assert!(
+        py.exists(),
+        "{} is missing: scripts/setup.sh makes the venv with TensorBoard",
+        py.display()
+    );
+    let out = std::process::Command::new(&py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/read_tensorboard.py"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
