@@ -302,3 +302,115 @@ fn stage_name(line: &str) -> String {
         other => other.to_string(),
     }
 }
+
+/// No `.x.tmp-PID` leftovers, and every JSON and safetensors file present parses whole.
+fn assert_nothing_half_written(dir: &Path, what: &str) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!name.contains(".tmp-"), "{what}: a temp file was left: {}", p.display());
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.ends_with(".json") {
+                let b = std::fs::read(&p).unwrap();
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(&b).is_ok(),
+                    "{what}: {} is half-written",
+                    p.display()
+                );
+            } else if name.ends_with(".safetensors") {
+                let b = std::fs::read(&p).unwrap();
+                assert!(
+                    safetensors::SafeTensors::deserialize(&b).is_ok(),
+                    "{what}: {} is half-written",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
+/// One clear error line naming the cause, and no panic.
+fn assert_clear_error(e: &Ended, cause: &str, what: &str) {
+    assert!(!e.finished, "{what}: the run succeeded");
+    assert!(!e.stderr.contains("panicked"), "{what}: panicked:\n{}", e.stderr);
+    let line = e
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{what}: no error line:\n{}", e.stderr));
+    assert!(line.contains(cause), "{what}: the error does not say '{cause}': {line}");
+    assert!(line.contains('/'), "{what}: the error names no file: {line}");
+    eprintln!("{what}: {line}");
+}
+
+/// A full disk, injected at the N-th atomic write (works anywhere): the run stops with one
+/// clear error, leaves nothing half-written, and a rerun with space finishes as if nothing had
+/// happened.
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_nothing_half_written() {
+    let s = setup();
+    assert!(run_once(&s, None, None).finished);
+    let reference = outputs(&s.out);
+    for n in [1, 3, 7, 15, 30] {
+        std::fs::remove_dir_all(&s.out).unwrap();
+        let e = run_once(&s, Some(&format!("enospc@{n}")), None);
+        assert_clear_error(&e, "No space left on device", &format!("enospc@{n}"));
+        assert_nothing_half_written(&s.out, &format!("enospc@{n}"));
+        let e = run_once(&s, None, None);
+        assert!(e.finished, "rerun after enospc@{n}:\n{}", e.stderr);
+        assert_same(&reference, &outputs(&s.out), &format!("rerun after enospc@{n}"));
+    }
+}
+
+/// The same on a real full filesystem (a 256 KiB tmpfs) and a read-only one, in a private
+/// mount namespace; where this machine does not allow one (`unshare -m` fails), the test says
+/// so and only the injected variant above runs.
+#[test]
+fn a_real_full_or_read_only_filesystem_is_a_clear_error() {
+    if !Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("unshare -m is not allowed here: the tmpfs variant is not run");
+        return;
+    }
+    let s = setup();
+    let bin = env!("CARGO_BIN_EXE_codespot");
+    let out = s.out.to_str().unwrap();
+    let copy = s.out.with_file_name("copy");
+    std::fs::create_dir_all(&s.out).unwrap();
+    let in_ns = |mount_opts: &str| {
+        let script = format!(
+            "mount -t tmpfs -o {mount_opts} tmpfs {out} && {bin} run {recipe}; rc=$?; cp -a {out}/. {copy}/ 2>/dev/null; exit $rc",
+            recipe = s.recipe.display(),
+            copy = copy.display()
+        );
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        let o = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .env("CODESPOT_CORPORA", &s.corpora)
+            .output()
+            .unwrap();
+        Ended {
+            finished: o.status.success(),
+            stage: String::new(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    };
+    let e = in_ns("size=256k");
+    assert_clear_error(&e, "No space left on device", "256 KiB tmpfs");
+    assert_nothing_half_written(&copy, "256 KiB tmpfs");
+    // What it managed to write resumes on a disk with space.
+    std::fs::remove_dir_all(&s.out).unwrap();
+    std::fs::rename(&copy, &s.out).unwrap();
+    let e = run_once(&s, None, None);
+    assert!(e.finished, "rerun after the full tmpfs:\n{}", e.stderr);
+
+    let e = in_ns("ro");
+    assert_clear_error(&e, "Read-only file system", "read-only tmpfs");
+}
