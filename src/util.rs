@@ -328,3 +328,33 @@ pub fn output_lock_path(out: &Path) -> PathBuf {
         .unwrap_or_default();
     out.with_file_name(format!(".{name}.lock"))
 }
+
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, turning a panic inside it into an error (its message included) without printing
+/// the panic: for third-party decoders that still panic on some corrupt inputs (arrow-ipc).
+/// Panics elsewhere, and on other threads, are reported as usual.
+pub fn catch_decoder_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was));
+    r.unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the decoder panicked".into());
+        anyhow::bail!("{what}: corrupt data ({msg})")
+    })
+}

