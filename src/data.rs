@@ -682,3 +682,48 @@ pub fn token_blocks_at_most(
     }
     Ok((blocks, seen))
 }
+
+/// One language of `codespot corpus list`: its manifest's sources and, when built, its sizes.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorpusRow {
+    pub language: String,
+    /// The manifest's sources in a few words, or why the manifest is invalid.
+    pub sources: String,
+    /// Files and train / calib tokens of the built corpus; None when not built.
+    pub built: Option<(usize, usize, usize)>,
+}
+
+/// Every language with a manifest, with its sources and what is built.
+pub fn corpus_list(corpora: &Corpora) -> Vec<CorpusRow> {
+    corpora
+        .languages()
+        .into_iter()
+        .map(|l| {
+            let sources = match corpora.manifest(&l) {
+                Err(e) => format!("bad manifest: {e:#}"),
+                Ok(m) => m
+                    .sources
+                    .iter()
+                    .map(|s| match s {
+                        SourceSpec::Dir { roots, .. } => format!("dir {}", roots.first().cloned().unwrap_or_default()),
+                        SourceSpec::Debian { package, .. } => format!("debian {package}"),
+                        SourceSpec::HfDataset { repo, .. } => format!("hf-dataset {repo}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            };
+            let built = corpora.stats(&l).map(|st| {
+                (
+                    st.train.files + st.calib.files + st.heldout.files,
+                    st.train.tokens,
+                    st.calib.tokens,
+                )
+            });
+            CorpusRow {
+                language: l,
+                sources,
+                built,
+            }
+        })
+        .collect()
+}

@@ -7,6 +7,7 @@
 pub mod ablate;
 pub mod alloc;
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod collective;
 pub mod data;

@@ -41,7 +41,7 @@ fn last_token_logits_match_independent_reference() {
     );
     let dev = Default::default();
     let m = Llama::<Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
-    let got = codespot::cli::last_logits(&m, &ids, &dev);
+    let got = codespot::model::generate::last_logits(&m, &ids, &dev);
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0.0f64, |a, x| a.max(x.abs()));
     let max_err = got

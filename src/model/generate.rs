@@ -140,3 +140,17 @@ pub fn generate<B: Backend>(
     }
     Ok(GenOutput { ids: out, text, finish })
 }
+
+/// Logits of the last position for one sequence.
+pub fn last_logits<B: Backend>(m: &Llama<B>, ids: &[u32], device: &B::Device) -> Vec<f32> {
+    let t = ids.len();
+    let logits = m.forward(tokens_tensor::<B>(&[ids.to_vec()], device), None);
+    let v = logits.dims()[2];
+    logits
+        .narrow(1, t - 1, 1)
+        .reshape([v])
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 logits")
+}

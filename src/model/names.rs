@@ -150,3 +150,17 @@ pub fn head_slicing(kind: ModuleKind, cfg: &LlamaConfig) -> Option<HeadSlicing> 
         _ => None,
     }
 }
+
+/// Tensors and parameters per module kind (q, k, …, norms, embeddings) of a config.
+pub fn params_by_kind(c: &super::LlamaConfig) -> std::collections::BTreeMap<ModuleKind, (usize, usize)> {
+    let mut by_kind = std::collections::BTreeMap::new();
+    for (name, shape) in c.tensor_shapes() {
+        let kind = parse(&name)
+            .map(|p| p.kind)
+            .expect("tensor_shapes gives canonical names");
+        let e: &mut (usize, usize) = by_kind.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += shape.iter().product::<usize>();
+    }
+    by_kind
+}

@@ -1,0 +1,160 @@
+//! `bench score`, `bench tune`, `bench forward`: the library's benchmarks (`crate::bench`),
+//! printed as a line or as JSON.
+
+use crate::backend::DeviceKind;
+use anyhow::Result;
+use clap::Subcommand;
+
+/// The training-shaped benchmarks' arguments (`bench score`, `bench tune`): synthetic batches.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StepShape {
+    #[arg(long, default_value = "default")]
+    model: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    /// Top blocks whose activations the backward pass keeps instead of recomputing them.
+    #[arg(long, default_value_t = crate::model::backprop::DEFAULT_KEEP_BLOCKS)]
+    keep_blocks: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed batches (after one warm-up batch).
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Weights' dtype (scores, gradients and AdamW moments stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::model::Dtype,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+impl StepShape {
+    fn shape(&self) -> crate::bench::StepShape {
+        crate::bench::StepShape {
+            model: self.model.clone(),
+            batch: self.batch,
+            micro_batch: self.micro_batch,
+            keep_blocks: self.keep_blocks,
+            seq_len: self.seq_len,
+            steps: self.steps,
+            dtype: self.dtype,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Tokens/s of forward + backward importance scoring and peak RSS.
+    Score {
+        #[command(flatten)]
+        shape: StepShape,
+    },
+    /// Tokens/s of a tuning step (forward + backward + AdamW, the tune loop's code) and peak RSS.
+    Tune {
+        #[command(flatten)]
+        shape: StepShape,
+    },
+    /// Tokens/s of a forward pass (median of several runs) and peak RSS.
+    Forward {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    use crate::bench::{forward, score, tune};
+    match cmd {
+        BenchCmd::Score { shape: a } => {
+            let s = a.shape();
+            let r = on_device!(a.device, score(&s))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            let (lo, hi) = (
+                r.batch_tokens_per_s[0],
+                r.batch_tokens_per_s[r.batch_tokens_per_s.len() - 1],
+            );
+            println!(
+                "score: {:.1} tokens/s (batch {} × {}, micro-batch {}, {} blocks kept, {} steps, {:.1} s); median batch {:.1} tokens/s (range {lo:.1}–{hi:.1}); ≈{:.0} GFLOP/s at 6·N flops/token = {:.0}% of sgemm ({:.0} GFLOP/s; half of it allows {:.1} tokens/s); peak RSS {:.0} MiB",
+                r.tokens_per_s,
+                r.batch,
+                r.seq_len,
+                r.micro_batch,
+                r.keep_blocks,
+                r.steps,
+                r.seconds,
+                r.median_batch_tokens_per_s,
+                r.gflop_per_s,
+                100.0 * r.gflop_per_s / r.sgemm_gflop_per_s,
+                r.sgemm_gflop_per_s,
+                r.half_sgemm_tokens_per_s,
+                mib(r.peak_rss_bytes)
+            );
+        }
+        BenchCmd::Tune { shape: a } => {
+            let s = a.shape();
+            let r = on_device!(a.device, tune(&s))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            let (lo, hi) = (
+                r.step_tokens_per_s[0],
+                r.step_tokens_per_s[r.step_tokens_per_s.len() - 1],
+            );
+            println!(
+                "tune step: median {:.1} tokens/s (range {lo:.1}–{hi:.1}; batch {} × {}, micro-batch {}, {} blocks kept, {} steps, {}); peak RSS {:.0} MiB",
+                r.median_tokens_per_s,
+                r.batch,
+                r.seq_len,
+                r.micro_batch,
+                r.keep_blocks,
+                r.steps,
+                r.dtype,
+                mib(r.peak_rss_bytes)
+            );
+        }
+        BenchCmd::Forward {
+            model,
+            batch,
+            seq_len,
+            runs,
+            json,
+            device,
+        } => {
+            let r = on_device!(device, forward(&model, batch, seq_len, runs))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            println!(
+                "forward: {:.0} tokens/s (median {:.3} s of {} runs, batch {} × {}); peak RSS {:.0} MiB",
+                r.tokens_per_s,
+                r.median_s,
+                r.runs,
+                r.batch,
+                r.seq_len,
+                mib(r.peak_rss_bytes)
+            );
+        }
+    }
+    Ok(())
+}
