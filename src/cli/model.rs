@@ -15,8 +15,9 @@ pub struct InfoArgs {
     json: bool,
 }
 
+/// A model, a prompt, and how to encode it (`generate`, `next-token`).
 #[derive(clap::Args)]
-pub struct GenerateArgs {
+pub struct PromptArgs {
     #[arg(long, default_value = "default")]
     model: String,
     #[arg(long)]
@@ -24,6 +25,14 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the model's chat template.
     #[arg(long)]
     chat: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    p: PromptArgs,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// 0 = greedy.
@@ -35,24 +44,16 @@ pub struct GenerateArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceKind,
 }
 
 #[derive(clap::Args)]
 pub struct NextTokenArgs {
-    #[arg(long, default_value = "default")]
-    model: String,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long)]
-    chat: bool,
+    #[command(flatten)]
+    p: PromptArgs,
     #[arg(long, default_value_t = 10)]
     top: usize,
     #[arg(long)]
     json: bool,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceKind,
 }
 
 #[derive(clap::Args)]
@@ -130,11 +131,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         stop: vec![],
     };
-    on_device!(a.device, generate_on(&a.model, &a.prompt, a.chat, &opts))
+    on_device!(a.p.device, generate_on(&a.p, &opts))
 }
 
 pub fn next_token(a: NextTokenArgs) -> Result<()> {
-    on_device!(a.device, next_token_on(&a.model, &a.prompt, a.chat, a.top, a.json))
+    on_device!(a.p.device, next_token_on(&a.p, a.top, a.json))
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
@@ -172,30 +173,21 @@ pub(super) fn stream<B: Backend>(m: &Llama<B>, ck: &Checkpoint, ids: &[u32], opt
     Ok(())
 }
 
-fn generate_on<B: Backend>(
-    source: &str,
-    prompt: &str,
-    chat: bool,
-    opts: &GenOptions,
-    device: &B::Device,
-) -> Result<()> {
-    let ck = model::load(source)?;
+/// The model on `device` and the prompt's ids.
+fn load_prompt<B: Backend>(p: &PromptArgs, device: &B::Device) -> Result<(Checkpoint, Llama<B>, Vec<u32>)> {
+    let ck = model::load(&p.model)?;
     let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
-    let ids = prompt_ids(&ck, prompt, chat)?;
+    let ids = prompt_ids(&ck, &p.prompt, p.chat)?;
+    Ok((ck, m, ids))
+}
+
+fn generate_on<B: Backend>(p: &PromptArgs, opts: &GenOptions, device: &B::Device) -> Result<()> {
+    let (ck, m, ids) = load_prompt::<B>(p, device)?;
     stream(&m, &ck, &ids, opts)
 }
 
-fn next_token_on<B: Backend>(
-    source: &str,
-    prompt: &str,
-    chat: bool,
-    top: usize,
-    json: bool,
-    device: &B::Device,
-) -> Result<()> {
-    let ck = model::load(source)?;
-    let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
-    let ids = prompt_ids(&ck, prompt, chat)?;
+fn next_token_on<B: Backend>(p: &PromptArgs, top: usize, json: bool, device: &B::Device) -> Result<()> {
+    let (ck, m, ids) = load_prompt::<B>(p, device)?;
     anyhow::ensure!(!ids.is_empty(), "the prompt encodes to no tokens");
     let logits = model::generate::last_logits(&m, &ids, device);
     let mut idx: Vec<usize> = (0..logits.len()).collect();
