@@ -21,6 +21,7 @@ pub mod report;
 pub mod source;
 pub mod spot;
 pub mod study;
+pub mod topk;
 pub mod track;
 pub mod train;
 pub mod util;

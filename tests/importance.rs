@@ -371,3 +371,119 @@ fn halves_merge_exactly_into_the_whole() {
         assert_ne!(a.tensors["model.norm.weight"].data, b.tensors["model.norm.weight"].data);
     }
 }
+
+fn raw(method: Method, batches: usize, tensors: &[(&str, Vec<f32>)]) -> importance::RawSums {
+    let mut w = Weights::default();
+    for (n, v) in tensors {
+        w.insert(
+            n.to_string(),
+            codespot::source::HostTensor::new(vec![v.len()], v.clone()),
+        );
+    }
+    importance::RawSums {
+        method,
+        batches,
+        sum: w,
+        sq: None,
+    }
+}
+
+/// Split-half agreement on constructed sums: two identical halves agree exactly (floor 1.0,
+/// convergence 1.0); halves whose top elements are disjoint agree not at all; non-layer tensors
+/// are left out, as from the spot.
+#[test]
+fn agreement_of_identical_and_disjoint_halves() {
+    use importance::agreement::measure;
+    let v: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32).collect();
+    let names = [
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ];
+    let half = raw(Method::Taylor, 2, &[(names[0], v.clone()), (names[1], v.clone())]);
+    let twice: Vec<f32> = v.iter().map(|x| 2.0 * x).collect();
+    let total = raw(Method::Taylor, 4, &[(names[0], twice.clone()), (names[1], twice)]);
+    let a = measure(&half, &half, &total, 2, 32);
+    assert!(a.split_half.iter().all(|&j| j == 1.0), "{a:?}");
+    assert!(a.convergence.iter().all(|&j| j == 1.0), "{a:?}");
+    assert!(a.split_half_layer.iter().flatten().all(|&j| j == 1.0));
+    assert_eq!(a.floor(1.0), Some(1.0));
+    // The second half ranks every element in reverse: its top 5 % are the first half's bottom.
+    let rev: Vec<f32> = v.iter().map(|x| 999.0 - x).collect();
+    let b = raw(Method::Taylor, 2, &[(names[0], rev.clone()), (names[1], rev)]);
+    let sum: Vec<f32> = v.iter().map(|x| x + (999.0 - x) + x * 1e-3).collect();
+    let total = raw(Method::Taylor, 4, &[(names[0], sum.clone()), (names[1], sum)]);
+    let d = measure(&half, &b, &total, 2, 32);
+    assert!(d.split_half.iter().all(|&j| j == 0.0), "{d:?}");
+    // Embeddings are not layer parameters: a tensor only there changes nothing.
+    let mut e = half.clone();
+    e.sum.insert(
+        "model.embed_tokens.weight",
+        codespot::source::HostTensor::new(vec![4], vec![1.0, 2.0, 3.0, 4.0]),
+    );
+    assert_eq!(
+        measure(&e, &e, &total, 2, 32).split_half,
+        d.split_half.iter().map(|_| 1.0).collect::<Vec<_>>()
+    );
+}
+
+/// A real scoring pass records its agreement (halves of its batches), `--no-agreement` leaves
+/// it out, and `compare` of a snapshot with itself prints its floor beside each Jaccard and
+/// says the (perfect) agreement is within it.
+#[test]
+fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpora = common::tiny_corpora(dir.path(), 60);
+    let (gg, _) = common::tiny_gguf(dir.path(), 1, true);
+    let mut ck = model::load(gg.to_str().unwrap()).unwrap();
+    codespot::data::build(&corpora, "toy", 64.0, &ck.tokenizer, "tiny", false).unwrap();
+    let m = Llama::<codespot::backend::CpuAd>::from_weights(&ck.config, &ck.weights, &Default::default()).unwrap();
+    ck.weights = Default::default();
+    let mut req = importance::ScoreRequest::new("toy");
+    req.tokens = 128;
+    req.seq_len = 16;
+    req.batch = 2;
+    let out = dir.path().join("snap");
+    let man = importance::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap();
+    let a = man.agreement.clone().expect("agreement recorded");
+    assert_eq!(a.half_tokens, 64);
+    assert!(a
+        .split_half
+        .iter()
+        .chain(&a.convergence)
+        .all(|j| (0.0..=1.0).contains(j)));
+    assert!(a.split_half[0] < 1.0, "random halves of a random model differ: {a:?}");
+    req.agreement = false;
+    let none = importance::score_snapshot(&m, &ck, &corpora, &req, &dir.path().join("plain"), false).unwrap();
+    assert!(none.agreement.is_none());
+    // The full scores do not depend on whether the halves were kept apart (same sums, up to
+    // the f32 order of adding them).
+    let (x, y) = (
+        importance::snapshot::read(&out).unwrap(),
+        importance::snapshot::read(&dir.path().join("plain")).unwrap(),
+    );
+    for (n, t) in &x.scores.tensors {
+        let u = &y.scores.tensors[n];
+        let scale = u.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        assert!(
+            t.data.iter().zip(&u.data).all(|(p, q)| (p - q).abs() <= 1e-5 * scale),
+            "{n}"
+        );
+    }
+
+    let c = codespot::track::compare::compare(&out, &out, &[1.0, 5.0]).unwrap();
+    assert!(c.jaccard.iter().all(|(_, j)| *j == 1.0));
+    for f in &c.floor {
+        assert_eq!(f.floor, a.floor(f.k), "{f:?}");
+        assert_eq!(f.within, Some(true));
+    }
+    assert_eq!(c.floor_layer.len(), 2);
+    let text = codespot::track::compare::text(&c);
+    assert!(
+        text.contains("noise floor (A / B)") && text.contains("within the floor"),
+        "{text}"
+    );
+    // Against a snapshot without a floor: no floor, said so.
+    let c = codespot::track::compare::compare(&out, &dir.path().join("plain"), &[1.0]).unwrap();
+    assert_eq!(c.floor[0].floor, None);
+    assert!(codespot::track::compare::text(&c).contains("no floor recorded"));
+}

@@ -153,6 +153,7 @@ fn run_does_every_stage_resumes_after_an_interrupt_and_writes_the_report() {
         "report/loss.png",
         "report/heldout.png",
         "report/overlap.png",
+        "report/convergence.png",
         "report/mass_base_layer_module.png",
         "report/mass_base_layer_head.png",
         "report/mass_tuned_layer_module.png",

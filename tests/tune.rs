@@ -91,6 +91,8 @@ fn tune_checkpoints_snapshots_and_tensorboard_reads_every_tag() {
         "importance/spearman_base",
         "spot/jaccard_base",
         "spot/jaccard_prev",
+        "spot/jaccard_floor",
+        "importance/convergence_half_vs_all",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -102,6 +104,7 @@ fn tune_checkpoints_snapshots_and_tensorboard_reads_every_tag() {
         want.push(format!("importance/layer_share/{l}"));
         want.push(format!("spot/jaccard_base_layer/{l}"));
         want.push(format!("spot/jaccard_prev_layer/{l}"));
+        want.push(format!("spot/jaccard_floor_layer/{l}"));
     }
     for t in &want {
         assert!(
@@ -113,6 +116,13 @@ fn tune_checkpoints_snapshots_and_tensorboard_reads_every_tag() {
     assert_eq!(steps_of(&scalars["train/loss"]), vec![1, 2, 3, 4]);
     assert_eq!(steps_of(&scalars["heldout_loss/toyrs"]), vec![0, 2, 4]);
     assert_eq!(steps_of(&scalars["spot/jaccard_prev"]), vec![2, 4]);
+    // Every snapshot's own noise floor, beside the Jaccards it bounds.
+    assert_eq!(steps_of(&scalars["spot/jaccard_floor"]), vec![0, 2, 4]);
+    assert!(scalars["spot/jaccard_floor"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| (0.0..=1.0).contains(&e[1].as_f64().unwrap())));
     let lr: Vec<f64> = scalars["train/lr"]
         .as_array()
         .unwrap()

@@ -40,6 +40,10 @@ pub struct ScoreArgs {
     /// Also write snapshots of each half of the calibration batches (spot stability).
     #[arg(long)]
     halves: bool,
+    /// Skip the split-half agreement (noise floor) and convergence in the manifest, which
+    /// keep one more copy of the sums in memory.
+    #[arg(long)]
+    no_agreement: bool,
     /// Score only the I-th of N contiguous slices of the batches (`snapshot merge` adds the
     /// N shard snapshots up): one job of a Slurm array or Kubernetes indexed job each.
     #[arg(long, value_name = "I/N")]
@@ -132,6 +136,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         step: None,
         progress: true,
         model_label: None,
+        agreement: !a.no_agreement,
     };
     on_device!(a.device, score_on(&a.model, &req, a.dtype, &a.out, a.force))
 }

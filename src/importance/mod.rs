@@ -7,6 +7,7 @@
 //! - `taylor2`: |θ ⊙ ḡ| + ½ θ² ⊙ Σ_b g_b² / n, with ḡ = Σ_b g_b / n (the diagonal
 //!   second-order term, with the Fisher diagonal standing in for the Hessian).
 
+pub mod agreement;
 pub mod snapshot;
 pub mod summary;
 
@@ -368,6 +369,19 @@ fn accumulate<B: AutodiffBackend>(
     on_batch: &mut impl FnMut(usize),
 ) -> Accumulator<B::InnerBackend> {
     let mut acc = Accumulator::new(method, model);
+    accumulate_into(&mut acc, model, chunks, micro, done, on_batch);
+    acc
+}
+
+/// Add the batches' gradients to `acc`.
+fn accumulate_into<B: AutodiffBackend>(
+    acc: &mut Accumulator<B::InnerBackend>,
+    model: &Llama<B>,
+    chunks: &[&[Vec<u32>]],
+    micro: usize,
+    done: &mut usize,
+    on_batch: &mut impl FnMut(usize),
+) {
     let params = model.params();
     for chunk in chunks {
         if chunk.len() <= micro {
@@ -380,7 +394,6 @@ fn accumulate<B: AutodiffBackend>(
         *done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
         on_batch(*done);
     }
-    acc
 }
 
 /// [`accumulate`] data-parallel: global peer `r` (node rank × devices + local rank) of all the
@@ -490,6 +503,9 @@ pub struct ScoreRequest {
     pub devices: usize,
     /// Other nodes of a multi-node run (default: this node alone).
     pub nodes: crate::collective::Nodes,
+    /// Record the snapshot's split-half agreement and convergence ([`agreement`]): one more
+    /// copy of the sums, kept from the midpoint. Single-device, unsharded runs of 2+ batches.
+    pub agreement: bool,
 }
 
 /// One of `count` disjoint, contiguous slices of a scoring run's batches (1-based `index`).
@@ -535,6 +551,7 @@ impl ScoreRequest {
             shard: None,
             devices: 1,
             nodes: Default::default(),
+            agreement: true,
         }
     }
 
@@ -638,6 +655,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let bar = progress_bar(total as u64, &format!("score {}", req.lang), req.progress);
     let t0 = std::time::Instant::now();
     let mut sums = None;
+    let (mut midpoint, mut agreement) = (None, None);
     let (scores, halves) = if req.halves {
         let (f, a, b) = score_halves(model, &blocks, req.batch, req.micro_batch, req.method, |done| {
             bar.set_position(done as u64)
@@ -645,15 +663,47 @@ pub fn score_snapshot<B: AutodiffBackend>(
         (f, Some((a, b)))
     } else {
         let mine = &chunks[range.clone()];
-        let acc = if req.devices > 1 || req.nodes.count > 1 {
+        let parallel = req.devices > 1 || req.nodes.count > 1;
+        let mut on_batch = |done: usize| bar.set_position(done as u64);
+        let acc = if parallel {
             let devices = crate::collective::peer_devices::<B>(req.devices);
             accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?
+        } else if req.agreement && req.shard.is_none() && mine.len() >= 2 {
+            // The two halves summed apart, then added: their scores give the agreement.
+            let mid = mine.len() / 2;
+            let mut done = 0;
+            let a = accumulate(
+                model,
+                &mine[..mid],
+                req.micro_batch,
+                req.method,
+                &mut done,
+                &mut on_batch,
+            );
+            let half_tokens = done;
+            let b = accumulate(
+                model,
+                &mine[mid..],
+                req.micro_batch,
+                req.method,
+                &mut done,
+                &mut on_batch,
+            );
+            midpoint = Some((a.clone().raw(model), b.clone().raw(model), half_tokens));
+            a.merge(b)
         } else {
-            accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut |done| {
-                bar.set_position(done as u64)
-            })
+            accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut on_batch)
         };
         let raw = acc.raw(model);
+        if let Some((a, b, half_tokens)) = midpoint.take() {
+            agreement = Some(agreement::measure(
+                &a,
+                &b,
+                &raw,
+                model.config.num_hidden_layers,
+                half_tokens,
+            ));
+        }
         if req.shard.is_some() {
             // A shard keeps its raw sums for the merge beside its scores.
             sums = Some(raw.clone());
@@ -699,6 +749,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
         merged_from: vec![],
         devices: req.devices,
         dtype: model.dtype.name().into(),
+        agreement,
     };
     match halves {
         // Every node of a multi-node run holds the same all-reduced sums; node 0 writes them.

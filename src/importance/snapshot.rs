@@ -43,6 +43,10 @@ pub struct SnapshotManifest {
     /// always accumulated in f32.
     #[serde(default = "f32_name", skip_serializing_if = "is_f32")]
     pub dtype: String,
+    /// Split-half agreement (the noise floor) and convergence of the top-k sets; absent for
+    /// shards, merged and data-parallel snapshots, and passes of one batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<super::agreement::Agreement>,
 }
 
 fn one() -> usize {

@@ -218,8 +218,18 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                             points: t.metrics.iter().map(|m| (m.step as f64, m.spearman_base)).collect(),
                             dashed: true,
                         },
+                        Series {
+                            name: format!("{l}: noise floor (split-half Jaccard)"),
+                            points: t
+                                .metrics
+                                .iter()
+                                .filter_map(|m| Some((m.step as f64, m.floor?)))
+                                .collect(),
+                            dashed: true,
+                        },
                     ]
                 })
+                .filter(|s| !s.points.is_empty())
                 .collect();
             fig.lines(
                 "overlap.png",
@@ -227,7 +237,42 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                 "step",
                 "overlap",
                 &overlap,
-                "Spot overlap with the base model across checkpoints".into(),
+                "Spot overlap with the base model across checkpoints; the noise floor is each snapshot's split-half agreement (two disjoint halves of its calibration tokens): a Jaccard at or above it is within sampling noise".into(),
+            )?;
+        }
+        // Calibration convergence and split-half agreement of the base snapshots, by k.
+        let agreements: Vec<(String, crate::importance::agreement::Agreement)> = base_dirs
+            .iter()
+            .filter_map(|d| {
+                let m = crate::importance::snapshot::read_manifest(d).ok()?;
+                Some((m.language, m.agreement?))
+            })
+            .collect();
+        if !agreements.is_empty() {
+            let conv: Vec<Series> = agreements
+                .iter()
+                .flat_map(|(l, a)| {
+                    [
+                        Series {
+                            name: format!("{l}: top-k at {} vs all tokens", a.half_tokens),
+                            points: a.ks.iter().copied().zip(a.convergence.iter().copied()).collect(),
+                            dashed: false,
+                        },
+                        Series {
+                            name: format!("{l}: two halves (noise floor)"),
+                            points: a.ks.iter().copied().zip(a.split_half.iter().copied()).collect(),
+                            dashed: true,
+                        },
+                    ]
+                })
+                .collect();
+            fig.lines(
+                "convergence.png",
+                "Calibration convergence of the base snapshots",
+                "k (%)",
+                "Jaccard",
+                &conv,
+                "Calibration convergence: the top-k set from the first half of the calibration tokens against the one from all of them (near 1: more tokens would hardly change the spot), and the two halves against each other (the noise floor)".into(),
             )?;
         }
         let cols: Vec<String> = crate::track::MODULE_ORDER.iter().map(|s| s.to_string()).collect();
@@ -319,7 +364,15 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
             let j: Vec<String> = c
                 .jaccard
                 .iter()
-                .map(|(k, j)| format!("{}%: {j:.3}", crate::spot::file::fmt_k(*k)))
+                .enumerate()
+                .map(|(i, (k, j))| {
+                    let floor = match c.floor.get(i).and_then(|f| f.floor.zip(f.within)) {
+                        Some((f, true)) => format!(" (floor {f:.3}: within noise)"),
+                        Some((f, false)) => format!(" (floor {f:.3}: moved)"),
+                        None => String::new(),
+                    };
+                    format!("{}%: {j:.3}{floor}", crate::spot::file::fmt_k(*k))
+                })
                 .collect();
             let hs = |v: &[(usize, usize)]| {
                 v.iter()
@@ -336,6 +389,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                 hs(&c.heads_left)
             );
         }
+        md.push_str("\nThe floor is the lower of the two sides' split-half agreement: the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration tokens. \"within noise\": two samples of the same model agree at least this much, so this comparison shows no movement beyond sampling noise; \"moved\": the sets differ more than sampling alone makes them. Spot comparisons (no scores) have no floor.\n");
         md.push('\n');
     }
     for (n, conds) in &evals {

@@ -3,16 +3,15 @@
 //! per-language). Masks are stored bit-packed in safetensors.
 
 pub mod file;
-pub mod mask;
 
 use crate::importance::Scores;
-use crate::model::names;
+
 use crate::source::{HostTensor, Weights};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use mask::Mask;
+pub use crate::topk::{counts, jaccard, select_by, top_indices, Eligible, Mask, Scope};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -25,33 +24,6 @@ pub enum Aggregation {
     Min,
     /// Mean over languages of the within-scope rank (0 = most important).
     Rank,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Scope {
-    /// Top k% within each weight tensor (the authors').
-    PerTensor,
-    /// Top k% over all eligible parameters together.
-    Global,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Eligible {
-    /// `model.layers.*` only (attention, MLP, norms), as the authors: embeddings and head out.
-    Layers,
-    /// Every parameter.
-    All,
-}
-
-impl Eligible {
-    pub fn admits(self, name: &str) -> bool {
-        match self {
-            Eligible::All => true,
-            Eligible::Layers => names::parse(name).is_some_and(|p| p.layer.is_some()),
-        }
-    }
 }
 
 /// Aggregate per-language scores into one score map (higher = more important).
@@ -161,72 +133,6 @@ fn ranks_desc(v: &[f32]) -> Vec<f32> {
     r
 }
 
-/// Elements to select per tensor for fraction `frac` (= k% / 100): per tensor round(frac·n);
-/// global: the counts that the global top round(frac·N) falls into.
-pub fn counts(scores: &Scores, frac: f64, scope: Scope) -> BTreeMap<String, usize> {
-    match scope {
-        Scope::PerTensor => scores
-            .tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), (frac * t.numel() as f64).round() as usize))
-            .collect(),
-        Scope::Global => {
-            let all: Vec<(usize, usize, f32)> = scores
-                .tensors
-                .values()
-                .enumerate()
-                .flat_map(|(ti, t)| t.data.iter().enumerate().map(move |(i, &x)| (ti, i, x)))
-                .collect();
-            let k = ((frac * all.len() as f64).round() as usize).min(all.len());
-            let mut idx: Vec<usize> = (0..all.len()).collect();
-            if k > 0 && k < idx.len() {
-                idx.select_nth_unstable_by(k - 1, |&a, &b| all[b].2.total_cmp(&all[a].2).then(a.cmp(&b)));
-            }
-            let names: Vec<&String> = scores.tensors.keys().collect();
-            let mut c: BTreeMap<String, usize> = names.iter().map(|n| ((*n).clone(), 0)).collect();
-            for &j in &idx[..k] {
-                *c.get_mut(names[all[j].0]).unwrap() += 1;
-            }
-            c
-        }
-    }
-}
-
-/// The `count` highest (or lowest) elements of `v` (ties broken by index).
-pub fn top_indices(v: &[f32], count: usize, highest: bool) -> Vec<usize> {
-    let count = count.min(v.len());
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    let cmp = |a: &usize, b: &usize| {
-        let o = if highest {
-            v[*b].total_cmp(&v[*a])
-        } else {
-            v[*a].total_cmp(&v[*b])
-        };
-        o.then(a.cmp(b))
-    };
-    if count > 0 && count < idx.len() {
-        idx.select_nth_unstable_by(count - 1, cmp);
-    }
-    idx.truncate(count);
-    idx.sort_unstable();
-    idx
-}
-
-/// Masks selecting `counts[name]` elements of each tensor by a rule.
-pub fn select_by(values: &Weights, counts: &BTreeMap<String, usize>, highest: bool) -> BTreeMap<String, Mask> {
-    counts
-        .iter()
-        .filter_map(|(n, &c)| {
-            values.tensors.get(n).map(|t| {
-                (
-                    n.clone(),
-                    Mask::from_indices(t.numel(), &top_indices(&t.data, c, highest)),
-                )
-            })
-        })
-        .collect()
-}
-
 /// Random masks with the same count per tensor (seeded per tensor name, so one tensor's mask
 /// does not depend on the others).
 pub fn select_random(shapes: &Weights, counts: &BTreeMap<String, usize>, seed: u64) -> BTreeMap<String, Mask> {
@@ -244,31 +150,6 @@ pub fn select_random(shapes: &Weights, counts: &BTreeMap<String, usize>, seed: u
             Some((n.clone(), Mask::from_indices(t.numel(), &idx)))
         })
         .collect()
-}
-
-/// Jaccard overlap of two mask sets (over all their tensors).
-pub fn jaccard(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>) -> f64 {
-    let (mut inter, mut uni) = (0usize, 0usize);
-    for (n, ma) in a {
-        match b.get(n) {
-            Some(mb) => {
-                let (i, u) = ma.inter_union(mb);
-                inter += i;
-                uni += u;
-            }
-            None => uni += ma.count(),
-        }
-    }
-    for (n, mb) in b {
-        if !a.contains_key(n) {
-            uni += mb.count();
-        }
-    }
-    if uni == 0 {
-        1.0
-    } else {
-        inter as f64 / uni as f64
-    }
 }
 
 /// Control sets built beside the spot, with the same count per tensor.

@@ -45,6 +45,14 @@ impl Side {
         }
     }
 
+    /// The recorded split-half agreement (snapshots only).
+    fn agreement(&self) -> Option<&crate::importance::agreement::Agreement> {
+        match self {
+            Side::Snapshot(s) => s.manifest.agreement.as_ref(),
+            Side::Spot { .. } => None,
+        }
+    }
+
     /// The k values this side can give a set for (any k for a snapshot).
     fn has_k(&self, k: f64) -> bool {
         match self {
@@ -83,6 +91,25 @@ pub struct Comparison {
     pub heads_b: Vec<(usize, usize)>,
     pub heads_entered: Vec<(usize, usize)>,
     pub heads_left: Vec<(usize, usize)>,
+    /// The noise floor beside each Jaccard: per k, the split-half agreement of A's and of B's
+    /// calibration (snapshots that recorded it), and the floor used, the lower of the two.
+    #[serde(default)]
+    pub floor: Vec<Floor>,
+    /// Per layer at `k_detail`: the lower of the two snapshots' split-half agreement.
+    #[serde(default)]
+    pub floor_layer: Vec<Option<f64>>,
+}
+
+/// One k's Jaccard beside the noise floor of the two sides.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Floor {
+    pub k: f64,
+    pub a: Option<f64>,
+    pub b: Option<f64>,
+    /// min(a, b): two samples of the same model agree this much; a Jaccard at or above it is
+    /// within sampling noise.
+    pub floor: Option<f64>,
+    pub within: Option<bool>,
 }
 
 fn pick(m: &BTreeMap<String, Mask>, f: impl Fn(&names::ParamName) -> bool) -> BTreeMap<String, Mask> {
@@ -169,6 +196,33 @@ pub fn compare(a_dir: &Path, b_dir: &Path, ks: &[f64]) -> Result<Comparison> {
     };
     let heads_a = spot_heads(&ma, ca);
     let heads_b = spot_heads(&mb, cb);
+    let min = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        _ => None,
+    };
+    let (ga, gb) = (a.agreement(), b.agreement());
+    let floor = jaccard
+        .iter()
+        .map(|&(k, j)| {
+            let (fa, fb) = (ga.and_then(|g| g.floor(k)), gb.and_then(|g| g.floor(k)));
+            let f = min(fa, fb);
+            Floor {
+                k,
+                a: fa,
+                b: fb,
+                floor: f,
+                within: f.map(|f| j >= f),
+            }
+        })
+        .collect();
+    let floor_layer = (0..layers)
+        .map(|l| {
+            min(
+                ga.and_then(|g| g.floor_layer(k_detail, l)),
+                gb.and_then(|g| g.floor_layer(k_detail, l)),
+            )
+        })
+        .collect();
     let heads_entered = heads_b.iter().filter(|h| !heads_a.contains(h)).copied().collect();
     let heads_left = heads_a.iter().filter(|h| !heads_b.contains(h)).copied().collect();
     Ok(Comparison {
@@ -189,6 +243,8 @@ pub fn compare(a_dir: &Path, b_dir: &Path, ks: &[f64]) -> Result<Comparison> {
         heads_b,
         heads_entered,
         heads_left,
+        floor,
+        floor_layer,
     })
 }
 
@@ -205,11 +261,26 @@ fn heads_text(v: &[(usize, usize)]) -> String {
 /// The comparison as a text report.
 pub fn text(c: &Comparison) -> String {
     let mut s = format!(
-        "A: {}\nB: {}\n({})\n\n| k % | Jaccard |\n|---:|---:|\n",
+        "A: {}\nB: {}\n({})\n\n| k % | Jaccard | noise floor (A / B) | |\n|---:|---:|---:|---|\n",
         c.a, c.b, c.kind
     );
-    for (k, j) in &c.jaccard {
-        s += &format!("| {} | {j:.4} |\n", spot::file::fmt_k(*k));
+    let f3 = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.4}"));
+    for (i, (k, j)) in c.jaccard.iter().enumerate() {
+        let fl = c.floor.get(i);
+        let verdict = match fl.and_then(|f| f.within) {
+            Some(true) => "within the floor: no movement beyond sampling noise",
+            Some(false) => "below the floor: moved beyond sampling noise",
+            None => "no floor recorded",
+        };
+        s += &format!(
+            "| {} | {j:.4} | {} / {} | {verdict} |\n",
+            spot::file::fmt_k(*k),
+            f3(fl.and_then(|f| f.a)),
+            f3(fl.and_then(|f| f.b))
+        );
+    }
+    if c.floor.iter().any(|f| f.floor.is_some()) {
+        s += "\nNoise floor: the Jaccard of the top-k sets from two disjoint halves of a snapshot's own calibration tokens (its split-half agreement); two samples of one model agree that much, so a Jaccard at or above the lower floor is no evidence of movement.\n";
     }
     if let Some(r) = c.spearman {
         s += &format!("\nSpearman rank correlation of the scores: {r:.4}\n");
@@ -218,9 +289,17 @@ pub fn text(c: &Comparison) -> String {
     for (k, j) in &c.per_module {
         s += &format!("  {k:<9} {j:.3}\n");
     }
-    s += "Per layer:\n";
+    s += "Per layer (Jaccard, floor):\n";
     for (l, j) in c.per_layer.iter().enumerate() {
-        s += &format!("  L{l:02} {j:.3}\n");
+        match c.floor_layer.get(l).copied().flatten() {
+            Some(f) => {
+                s += &format!(
+                    "  L{l:02} {j:.3}  floor {f:.3}{}\n",
+                    if *j >= f { "  (within)" } else { "" }
+                )
+            }
+            None => s += &format!("  L{l:02} {j:.3}\n"),
+        }
     }
     s += &format!(
         "Spot heads (top tenth by share): A {} · B {}\n  entered: {}\n  left:    {}\n",

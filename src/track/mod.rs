@@ -9,40 +9,14 @@ use crate::importance::snapshot::Snapshot;
 use crate::importance::summary::Summaries;
 use crate::importance::Scores;
 use crate::model::names;
-use crate::spot::{self, Eligible, Mask, Scope};
+pub use crate::topk::{jaccard_per_layer, top_masks};
+
 use anyhow::Result;
 use std::collections::BTreeMap;
 pub use tensorboard::{Histogram, Tb};
 
 /// Module kinds in display order (columns of the layer × module heatmap).
 pub const MODULE_ORDER: [&str; 9] = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"];
-
-/// Per-tensor top-`k_percent` masks over the layer parameters (the authors' selection rule).
-pub fn top_masks(scores: &Scores, k_percent: f64) -> BTreeMap<String, Mask> {
-    let mut layers = Scores::default();
-    for (n, t) in &scores.tensors {
-        if Eligible::Layers.admits(n) {
-            layers.insert(n.clone(), t.clone());
-        }
-    }
-    let c = spot::counts(&layers, k_percent / 100.0, Scope::PerTensor);
-    spot::select_by(&layers, &c, true)
-}
-
-/// Jaccard overlap per layer (masks grouped by the layer in their tensor names).
-pub fn jaccard_per_layer(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>, layers: usize) -> Vec<f64> {
-    (0..layers)
-        .map(|l| {
-            let pick = |m: &BTreeMap<String, Mask>| -> BTreeMap<String, Mask> {
-                m.iter()
-                    .filter(|(n, _)| names::parse(n).and_then(|p| p.layer) == Some(l))
-                    .map(|(n, x)| (n.clone(), x.clone()))
-                    .collect()
-            };
-            spot::jaccard(&pick(a), &pick(b))
-        })
-        .collect()
-}
 
 /// Average ranks (ties share the mean of their positions), 0-based.
 fn ranks(v: &[f32]) -> Vec<f64> {
@@ -230,6 +204,14 @@ pub struct SnapshotMetrics {
     pub spearman_base: f64,
     pub module_share: BTreeMap<String, f64>,
     pub layer_share: Vec<f64>,
+    /// This snapshot's split-half agreement at the tracked k (the noise floor of the Jaccards
+    /// above), overall and per layer, and its convergence (N/2 vs N tokens).
+    #[serde(default)]
+    pub floor: Option<f64>,
+    #[serde(default)]
+    pub floor_layer: Option<Vec<f64>>,
+    #[serde(default)]
+    pub convergence: Option<f64>,
 }
 
 /// Elements Spearman correlation is computed on (an evenly strided sample above this).
@@ -244,24 +226,31 @@ pub fn compare_snapshots(
     k: f64,
 ) -> SnapshotMetrics {
     let layers = cur.summaries.num_layers;
+    let agreement = cur.manifest.agreement.as_ref();
     let mc = top_masks(&cur.scores, k);
     let mb = top_masks(&base.scores, k);
     let (jp, jpl) = match prev {
         Some(p) => {
             let mp = top_masks(&p.scores, k);
-            (Some(spot::jaccard(&mc, &mp)), Some(jaccard_per_layer(&mc, &mp, layers)))
+            (
+                Some(crate::topk::jaccard(&mc, &mp)),
+                Some(jaccard_per_layer(&mc, &mp, layers)),
+            )
         }
         None => (None, None),
     };
     SnapshotMetrics {
         step,
-        jaccard_base: spot::jaccard(&mc, &mb),
+        jaccard_base: crate::topk::jaccard(&mc, &mb),
         jaccard_prev: jp,
         jaccard_base_layer: jaccard_per_layer(&mc, &mb, layers),
         jaccard_prev_layer: jpl,
         spearman_base: spearman(&cur.scores, &base.scores, SPEARMAN_MAX_ELEMS),
         module_share: cur.summaries.module_share.clone(),
         layer_share: cur.summaries.layer_share.clone(),
+        floor: agreement.and_then(|a| a.floor(k)),
+        floor_layer: agreement.and_then(|a| (0..layers).map(|l| a.floor_layer(k, l)).collect()),
+        convergence: agreement.and_then(|a| a.ks.iter().position(|x| (x - k).abs() < 1e-9).map(|i| a.convergence[i])),
     }
 }
 
@@ -281,6 +270,15 @@ pub fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<
     }
     if let Some(j) = m.jaccard_prev {
         tb.scalar("spot/jaccard_prev", j, step)?;
+    }
+    if let Some(f) = m.floor {
+        tb.scalar("spot/jaccard_floor", f, step)?;
+    }
+    for (l, x) in m.floor_layer.iter().flatten().enumerate() {
+        tb.scalar(&format!("spot/jaccard_floor_layer/L{l:02}"), *x, step)?;
+    }
+    if let Some(c) = m.convergence {
+        tb.scalar("importance/convergence_half_vs_all", c, step)?;
     }
     if let Some(v) = &m.jaccard_prev_layer {
         for (l, x) in v.iter().enumerate() {
