@@ -17,6 +17,53 @@ pub struct Manifest {
     #[serde(default)]
     pub description: String,
     pub sources: Vec<SourceSpec>,
+    /// Cut each file into documents (collections of short texts, such as fortune files).
+    #[serde(default)]
+    pub chunk: Option<Chunk>,
+}
+
+/// Split files at lines equal to `separator`, then pack consecutive pieces into documents of
+/// at least `bytes` bytes (the last piece of a file joins the document before it when short).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunk {
+    pub separator: String,
+    pub bytes: usize,
+}
+
+impl Chunk {
+    /// The documents of one file: `(path#N, text)`.
+    pub fn split(&self, path: &str, text: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let text = String::from_utf8_lossy(text);
+        let mut docs: Vec<String> = vec![];
+        let mut cur = String::new();
+        for piece in text.split(&format!("\n{}\n", self.separator)) {
+            let piece = piece.trim_matches('\n');
+            if piece.is_empty() {
+                continue;
+            }
+            if !cur.is_empty() {
+                cur.push_str("\n\n");
+            }
+            cur.push_str(piece);
+            if cur.len() >= self.bytes {
+                docs.push(std::mem::take(&mut cur));
+            }
+        }
+        if !cur.is_empty() {
+            match docs.last_mut() {
+                Some(last) if cur.len() < self.bytes / 2 => {
+                    last.push_str("\n\n");
+                    last.push_str(&cur);
+                }
+                _ => docs.push(cur),
+            }
+        }
+        docs.into_iter()
+            .enumerate()
+            .map(|(i, d)| (format!("{path}#{i}"), d.into_bytes()))
+            .collect()
+    }
 }
 
 /// Where a language's code comes from.
@@ -375,6 +422,13 @@ fn gather(m: &Manifest, manifest_name: &str, corpora: &Corpora, install: bool) -
                 .with_context(|| ctx.clone())?;
             }
         }
+    }
+    if let Some(c) = &m.chunk {
+        anyhow::ensure!(
+            c.bytes > 0 && !c.separator.is_empty(),
+            "{manifest_name}: chunk: 'bytes' must be positive and 'separator' not empty"
+        );
+        docs = docs.into_iter().flat_map(|(p, t)| c.split(&p, &t)).collect();
     }
     Ok(docs)
 }

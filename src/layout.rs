@@ -40,6 +40,8 @@ pub fn hash_of(v: serde_json::Value) -> String {
 pub struct Plan {
     pub out: PathBuf,
     pub base_snap: Vec<(String, PathBuf, String)>,
+    /// The base model's snapshot on the prose corpus (`spot.text`), when the recipe has one.
+    pub text_snap: Option<(String, PathBuf, String)>,
     pub base_spot: (PathBuf, String),
     pub tuned_spot: (PathBuf, String),
 }
@@ -48,29 +50,31 @@ impl Plan {
     pub fn new(loaded: &Loaded) -> Self {
         let r = &loaded.recipe;
         let out = loaded.out_dir();
-        let base_snap: Vec<(String, PathBuf, String)> = r
-            .languages
-            .iter()
-            .map(|l| {
-                let mut v = serde_json::json!({"stage": "base-snapshot", "model": r.model, "lang": l,
-                    "corpus": r.corpus, "importance": r.importance});
-                if r.dtype != crate::model::Dtype::F32 {
-                    // Only when not the default, so runs made before `dtype` existed still match.
-                    v["dtype"] = r.dtype.name().into();
-                }
-                let h = hash_of(v);
-                (l.clone(), out.join("base").join(l), h)
-            })
-            .collect();
-        let base_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot,
-            "inputs": base_snap.iter().map(|x| &x.2).collect::<Vec<_>>()}));
-        let tuned_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot,
-            "tune": tune_hash(loaded)}));
+        let snap = |l: &String| {
+            let mut v = serde_json::json!({"stage": "base-snapshot", "model": r.model, "lang": l,
+                "corpus": r.corpus, "importance": r.importance});
+            if r.dtype != crate::model::Dtype::F32 {
+                // Only when not the default, so runs made before `dtype` existed still match.
+                v["dtype"] = r.dtype.name().into();
+            }
+            (l.clone(), out.join("base").join(l), hash_of(v))
+        };
+        let base_snap: Vec<(String, PathBuf, String)> = r.languages.iter().map(snap).collect();
+        let text_snap = r.spot.text.as_ref().map(snap);
+        let mut inputs: Vec<&String> = base_snap.iter().map(|x| &x.2).collect();
+        inputs.extend(text_snap.iter().map(|x| &x.2));
+        let base_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot, "inputs": inputs}));
+        let mut tuned = serde_json::json!({"stage": "spot", "spot": r.spot, "tune": tune_hash(loaded)});
+        if let Some(t) = &text_snap {
+            tuned["text"] = t.2.clone().into();
+        }
+        let tuned_spot_hash = hash_of(tuned);
         Self {
             base_spot: (out.join("spots").join("base"), base_spot_hash),
             tuned_spot: (out.join("spots").join("tuned"), tuned_spot_hash),
             out,
             base_snap,
+            text_snap,
         }
     }
 }
@@ -112,6 +116,7 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.seed = i.seed;
     req.half = i.half;
     req.devices = loaded.recipe.devices;
+    req.agreement = i.agreement;
     req.progress = true;
     req
 }

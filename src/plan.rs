@@ -122,11 +122,16 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
     let weights = (format!("weights ({} × {n})", r.dtype.name()), n * wb);
     let moments = ("AdamW moments (2 × f32)".to_string(), 2 * n * 4);
     // Scoring: the weights, the sums, a gradient at a time and one backward's activations.
+    // One device sums the two halves of the batches apart (the split-half noise floor); data-
+    // parallel runs record no floor.
+    let halves = if r.devices == 1 && i.agreement { sums } else { 0 };
     let scoring = [
         (format!("Taylor sums (f32, {})", i.method.name()), sums),
+        ("second half's sums (noise floor, f32)".into(), halves),
         ("gradients in flight (f32)".into(), inflight),
     ]
     .into_iter()
+    .filter(|x| x.1 > 0)
     .chain(activations(
         cfg,
         i.micro_batch.min(i.batch),

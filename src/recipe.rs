@@ -111,6 +111,14 @@ pub struct ImportanceSection {
     pub half: bool,
     /// Top-k % whose overlap TensorBoard tracks across checkpoints (per tensor, layers only).
     pub track_k: f64,
+    /// Record each snapshot's split-half agreement (noise floor) and convergence: one more copy
+    /// of the sums while scoring.
+    #[serde(skip_serializing_if = "is_true")]
+    pub agreement: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -123,6 +131,10 @@ pub struct SpotSection {
     pub k: Vec<f64>,
     pub controls: Vec<Control>,
     pub seed: u64,
+    /// A corpus of English prose (e.g. "text"): the run scores the base model on it too, for
+    /// the `text` and `code-specific` controls. It is not one of the spot's languages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -198,6 +210,7 @@ impl Default for ImportanceSection {
             seed: 0,
             half: false,
             track_k: 1.0,
+            agreement: true,
         }
     }
 }
@@ -211,6 +224,7 @@ impl Default for SpotSection {
             k: vec![0.5, 1.0, 3.0],
             controls: vec![Control::Random],
             seed: 0,
+            text: None,
         }
     }
 }
@@ -292,6 +306,29 @@ impl Loaded {
             return Err(self.err("languages", "list at least one language"));
         }
         let known = corpora.languages();
+        let wants_text = r
+            .spot
+            .controls
+            .iter()
+            .any(|c| matches!(c, Control::Text | Control::CodeSpecific));
+        match &r.spot.text {
+            None if wants_text => {
+                return Err(self.err(
+                    "spot.controls",
+                    "the text and code-specific controls need spot.text (a prose corpus, e.g. \"text\")",
+                ))
+            }
+            Some(t) if !known.contains(t) => {
+                return Err(self.err(
+                    "spot.text",
+                    format!("unknown corpus '{t}' (manifests in {})", corpora.dir.display()),
+                ))
+            }
+            Some(t) if r.languages.contains(t) => {
+                return Err(self.err("spot.text", format!("'{t}' is one of the spot's languages")))
+            }
+            _ => {}
+        }
         for l in &r.languages {
             if !known.contains(l) {
                 return Err(self.err(

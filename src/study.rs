@@ -26,7 +26,7 @@ fn say(msg: impl std::fmt::Display) {
     eprintln!("[run] {msg}");
 }
 
-fn select_spot(loaded: &Loaded, snapshots: Vec<PathBuf>, out: &Path) -> Result<()> {
+fn select_spot(loaded: &Loaded, snapshots: Vec<PathBuf>, text: Option<PathBuf>, out: &Path) -> Result<()> {
     let s = &loaded.recipe.spot;
     let req = crate::spot::SelectRequest {
         snapshots,
@@ -37,6 +37,7 @@ fn select_spot(loaded: &Loaded, snapshots: Vec<PathBuf>, out: &Path) -> Result<(
         controls: s.controls.clone(),
         seed: s.seed,
         model: Some(loaded.recipe.model.clone()),
+        text,
     };
     let (sets, man) = crate::spot::select(&req)?;
     crate::spot::file::write(out, &sets, &man, true)
@@ -77,7 +78,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
 
     // 1. Base snapshots (the corpora are built first when missing).
     let mut ck: Option<crate::model::Checkpoint> = None;
-    for (lang, dir, h) in &plan.base_snap {
+    for (lang, dir, h) in plan.base_snap.iter().chain(&plan.text_snap) {
         if !stage(format!("base snapshot {lang}"), stage_done(dir, h)) {
             continue;
         }
@@ -102,7 +103,8 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     // 2. Base spot.
     let (bs, bh) = &plan.base_spot;
     if stage("base spot".into(), stage_done(bs, bh)) {
-        select_spot(loaded, plan.base_snap.iter().map(|x| x.1.clone()).collect(), bs)?;
+        let text = plan.text_snap.as_ref().map(|x| x.1.clone());
+        select_spot(loaded, plan.base_snap.iter().map(|x| x.1.clone()).collect(), text, bs)?;
         mark(bs, bh)?;
     }
 
@@ -139,7 +141,9 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     let (ts, tsh) = &plan.tuned_spot;
     let finals: Vec<PathBuf> = r.languages.iter().map(|l| final_snapshot(loaded, l)).collect();
     if stage("tuned spot".into(), stage_done(ts, tsh)) {
-        select_spot(loaded, finals.clone(), ts)?;
+        // The text sets of the tuned spot use the base model's prose snapshot.
+        let text = plan.text_snap.as_ref().map(|x| x.1.clone());
+        select_spot(loaded, finals.clone(), text, ts)?;
         mark(ts, tsh)?;
     }
 

@@ -190,6 +190,7 @@ fn corrupt_safetensors_snapshots_spots_and_manifests_never_panic() {
         controls: vec![codespot::spot::Control::Random],
         seed: 1,
         model: None,
+        text: None,
     };
     let (sets, man) = codespot::spot::select(&sel).unwrap();
     codespot::spot::file::write(&spot, &sets, &man, false).unwrap();

@@ -487,3 +487,63 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
     assert_eq!(c.floor[0].floor, None);
     assert!(codespot::track::compare::text(&c).contains("no floor recorded"));
 }
+
+/// `[chunk]` cuts collections of short texts (fortune files) into documents: pieces between
+/// separator lines are packed into documents of at least `bytes`, a short tail joins the
+/// document before it, separators vanish, and a manifest with it builds a corpus of such
+/// documents.
+#[test]
+fn chunked_manifests_pack_short_texts_into_documents() {
+    let c = codespot::data::Chunk {
+        separator: "%".into(),
+        bytes: 100,
+    };
+    let piece = |i: usize| format!("Quote number {i}: {}", "words ".repeat(6));
+    let text: String = (0..10).map(|i| format!("{}\n%\n", piece(i))).collect();
+    let docs = c.split("f", text.as_bytes());
+    assert!(docs.len() >= 3, "{}", docs.len());
+    for (i, (p, d)) in docs.iter().enumerate() {
+        assert_eq!(p, &format!("f#{i}"));
+        let d = String::from_utf8(d.clone()).unwrap();
+        assert!(d.len() >= 50, "{d}");
+        assert!(!d.lines().any(|l| l == "%"), "{d}");
+    }
+    let all: String = docs
+        .iter()
+        .map(|(_, d)| String::from_utf8_lossy(d).into_owned())
+        .collect();
+    for i in 0..10 {
+        assert!(all.contains(&piece(i).trim_end().to_string()), "piece {i} lost");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("quotes");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in 0..3 {
+        let body: String = (0..200)
+            .map(|i| format!("Saying {f}.{i}: {}\n%\n", "a b c ".repeat(8)))
+            .collect();
+        std::fs::write(src.join(format!("q{f}")), body).unwrap();
+    }
+    let cdir = dir.path().join("corpora");
+    std::fs::create_dir_all(&cdir).unwrap();
+    std::fs::write(
+        cdir.join("prose.toml"),
+        format!(
+            "language = \"prose\"\n[[sources]]\nkind = \"dir\"\nroots = [\"{}\"]\ninclude = [\"*\"]\n\n[chunk]\nseparator = \"%\"\nbytes = 1024\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let corpora = codespot::data::Corpora { dir: cdir };
+    let (gg, _) = common::tiny_gguf(dir.path(), 1, true);
+    let tok = model::load(gg.to_str().unwrap()).unwrap().tokenizer;
+    let st = codespot::data::build(&corpora, "prose", 64.0, &tok, "tiny", false).unwrap();
+    let files = st.train.files + st.calib.files + st.heldout.files;
+    assert!(files > 30, "3 files become many documents: {st:?}");
+    let held = codespot::data::read_split(&corpora.split_path("prose", codespot::data::Split::Heldout).unwrap())
+        .unwrap()
+        .collect::<anyhow::Result<Vec<_>>>()
+        .unwrap();
+    assert!(held.iter().all(|d| d.path.contains('#')));
+}

@@ -575,6 +575,49 @@ fn spot_select_from_snapshots_with_halves_reports_stability() {
     // An existing output needs --force.
     args.push("--force");
     run(&args);
+
+    // The text and code-specific sets, with toy2 standing in for prose: the text set has the
+    // spot's counts; the code-specific set is the spot minus the text top-k, so it holds no
+    // element of the text set and everything of the spot that is not in it.
+    let out_t = dir.path().join("spot-text");
+    run(&[
+        "spot",
+        "select",
+        &snaps[0],
+        "--k",
+        "5",
+        "--controls",
+        "random,text,code-specific",
+        "--text",
+        &snaps[1],
+        "--out",
+        out_t.to_str().unwrap(),
+    ]);
+    let spot5 = spot::file::read_set(&out_t, 5.0, "spot").unwrap();
+    let text = spot::file::read_set(&out_t, 5.0, "text").unwrap();
+    let specific = spot::file::read_set(&out_t, 5.0, "code-specific").unwrap();
+    let (mut overlap, mut kept) = (0, 0);
+    for (n, s) in &spot5 {
+        assert_eq!(text[n].count(), s.count(), "{n}: text set matched to the spot");
+        assert_eq!(specific[n].inter_union(&text[n]).0, 0, "{n}: code-specific ∩ text ≠ ∅");
+        let (i, _) = s.inter_union(&text[n]);
+        assert_eq!(specific[n].count(), s.count() - i, "{n}");
+        assert_eq!(
+            specific[n].inter_union(s).0,
+            specific[n].count(),
+            "{n}: inside the spot"
+        );
+        overlap += i;
+        kept += specific[n].count();
+    }
+    assert!(overlap > 0 && kept > 0, "overlap {overlap}, kept {kept}");
+    // Without --text the text sets are refused, naming the flag.
+    let o = std::process::Command::new(exe)
+        .args(["spot", "select", &snaps[0], "--controls", "text", "--out"])
+        .arg(dir.path().join("no-text"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--text"));
 }
 
 fn x_problems(lang: &str) -> Vec<eval::datasets::CodeProblem> {

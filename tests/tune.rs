@@ -359,6 +359,21 @@ fn bad_recipes_fail_before_any_work_naming_key_and_line() {
             base.replace("out = ", "dtype = \"fp8\"\nout = "),
             &["dtype", "fp8"],
         ),
+        (
+            "text controls without a prose corpus",
+            format!("{base}\n[spot]\ncontrols = [\"random\", \"code-specific\"]\n"),
+            &["spot.controls", "spot.text"],
+        ),
+        (
+            "prose corpus that is one of the languages",
+            format!("{base}\n[spot]\ntext = \"toyrs\"\ncontrols = [\"text\"]\n"),
+            &["spot.text", "toyrs"],
+        ),
+        (
+            "unknown prose corpus",
+            format!("{base}\n[spot]\ntext = \"novels\"\n"),
+            &["spot.text", "novels"],
+        ),
     ];
     for (what, text, needles) in cases {
         let p = s.root.join("bad.toml");
@@ -455,7 +470,8 @@ fn plan_prints_the_memory_per_device() {
                 .sum();
             assert_eq!(Some(sum), st["total"].as_u64());
         }
-        // A step holds two f32 moments and an f32 gradient sum where scoring holds the f32 sums.
+        // A step holds two f32 moments and an f32 gradient sum where scoring holds the f32 sums
+        // (the 8B recipe records no noise floor, which would add a second copy of the sums).
         assert!(
             total(p, 1) > total(p, 0) + 8 * n,
             "tuning adds moments and a gradient sum"

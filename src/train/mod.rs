@@ -172,7 +172,14 @@ impl BlockOrder {
 
 /// Make sure every language's corpus is built (building missing ones as the recipe says).
 pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Checkpoint) -> Result<()> {
-    for lang in &loaded.recipe.languages {
+    // The spot's languages, the prose corpus of the text controls, and the one `text-bpb` reads.
+    let r = &loaded.recipe;
+    let mut needed: Vec<&String> = r.languages.iter().chain(&r.spot.text).collect();
+    let text = crate::eval::TEXT_CORPUS.to_string();
+    if r.eval.tasks.iter().any(|t| t.trim() == "text-bpb") {
+        needed.push(&text);
+    }
+    for lang in needed {
         if corpora.stats(lang).is_none() {
             eprintln!(
                 "corpus '{lang}' is not built: building it (corpus.max_mb = {})",
