@@ -148,6 +148,39 @@ fn corrupt_safetensors_snapshots_spots_and_manifests_never_panic() {
         std::fs::write(&target, &orig).unwrap();
         println!("{file}: {cases} cases, {ok} loaded, {err} errors");
     }
+    // tokenizer.json, and a sharded directory's model.safetensors.index.json (whose shard
+    // names must stay inside the directory).
+    let names: Vec<String> = codespot::source::weights::from_safetensors(&[hf.join("model.safetensors")])
+        .unwrap()
+        .tensors
+        .keys()
+        .cloned()
+        .collect();
+    let index = serde_json::json!({"metadata": {"total_size": 0},
+        "weight_map": names.iter().map(|n| (n.clone(), serde_json::Value::from("model.safetensors"))).collect::<serde_json::Map<_, _>>()});
+    std::fs::write(
+        hf.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    codespot::model::load(hf.to_str().unwrap()).expect("the sharded directory loads");
+    for (file, cases) in [("tokenizer.json", 500), ("model.safetensors.index.json", 1000)] {
+        let orig = std::fs::read(hf.join(file)).unwrap();
+        let target = hf.join(file);
+        let (ok, err) = fuzz(10, &orig, 2048, &target, cases, "hf", |_| {
+            codespot::model::load(hf.to_str().unwrap()).map(|_| ())
+        });
+        std::fs::write(&target, &orig).unwrap();
+        println!("{file}: {cases} cases, {ok} loaded, {err} errors");
+    }
+    let mut escape = index.clone();
+    escape["weight_map"][&names[0]] = "../w.safetensors".into();
+    std::fs::write(hf.join("model.safetensors.index.json"), escape.to_string()).unwrap();
+    let e = codespot::model::load(hf.to_str().unwrap())
+        .err()
+        .expect("a shard outside the dir is refused");
+    assert!(format!("{e:#}").contains("not a file in the model directory"), "{e:#}");
+    std::fs::remove_file(hf.join("model.safetensors.index.json")).unwrap();
 
     // Snapshot manifest, shard accumulators, spot masks and manifest.
     let corpora = common::tiny_corpora(root, 40);

@@ -41,8 +41,12 @@ impl Tok {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let inner = tokenizers::Tokenizer::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        // tokenizers 0.22 panics on some malformed sections (`expect("Helper")` in its decoder
+        // deserializer): that becomes an error naming the file.
+        let what = format!("{}: not a valid tokenizer.json", path.display());
+        let inner = crate::util::catch_decoder_panic(&what, || {
+            tokenizers::Tokenizer::from_str(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        })?;
         let mut tok = Self {
             inner,
             chat_template: None,

@@ -18,6 +18,19 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
+        if files.is_empty() {
+            bail!("{}: field 'weight_map' names no shard", index.display());
+        }
+        // Shards are files of this directory: no paths out of it.
+        if let Some(bad) = files.iter().find(|f| {
+            let p = Path::new(f);
+            p.components().count() != 1 || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        }) {
+            bail!(
+                "{}: field 'weight_map' names '{bad}', which is not a file in the model directory",
+                index.display()
+            );
+        }
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
             bail!("{}: shard {} is missing", index.display(), missing.display());
