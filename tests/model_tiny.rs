@@ -291,3 +291,37 @@ fn tiny_tokenizer_uses_merges_and_special_tokens() {
     assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(tok.decode(&tok.encode(&chat, false).unwrap()).unwrap(), chat);
 }
+
+/// Bits per byte after a context: the continuation's first `max_tokens` tokens are scored
+/// whatever the context's length (a 3-shot context longer than the cap once left one token),
+/// and a context longer than the model's positions is cut from the left.
+#[test]
+fn bits_per_byte_scores_the_continuation_after_any_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gg, cfg) = common::tiny_gguf(dir.path(), 3, true);
+    let ck = codespot::model::load(gg.to_str().unwrap()).unwrap();
+    let m =
+        codespot::model::Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &Default::default())
+            .unwrap();
+    let cont = "def f(x):\n    return x + 1\n";
+    let n_cont = ck.tokenizer.encode(cont, false).unwrap().len();
+    let short_ctx = "# add one\n";
+    let long_ctx = "# a long preamble of examples\n".repeat(40);
+    assert!(ck.tokenizer.encode(&long_ctx, false).unwrap().len() > 64);
+    for ctx in [short_ctx, long_ctx.as_str()] {
+        let (bits, bytes) = codespot::eval::bpb::nll_bits(&m, &ck.tokenizer, ctx, cont, 0, 64).unwrap();
+        assert_eq!(bytes, cont.len(), "the whole continuation ({n_cont} tokens) is scored");
+        assert!(bits > 1.0 * n_cont as f64, "{bits} bits for {n_cont} tokens");
+    }
+    // A cap below the continuation scores its first tokens only.
+    let (_, bytes) = codespot::eval::bpb::nll_bits(&m, &ck.tokenizer, &long_ctx, cont, 0, 3).unwrap();
+    let first3 = ck
+        .tokenizer
+        .decode(&ck.tokenizer.encode(cont, false).unwrap()[..3])
+        .unwrap();
+    assert_eq!(bytes, first3.len());
+    // A context beyond the model's positions still works (cut from the left).
+    let huge = "x ".repeat(cfg.max_position_embeddings * 2);
+    let (bits, bytes) = codespot::eval::bpb::nll_bits(&m, &ck.tokenizer, &huge, cont, 0, 64).unwrap();
+    assert!(bits.is_finite() && bytes == cont.len());
+}

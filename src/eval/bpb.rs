@@ -5,8 +5,10 @@ use crate::model::{tokens_tensor, Llama, Tok};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 
-/// Natural-log NLL summed over the tokens of `cont` after `ctx` (ctx may be empty: then the
-/// separator token `sep` stands before the text), and the byte length of `cont`.
+/// Bits (NLL / ln 2) summed over the tokens of `cont` after `ctx` (ctx may be empty: then the
+/// separator token `sep` stands before the text), and the byte length of what was scored:
+/// `cont` cut to its first `max_tokens` tokens. The context is kept whole, or cut from the left
+/// where context and continuation together exceed the model's positions.
 pub fn nll_bits<B: Backend>(
     m: &Llama<B>,
     tok: &Tok,
@@ -21,9 +23,14 @@ pub fn nll_bits<B: Backend>(
     } else {
         tok.encode(ctx, false)?
     };
-    let n_ctx = ids.len();
     let mut cont_ids = tok.encode(cont, false)?;
-    cont_ids.truncate(max_tokens.saturating_sub(n_ctx).max(1));
+    cont_ids.truncate(max_tokens.max(1));
+    let room = m.config.max_position_embeddings.max(2);
+    cont_ids.truncate(room - 1);
+    if ids.len() + cont_ids.len() > room {
+        ids.drain(..ids.len() + cont_ids.len() - room);
+    }
+    let n_ctx = ids.len();
     let bytes = if cont_ids.len() == tok.encode(cont, false)?.len() {
         cont.len()
     } else {
