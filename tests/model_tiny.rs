@@ -325,3 +325,57 @@ fn bits_per_byte_scores_the_continuation_after_any_context() {
     let (bits, bytes) = codespot::eval::bpb::nll_bits(&m, &ck.tokenizer, &huge, cont, 0, 64).unwrap();
     assert!(bits.is_finite() && bytes == cont.len());
 }
+
+/// Many items whose contexts share their few-shot examples are scored through one KV cache of
+/// the shared prefix: each item's bits equal its own full forward's, and items without a long
+/// shared prefix (or with an empty continuation, or a context cut from the left) still work.
+#[test]
+fn shared_prefix_bits_equal_each_items_own_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gg, cfg) = common::tiny_gguf(dir.path(), 3, true);
+    let ck = codespot::model::load(gg.to_str().unwrap()).unwrap();
+    let m =
+        codespot::model::Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &Default::default())
+            .unwrap();
+    let tok = &ck.tokenizer;
+    let shots = "# example\ndef f(x):\n    return x + 1\n\n".repeat(4);
+    let ctxs: Vec<String> = ["# add two\n", "# double it\n", "", "# a\n"]
+        .iter()
+        .map(|q| format!("{shots}{q}"))
+        .collect();
+    let conts = [
+        "def g(x):\n    return x + 2\n",
+        "def h(x):\n    return 2 * x\n",
+        "def k(): pass\n",
+        "",
+    ];
+    let pairs: Vec<(&str, &str)> = ctxs.iter().map(|c| c.as_str()).zip(conts).collect();
+    assert!(
+        tok.encode(&shots, false).unwrap().len() > 16,
+        "the prefix is long enough to be cached"
+    );
+    let check = |pairs: &[(&str, &str)], cap: usize| {
+        let many = codespot::eval::bpb::nll_bits_many(&m, tok, pairs, 0, cap).unwrap();
+        assert_eq!(many.len(), pairs.len());
+        for ((ctx, cont), (bits, bytes)) in pairs.iter().zip(&many) {
+            let (b1, n1) = codespot::eval::bpb::nll_bits(&m, tok, ctx, cont, 0, cap).unwrap();
+            assert_eq!(*bytes, n1);
+            assert!(
+                (bits - b1).abs() <= 1e-4 * b1.abs().max(1.0),
+                "{bits} vs {b1} for {cont:?}"
+            );
+            if cont.is_empty() {
+                assert_eq!((*bits, *bytes), (0.0, 0));
+            } else {
+                assert!(*bits > 0.0);
+            }
+        }
+    };
+    check(&pairs, 64);
+    check(&pairs, 3);
+    // No shared prefix: empty contexts (the separator stands before each document).
+    check(&[("", "def a(): pass\n"), ("", "x = 1\n")], 64);
+    // Contexts beyond the model's positions, cut from the left: still equal.
+    let huge = format!("{}{shots}", "y ".repeat(cfg.max_position_embeddings * 2));
+    check(&[(huge.as_str(), conts[0]), (huge.as_str(), conts[1])], 64);
+}

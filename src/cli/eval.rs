@@ -10,7 +10,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "default")]
     model: String,
     /// Comma-separated: humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb,
-    /// mbpp, code-bpb:LANG, hellaswag, mmlu, winogrande, arc-easy, arc-challenge, piqa.
+    /// mbpp, mt-mbpp:LANG, code-bpb:LANG, text-bpb, hellaswag, mmlu, winogrande, arc-easy,
+    /// arc-challenge, piqa.
     #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
     #[arg(long)]

