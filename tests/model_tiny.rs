@@ -373,8 +373,19 @@ fn shared_prefix_bits_equal_each_items_own_forward() {
     };
     check(&pairs, 64);
     check(&pairs, 3);
-    // No shared prefix: empty contexts (the separator stands before each document).
-    check(&[("", "def a(): pass\n"), ("", "x = 1\n")], 64);
+    // No shared prefix: empty contexts (the separator stands before each document), of
+    // different lengths, in right-padded batches.
+    let long_doc = "def a(x):\n    return [i * x for i in range(10)]\n".repeat(3);
+    check(
+        &[
+            ("", "def a(): pass\n"),
+            ("", "x = 1\n"),
+            ("", long_doc.as_str()),
+            ("", ""),
+        ],
+        64,
+    );
+    check(&[("", "def a(): pass\n"), ("", long_doc.as_str())], 5);
     // Contexts beyond the model's positions, cut from the left: still equal.
     let huge = format!("{}{shots}", "y ".repeat(cfg.max_position_embeddings * 2));
     check(&[(huge.as_str(), conts[0]), (huge.as_str(), conts[1])], 64);

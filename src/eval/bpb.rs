@@ -1,6 +1,7 @@
 //! Bits per byte: of held-out code (`code-bpb:<lang>`), of HumanEval's canonical solutions
 //! given their prompts (`humaneval-bpb`), and of MBPP's gold solutions (`mbpp`).
 
+use super::mc::{sum_logprobs, Request};
 use crate::model::{tokens_tensor, KvCache, Llama, Tok};
 use anyhow::Result;
 use burn::tensor::activation::log_softmax;
@@ -76,9 +77,10 @@ fn full_bits<B: Backend>(m: &Llama<B>, p: &Prepared) -> f64 {
 /// A shared prefix shorter than this is not worth a cache.
 const MIN_SHARED_PREFIX: usize = 16;
 
-/// [`nll_bits`] of many (context, continuation) pairs. Where the contexts share a token prefix
-/// (the few-shot examples of mt-mbpp: about 90 % of each context), its KV cache is computed
-/// once and every item runs only its own tokens after it: the same bits to float rounding.
+/// [`nll_bits`] of many (context, continuation) pairs, equal to it up to float rounding. Where
+/// the contexts share a token prefix (the few-shot examples of mt-mbpp: about 90 % of each
+/// context), its KV cache is computed once and every item runs only its own tokens after it;
+/// otherwise (documents after the separator) the sequences run in padded batches.
 pub fn nll_bits_many<B: Backend>(
     m: &Llama<B>,
     tok: &Tok,
@@ -99,7 +101,22 @@ pub fn nll_bits_many<B: Backend>(
         }
     }
     if prep.len() < 2 || shared < MIN_SHARED_PREFIX {
-        return Ok(prep.iter().map(|p| (full_bits(m, p), p.bytes)).collect());
+        // No common prefix worth caching (documents after the separator): padded batches of
+        // whole sequences, as multiple choice runs them.
+        let reqs: Vec<Request> = prep
+            .iter()
+            .map(|p| Request {
+                ids: p.ids[..p.ids.len() - 1].to_vec(),
+                first: p.n_ctx - 1,
+                targets: p.ids[p.n_ctx..].to_vec(),
+            })
+            .collect();
+        let sums = sum_logprobs(m, &reqs, 1);
+        return Ok(prep
+            .iter()
+            .zip(sums)
+            .map(|(p, s)| (-s / std::f64::consts::LN_2, p.bytes))
+            .collect());
     }
     let dev = m.embed.val().device();
     let mut cache = KvCache::new(m.config.num_hidden_layers);

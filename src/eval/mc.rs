@@ -102,19 +102,10 @@ pub fn score_items<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], rows:
 
 /// Each item's options' summed continuation log-likelihoods, batched as [`score_items`] says.
 pub fn loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], rows: usize) -> Result<Vec<Vec<f64>>> {
-    struct Req {
-        item: usize,
-        ids: Vec<u32>,
-        /// Positions whose next-token log-probability is summed, and those next tokens.
-        first: usize,
-        targets: Vec<u32>,
-    }
-    let dev = m.embed.val().device();
     let mut reqs = vec![];
-    let mut lls: Vec<Vec<f64>> = vec![];
+    let mut at = vec![];
     for (i, item) in items.iter().enumerate() {
-        lls.push(vec![0.0; item.options.len()]);
-        for (ctx, cont) in &item.options {
+        for (o, (ctx, cont)) in item.options.iter().enumerate() {
             let ctx_ids = tok.encode(ctx, false)?;
             let cont_ids = tok.encode(cont, false)?;
             if ctx_ids.is_empty() || cont_ids.is_empty() {
@@ -122,25 +113,46 @@ pub fn loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], ro
             }
             let mut ids = ctx_ids.clone();
             ids.extend_from_slice(&cont_ids[..cont_ids.len() - 1]);
-            reqs.push(Req {
-                item: i,
+            reqs.push(Request {
                 ids,
                 first: ctx_ids.len() - 1,
                 targets: cont_ids,
             });
+            at.push((i, o));
         }
     }
-    // Requests are pushed item by item, option by option: request r is option option_of[r].
-    let option_of: Vec<usize> = items.iter().flat_map(|it| 0..it.options.len()).collect();
-    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    let sums = sum_logprobs(m, &reqs, rows);
+    let mut lls: Vec<Vec<f64>> = items.iter().map(|it| vec![0.0; it.options.len()]).collect();
+    for ((i, o), s) in at.into_iter().zip(sums) {
+        lls[i][o] = s;
+    }
+    Ok(lls)
+}
+
+/// One sequence of a batched log-likelihood pass: the log-probabilities of `targets` are read at
+/// positions `first`, `first + 1`, … of `ids` (position p predicts the token after it).
+pub struct Request {
+    pub ids: Vec<u32>,
+    pub first: usize,
+    pub targets: Vec<u32>,
+}
+
+/// Σ log p(target) of each request, in padded batches: the requests are sorted by length
+/// (longest first) and run at least `rows` at a time, more while they fit in [`BATCH_TOKENS`]
+/// padded tokens; right padding cannot change a sequence under the causal mask, and only the
+/// target positions go through the output head. Equal to one request at a time up to float
+/// rounding.
+pub fn sum_logprobs<B: Backend>(m: &Llama<B>, reqs: &[Request], rows: usize) -> Vec<f64> {
+    let dev = m.embed.val().device();
+    let mut out = vec![0.0; reqs.len()];
+    let mut order: Vec<usize> = (0..reqs.len()).filter(|&r| !reqs[r].targets.is_empty()).collect();
     order.sort_by_key(|&r| std::cmp::Reverse(reqs[r].ids.len()));
     let v = m.config.vocab_size;
-    // Batches of at least `rows` sequences, more while they fit in BATCH_TOKENS padded tokens
-    // (longest first, so a batch's first sequence sets its padded length).
+    // (Longest first, so a batch's first sequence sets its padded length.)
     let mut batches = vec![];
     let mut rest = &order[..];
     while !rest.is_empty() {
-        let t = reqs[rest[0]].ids.len();
+        let t = reqs[rest[0]].ids.len().max(1);
         let n = (BATCH_TOKENS / t).clamp(rows.max(1), MAX_ROWS).min(rest.len());
         batches.push(&rest[..n]);
         rest = &rest[n..];
@@ -180,11 +192,11 @@ pub fn loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], ro
         let mut at = 0;
         for &r in batch {
             let n = reqs[r].targets.len();
-            lls[reqs[r].item][option_of[r]] = got[at..at + n].iter().map(|&x| x as f64).sum();
+            out[r] = got[at..at + n].iter().map(|&x| x as f64).sum();
             at += n;
         }
     }
-    Ok(lls)
+    out
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {

@@ -430,11 +430,14 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             if docs.is_empty() {
                 bail!("code-bpb:{lang}: the held-out split is empty ({})", path.display());
             }
-            let mut items = Vec::new();
-            for i in sample_indices(docs.len(), o.limit, o.seed) {
-                let (bits, bytes) = bpb::nll_bits(m, tok, "", &docs[i].text, sep, o.max_bpb_tokens)?;
-                items.push(bpb_item(&docs[i].path, bits, bytes));
-            }
+            let idx = sample_indices(docs.len(), o.limit, o.seed);
+            let pairs: Vec<(&str, &str)> = idx.iter().map(|&i| ("", docs[i].text.as_str())).collect();
+            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
+            let items: Vec<Item> = idx
+                .iter()
+                .zip(scored)
+                .map(|(&i, (bits, bytes))| bpb_item(&docs[i].path, bits, bytes))
+                .collect();
             let mut s = base_settings;
             s["max_tokens_per_doc"] = o.max_bpb_tokens.into();
             vec![result(task, "bits/byte", items, o.seed, s)]
