@@ -486,6 +486,48 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
     let c = codespot::track::compare::compare(&out, &dir.path().join("plain"), &[1.0]).unwrap();
     assert_eq!(c.floor[0].floor, None);
     assert!(codespot::track::compare::text(&c).contains("no floor recorded"));
+
+    // A spot carries the lowest floor of the snapshots it was selected from, so comparing two
+    // spots shows it too; one selected with a snapshot that recorded none carries none.
+    let select = |snaps: Vec<std::path::PathBuf>, name: &str| {
+        let sel = codespot::spot::SelectRequest {
+            snapshots: snaps,
+            aggregation: codespot::spot::Aggregation::Sum,
+            scope: codespot::spot::Scope::PerTensor,
+            eligible: codespot::spot::Eligible::Layers,
+            ks: vec![1.0, 5.0],
+            controls: vec![],
+            seed: 1,
+            model: None,
+            text: None,
+        };
+        let (sets, man) = codespot::spot::select(&sel).unwrap();
+        let d = dir.path().join(name);
+        codespot::spot::file::write(&d, &sets, &man, false).unwrap();
+        (d, man)
+    };
+    let (sa, ma) = select(vec![out.clone()], "spot-a");
+    assert_eq!(ma.floor.as_ref(), Some(&a));
+    let (sb, mb) = select(vec![out.clone(), dir.path().join("plain")], "spot-b");
+    assert!(mb.floor.is_none());
+    let c = codespot::track::compare::compare(&sa, &sa, &[1.0, 5.0]).unwrap();
+    for f in &c.floor {
+        assert_eq!(f.floor, a.floor(f.k), "{f:?}");
+        assert_eq!(f.within, Some(true));
+    }
+    assert_eq!(c.floor_layer[0], a.floor_layer(1.0, 0));
+    let c = codespot::track::compare::compare(&sa, &sb, &[1.0]).unwrap();
+    assert_eq!((c.floor[0].a, c.floor[0].b), (a.floor(1.0), None));
+    // The lowest of two agreements, element by element.
+    let mut lower = a.clone();
+    lower.split_half[1] = 0.0;
+    lower.split_half_layer[1][1] = 0.0;
+    let low = codespot::importance::agreement::Agreement::lowest(&[Some(&a), Some(&lower)]).unwrap();
+    assert_eq!(low, lower);
+    assert_eq!(
+        codespot::importance::agreement::Agreement::lowest(&[Some(&a), None]),
+        None
+    );
 }
 
 /// `[chunk]` cuts collections of short texts (fortune files) into documents: pieces between

@@ -168,6 +168,7 @@ fn spot_files_round_trip() {
             .collect(),
         shares: BTreeMap::new(),
         stability: BTreeMap::new(),
+        floor: None,
         config: cfg,
         code_version: "test".into(),
     };

@@ -43,6 +43,38 @@ impl Agreement {
         let i = self.ks.iter().position(|x| (x - k).abs() < 1e-9)?;
         self.split_half_layer[i].get(layer).copied()
     }
+
+    /// The element-wise lowest of several snapshots' agreements (the floor a spot selected from
+    /// them carries): None unless every one recorded agreement at the same k and layer count.
+    pub fn lowest(all: &[Option<&Agreement>]) -> Option<Agreement> {
+        let first = (*all.first()?)?;
+        let mut out = first.clone();
+        for a in &all[1..] {
+            let a = (*a)?;
+            if a.ks != out.ks
+                || a.split_half_layer
+                    .iter()
+                    .map(Vec::len)
+                    .ne(out.split_half_layer.iter().map(Vec::len))
+            {
+                return None;
+            }
+            let low = |x: &mut f64, y: f64| *x = x.min(y);
+            out.split_half
+                .iter_mut()
+                .zip(&a.split_half)
+                .for_each(|(x, &y)| low(x, y));
+            out.convergence
+                .iter_mut()
+                .zip(&a.convergence)
+                .for_each(|(x, &y)| low(x, y));
+            for (xs, ys) in out.split_half_layer.iter_mut().zip(&a.split_half_layer) {
+                xs.iter_mut().zip(ys).for_each(|(x, &y)| low(x, y));
+            }
+            out.half_tokens = out.half_tokens.min(a.half_tokens);
+        }
+        Some(out)
+    }
 }
 
 /// Scores of one tensor from raw sums (θ folded in, see [`super::RawSums`]) over `n` batches.

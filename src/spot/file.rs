@@ -48,6 +48,10 @@ pub struct SpotManifest {
     /// k → Jaccard overlap of spots selected from the two calibration halves, when the inputs
     /// carry half snapshots.
     pub stability: BTreeMap<String, f64>,
+    /// The noise floor the spot is compared against: the element-wise lowest split-half
+    /// agreement of the snapshots it was selected from (absent when one of them recorded none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<crate::importance::agreement::Agreement>,
     pub config: LlamaConfig,
     pub code_version: String,
 }

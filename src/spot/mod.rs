@@ -377,6 +377,9 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
             .collect(),
         shares,
         stability,
+        floor: crate::importance::agreement::Agreement::lowest(
+            &snaps.iter().map(|s| s.manifest.agreement.as_ref()).collect::<Vec<_>>(),
+        ),
         config,
         code_version: crate::importance::snapshot::code_version(),
     };

@@ -45,11 +45,12 @@ impl Side {
         }
     }
 
-    /// The recorded split-half agreement (snapshots only).
+    /// The recorded split-half agreement: a snapshot's own, or for a spot the lowest of the
+    /// snapshots it was selected from.
     fn agreement(&self) -> Option<&crate::importance::agreement::Agreement> {
         match self {
             Side::Snapshot(s) => s.manifest.agreement.as_ref(),
-            Side::Spot { .. } => None,
+            Side::Spot { manifest, .. } => manifest.floor.as_ref(),
         }
     }
 
@@ -280,7 +281,7 @@ pub fn text(c: &Comparison) -> String {
         );
     }
     if c.floor.iter().any(|f| f.floor.is_some()) {
-        s += "\nNoise floor: the Jaccard of the top-k sets from two disjoint halves of a snapshot's own calibration tokens (its split-half agreement); two samples of one model agree that much, so a Jaccard at or above the lower floor is no evidence of movement.\n";
+        s += "\nNoise floor: the Jaccard of the top-k sets from two disjoint halves of a snapshot's own calibration tokens (its split-half agreement; for a spot, the lowest among the snapshots it was selected from); two samples of one model agree that much, so a Jaccard at or above the lower floor is no evidence of movement.\n";
     }
     if let Some(r) = c.spearman {
         s += &format!("\nSpearman rank correlation of the scores: {r:.4}\n");
