@@ -389,7 +389,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                 hs(&c.heads_left)
             );
         }
-        md.push_str("\nThe floor is the lower of the two sides' split-half agreement: the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration tokens. \"within noise\": two samples of the same model agree at least this much, so this comparison shows no movement beyond sampling noise; \"moved\": the sets differ more than sampling alone makes them. Spot comparisons (no scores) have no floor.\n");
+        md.push_str("\nThe floor is the lower of the two sides' split-half agreement: the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration tokens. \"within noise\": two samples of the same model agree at least this much, so this comparison shows no movement beyond sampling noise; \"moved\": the sets differ more than sampling alone makes them. A spot carries the lowest floor of the snapshots it was selected from. Both snapshots of a language were scored on the same calibration tokens, so their Jaccard is not lowered by sampling; a Jaccard within the floor means tuning moved the sets less than a second sample would.\n");
         md.push('\n');
     }
     for (n, conds) in &evals {
