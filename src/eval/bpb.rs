@@ -121,30 +121,28 @@ pub fn nll_bits_many<B: Backend>(
     let dev = m.embed.val().device();
     let mut cache = KvCache::new(m.config.num_hidden_layers);
     let prefix = &prep[0].ids[..shared];
-    let logits = m.forward(tokens_tensor::<B>(&[prefix.to_vec()], &dev), Some(&mut cache));
-    // The prediction of token `shared`, made at the prefix's last position.
-    let last = logits.narrow(1, shared - 1, 1);
+    let h = m.hidden(tokens_tensor::<B>(&[prefix.to_vec()], &dev), Some(&mut cache));
+    // The hidden state that predicts token `shared`: the prefix's last position.
+    let last = h.narrow(1, shared - 1, 1);
     let mut out = Vec::with_capacity(prep.len());
     for p in &prep {
         if p.ids.len() == p.n_ctx {
             out.push((0.0, p.bytes)); // an empty continuation
             continue;
         }
-        let mut c = cache.clone();
         let mut parts = vec![last.clone()];
         if p.ids.len() - 1 > shared {
-            parts.push(m.forward(
-                tokens_tensor::<B>(&[p.ids[shared..p.ids.len() - 1].to_vec()], &dev),
-                Some(&mut c),
-            ));
+            let mut c = cache.clone();
+            let own = &p.ids[shared..p.ids.len() - 1];
+            parts.push(m.hidden(tokens_tensor::<B>(&[own.to_vec()], &dev), Some(&mut c)));
         }
-        // Row j of `logits` predicts token shared + j; the continuation starts at n_ctx.
-        let logits = Tensor::cat(parts, 1);
-        let skip = p.n_ctx - shared;
+        // Row j predicts token shared + j; only the continuation's rows go through the head.
         let n = p.ids.len() - p.n_ctx;
-        let lp = log_softmax(logits.narrow(1, skip, n), 2);
+        let rows = Tensor::cat(parts, 1).narrow(1, p.n_ctx - shared, n);
+        let lp = log_softmax(m.logits_of(rows), 2);
         let targets = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(p.ids[p.n_ctx..].iter().map(|&t| t as i64).collect::<Vec<_>>(), [n]),
+            TensorData::new(p.ids[p.n_ctx..].iter().map(|&t| t as i64).collect::<Vec<_>>(), [n])
+                .convert::<B::IntElem>(),
             &dev,
         );
         let nll = lp.gather(2, targets.reshape([1, n, 1])).neg();
