@@ -11,12 +11,14 @@
 //! forward pass already and keep their graphs (memory traded for their second forward pass);
 //! the rest cost one block's graph at a time and one more forward pass each.
 
-use super::dtype::{like, widen};
+use super::dtype::{like, widen, Dtype};
+use super::fused::{self, BlockWeights, Dims, Rope};
 use super::head::head_grads;
 use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
+use burn::backend::flex::FlexTensor;
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{IndexingUpdateOp, Tensor};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
 
 pub use super::llama::DEFAULT_KEEP_BLOCKS;
 
@@ -38,7 +40,45 @@ fn block_grads<B: AutodiffBackend>(
     }
 }
 
+/// The CPU backend's storage of a parameter (shared, not copied); contiguous.
+fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    let p: Box<dyn std::any::Any> = Box::new(t.into_primitive().tensor());
+    let t = *p
+        .downcast::<FlexTensor>()
+        .expect("the fused path runs on the CPU backend only");
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// A flex tensor's values.
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 storage")
+}
+
+/// A host vector as a tensor of `shape` on `device`.
+fn device<B: Backend, const D: usize>(v: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// Whether a parameter takes gradients.
+fn trains<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> bool {
+    match p {
+        ParamRef::Vector(p) => p.val().is_require_grad(),
+        ParamRef::Matrix(p) => p.val().is_require_grad(),
+    }
+}
+
 impl<B: AutodiffBackend> Llama<B> {
+    /// Whether [`Llama::loss_backward`] takes the hand-written f32 CPU path ([`fused`]).
+    pub fn uses_fused(&self) -> bool {
+        self.fused
+            && self.dtype == Dtype::F32
+            && std::any::TypeId::of::<B::InnerBackend>() == std::any::TypeId::of::<crate::backend::Cpu>()
+    }
+
     /// Mean next-token cross-entropy of `rows` (equal lengths, ≥ 2 tokens), times `weight`,
     /// returned; the gradient of that with respect to each parameter that requires one goes to
     /// `sink(index in [`Llama::params`], flat gradient)`, once per parameter.
@@ -48,6 +88,9 @@ impl<B: AutodiffBackend> Llama<B> {
         weight: f64,
         mut sink: impl FnMut(usize, Tensor<B::InnerBackend, 1>),
     ) -> f64 {
+        if self.uses_fused() {
+            return self.loss_backward_fused(rows, weight, sink);
+        }
         let cfg = &self.config;
         let inner = self.valid();
         let device = self.embed.val().device();
@@ -135,5 +178,96 @@ impl<B: AutodiffBackend> Llama<B> {
             }
         }
         out.nll_sum * scale
+    }
+
+    /// [`Llama::loss_backward`] through the hand-written block, head and embedding
+    /// ([`fused`]), on the backend's own weight storage: the forward pass keeps what each
+    /// block's backward pass needs, so no block runs twice.
+    fn loss_backward_fused(
+        &self,
+        rows: &[Vec<u32>],
+        weight: f64,
+        mut sink: impl FnMut(usize, Tensor<B::InnerBackend, 1>),
+    ) -> f64 {
+        let cfg = &self.config;
+        let inner = self.valid();
+        let idev = inner.embed.val().device();
+        let (b, t) = (rows.len(), rows[0].len() - 1);
+        let (n, d, layers) = (b * t, cfg.hidden_size, cfg.num_hidden_layers);
+        let inputs: Vec<u32> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
+        let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+        let dm = Dims::new(cfg, b, t);
+        let rope = Rope::new(cfg, t);
+        let blocks: Vec<[FlexTensor; 9]> = inner
+            .layers
+            .iter()
+            .map(|blk| blk.param_refs().map(|p| flex(p.flat())))
+            .collect();
+        let weights = |l: usize| BlockWeights {
+            w: std::array::from_fn(|j| values(&blocks[l][j])),
+        };
+        let embed = flex(inner.embed.val());
+        let norm = flex(inner.norm.val());
+        let head = inner.lm_head.as_ref().map(|h| flex(h.val()));
+
+        let mut x: Vec<f32> = inputs
+            .iter()
+            .flat_map(|&tok| values(&embed)[tok as usize * d..(tok as usize + 1) * d].iter().copied())
+            .collect();
+        let mut saved = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let (y, s) = weights(l).forward(&dm, &rope, x);
+            saved.push(s);
+            x = y;
+        }
+        let (h, rstd) = fused::final_norm(&x, values(&norm), dm.eps);
+
+        // The head; with tied embeddings its weight gradient is the embedding's, to which the
+        // embedding rows' share is added below.
+        let scale = weight / n as f64;
+        let embed_trains = self.embed.val().is_require_grad();
+        let head_trains = match &self.lm_head {
+            Some(h) => h.val().is_require_grad(),
+            None => embed_trains,
+        };
+        let head_w = values(head.as_ref().unwrap_or(&embed));
+        let mut head_dw = head_trains.then(|| vec![0f32; head_w.len()]);
+        let (nll, dh) = fused::head(&h, head_w, &targets, scale as f32, head_dw.as_deref_mut());
+        drop(h);
+        let (mut dy, dnorm) = fused::final_norm_bwd(&dh, &x, &rstd, values(&norm));
+        drop((x, dh, rstd));
+        let norm_index = 1 + BLOCK_TENSORS.len() * layers;
+        if self.norm.val().is_require_grad() {
+            sink(norm_index, device(dnorm, [d], &idev));
+        }
+        for l in (0..layers).rev() {
+            let need = self.layers[l].param_refs().map(|p| trains(&p));
+            let s = saved.pop().expect("one saved state per block");
+            let (dx, grads) = weights(l).backward(&dm, &rope, s, &dy, need);
+            for (j, g) in grads.into_iter().enumerate() {
+                if let Some(g) = g {
+                    let len = g.len();
+                    sink(1 + BLOCK_TENSORS.len() * l + j, device(g, [len], &idev));
+                }
+            }
+            dy = dx;
+        }
+
+        // The embedding rows' gradient: a scatter-add of the first block's input gradient.
+        if embed_trains {
+            let tied = if self.lm_head.is_none() { head_dw.take() } else { None };
+            let mut g = tied.unwrap_or_else(|| vec![0f32; values(&embed).len()]);
+            for (&tok, row) in inputs.iter().zip(dy.chunks_exact(d)) {
+                let at = &mut g[tok as usize * d..(tok as usize + 1) * d];
+                at.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            let len = g.len();
+            sink(0, device(g, [len], &idev));
+        }
+        if let Some(g) = head_dw {
+            let len = g.len();
+            sink(norm_index + 1, device(g, [len], &idev));
+        }
+        nll * scale
     }
 }

@@ -46,6 +46,10 @@ pub struct Llama<B: Backend> {
     /// and re-run the others (memory against speed; the backward pass is in `backprop.rs`).
     #[module(skip)]
     pub keep_blocks: usize,
+    /// Backward passes on the f32 CPU backend use the hand-written block
+    /// (`model::fused`) instead of burn's autodiff (`false`: burn's, the tests' reference).
+    #[module(skip)]
+    pub fused: bool,
     /// The dtype the weights are held and computed in.
     #[module(skip)]
     pub dtype: Dtype,
@@ -213,6 +217,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             config: config.clone(),
             keep_blocks: DEFAULT_KEEP_BLOCKS,
+            fused: true,
             dtype,
         })
     }
@@ -290,6 +295,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             config: self.config,
             keep_blocks: self.keep_blocks,
+            fused: self.fused,
             dtype: self.dtype,
         }
     }

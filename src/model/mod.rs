@@ -4,6 +4,7 @@ pub mod backprop;
 pub mod config;
 pub mod dtype;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod head;
 pub mod llama;
