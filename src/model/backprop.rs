@@ -12,7 +12,7 @@
 //! the rest cost one block's graph at a time and one more forward pass each.
 
 use super::dtype::{like, widen, Dtype};
-use super::fused::{self, BlockWeights, Dims, Rope};
+use super::fused::{self, flex, values, BlockWeights, Dims, Rope};
 use super::head::head_grads;
 use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
 use burn::backend::flex::FlexTensor;
@@ -40,24 +40,6 @@ fn block_grads<B: AutodiffBackend>(
     }
 }
 
-/// The CPU backend's storage of a parameter (shared, not copied); contiguous.
-fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
-    let p: Box<dyn std::any::Any> = Box::new(t.into_primitive().tensor());
-    let t = *p
-        .downcast::<FlexTensor>()
-        .expect("the fused path runs on the CPU backend only");
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-/// A flex tensor's values.
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32 storage")
-}
-
 /// A host vector as a tensor of `shape` on `device`.
 fn device<B: Backend, const D: usize>(v: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(v, shape), device)
@@ -74,9 +56,7 @@ fn trains<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> bool {
 impl<B: AutodiffBackend> Llama<B> {
     /// Whether [`Llama::loss_backward`] takes the hand-written f32 CPU path ([`fused`]).
     pub fn uses_fused(&self) -> bool {
-        self.fused
-            && self.dtype == Dtype::F32
-            && std::any::TypeId::of::<B::InnerBackend>() == std::any::TypeId::of::<crate::backend::Cpu>()
+        self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<B::InnerBackend>()
     }
 
     /// Mean next-token cross-entropy of `rows` (equal lengths, ≥ 2 tokens), times `weight`,

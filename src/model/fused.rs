@@ -18,8 +18,40 @@
 //! autodiff on the same weights (`tests/importance.rs`) and with the f64 reference.
 
 use super::config::{LlamaConfig, RopeLayout};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
+use std::any::{Any, TypeId};
+
+/// Whether `B` is the f32 CPU backend, whose tensors' storage this module reads and writes.
+pub fn is_cpu<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<crate::backend::Cpu>()
+}
+
+/// The CPU backend's storage of a tensor (shared, not copied), made contiguous from offset 0.
+/// Panics on another backend: callers check [`is_cpu`].
+pub fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    let p: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    let t = *p.downcast::<FlexTensor>().expect("the CPU backend");
+    match t.layout().contiguous_offsets() {
+        Some((0, _)) => t,
+        _ => t.to_contiguous(),
+    }
+}
+
+/// A CPU-backend tensor from its storage (the inverse of [`flex`]).
+pub fn unflex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    let p: Box<dyn Any> = Box::new(t);
+    let prim = *p.downcast::<B::FloatTensorPrimitive>().expect("the CPU backend");
+    Tensor::from_primitive(TensorPrimitive::Float(prim))
+}
+
+/// A flex tensor's f32 values.
+pub fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 storage")
+}
 
 /// Shapes of one call.
 #[derive(Clone, Copy, Debug)]

@@ -6,11 +6,13 @@
 //! saved through burn records, while codespot's checkpoints are HF directories plus
 //! safetensors that any tool can read; the update itself is a few tensor ops.
 
+use crate::model::fused;
 use crate::model::{Llama, ParamRef};
 use crate::source::{HostTensor, Weights};
 use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -85,13 +87,43 @@ impl<B: Backend> AdamW<B> {
             let k = i;
             i += 1;
             let Some(g) = grads[k].take() else { return theta };
+            let device = g.device();
+            if fused::is_cpu::<B>() && theta.dtype() == DType::F32 {
+                // One pass over the parameter, in place (the same arithmetic as below).
+                let mut th = fused::flex(theta.inner());
+                let g = fused::flex(g);
+                let mut m = fused::flex(std::mem::replace(&mut self.m[k], Tensor::empty([0], &device)));
+                let mut v = fused::flex(std::mem::replace(&mut self.v[k], Tensor::empty([0], &device)));
+                let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+                let (sc, bc2, step) = (scale as f32, bc2 as f32, (lr / bc1) as f32);
+                let wd = if self.decay[k] && c.weight_decay > 0.0 {
+                    (1.0 - lr * c.weight_decay) as f32
+                } else {
+                    1.0
+                };
+                let (ms, vs) = (m.storage_mut::<f32>(), v.storage_mut::<f32>());
+                th.storage_mut::<f32>()
+                    .par_chunks_mut(1 << 14)
+                    .zip(fused::values(&g).par_chunks(1 << 14))
+                    .zip(ms.par_chunks_mut(1 << 14).zip(vs.par_chunks_mut(1 << 14)))
+                    .for_each(|((th, g), (m, v))| {
+                        for (((th, &g), m), v) in th.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                            let g = g * sc;
+                            *m = *m * b1 + g * (1.0 - b1);
+                            *v = *v * b2 + g * g * (1.0 - b2);
+                            *th = *th * wd - *m / ((*v / bc2).sqrt() + eps) * step;
+                        }
+                    });
+                self.m[k] = fused::unflex(m);
+                self.v[k] = fused::unflex(v);
+                return Tensor::from_inner(fused::unflex(th));
+            }
             let g = if scale == 1.0 { g } else { g.mul_scalar(scale) };
             // The update in f32 whatever the weights' dtype (map_params casts back).
             let mut th = crate::model::dtype::widen(theta.inner());
             if self.decay[k] && c.weight_decay > 0.0 {
                 th = th.mul_scalar(1.0 - lr * c.weight_decay);
             }
-            let device = g.device();
             let m = std::mem::replace(&mut self.m[k], Tensor::empty([0], &device));
             let v = std::mem::replace(&mut self.v[k], Tensor::empty([0], &device));
             let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
