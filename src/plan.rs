@@ -83,9 +83,35 @@ fn largest_tensor(cfg: &LlamaConfig) -> u64 {
 }
 
 /// Activations of one backward pass (`model::backprop`): saved block inputs, the kept blocks'
-/// graphs, one re-run block, and the chunked head.
-fn activations(cfg: &LlamaConfig, rows: usize, t: usize, keep: usize, dtype: Dtype) -> Vec<(String, u64)> {
+/// graphs, one re-run block, and the chunked head; on the f32 CPU path (`model::fused`) every
+/// block's kept activations.
+fn activations(cfg: &LlamaConfig, rows: usize, t: usize, keep: usize, dtype: Dtype, fused: bool) -> Vec<(String, u64)> {
     let layers = cfg.num_hidden_layers;
+    if fused {
+        // `model::fused`: every block keeps x, q, k, v, the attention output, x2, gate, up (and
+        // per-row statistics); one block's backward temporaries; the head's logit chunk.
+        let tokens = (rows * t) as u64;
+        let (d, qw, kw, ff) = (
+            cfg.hidden_size as u64,
+            (cfg.num_attention_heads * cfg.head_dim) as u64,
+            (cfg.num_key_value_heads * cfg.head_dim) as u64,
+            cfg.intermediate_size as u64,
+        );
+        let lse = (rows * cfg.num_attention_heads * t) as u64;
+        let block = 4 * (tokens * (2 * d + 2 * qw + 2 * kw + 2 * ff + 2) + lse);
+        let temps = 4 * tokens * (2 * ff + 3 * d + 2 * qw + 2 * kw) + 2 * 4 * 4 * (t * t) as u64;
+        return vec![
+            (
+                format!(
+                    "every block's kept activations ({layers} × {:.0} MiB)",
+                    block as f64 / 1048576.0
+                ),
+                layers as u64 * block,
+            ),
+            ("one block's backward temporaries".into(), temps),
+            ("head chunk (logits, ∂h)".into(), 4 * (1u64 << 24) + 2 * tokens * d * 4),
+        ];
+    }
     let keep = keep.min(layers);
     let d = cfg.hidden_size as u64;
     let tokens = (rows * t) as u64;
@@ -125,6 +151,7 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
     // One device sums the two halves of the batches apart (the split-half noise floor); data-
     // parallel runs record no floor.
     let halves = if r.devices == 1 && i.agreement { sums } else { 0 };
+    let fused = r.dtype == Dtype::F32 && r.device == crate::backend::DeviceKind::Cpu;
     let scoring = [
         (format!("Taylor sums (f32, {})", i.method.name()), sums),
         ("second half's sums (noise floor, f32)".into(), halves),
@@ -138,6 +165,7 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
         i.seq_len,
         i.keep_blocks,
         r.dtype,
+        fused,
     ));
     let score: Vec<_> = std::iter::once(weights.clone()).chain(scoring.clone()).collect();
 
@@ -147,9 +175,13 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
         weights.clone(),
         moments.clone(),
         ("gradient sum of a step (f32)".into(), n * 4),
-        ("update temporaries (f32)".into(), 4 * big * 4 + inflight),
+        // The tensor-op AdamW allocates a few copies of the largest tensor; the fused one none.
+        (
+            "update temporaries (f32)".into(),
+            if fused { inflight } else { 4 * big * 4 + inflight },
+        ),
     ];
-    step.extend(activations(cfg, rows, t.seq_len, t.keep_blocks, r.dtype));
+    step.extend(activations(cfg, rows, t.seq_len, t.keep_blocks, r.dtype, fused));
     // At a checkpoint the step's gradients are gone and a snapshot is scored beside the optimizer.
     let ckpt: Vec<_> = [weights, moments].into_iter().chain(scoring).collect();
     Plan {

@@ -398,3 +398,36 @@ fn shared_prefix_bits_equal_each_items_own_forward() {
     let huge = format!("{}{shots}", "y ".repeat(cfg.max_position_embeddings * 2));
     check(&[(huge.as_str(), conts[0]), (huge.as_str(), conts[1])], 64);
 }
+
+/// The hand-written f32 forward pass (`model::fused`, the CPU backend's default without a KV
+/// cache) gives burn's logits: both RoPE layouts, tied and untied heads, query groups of 2
+/// and 3, rows of different content.
+#[test]
+fn fused_forward_gives_burns_logits() {
+    use codespot::model::RopeLayout;
+    type Cpu = codespot::backend::Cpu;
+    let mut wide = LlamaConfig::tiny(64);
+    (
+        wide.hidden_size,
+        wide.num_attention_heads,
+        wide.num_key_value_heads,
+        wide.head_dim,
+    ) = (48, 6, 2, 16);
+    let mut untied = LlamaConfig::tiny(64);
+    untied.tie_word_embeddings = false;
+    untied.rope_layout = RopeLayout::Interleaved;
+    let rows = batch();
+    for (c, cfg) in [LlamaConfig::tiny(64), untied, wide].into_iter().enumerate() {
+        let w = codespot::model::llama::random_weights(&cfg, 21 + c as u64);
+        let fused = Llama::<Cpu>::from_weights(&cfg, &w, &Default::default()).unwrap();
+        let mut reference = fused.clone();
+        reference.fused = false;
+        let (a, b) = (logits(&fused, &rows), logits(&reference, &rows));
+        let max = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&a, &b);
+        assert!(
+            max > 0.1 && diff <= 2e-5 * max,
+            "config {c}: max |logit| {max}, diff {diff:e}"
+        );
+    }
+}

@@ -6,6 +6,7 @@
 
 use super::config::{LlamaConfig, RopeLayout};
 use super::dtype::{like, widen, Dtype};
+use super::fused;
 use crate::source::{HostTensor, Weights};
 use anyhow::{bail, Result};
 use burn::module::{Module, Param};
@@ -431,6 +432,9 @@ impl<B: Backend> Llama<B> {
     /// projection is one 2-D matmul and no reshape of a transposed tensor forces a copy;
     /// attention broadcasts each key/value head over its query group instead of repeating it.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        if cache.is_none() && self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<B>() {
+            return self.hidden_fused(tokens);
+        }
         let device = tokens.device();
         let [b, t] = tokens.dims();
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
@@ -444,6 +448,33 @@ impl<B: Backend> Llama<B> {
             c.len = past + t;
         }
         self.rms_norm(x, &self.norm).reshape([b, t, self.config.hidden_size])
+    }
+
+    /// [`Llama::hidden`] without a cache through the hand-written f32 CPU block
+    /// ([`fused`]), on the backend's own weight storage.
+    fn hidden_fused(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let device = tokens.device();
+        let [b, t] = tokens.dims();
+        let ids: Vec<i64> = tokens.into_data().convert::<i64>().into_vec().expect("token ids");
+        let cfg = &self.config;
+        let d = cfg.hidden_size;
+        let dm = fused::Dims::new(cfg, b, t);
+        let rope = fused::Rope::new(cfg, t);
+        let embed = fused::flex(self.embed.val());
+        let table = fused::values(&embed);
+        let mut x: Vec<f32> = ids
+            .iter()
+            .flat_map(|&tok| table[tok as usize * d..(tok as usize + 1) * d].iter().copied())
+            .collect();
+        for blk in &self.layers {
+            let w = blk.param_refs().map(|p| fused::flex(p.flat()));
+            let weights = fused::BlockWeights {
+                w: std::array::from_fn(|j| fused::values(&w[j])),
+            };
+            x = weights.forward(&dm, &rope, x).0;
+        }
+        let (h, _) = fused::final_norm(&x, fused::values(&fused::flex(self.norm.val())), dm.eps);
+        Tensor::<B, 1>::from_data(TensorData::new(h, [b * t * d]), &device).reshape([b, t, d])
     }
 
     /// Project hidden states to vocabulary logits.
