@@ -4,7 +4,7 @@
 
 use crate::model::{self, Checkpoint, Dtype, Llama};
 use anyhow::Result;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::Serialize;
 
 /// The shape of a training-like benchmark (`bench score`, `bench tune`).
@@ -102,10 +102,21 @@ pub struct Tune {
     pub batch: usize,
     pub micro_batch: usize,
     pub keep_blocks: usize,
+    /// Which backward pass ran: the fused f32 CPU block, or burn autodiff.
+    pub path: String,
     pub seq_len: usize,
     pub steps: usize,
     pub dtype: &'static str,
     pub peak_rss_bytes: u64,
+}
+
+/// The backward pass a model takes, in words.
+fn path<B: AutodiffBackend>(m: &Llama<B>) -> String {
+    if m.uses_fused() {
+        "fused f32 CPU block".into()
+    } else {
+        format!("burn autodiff, {} blocks kept", m.keep_blocks)
+    }
 }
 
 /// AdamW steps on synthetic tokens through the tune loop's own gradient and update code.
@@ -137,6 +148,7 @@ pub fn tune<B: Backend>(shape: &StepShape, device: &B::Device) -> Result<Tune> {
         batch: shape.batch,
         micro_batch: shape.micro_batch,
         keep_blocks: shape.keep_blocks,
+        path: path(&m),
         seq_len: shape.seq_len,
         steps: shape.steps,
         dtype: shape.dtype.name(),
@@ -159,6 +171,8 @@ pub struct Score {
     pub batch: usize,
     pub micro_batch: usize,
     pub keep_blocks: usize,
+    /// Which backward pass ran: the fused f32 CPU block, or burn autodiff.
+    pub path: String,
     pub seq_len: usize,
     pub steps: usize,
     pub peak_rss_bytes: u64,
@@ -202,6 +216,7 @@ pub fn score<B: Backend>(shape: &StepShape, device: &B::Device) -> Result<Score>
         batch,
         micro_batch: shape.micro_batch,
         keep_blocks: shape.keep_blocks,
+        path: path(&m),
         seq_len,
         steps: shape.steps,
         peak_rss_bytes: crate::util::peak_rss_bytes().unwrap_or(0),

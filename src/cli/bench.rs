@@ -93,12 +93,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 r.batch_tokens_per_s[r.batch_tokens_per_s.len() - 1],
             );
             println!(
-                "score: {:.1} tokens/s (batch {} × {}, micro-batch {}, {} blocks kept, {} steps, {:.1} s); median batch {:.1} tokens/s (range {lo:.1}–{hi:.1}); ≈{:.0} GFLOP/s at 6·N flops/token = {:.0}% of sgemm ({:.0} GFLOP/s; half of it allows {:.1} tokens/s); peak RSS {:.0} MiB",
+                "score: {:.1} tokens/s (batch {} × {}, micro-batch {}, {}, {} steps, {:.1} s); median batch {:.1} tokens/s (range {lo:.1}–{hi:.1}); ≈{:.0} GFLOP/s at 6·N flops/token = {:.0}% of sgemm ({:.0} GFLOP/s; half of it allows {:.1} tokens/s); peak RSS {:.0} MiB",
                 r.tokens_per_s,
                 r.batch,
                 r.seq_len,
                 r.micro_batch,
-                r.keep_blocks,
+                r.path,
                 r.steps,
                 r.seconds,
                 r.median_batch_tokens_per_s,
@@ -121,12 +121,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 r.step_tokens_per_s[r.step_tokens_per_s.len() - 1],
             );
             println!(
-                "tune step: median {:.1} tokens/s (range {lo:.1}–{hi:.1}; batch {} × {}, micro-batch {}, {} blocks kept, {} steps, {}); peak RSS {:.0} MiB",
+                "tune step: median {:.1} tokens/s (range {lo:.1}–{hi:.1}; batch {} × {}, micro-batch {}, {}, {} steps, {}); peak RSS {:.0} MiB",
                 r.median_tokens_per_s,
                 r.batch,
                 r.seq_len,
                 r.micro_batch,
-                r.keep_blocks,
+                r.path,
                 r.steps,
                 r.dtype,
                 mib(r.peak_rss_bytes)

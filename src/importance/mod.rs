@@ -11,11 +11,12 @@ pub mod agreement;
 pub mod snapshot;
 pub mod summary;
 
-use crate::model::{Llama, ParamRef};
+use crate::model::{fused, Llama, ParamRef};
 use crate::source::{HostTensor, Weights};
 use anyhow::Result;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Importance scores under canonical names (same shapes as the parameters).
@@ -97,6 +98,22 @@ impl<B: Backend> Accumulator<B> {
     pub fn add_one<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: Tensor<B, 1>) {
         let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
         self.acc[i] = match self.method {
+            // On the f32 CPU backend in one pass over the sum's own storage (the same f32
+            // arithmetic, so the same bits).
+            Method::Taylor if fused::is_cpu::<B>() => {
+                let (mut a, g, th) = (fused::flex(a), fused::flex(g), fused::flex(flat_value(p)));
+                let c = 1 << 14;
+                a.storage_mut::<f32>()
+                    .par_chunks_mut(c)
+                    .zip(fused::values(&g).par_chunks(c))
+                    .zip(fused::values(&th).par_chunks(c))
+                    .for_each(|((a, g), th)| {
+                        for ((a, g), th) in a.iter_mut().zip(g).zip(th) {
+                            *a += (g * th).abs();
+                        }
+                    });
+                fused::unflex(a)
+            }
             // Fresh, unshared left operands, so CPU backends can work in place.
             Method::Taylor => a + (g * flat_value(p)).abs(),
             Method::TaylorSum => a + g,

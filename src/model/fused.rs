@@ -523,10 +523,10 @@ fn attn_bwd(
                         Parallelism::None,
                     );
                 }
-                for i in 0..t {
+                for (i, dsum) in dsum.iter_mut().enumerate() {
                     // D_i = dA_i · A_i
                     let o = bi * t * qw + i * qw + h * hd;
-                    dsum[i] = da[o..o + hd].iter().zip(&a[o..o + hd]).map(|(x, y)| x * y).sum();
+                    *dsum = da[o..o + hd].iter().zip(&a[o..o + hd]).map(|(x, y)| x * y).sum();
                 }
                 for (i, (prow, dsrow)) in p.chunks_exact_mut(t).zip(ds.chunks_exact_mut(t)).enumerate() {
                     let l = lse[i];
