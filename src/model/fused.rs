@@ -360,7 +360,8 @@ fn rms_fwd(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) {
 /// RMSNorm backward from `dh = ∂L/∂out`: adds `∂L/∂x` into `dx`, returns `∂L/∂w`.
 fn rms_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32], dx: &mut [f32]) -> Vec<f32> {
     let d = w.len();
-    let rows = chunk_rows(rstd.len());
+    // A fixed number of rows per partial sum of ∂L/∂w, whatever the thread count.
+    let rows = 32;
     dx.par_chunks_mut(rows * d)
         .zip(dh.par_chunks(rows * d))
         .zip(x.par_chunks(rows * d))
@@ -387,13 +388,14 @@ fn rms_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32], dx: &mut [f32]) -> Ve
             }
             dw
         })
-        .reduce(
-            || vec![0f32; d],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+        // Summed in chunk order (a rayon reduce's tree depends on work stealing): the same
+        // bits every run.
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; d], |mut a, b| {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            a
+        })
 }
 
 /// Causal attention of `q: [b·t, nh·hd]` over `k, v: [b·t, nkv·hd]` (head `h` reads key/value
@@ -793,6 +795,8 @@ pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, mut dw: Option<&m
                 row[tg as usize] -= scale;
                 (m as f64 + (sum as f64).ln()) - picked as f64
             })
+            .collect::<Vec<f64>>()
+            .iter()
             .sum::<f64>();
         mm_nn(&mut dh[start * d..(start + c) * d], lc, w, c, d, vocab, false);
         if let Some(dw) = dw.as_deref_mut() {
