@@ -115,7 +115,8 @@ fn cpu_backend_gradients_match_the_f64_reference() {
 
 /// The hand-written f32 block (`model::fused`, the CPU backend's default) gives burn
 /// autodiff's loss and gradients on the same weights: tied and untied heads, both RoPE
-/// layouts, query groups of 2 and 3, and a frozen tensor gets no gradient.
+/// layouts, query groups of 2 and 3, rows over several attention query blocks, and a frozen
+/// tensor gets no gradient.
 #[test]
 fn fused_block_gives_burn_autodiffs_gradients() {
     use codespot::model::config::RopeLayout;
@@ -131,8 +132,13 @@ fn fused_block_gives_burn_autodiffs_gradients() {
     let mut untied = LlamaConfig::tiny(64);
     untied.tie_word_embeddings = false;
     untied.rope_layout = RopeLayout::Interleaved;
-    let rows = blocks();
+    // Rows longer than the attention's 64-row query blocks (three blocks, the last partial) for
+    // the first config.
+    let long: Vec<Vec<u32>> = (0..2)
+        .map(|r| (0..151).map(|i| ((i * 13 + r * 7 + 1) % 64) as u32).collect())
+        .collect();
     for (c, cfg) in [LlamaConfig::tiny(64), untied, wide].into_iter().enumerate() {
+        let rows = if c == 0 { long.clone() } else { blocks() };
         let w = model::llama::random_weights(&cfg, 5 + c as u64);
         let fused = Llama::<Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();
         let mut reference = fused.clone();

@@ -401,7 +401,7 @@ fn shared_prefix_bits_equal_each_items_own_forward() {
 
 /// The hand-written f32 forward pass (`model::fused`, the CPU backend's default without a KV
 /// cache) gives burn's logits: both RoPE layouts, tied and untied heads, query groups of 2
-/// and 3, rows of different content.
+/// and 3, rows over several attention query blocks.
 #[test]
 fn fused_forward_gives_burns_logits() {
     use codespot::model::RopeLayout;
@@ -416,8 +416,12 @@ fn fused_forward_gives_burns_logits() {
     let mut untied = LlamaConfig::tiny(64);
     untied.tie_word_embeddings = false;
     untied.rope_layout = RopeLayout::Interleaved;
-    let rows = batch();
+    // Rows longer than the attention's 64-row query blocks for the first config.
+    let long: Vec<Vec<u32>> = (0..2)
+        .map(|r| (0..150).map(|i| ((i * 11 + r * 5 + 3) % 64) as u32).collect())
+        .collect();
     for (c, cfg) in [LlamaConfig::tiny(64), untied, wide].into_iter().enumerate() {
+        let rows = if c == 0 { long.clone() } else { batch() };
         let w = codespot::model::llama::random_weights(&cfg, 21 + c as u64);
         let fused = Llama::<Cpu>::from_weights(&cfg, &w, &Default::default()).unwrap();
         let mut reference = fused.clone();
