@@ -211,6 +211,43 @@ fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Σ x in eight lanes (a plain f32 sum is a sequential chain the compiler may not vectorise).
+#[inline]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+/// max x in eight lanes.
+#[inline]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v);
+        }
+    }
+    let m = it.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    acc.iter().fold(m, |m, &v| m.max(v))
+}
+
+/// `x ← e^(x − max x)` in place; returns `(max x, Σ e^(x − max x))`.
+#[inline]
+fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
+    let m = max_lanes(x);
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+    }
+    (m, sum_lanes(x))
+}
+
 struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
@@ -445,12 +482,7 @@ fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut
                 for i in r0..r1 {
                     let row = &mut s[i * t..i * t + r1];
                     let (live, masked) = row.split_at_mut(i + 1);
-                    let m = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut sum = 0f32;
-                    for x in live.iter_mut() {
-                        *x = exp(*x - m);
-                        sum += *x;
-                    }
+                    let (m, sum) = exp_shifted(live);
                     let inv = 1.0 / sum;
                     live.iter_mut().for_each(|x| *x *= inv);
                     masked.fill(0.0);
@@ -806,13 +838,8 @@ pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, mut dw: Option<&m
             .par_chunks_mut(vocab)
             .zip(&targets[start..start + c])
             .map(|(row, &tg)| {
-                let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let picked = row[tg as usize];
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = exp(*x - m);
-                    sum += *x;
-                }
+                let (m, sum) = exp_shifted(row);
                 let k = scale / sum;
                 row.iter_mut().for_each(|x| *x *= k);
                 row[tg as usize] -= scale;
