@@ -119,25 +119,13 @@ fn cpu_backend_gradients_match_the_f64_reference() {
 /// tensor gets no gradient.
 #[test]
 fn fused_block_gives_burn_autodiffs_gradients() {
-    use codespot::model::config::RopeLayout;
     type Ad = codespot::backend::CpuAd;
-    let mut wide = LlamaConfig::tiny(64);
-    (
-        wide.hidden_size,
-        wide.num_attention_heads,
-        wide.num_key_value_heads,
-        wide.head_dim,
-    ) = (48, 6, 2, 16);
-    wide.intermediate_size = 80;
-    let mut untied = LlamaConfig::tiny(64);
-    untied.tie_word_embeddings = false;
-    untied.rope_layout = RopeLayout::Interleaved;
     // Rows longer than the attention's 64-row query blocks (three blocks, the last partial) for
     // the first config.
     let long: Vec<Vec<u32>> = (0..2)
         .map(|r| (0..151).map(|i| ((i * 13 + r * 7 + 1) % 64) as u32).collect())
         .collect();
-    for (c, cfg) in [LlamaConfig::tiny(64), untied, wide].into_iter().enumerate() {
+    for (c, cfg) in common::fused_variants().into_iter().enumerate() {
         let rows = if c == 0 { long.clone() } else { blocks() };
         let w = model::llama::random_weights(&cfg, 5 + c as u64);
         let fused = Llama::<Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();

@@ -404,23 +404,12 @@ fn shared_prefix_bits_equal_each_items_own_forward() {
 /// and 3, rows over several attention query blocks.
 #[test]
 fn fused_forward_gives_burns_logits() {
-    use codespot::model::RopeLayout;
     type Cpu = codespot::backend::Cpu;
-    let mut wide = LlamaConfig::tiny(64);
-    (
-        wide.hidden_size,
-        wide.num_attention_heads,
-        wide.num_key_value_heads,
-        wide.head_dim,
-    ) = (48, 6, 2, 16);
-    let mut untied = LlamaConfig::tiny(64);
-    untied.tie_word_embeddings = false;
-    untied.rope_layout = RopeLayout::Interleaved;
     // Rows longer than the attention's 64-row query blocks for the first config.
     let long: Vec<Vec<u32>> = (0..2)
         .map(|r| (0..150).map(|i| ((i * 11 + r * 5 + 3) % 64) as u32).collect())
         .collect();
-    for (c, cfg) in [LlamaConfig::tiny(64), untied, wide].into_iter().enumerate() {
+    for (c, cfg) in common::fused_variants().into_iter().enumerate() {
         let rows = if c == 0 { long.clone() } else { batch() };
         let w = codespot::model::llama::random_weights(&cfg, 21 + c as u64);
         let fused = Llama::<Cpu>::from_weights(&cfg, &w, &Default::default()).unwrap();

@@ -12,10 +12,9 @@
 //! the rest cost one block's graph at a time and one more forward pass each.
 
 use super::dtype::{like, widen, Dtype};
-use super::fused::{self, flex, values, BlockWeights, Dims, Rope};
+use super::fused::{self, flex, values, BlockWeights, Dims, FlexTensor, Rope};
 use super::head::head_grads;
 use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
-use burn::backend::flex::FlexTensor;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
@@ -178,22 +177,13 @@ impl<B: AutodiffBackend> Llama<B> {
         let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
         let dm = Dims::new(cfg, b, t);
         let rope = Rope::new(cfg, t);
-        let blocks: Vec<[FlexTensor; 9]> = inner
-            .layers
-            .iter()
-            .map(|blk| blk.param_refs().map(|p| flex(p.flat())))
-            .collect();
-        let weights = |l: usize| BlockWeights {
-            w: std::array::from_fn(|j| values(&blocks[l][j])),
-        };
+        let blocks: Vec<[FlexTensor; 9]> = inner.layers.iter().map(|blk| blk.storage()).collect();
+        let weights = |l: usize| BlockWeights::of(&blocks[l]);
         let embed = flex(inner.embed.val());
         let norm = flex(inner.norm.val());
         let head = inner.lm_head.as_ref().map(|h| flex(h.val()));
 
-        let mut x: Vec<f32> = inputs
-            .iter()
-            .flat_map(|&tok| values(&embed)[tok as usize * d..(tok as usize + 1) * d].iter().copied())
-            .collect();
+        let mut x = fused::rows_of(values(&embed), &inputs, d);
         let mut saved = Vec::with_capacity(layers);
         for l in 0..layers {
             let (y, s) = weights(l).forward(&dm, &rope, x);

@@ -302,6 +302,18 @@ impl LlamaConfig {
     }
 
     /// RoPE inverse frequencies (with llama3 scaling when configured).
+    /// RoPE's frequency of each of a head's `head_dim` dimensions, in the configured layout
+    /// (pairs `(i, i + hd/2)` for the half layout, `(2j, 2j + 1)` for the interleaved one).
+    pub fn rope_dim_freqs(&self) -> Vec<f64> {
+        let (hd, inv) = (self.head_dim, self.rope_inv_freq());
+        (0..hd)
+            .map(|i| match self.rope_layout {
+                RopeLayout::Half => inv[i % (hd / 2)],
+                RopeLayout::Interleaved => inv[i / 2],
+            })
+            .collect()
+    }
+
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let hd = self.head_dim as f64;
         (0..self.head_dim / 2)

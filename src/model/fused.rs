@@ -14,11 +14,11 @@
 //! - The forward pass keeps what the backward pass needs of every block (~24 MB a block at
 //!   batch 4 × 256 on the default model), so no block runs twice.
 //!
-//! [`super::backprop`] uses this for the f32 CPU backend; the tests compare it with burn's
+//! `model::backprop` uses this for the f32 CPU backend; the tests compare it with burn's
 //! autodiff on the same weights (`tests/importance.rs`) and with the f64 reference.
 
 use super::config::{LlamaConfig, RopeLayout};
-use burn::backend::flex::FlexTensor;
+pub use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use gemm::{gemm, Parallelism};
@@ -51,6 +51,13 @@ pub fn unflex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
 /// A flex tensor's f32 values.
 pub fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 storage")
+}
+
+/// Rows `ids` of a `[rows, d]` table (an embedding lookup), as `[ids.len(), d]`.
+pub fn rows_of(table: &[f32], ids: &[u32], d: usize) -> Vec<f32> {
+    ids.iter()
+        .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].iter().copied())
+        .collect()
 }
 
 /// Shapes of one call.
@@ -91,7 +98,7 @@ impl Dims {
     }
 }
 
-/// One block's weights, HF layout (`[out, in]`), in [`super::llama::BLOCK_TENSORS`] order,
+/// One block's weights, HF layout (`[out, in]`), in `BLOCK_TENSORS` (llama.rs) order,
 /// borrowed from the backend's storage.
 pub struct BlockWeights<'a> {
     pub w: [&'a [f32]; 9],
@@ -135,15 +142,11 @@ pub struct Rope {
 impl Rope {
     pub fn new(cfg: &LlamaConfig, t: usize) -> Self {
         let hd = cfg.head_dim;
-        let inv = cfg.rope_inv_freq();
+        let freqs = cfg.rope_dim_freqs();
         let mut cos = Vec::with_capacity(t * hd);
         let mut sin = Vec::with_capacity(t * hd);
         for p in 0..t {
-            for i in 0..hd {
-                let f = match cfg.rope_layout {
-                    RopeLayout::Half => inv[i % (hd / 2)],
-                    RopeLayout::Interleaved => inv[i / 2],
-                };
+            for &f in &freqs {
                 let a = p as f64 * f;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
@@ -301,29 +304,20 @@ fn all() -> Parallelism {
     Parallelism::Rayon(0)
 }
 
-/// `c[m,n] (+)= a[m,k] · bᵀ`, `b: [n,k]` (a projection with an HF-layout weight).
-fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
-    assert!(c.len() == m * n && a.len() == m * k && b.len() == n * k);
-    unsafe {
-        mm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            (n, 1),
-            a.as_ptr(),
-            (k, 1),
-            b.as_ptr(),
-            (1, k),
-            acc,
-            1.0,
-            all(),
-        )
-    }
-}
-
-/// `c[m,n] (+)= a[m,k] · b[k,n]` (the input gradient of a projection).
-fn mm_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
+/// `c[m,n] (+)= a · b` over both threads, `a` an `m × k` and `b` a `k × n` matrix read with the
+/// given (row, column) strides from slices of exactly their sizes.
+#[allow(clippy::too_many_arguments)]
+fn mm_into(
+    c: &mut [f32],
+    a: &[f32],
+    a_s: (usize, usize),
+    b: &[f32],
+    b_s: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+) {
     assert!(c.len() == m * n && a.len() == m * k && b.len() == k * n);
     unsafe {
         mm(
@@ -333,14 +327,24 @@ fn mm_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc:
             c.as_mut_ptr(),
             (n, 1),
             a.as_ptr(),
-            (k, 1),
+            a_s,
             b.as_ptr(),
-            (n, 1),
+            b_s,
             acc,
             1.0,
             all(),
         )
     }
+}
+
+/// `c[m,n] (+)= a[m,k] · bᵀ`, `b: [n,k]` (a projection with an HF-layout weight).
+fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
+    mm_into(c, a, (k, 1), b, (1, k), m, n, k, acc)
+}
+
+/// `c[m,n] (+)= a[m,k] · b[k,n]` (the input gradient of a projection).
+fn mm_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
+    mm_into(c, a, (k, 1), b, (n, 1), m, n, k, acc)
 }
 
 /// `c[m,n] = aᵀ · b`, `a: [k,m]`, `b: [k,n]` (a projection's weight gradient).
@@ -352,23 +356,7 @@ fn mm_tn(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 
 /// `c[m,n] (+)= aᵀ · b`, `a: [k,m]`, `b: [k,n]`.
 fn mm_tn_into(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
-    assert!(c.len() == m * n && a.len() == k * m && b.len() == k * n);
-    unsafe {
-        mm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            (n, 1),
-            a.as_ptr(),
-            (1, m),
-            b.as_ptr(),
-            (n, 1),
-            acc,
-            1.0,
-            all(),
-        )
-    }
+    mm_into(c, a, (1, m), b, (n, 1), m, n, k, acc)
 }
 
 /// Rows of `d` per rayon task in element-wise loops.
@@ -390,6 +378,19 @@ fn rms_fwd(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) {
                 for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
                     *o = x * *r * w;
                 }
+            }
+        });
+}
+
+/// RMSNorm with known per-row `rstd` (the backward pass's recomputation): `out = x · rstd · w`.
+fn rms_apply(x: &[f32], rstd: &[f32], w: &[f32], out: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(rstd)
+        .for_each(|((o, x), r)| {
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
             }
         });
 }
@@ -660,7 +661,14 @@ fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         });
 }
 
-impl BlockWeights<'_> {
+impl<'a> BlockWeights<'a> {
+    /// The weights in `storage` (`Block::storage` in llama.rs).
+    pub fn of(storage: &'a [FlexTensor; 9]) -> Self {
+        Self {
+            w: std::array::from_fn(|j| values(&storage[j])),
+        }
+    }
+
     /// The block on `x: [b·t, d]`; returns its output and what its backward pass needs.
     pub fn forward(&self, dm: &Dims, rope: &Rope, x: Vec<f32>) -> (Vec<f32>, Saved) {
         let w = &self.w;
@@ -708,7 +716,7 @@ impl BlockWeights<'_> {
     }
 
     /// The backward pass from `dy = ∂L/∂y`: `∂L/∂x`, and each parameter's gradient where
-    /// `need[j]` (in [`super::llama::BLOCK_TENSORS`] order).
+    /// `need[j]` (in `BLOCK_TENSORS` (llama.rs) order).
     pub fn backward(
         &self,
         dm: &Dims,
@@ -748,8 +756,7 @@ impl BlockWeights<'_> {
         drop(s.gate);
         drop(s.up);
         let mut h = vec![0f32; n * d];
-        let mut tmp_r = vec![0f32; n];
-        rms_fwd(&s.x2, w[MN], dm.eps, &mut h, &mut tmp_r);
+        rms_apply(&s.x2, &s.rstd2, w[MN], &mut h);
         if need[WG] {
             grads[WG] = Some(mm_tn(&dgate, &h, ff, d, n));
         }
@@ -777,7 +784,7 @@ impl BlockWeights<'_> {
         drop(da);
         rope.apply(&mut dq, qw, dm.t, true);
         rope.apply(&mut dk, kw, dm.t, true);
-        rms_fwd(&s.x, w[AN], dm.eps, &mut h, &mut tmp_r);
+        rms_apply(&s.x, &s.rstd1, w[AN], &mut h);
         if need[WQ] {
             grads[WQ] = Some(mm_tn(&dq, &h, qw, d, n));
         }

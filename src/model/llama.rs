@@ -334,16 +334,12 @@ impl<B: Backend> Llama<B> {
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let hd = self.config.head_dim;
-        let inv = self.config.rope_inv_freq();
+        let freqs = self.config.rope_dim_freqs();
         let mut cos = Vec::with_capacity(len * heads * hd);
         let mut sin = Vec::with_capacity(len * heads * hd);
         for p in start..start + len {
             for _ in 0..heads {
-                for i in 0..hd {
-                    let f = match self.config.rope_layout {
-                        RopeLayout::Half => inv[i % (hd / 2)],
-                        RopeLayout::Interleaved => inv[i / 2],
-                    };
+                for &f in &freqs {
                     let a = p as f64 * f;
                     cos.push((a.cos() * scale) as f32);
                     sin.push((a.sin() * scale) as f32);
@@ -460,18 +456,10 @@ impl<B: Backend> Llama<B> {
         let d = cfg.hidden_size;
         let dm = fused::Dims::new(cfg, b, t);
         let rope = fused::Rope::new(cfg, t);
-        let embed = fused::flex(self.embed.val());
-        let table = fused::values(&embed);
-        let mut x: Vec<f32> = ids
-            .iter()
-            .flat_map(|&tok| table[tok as usize * d..(tok as usize + 1) * d].iter().copied())
-            .collect();
+        let ids: Vec<u32> = ids.into_iter().map(|t| t as u32).collect();
+        let mut x = fused::rows_of(fused::values(&fused::flex(self.embed.val())), &ids, d);
         for blk in &self.layers {
-            let w = blk.param_refs().map(|p| fused::flex(p.flat()));
-            let weights = fused::BlockWeights {
-                w: std::array::from_fn(|j| fused::values(&w[j])),
-            };
-            x = weights.forward(&dm, &rope, x).0;
+            x = fused::BlockWeights::of(&blk.storage()).forward(&dm, &rope, x).0;
         }
         let (h, _) = fused::final_norm(&x, fused::values(&fused::flex(self.norm.val())), dm.eps);
         Tensor::<B, 1>::from_data(TensorData::new(h, [b * t * d]), &device).reshape([b, t, d])
@@ -525,6 +513,12 @@ pub struct BlockContext<B: Backend> {
 pub type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 impl<B: Backend> Block<B> {
+    /// The block's parameters' storage on the f32 CPU backend, in [`BLOCK_TENSORS`] order
+    /// (shared, not copied; for [`fused::BlockWeights::of`]).
+    pub fn storage(&self) -> [fused::FlexTensor; 9] {
+        self.param_refs().map(|p| fused::flex(p.flat()))
+    }
+
     /// The block's parameters in [`BLOCK_TENSORS`] order.
     pub fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
         [

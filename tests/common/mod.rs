@@ -224,3 +224,21 @@ pub fn read_tensorboard(dir: &Path) -> serde_json::Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Tiny configs that exercise the fused CPU path's cases: tied heads and half RoPE, untied heads
+/// and interleaved RoPE, query groups of 3 with a 16-wide head.
+#[allow(dead_code)]
+pub fn fused_variants() -> [LlamaConfig; 3] {
+    let mut untied = LlamaConfig::tiny(64);
+    untied.tie_word_embeddings = false;
+    untied.rope_layout = codespot::model::RopeLayout::Interleaved;
+    let mut wide = LlamaConfig::tiny(64);
+    (
+        wide.hidden_size,
+        wide.num_attention_heads,
+        wide.num_key_value_heads,
+        wide.head_dim,
+    ) = (48, 6, 2, 16);
+    wide.intermediate_size = 80;
+    [LlamaConfig::tiny(64), untied, wide]
+}
