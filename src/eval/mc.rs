@@ -1,6 +1,7 @@
 //! Multiple-choice tasks scored by log-likelihood: HellaSwag, ARC, PIQA, WinoGrande, MMLU.
 //! `acc` takes the choice with the highest summed log-likelihood of its continuation;
-//! `acc_norm` divides it by the continuation's length in bytes (lm-eval-harness's conventions).
+//! `acc_norm` divides it by the length of the option's text in characters, without the space
+//! that joins it to the context (lm-evaluation-harness's `len(choice)`; see [`norm_len`]).
 
 use super::datasets::{olmo_hf, MMLU_SUBJECTS};
 use crate::model::{tokens_tensor, KvCache, Llama, Tok};
@@ -67,12 +68,20 @@ pub fn item_loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -
     Ok(lls)
 }
 
+/// The length `acc_norm` divides by: lm-evaluation-harness divides each option's log-likelihood
+/// by `len(choice)`, the choice's text in Python characters before its `target_delimiter` (one
+/// space) is put in front. A continuation here is that delimiter plus the text, so this is its
+/// character count less one leading space.
+pub fn norm_len(cont: &str) -> usize {
+    cont.strip_prefix(' ').unwrap_or(cont).chars().count()
+}
+
 /// `acc` and `acc_norm` of an item from its options' log-likelihoods.
 pub fn outcome(item: &McItem, lls: &[f64]) -> McOutcome {
     let norm: Vec<f64> = lls
         .iter()
         .zip(&item.options)
-        .map(|(l, (_, cont))| l / cont.len().max(1) as f64)
+        .map(|(l, (_, cont))| l / norm_len(cont).max(1) as f64)
         .collect();
     let argmax = |v: &[f64]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap_or(0);
     McOutcome {
@@ -345,4 +354,27 @@ pub fn load(task: &str, fewshot: usize) -> Result<Vec<McItem>> {
         }
         other => bail!("unknown multiple-choice task '{other}'"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acc_norm_divides_by_the_choice_in_characters_without_its_delimiter() {
+        assert_eq!(norm_len(" ab"), 2);
+        assert_eq!(norm_len(" café"), 4);
+        assert_eq!(norm_len("  x"), 2);
+        assert_eq!(norm_len("x"), 1);
+        let item = |label| McItem {
+            options: vec![("Q:".into(), " ab".into()), ("Q:".into(), " abcd".into())],
+            label,
+        };
+        // Per character of the choice: -2/2 = -1 < -3.9/4 = -0.975, so option 1 wins; divided
+        // by the bytes with the space (-2/3 > -3.9/5) option 0 would.
+        let lls = [-2.0, -3.9];
+        let (a, b) = (outcome(&item(0), &lls), outcome(&item(1), &lls));
+        assert_eq!((a.acc, a.acc_norm), (1.0, 0.0));
+        assert_eq!((b.acc, b.acc_norm), (0.0, 1.0));
+    }
 }
