@@ -107,11 +107,7 @@ impl<B: Backend> Accumulator<B> {
                     .par_chunks_mut(c)
                     .zip(fused::values(&g).par_chunks(c))
                     .zip(fused::values(&th).par_chunks(c))
-                    .for_each(|((a, g), th)| {
-                        for ((a, g), th) in a.iter_mut().zip(g).zip(th) {
-                            *a += (g * th).abs();
-                        }
-                    });
+                    .for_each(|((a, g), th)| taylor_chunk(a, g, th));
                 fused::unflex(a)
             }
             // Fresh, unshared left operands, so CPU backends can work in place.
@@ -927,4 +923,13 @@ pub fn progress_bar(len: u64, label: &str, show: bool) -> indicatif::ProgressBar
     );
     bar.set_message(label.to_string());
     bar
+}
+
+fused::simd_fn! {
+    /// `a += |g · θ|` over one chunk ([`Accumulator::add_one`]'s f32 CPU path).
+    fn taylor_chunk(a: &mut [f32], g: &[f32], th: &[f32]) {
+        for ((a, g), th) in a.iter_mut().zip(g).zip(th) {
+            *a += (g * th).abs();
+        }
+    }
 }

@@ -201,8 +201,7 @@ impl<B: AutodiffBackend> Llama<B> {
             None => embed_trains,
         };
         let head_w = values(head.as_ref().unwrap_or(&embed));
-        let mut head_dw = head_trains.then(|| vec![0f32; head_w.len()]);
-        let (nll, dh) = fused::head(&h, head_w, &targets, scale as f32, head_dw.as_deref_mut());
+        let (nll, dh, mut head_dw) = fused::head(&h, head_w, &targets, scale as f32, head_trains);
         drop(h);
         let (mut dy, dnorm) = fused::final_norm_bwd(&dh, &x, &rstd, values(&norm));
         drop((x, dh, rstd));

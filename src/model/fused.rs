@@ -25,6 +25,51 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::any::{Any, TypeId};
 
+/// Whether this CPU runs the AVX-512 copies that [`simd_fn!`] makes (checked once).
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Defines an element-wise kernel twice: once for the x86-64 baseline the binary targets
+/// (SSE2: 4 lanes) and once compiled for AVX-512 (16 lanes), taken at run time when the CPU has
+/// it ([`avx512`]), as gemm does for its micro-kernels. Both copies do the same IEEE
+/// operations in the same order (Rust never fuses a multiply and an add on its own), so they
+/// give the same bits; only the vector width differs.
+macro_rules! simd_fn {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if $crate::model::fused::avx512() {
+                    // SAFETY: the CPU has every feature `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
 /// Whether `B` is the f32 CPU backend, whose tensors' storage this module reads and writes.
 pub fn is_cpu<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<crate::backend::Cpu>()
@@ -166,33 +211,42 @@ impl Rope {
     fn apply(&self, x: &mut [f32], width: usize, t: usize, inverse: bool) {
         let hd = self.hd;
         let sign = if inverse { -1.0f32 } else { 1.0 };
+        let half = matches!(self.layout, RopeLayout::Half);
         x.par_chunks_mut(width).enumerate().for_each_init(
             || vec![0f32; hd],
             |tmp, (r, row)| {
                 let p = r % t;
                 let (c, s) = (&self.cos[p * hd..(p + 1) * hd], &self.sin[p * hd..(p + 1) * hd]);
-                for head in row.chunks_exact_mut(hd) {
-                    tmp.copy_from_slice(head);
-                    match self.layout {
-                        RopeLayout::Half => {
-                            let h2 = hd / 2;
-                            for i in 0..h2 {
-                                head[i] = tmp[i] * c[i] - sign * tmp[i + h2] * s[i];
-                            }
-                            for i in h2..hd {
-                                head[i] = tmp[i] * c[i] + sign * tmp[i - h2] * s[i];
-                            }
-                        }
-                        RopeLayout::Interleaved => {
-                            for i in (0..hd).step_by(2) {
-                                head[i] = tmp[i] * c[i] - sign * tmp[i + 1] * s[i];
-                                head[i + 1] = tmp[i + 1] * c[i + 1] + sign * tmp[i] * s[i + 1];
-                            }
-                        }
-                    }
-                }
+                rope_row(row, tmp, c, s, half, sign);
             },
         );
+    }
+}
+
+simd_fn! {
+    /// Rotate each head (`tmp.len()` wide) of one row by the angles whose cosines and sines are
+    /// `c`, `s`, times `sign`; `half`: rotate-half pairs (i, i + hd/2), else adjacent pairs.
+    fn rope_row(row: &mut [f32], tmp: &mut [f32], c: &[f32], s: &[f32], half: bool, sign: f32) {
+        let hd = tmp.len();
+        for head in row.chunks_exact_mut(hd) {
+            tmp.copy_from_slice(head);
+            if half {
+                let h2 = hd / 2;
+                let (lo, hi) = head.split_at_mut(h2);
+                let (tl, th) = tmp.split_at(h2);
+                let (cl, ch) = c.split_at(h2);
+                let (sl, sh) = s.split_at(h2);
+                for i in 0..h2 {
+                    lo[i] = tl[i] * cl[i] - sign * th[i] * sl[i];
+                    hi[i] = th[i] * ch[i] + sign * tl[i] * sh[i];
+                }
+            } else {
+                for i in (0..hd).step_by(2) {
+                    head[i] = tmp[i] * c[i] - sign * tmp[i + 1] * s[i];
+                    head[i + 1] = tmp[i + 1] * c[i + 1] + sign * tmp[i] * s[i + 1];
+                }
+            }
+        }
     }
 }
 
@@ -215,7 +269,7 @@ fn exp(x: f32) -> f32 {
 }
 
 /// Σ x in eight lanes (a plain f32 sum is a sequential chain the compiler may not vectorise).
-#[inline]
+#[inline(always)]
 fn sum_lanes(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut it = x.chunks_exact(8);
@@ -227,8 +281,22 @@ fn sum_lanes(x: &[f32]) -> f32 {
     it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
 }
 
+/// Σ x·y in eight lanes.
+#[inline(always)]
+fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (mut a, mut b) = (x.chunks_exact(8), y.chunks_exact(8));
+    for (c, e) in (&mut a).zip(&mut b) {
+        for ((s, u), v) in acc.iter_mut().zip(c).zip(e) {
+            *s += u * v;
+        }
+    }
+    let tail: f32 = a.remainder().iter().zip(b.remainder()).map(|(u, v)| u * v).sum();
+    tail + acc.iter().sum::<f32>()
+}
+
 /// max x in eight lanes.
-#[inline]
+#[inline(always)]
 fn max_lanes(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let mut it = x.chunks_exact(8);
@@ -242,13 +310,48 @@ fn max_lanes(x: &[f32]) -> f32 {
 }
 
 /// `x ← e^(x − max x)` in place; returns `(max x, Σ e^(x − max x))`.
-#[inline]
+#[inline(always)]
 fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
     let m = max_lanes(x);
     for v in x.iter_mut() {
         *v = exp(*v - m);
     }
     (m, sum_lanes(x))
+}
+
+simd_fn! {
+    /// `x ← softmax(x)` in place; returns its log-sum-exp.
+    fn softmax_row(x: &mut [f32]) -> f32 {
+        let (m, sum) = exp_shifted(x);
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|v| *v *= inv);
+        m + sum.ln()
+    }
+}
+
+simd_fn! {
+    /// One row of the output head's softmax cross-entropy: `row ← scale·(softmax(row) −
+    /// onehot(target))`; returns the row's nll.
+    fn head_row(row: &mut [f32], target: usize, scale: f32) -> f64 {
+        let picked = row[target];
+        let (m, sum) = exp_shifted(row);
+        let k = scale / sum;
+        row.iter_mut().for_each(|x| *x *= k);
+        row[target] -= scale;
+        (m as f64 + (sum as f64).ln()) - picked as f64
+    }
+}
+
+simd_fn! {
+    /// One query row of the attention backward pass: `p ← exp(s − lse)` (the recomputed
+    /// probabilities, `p` holding the scores `s` on entry) and `ds ← p ⊙ (dp − D)`, `ds`
+    /// holding `dp` on entry.
+    fn dsoftmax_row(p: &mut [f32], ds: &mut [f32], lse: f32, d: f32) {
+        for (pv, dv) in p.iter_mut().zip(ds.iter_mut()) {
+            *pv = exp(*pv - lse);
+            *dv = *pv * (*dv - d);
+        }
+    }
 }
 
 struct Ptr(*mut f32);
@@ -300,12 +403,67 @@ unsafe fn mm(
     )
 }
 
-fn all() -> Parallelism {
-    Parallelism::Rayon(0)
+/// Rows or columns per part of a split product are a multiple of this (the micro-kernels'
+/// register tiles divide it).
+const SPLIT_ALIGN: usize = 48;
+
+/// `c[m,n] (+)= a · b` over every thread, `a` an `m × k` and `b` a `k × n` matrix read with the
+/// given (row, column) strides. The larger of `m` and `n` is cut into one part per thread and
+/// each part is an independent single-threaded product: on this 2-core machine that beats
+/// gemm's own threading by 3–25 % on this model's shapes, most on the small ones
+/// (`examples/gemm_shapes.rs`). The split depends only on the shape and the thread count.
+///
+/// # Safety
+/// `c` is valid for writes of `m · n` elements (and reads when `acc`); `a` and `b` for reads
+/// of `m · k` and `k · n`. Without `acc`, `c` may be uninitialised: every element is written
+/// and none read.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_par(
+    c: *mut f32,
+    a: *const f32,
+    a_s: (usize, usize),
+    b: *const f32,
+    b_s: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+) {
+    let along_m = m >= n;
+    let len = m.max(n);
+    let step = len
+        .div_ceil(rayon::current_num_threads().max(1))
+        .next_multiple_of(SPLIT_ALIGN);
+    let (cp, ap, bp) = (Ptr(c), Ptr(a as *mut f32), Ptr(b as *mut f32));
+    (0..len.div_ceil(step)).into_par_iter().for_each(|part| {
+        let (i0, i1) = (part * step, ((part + 1) * step).min(len));
+        let (mm_, nn_, c0, a0, b0) = if along_m {
+            (i1 - i0, n, i0 * n, i0 * a_s.0, 0)
+        } else {
+            (m, i1 - i0, i0, 0, i0 * b_s.1)
+        };
+        // SAFETY: the parts write disjoint rows (or columns) of `c`; the caller vouches for
+        // the extents.
+        unsafe {
+            mm(
+                mm_,
+                nn_,
+                k,
+                cp.at(c0),
+                (n, 1),
+                ap.at(a0),
+                a_s,
+                bp.at(b0),
+                b_s,
+                acc,
+                1.0,
+                Parallelism::None,
+            )
+        }
+    });
 }
 
-/// `c[m,n] (+)= a · b` over both threads, `a` an `m × k` and `b` a `k × n` matrix read with the
-/// given (row, column) strides from slices of exactly their sizes.
+/// `c[m,n] (+)= a · b` ([`mm_par`]) on slices of exactly the operands' sizes.
 #[allow(clippy::too_many_arguments)]
 fn mm_into(
     c: &mut [f32],
@@ -319,22 +477,30 @@ fn mm_into(
     acc: bool,
 ) {
     assert!(c.len() == m * n && a.len() == m * k && b.len() == k * n);
-    unsafe {
-        mm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            (n, 1),
-            a.as_ptr(),
-            a_s,
-            b.as_ptr(),
-            b_s,
-            acc,
-            1.0,
-            all(),
-        )
-    }
+    // SAFETY: the sizes are checked above.
+    unsafe { mm_par(c.as_mut_ptr(), a.as_ptr(), a_s, b.as_ptr(), b_s, m, n, k, acc) }
+}
+
+/// A new `len`-element vector whose every element `write` stores through the pointer it gets,
+/// without zero-filling it first (gemm overwrites its output; `vec![0; len]` would be one more
+/// pass over memory).
+///
+/// # Safety
+/// `write` stores all `len` elements and reads none it has not stored.
+unsafe fn written(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    write(v.as_mut_ptr());
+    // SAFETY: the caller's promise: all `len` elements are initialised.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// A new `c[m,n] = a · b` ([`mm_into`]'s operands).
+#[allow(clippy::too_many_arguments)]
+fn mm_new(a: &[f32], a_s: (usize, usize), b: &[f32], b_s: (usize, usize), m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert!(a.len() == m * k && b.len() == k * n);
+    // SAFETY: without `acc` gemm writes every element of `c` and reads none; sizes checked.
+    unsafe { written(m * n, |c| mm_par(c, a.as_ptr(), a_s, b.as_ptr(), b_s, m, n, k, false)) }
 }
 
 /// `c[m,n] (+)= a[m,k] · bᵀ`, `b: [n,k]` (a projection with an HF-layout weight).
@@ -342,26 +508,42 @@ fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc:
     mm_into(c, a, (k, 1), b, (1, k), m, n, k, acc)
 }
 
+/// A new `a[m,k] · bᵀ`, `b: [n,k]`.
+fn nt_new(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    mm_new(a, (k, 1), b, (1, k), m, n, k)
+}
+
 /// `c[m,n] (+)= a[m,k] · b[k,n]` (the input gradient of a projection).
 fn mm_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
     mm_into(c, a, (k, 1), b, (n, 1), m, n, k, acc)
 }
 
-/// `c[m,n] = aᵀ · b`, `a: [k,m]`, `b: [k,n]` (a projection's weight gradient).
-fn mm_tn(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut c = vec![0f32; m * n];
-    mm_tn_into(&mut c, a, b, m, n, k, false);
-    c
+/// A new `a[m,k] · b[k,n]`.
+fn nn_new(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    mm_new(a, (k, 1), b, (n, 1), m, n, k)
 }
 
-/// `c[m,n] (+)= aᵀ · b`, `a: [k,m]`, `b: [k,n]`.
-fn mm_tn_into(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
-    mm_into(c, a, (1, m), b, (n, 1), m, n, k, acc)
+/// A new `aᵀ · b`, `a: [k,m]`, `b: [k,n]` (a projection's weight gradient).
+fn mm_tn(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    mm_new(a, (1, m), b, (n, 1), m, n, k)
 }
 
 /// Rows of `d` per rayon task in element-wise loops.
 fn chunk_rows(n: usize) -> usize {
     n.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+simd_fn! {
+    /// [`rms_fwd`] on whole rows: `o = x · r · w`, `r = 1/√(mean x² + eps)` per row.
+    fn rms_fwd_rows(o: &mut [f32], r: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        let d = w.len();
+        for ((o, r), x) in o.chunks_exact_mut(d).zip(r.iter_mut()).zip(x.chunks_exact(d)) {
+            *r = 1.0 / (dot_lanes(x, x) / d as f32 + eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * *r * w;
+            }
+        }
+    }
 }
 
 /// RMSNorm forward: `out = x · rstd · w`, `rstd` per row.
@@ -371,28 +553,61 @@ fn rms_fwd(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) {
     out.par_chunks_mut(rows * d)
         .zip(rstd.par_chunks_mut(rows))
         .zip(x.par_chunks(rows * d))
-        .for_each(|((o, r), x)| {
-            for ((o, r), x) in o.chunks_exact_mut(d).zip(r.iter_mut()).zip(x.chunks_exact(d)) {
-                let ss: f32 = x.iter().map(|v| v * v).sum();
-                *r = 1.0 / (ss / d as f32 + eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * *r * w;
-                }
+        .for_each(|((o, r), x)| rms_fwd_rows(o, r, x, w, eps));
+}
+
+simd_fn! {
+    /// [`rms_apply`] on whole rows.
+    fn rms_apply_rows(o: &mut [f32], x: &[f32], r: &[f32], w: &[f32]) {
+        let d = w.len();
+        for ((o, x), r) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(r) {
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
             }
-        });
+        }
+    }
 }
 
 /// RMSNorm with known per-row `rstd` (the backward pass's recomputation): `out = x · rstd · w`.
 fn rms_apply(x: &[f32], rstd: &[f32], w: &[f32], out: &mut [f32]) {
     let d = w.len();
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .zip(rstd)
-        .for_each(|((o, x), r)| {
-            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                *o = x * r * w;
+    let rows = chunk_rows(rstd.len());
+    out.par_chunks_mut(rows * d)
+        .zip(x.par_chunks(rows * d))
+        .zip(rstd.par_chunks(rows))
+        .for_each(|((o, x), r)| rms_apply_rows(o, x, r, w));
+}
+
+simd_fn! {
+    /// [`rms_bwd`] on whole rows, adding these rows' share of `∂L/∂w` into `dw`.
+    fn rms_bwd_rows(dx: &mut [f32], dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32], dw: &mut [f32]) {
+        let d = w.len();
+        for (((dx, dh), x), &r) in dx.chunks_exact_mut(d).zip(dh.chunks_exact(d)).zip(x.chunks_exact(d)).zip(rstd) {
+            // x̂ = x·r; ∂L/∂x̂ = dh·w; ∂L/∂x = r·(∂L/∂x̂ − x̂·mean(∂L/∂x̂ · x̂)).
+            // The mean's sum in eight lanes, as `dot_lanes`.
+            let mut dot = [0f32; 8];
+            let (mut dwc, mut dhc, mut xc, mut wc) =
+                (dw.chunks_exact_mut(8), dh.chunks_exact(8), x.chunks_exact(8), w.chunks_exact(8));
+            for (((dw, dh), x), w) in (&mut dwc).zip(&mut dhc).zip(&mut xc).zip(&mut wc) {
+                for j in 0..8 {
+                    let xh = x[j] * r;
+                    dw[j] += dh[j] * xh;
+                    dot[j] += dh[j] * w[j] * xh;
+                }
             }
-        });
+            let mut tail = 0f32;
+            let rest = dwc.into_remainder().iter_mut().zip(dhc.remainder()).zip(xc.remainder());
+            for (((dw, dh), x), w) in rest.zip(wc.remainder()) {
+                let xh = x * r;
+                *dw += dh * xh;
+                tail += dh * w * xh;
+            }
+            let m = (tail + dot.iter().sum::<f32>()) / d as f32;
+            for (((dx, dh), x), w) in dx.iter_mut().zip(dh).zip(x).zip(w) {
+                *dx += r * (dh * w - x * r * m);
+            }
+        }
+    }
 }
 
 /// RMSNorm backward from `dh = ∂L/∂out`: adds `∂L/∂x` into `dx`, returns `∂L/∂w`.
@@ -406,24 +621,7 @@ fn rms_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32], dx: &mut [f32]) -> Ve
         .zip(rstd.par_chunks(rows))
         .map(|(((dx, dh), x), rstd)| {
             let mut dw = vec![0f32; d];
-            for (((dx, dh), x), &r) in dx
-                .chunks_exact_mut(d)
-                .zip(dh.chunks_exact(d))
-                .zip(x.chunks_exact(d))
-                .zip(rstd)
-            {
-                // x̂ = x·r; ∂L/∂x̂ = dh·w; ∂L/∂x = r·(∂L/∂x̂ − x̂·mean(∂L/∂x̂ · x̂)).
-                let mut dot = 0f32;
-                for (((dw, dh), x), w) in dw.iter_mut().zip(dh).zip(x).zip(w) {
-                    let xh = x * r;
-                    *dw += dh * xh;
-                    dot += dh * w * xh;
-                }
-                let m = dot / d as f32;
-                for (((dx, dh), x), w) in dx.iter_mut().zip(dh).zip(x).zip(w) {
-                    *dx += r * (dh * w - x * r * m);
-                }
-            }
+            rms_bwd_rows(dx, dh, x, rstd, w, &mut dw);
             dw
         })
         // Summed in chunk order (a rayon reduce's tree depends on work stealing): the same
@@ -483,11 +681,8 @@ fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut
                 for i in r0..r1 {
                     let row = &mut s[i * t..i * t + r1];
                     let (live, masked) = row.split_at_mut(i + 1);
-                    let (m, sum) = exp_shifted(live);
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|x| *x *= inv);
+                    lse[i] = softmax_row(live);
                     masked.fill(0.0);
-                    lse[i] = m + sum.ln();
                 }
                 // A[r0..r1] = P[r0..r1, 0..r1] · V[0..r1]
                 unsafe {
@@ -582,15 +777,11 @@ fn attn_bwd(
                     for i in r0..r1 {
                         // D_i = dA_i · A_i;  P = exp(S − lse);  dS = P ⊙ (dP − D)
                         let o = off + i * qw;
-                        let di: f32 = da[o..o + hd].iter().zip(&a[o..o + hd]).map(|(x, y)| x * y).sum();
-                        let l = lse[i];
+                        let di = dot_lanes(&da[o..o + hd], &a[o..o + hd]);
                         let (prow, dsrow) = (&mut p[i * t..i * t + r1], &mut ds[i * t..i * t + r1]);
                         let (pl, pm) = prow.split_at_mut(i + 1);
                         let (dl, dmk) = dsrow.split_at_mut(i + 1);
-                        for (pv, dv) in pl.iter_mut().zip(dl.iter_mut()) {
-                            *pv = exp(*pv - l);
-                            *dv = *pv * (*dv - di);
-                        }
+                        dsoftmax_row(pl, dl, lse[i], di);
                         pm.fill(0.0);
                         dmk.fill(0.0);
                     }
@@ -648,17 +839,35 @@ fn attn_bwd(
     (dq, dk, dv)
 }
 
+simd_fn! {
+    /// `o = SiLU(g) · u`.
+    fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
 /// `y = x2 + (SiLU(gate) · up) · W_downᵀ`'s inner product, fused: `SiLU(g) · u`.
 fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let c = chunk_rows(out.len());
     out.par_chunks_mut(c)
         .zip(gate.par_chunks(c))
         .zip(up.par_chunks(c))
-        .for_each(|((o, g), u)| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + exp(-g)) * u;
-            }
-        });
+        .for_each(|((o, g), u)| swiglu_chunk(o, g, u));
+}
+
+simd_fn! {
+    /// The backward pass of [`swiglu_chunk`]: `dg` holds `∂L/∂(SiLU(g)·u)` on entry and
+    /// `∂L/∂g` on return; `du ← ∂L/∂u`.
+    fn swiglu_bwd_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32]) {
+        for (((dg, du), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u) {
+            let sg = 1.0 / (1.0 + exp(-g));
+            let ds = *dg;
+            *du = ds * g * sg;
+            *dg = ds * u * sg * (1.0 + g * (1.0 - sg));
+        }
+    }
 }
 
 impl<'a> BlockWeights<'a> {
@@ -676,12 +885,9 @@ impl<'a> BlockWeights<'a> {
         let mut h = vec![0f32; n * d];
         let mut rstd1 = vec![0f32; n];
         rms_fwd(&x, w[AN], dm.eps, &mut h, &mut rstd1);
-        let mut q = vec![0f32; n * qw];
-        let mut k = vec![0f32; n * kw];
-        let mut v = vec![0f32; n * kw];
-        mm_nt(&mut q, &h, w[WQ], n, qw, d, false);
-        mm_nt(&mut k, &h, w[WK], n, kw, d, false);
-        mm_nt(&mut v, &h, w[WV], n, kw, d, false);
+        let mut q = nt_new(&h, w[WQ], n, qw, d);
+        let mut k = nt_new(&h, w[WK], n, kw, d);
+        let v = nt_new(&h, w[WV], n, kw, d);
         rope.apply(&mut q, qw, dm.t, false);
         rope.apply(&mut k, kw, dm.t, false);
         let mut a = vec![0f32; n * qw];
@@ -691,10 +897,8 @@ impl<'a> BlockWeights<'a> {
         mm_nt(&mut x2, &a, w[WO], n, d, qw, true);
         let mut rstd2 = vec![0f32; n];
         rms_fwd(&x2, w[MN], dm.eps, &mut h, &mut rstd2);
-        let mut gate = vec![0f32; n * ff];
-        let mut up = vec![0f32; n * ff];
-        mm_nt(&mut gate, &h, w[WG], n, ff, d, false);
-        mm_nt(&mut up, &h, w[WU], n, ff, d, false);
+        let gate = nt_new(&h, w[WG], n, ff, d);
+        let up = nt_new(&h, w[WU], n, ff, d);
         let mut gs = vec![0f32; n * ff];
         swiglu(&gate, &up, &mut gs);
         let mut y = x2.clone();
@@ -730,12 +934,12 @@ impl<'a> BlockWeights<'a> {
         let mut grads: [Option<Vec<f32>>; 9] = Default::default();
 
         // MLP: y = x2 + (SiLU(gate) · up) · W_dᵀ.
-        let mut buf = vec![0f32; n * ff];
         if need[WD] {
-            swiglu(&s.gate, &s.up, &mut buf);
-            grads[WD] = Some(mm_tn(dy, &buf, d, ff, n));
+            let mut gs = vec![0f32; n * ff];
+            swiglu(&s.gate, &s.up, &mut gs);
+            grads[WD] = Some(mm_tn(dy, &gs, d, ff, n));
         }
-        mm_nn(&mut buf, dy, w[WD], n, ff, d, false); // ∂L/∂(SiLU(g)·u)
+        let mut buf = nn_new(dy, w[WD], n, ff, d); // ∂L/∂(SiLU(g)·u)
         let mut dup = vec![0f32; n * ff];
         {
             let c = chunk_rows(n * ff);
@@ -743,14 +947,7 @@ impl<'a> BlockWeights<'a> {
                 .zip(dup.par_chunks_mut(c))
                 .zip(s.gate.par_chunks(c))
                 .zip(s.up.par_chunks(c))
-                .for_each(|(((dg, du), g), u)| {
-                    for (((dg, du), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u) {
-                        let sg = 1.0 / (1.0 + exp(-g));
-                        let ds = *dg;
-                        *du = ds * g * sg;
-                        *dg = ds * u * sg * (1.0 + g * (1.0 - sg));
-                    }
-                });
+                .for_each(|(((dg, du), g), u)| swiglu_bwd_chunk(dg, du, g, u));
         }
         let dgate = buf;
         drop(s.gate);
@@ -763,8 +960,7 @@ impl<'a> BlockWeights<'a> {
         if need[WU] {
             grads[WU] = Some(mm_tn(&dup, &h, ff, d, n));
         }
-        let mut dh = vec![0f32; n * d];
-        mm_nn(&mut dh, &dgate, w[WG], n, d, ff, false);
+        let mut dh = nn_new(&dgate, w[WG], n, d, ff);
         mm_nn(&mut dh, &dup, w[WU], n, d, ff, true);
         drop(dgate);
         drop(dup);
@@ -778,8 +974,7 @@ impl<'a> BlockWeights<'a> {
         if need[WO] {
             grads[WO] = Some(mm_tn(&dx2, &s.a, d, qw, n));
         }
-        let mut da = vec![0f32; n * qw];
-        mm_nn(&mut da, &dx2, w[WO], n, qw, d, false);
+        let da = nn_new(&dx2, w[WO], n, qw, d);
         let (mut dq, mut dk, dv) = attn_bwd(dm, &s.q, &s.k, &s.v, &s.a, &s.lse, &da);
         drop(da);
         rope.apply(&mut dq, qw, dm.t, true);
@@ -827,45 +1022,138 @@ const HEAD_CHUNK_ELEMS: usize = 1 << 24;
 /// The output head's cross-entropy, fused and chunked: logits `h · Wᵀ` (`h: [n, d]`,
 /// `w: [vocab, d]`) a few hundred tokens at a time, the softmax and `∂L/∂logits = softmax −
 /// onehot` in one pass over each row, then `∂L/∂h` and `∂L/∂W` by two matmuls. Returns
-/// Σ nll (natural log) and `∂(scale · Σ nll)/∂h`; adds `∂(scale · Σ nll)/∂W` into `dw` when
-/// given.
-pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, mut dw: Option<&mut [f32]>) -> (f64, Vec<f32>) {
+/// Σ nll (natural log), `∂(scale · Σ nll)/∂h` and, when `want_dw`, `∂(scale · Σ nll)/∂W`.
+pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, want_dw: bool) -> (f64, Vec<f32>, Option<Vec<f32>>) {
     let n = targets.len();
     let d = h.len() / n;
     let vocab = w.len() / d;
+    assert!(n > 0 && h.len() == n * d && w.len() == vocab * d);
     let chunk = (HEAD_CHUNK_ELEMS / vocab).clamp(1, n);
-    let mut logits = vec![0f32; chunk * vocab];
-    let mut dh = vec![0f32; n * d];
+    let mut dh: Vec<f32> = Vec::with_capacity(n * d);
+    let mut dw: Vec<f32> = Vec::with_capacity(if want_dw { vocab * d } else { 0 });
     let mut nll = 0f64;
     for start in (0..n).step_by(chunk) {
         let c = chunk.min(n - start);
-        let (hc, lc) = (&h[start * d..(start + c) * d], &mut logits[..c * vocab]);
-        mm_nt(lc, hc, w, c, vocab, d, false);
+        let hc = &h[start * d..(start + c) * d];
+        let mut lc = nt_new(hc, w, c, vocab, d);
         nll += lc
             .par_chunks_mut(vocab)
             .zip(&targets[start..start + c])
-            .map(|(row, &tg)| {
-                let picked = row[tg as usize];
-                let (m, sum) = exp_shifted(row);
-                let k = scale / sum;
-                row.iter_mut().for_each(|x| *x *= k);
-                row[tg as usize] -= scale;
-                (m as f64 + (sum as f64).ln()) - picked as f64
-            })
+            .map(|(row, &tg)| head_row(row, tg as usize, scale))
             .collect::<Vec<f64>>()
             .iter()
             .sum::<f64>();
-        mm_nn(&mut dh[start * d..(start + c) * d], lc, w, c, d, vocab, false);
-        if let Some(dw) = dw.as_deref_mut() {
-            mm_tn_into(dw, lc, hc, vocab, d, c, true);
+        // SAFETY: rows start..start + c of `dh` (inside its capacity) are written, not read;
+        // the first chunk writes all of `dw` and the later ones add to it.
+        unsafe {
+            let dh0 = dh.as_mut_ptr().add(start * d);
+            mm_par(dh0, lc.as_ptr(), (vocab, 1), w.as_ptr(), (d, 1), c, d, vocab, false);
+            if want_dw {
+                mm_par(
+                    dw.as_mut_ptr(),
+                    lc.as_ptr(),
+                    (1, vocab),
+                    hc.as_ptr(),
+                    (d, 1),
+                    vocab,
+                    d,
+                    c,
+                    start > 0,
+                );
+            }
         }
     }
-    (nll, dh)
+    // SAFETY: the chunks cover rows 0..n of `dh`, and the first chunk all of `dw`.
+    unsafe {
+        dh.set_len(n * d);
+        if want_dw {
+            dw.set_len(vocab * d);
+        }
+    }
+    (nll, dh, want_dw.then_some(dw))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::exp;
+    use super::*;
+
+    /// Deterministic inputs in [-4, 4).
+    fn inputs(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 8000) as f32 / 1000.0 - 4.0)
+            .collect()
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The kernels [`simd_fn!`] makes run their AVX-512 copy on a CPU that has it; each must
+    /// give the bits of the same loop written plainly here (compiled for the baseline), with
+    /// lengths that leave a tail after every vector width.
+    #[test]
+    fn avx512_kernels_give_the_baseline_bits() {
+        let n = 1003;
+        let (g, u, x) = (inputs(n, 1), inputs(n, 2), inputs(n, 3));
+
+        let mut o = vec![0f32; n];
+        swiglu_chunk(&mut o, &g, &u);
+        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + exp(-g)) * u).collect();
+        assert_eq!(bits(&o), bits(&want));
+
+        let (mut dg, mut du) = (x.clone(), vec![0f32; n]);
+        swiglu_bwd_chunk(&mut dg, &mut du, &g, &u);
+        for i in 0..n {
+            let sg = 1.0 / (1.0 + exp(-g[i]));
+            assert_eq!(du[i].to_bits(), (x[i] * g[i] * sg).to_bits());
+            assert_eq!(
+                dg[i].to_bits(),
+                (x[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg))).to_bits()
+            );
+        }
+
+        let mut p = x.clone();
+        let lse = softmax_row(&mut p);
+        let mut want = x.clone();
+        let m = max_lanes(&want);
+        want.iter_mut().for_each(|v| *v = exp(*v - m));
+        let sum = sum_lanes(&want);
+        want.iter_mut().for_each(|v| *v *= 1.0 / sum);
+        assert_eq!(bits(&p), bits(&want));
+        assert_eq!(lse.to_bits(), (m + sum.ln()).to_bits());
+
+        let (d, rows) = (59, 17);
+        let (xr, w) = (inputs(d * rows, 4), inputs(d, 5));
+        let (mut o, mut r) = (vec![0f32; d * rows], vec![0f32; rows]);
+        rms_fwd_rows(&mut o, &mut r, &xr, &w, 1e-5);
+        for (i, row) in xr.chunks(d).enumerate() {
+            let ri = 1.0 / (dot_lanes(row, row) / d as f32 + 1e-5).sqrt();
+            assert_eq!(r[i].to_bits(), ri.to_bits());
+            for j in 0..d {
+                assert_eq!(o[i * d + j].to_bits(), (row[j] * ri * w[j]).to_bits());
+            }
+        }
+
+        let (hd, heads) = (10, 3);
+        let row0 = inputs(hd * heads, 6);
+        let (c, sn) = (inputs(hd, 7), inputs(hd, 8));
+        for half in [true, false] {
+            let mut row = row0.clone();
+            rope_row(&mut row, &mut vec![0f32; hd], &c, &sn, half, -1.0);
+            for (h, t) in row.chunks(hd).zip(row0.chunks(hd)) {
+                for i in 0..hd {
+                    let (partner, sign) = match (half, i < hd / 2, i % 2 == 0) {
+                        (true, true, _) => (i + hd / 2, -1.0),
+                        (true, false, _) => (i - hd / 2, 1.0),
+                        (false, _, true) => (i + 1, -1.0),
+                        (false, _, false) => (i - 1, 1.0),
+                    };
+                    let want = t[i] * c[i] + -sign * t[partner] * sn[i];
+                    assert_eq!(h[i].to_bits(), want.to_bits(), "half {half} i {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn polynomial_exp_is_within_two_ulp_of_libm() {

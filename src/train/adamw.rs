@@ -106,14 +106,7 @@ impl<B: Backend> AdamW<B> {
                     .par_chunks_mut(1 << 14)
                     .zip(fused::values(&g).par_chunks(1 << 14))
                     .zip(ms.par_chunks_mut(1 << 14).zip(vs.par_chunks_mut(1 << 14)))
-                    .for_each(|((th, g), (m, v))| {
-                        for (((th, &g), m), v) in th.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                            let g = g * sc;
-                            *m = *m * b1 + g * (1.0 - b1);
-                            *v = *v * b2 + g * g * (1.0 - b2);
-                            *th = *th * wd - *m / ((*v / bc2).sqrt() + eps) * step;
-                        }
-                    });
+                    .for_each(|((th, g), (m, v))| adamw_chunk(th, g, m, v, [sc, b1, b2, bc2, eps, step, wd]));
                 self.m[k] = fused::unflex(m);
                 self.v[k] = fused::unflex(v);
                 return Tensor::from_inner(fused::unflex(th));
@@ -189,5 +182,19 @@ impl<B: Backend> AdamW<B> {
             }
         }
         Ok(s)
+    }
+}
+
+fused::simd_fn! {
+    /// One chunk of [`AdamW::step`]'s one-pass update; `k` = [gradient scale, β₁, β₂, bias
+    /// correction of v, ε, lr / bias correction of m, weight-decay factor].
+    fn adamw_chunk(th: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 7]) {
+        let [sc, b1, b2, bc2, eps, step, wd] = k;
+        for (((th, &g), m), v) in th.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * sc;
+            *m = *m * b1 + g * (1.0 - b1);
+            *v = *v * b2 + g * g * (1.0 - b2);
+            *th = *th * wd - *m / ((*v / bc2).sqrt() + eps) * step;
+        }
     }
 }
