@@ -11,7 +11,7 @@
 //! forward pass already and keep their graphs (memory traded for their second forward pass);
 //! the rest cost one block's graph at a time and one more forward pass each.
 
-use super::dtype::{like, widen, Dtype};
+use super::dtype::{like, widen};
 use super::fused::{self, flex, values, BlockWeights, Dims, FlexTensor, Rope};
 use super::head::head_grads;
 use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
@@ -55,7 +55,7 @@ fn trains<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> bool {
 impl<B: AutodiffBackend> Llama<B> {
     /// Whether [`Llama::loss_backward`] takes the hand-written f32 CPU path ([`fused`]).
     pub fn uses_fused(&self) -> bool {
-        self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<B::InnerBackend>()
+        self.fused_on::<B::InnerBackend>()
     }
 
     /// Mean next-token cross-entropy of `rows` (equal lengths, ≥ 2 tokens), times `weight`,

@@ -428,7 +428,7 @@ impl<B: Backend> Llama<B> {
     /// projection is one 2-D matmul and no reshape of a transposed tensor forces a copy;
     /// attention broadcasts each key/value head over its query group instead of repeating it.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        if cache.is_none() && self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<B>() {
+        if cache.is_none() && self.fused_on::<B>() {
             return self.hidden_fused(tokens);
         }
         let device = tokens.device();
@@ -444,6 +444,13 @@ impl<B: Backend> Llama<B> {
             c.len = past + t;
         }
         self.rms_norm(x, &self.norm).reshape([b, t, self.config.hidden_size])
+    }
+
+    /// Whether this model's passes on backend `C` (its own, or its inner one under autodiff) go
+    /// through the hand-written f32 CPU block: `fused` is on, the weights are f32 and `C` is the
+    /// CPU backend.
+    pub(crate) fn fused_on<C: Backend>(&self) -> bool {
+        self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<C>()
     }
 
     /// [`Llama::hidden`] without a cache through the hand-written f32 CPU block
