@@ -649,6 +649,74 @@ fn qblocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t).step_by(QBLOCK).map(move |r0| (r0, (r0 + QBLOCK).min(t)))
 }
 
+// The three single-threaded products of one query block of attention, on one thread's `[t, t]`
+// scratch (row stride `t`), query-side rows (stride `qw`: Q, dA, dQ, A) and key-side rows
+// (stride `kw`: K, V, dK, dV); `m` query rows meet `keys` keys. Safety: each pointer must
+// reach the rows and columns its matrix names.
+
+/// `w[m, keys] = beta · x[m, hd] · y[keys, hd]ᵀ`: scores `Q Kᵀ` or `dA Vᵀ`.
+unsafe fn attn_scores(dm: &Dims, w: *mut f32, x: *const f32, y: *const f32, m: usize, keys: usize, beta: f32) {
+    let (t, qw, kw) = (dm.t, dm.qw(), dm.kw());
+    unsafe {
+        mm(
+            m,
+            keys,
+            dm.hd,
+            w,
+            (t, 1),
+            x,
+            (qw, 1),
+            y,
+            (1, kw),
+            false,
+            beta,
+            Parallelism::None,
+        )
+    }
+}
+
+/// `x[m, hd] = beta · w[m, keys] · y[keys, hd]`: `A = P V` or `dQ = dS K`.
+unsafe fn attn_rows(dm: &Dims, x: *mut f32, w: *const f32, y: *const f32, m: usize, keys: usize, beta: f32) {
+    let (t, qw, kw) = (dm.t, dm.qw(), dm.kw());
+    unsafe {
+        mm(
+            m,
+            dm.hd,
+            keys,
+            x,
+            (qw, 1),
+            w,
+            (t, 1),
+            y,
+            (kw, 1),
+            false,
+            beta,
+            Parallelism::None,
+        )
+    }
+}
+
+/// `y[keys, hd] += beta · w[m, keys]ᵀ · x[m, hd]`: `dV += Pᵀ dA` or `dK += dSᵀ Q`.
+unsafe fn attn_keys(dm: &Dims, y: *mut f32, w: *const f32, x: *const f32, m: usize, keys: usize, beta: f32) {
+    let (t, qw, kw) = (dm.t, dm.qw(), dm.kw());
+    unsafe {
+        mm(
+            keys,
+            dm.hd,
+            m,
+            y,
+            (kw, 1),
+            w,
+            (1, t),
+            x,
+            (qw, 1),
+            true,
+            beta,
+            Parallelism::None,
+        )
+    }
+}
+
 /// Causal attention of `q: [b·t, nh·hd]` over `k, v: [b·t, nkv·hd]` (head `h` reads key/value
 /// head `h / (nh / nkv)`), into `a: [b·t, nh·hd]`; each query row's log-sum-exp into `lse`.
 fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut [f32]) {
@@ -667,23 +735,7 @@ fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut
             for (r0, r1) in qblocks(t) {
                 let sp = s[r0 * t..].as_mut_ptr();
                 // S[r0..r1, 0..r1] = scale · Q Kᵀ
-                unsafe {
-                    let q0 = qp.add(r0 * qw);
-                    mm(
-                        r1 - r0,
-                        r1,
-                        hd,
-                        sp,
-                        (t, 1),
-                        q0,
-                        (qw, 1),
-                        kp,
-                        (1, kw),
-                        false,
-                        scale,
-                        Parallelism::None,
-                    );
-                }
+                unsafe { attn_scores(dm, sp, qp.add(r0 * qw), kp, r1 - r0, r1, scale) };
                 for i in r0..r1 {
                     let row = &mut s[i * t..i * t + r1];
                     let (live, masked) = row.split_at_mut(i + 1);
@@ -691,23 +743,8 @@ fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut
                     masked.fill(0.0);
                 }
                 // A[r0..r1] = P[r0..r1, 0..r1] · V[0..r1]
-                unsafe {
-                    let o = out.at(bi * t * qw + r0 * qw + h * hd);
-                    mm(
-                        r1 - r0,
-                        hd,
-                        r1,
-                        o,
-                        (qw, 1),
-                        s[r0 * t..].as_ptr(),
-                        (t, 1),
-                        vp,
-                        (kw, 1),
-                        false,
-                        1.0,
-                        Parallelism::None,
-                    );
-                }
+                let o = out.at(bi * t * qw + r0 * qw + h * hd);
+                unsafe { attn_rows(dm, o, s[r0 * t..].as_ptr(), vp, r1 - r0, r1, 1.0) };
             }
         },
     );
@@ -751,34 +788,8 @@ fn attn_bwd(
                     unsafe {
                         let (q0, da0) = (qp.add(r0 * qw), dap.add(r0 * qw));
                         // S = scale · Q Kᵀ (recomputed), dP = dA · Vᵀ, over keys 0..r1
-                        mm(
-                            m,
-                            r1,
-                            hd,
-                            pp,
-                            (t, 1),
-                            q0,
-                            (qw, 1),
-                            kp,
-                            (1, kw),
-                            false,
-                            scale,
-                            Parallelism::None,
-                        );
-                        mm(
-                            m,
-                            r1,
-                            hd,
-                            dsp,
-                            (t, 1),
-                            da0,
-                            (qw, 1),
-                            vp,
-                            (1, kw),
-                            false,
-                            1.0,
-                            Parallelism::None,
-                        );
+                        attn_scores(dm, pp, q0, kp, m, r1, scale);
+                        attn_scores(dm, dsp, da0, vp, m, r1, 1.0);
                     }
                     for i in r0..r1 {
                         // D_i = dA_i · A_i;  P = exp(S − lse);  dS = P ⊙ (dP − D)
@@ -795,48 +806,9 @@ fn attn_bwd(
                         let (p0, ds0) = (p[r0 * t..].as_ptr(), ds[r0 * t..].as_ptr());
                         let (q0, da0) = (qp.add(r0 * qw), dap.add(r0 * qw));
                         // dV[0..r1] += Pᵀ · dA;  dQ[r0..r1] = scale · dS · K;  dK[0..r1] += scale · dSᵀ · Q
-                        mm(
-                            r1,
-                            hd,
-                            m,
-                            dv_at,
-                            (kw, 1),
-                            p0,
-                            (1, t),
-                            da0,
-                            (qw, 1),
-                            true,
-                            1.0,
-                            Parallelism::None,
-                        );
-                        mm(
-                            m,
-                            hd,
-                            r1,
-                            dqp.at(off + r0 * qw),
-                            (qw, 1),
-                            ds0,
-                            (t, 1),
-                            kp,
-                            (kw, 1),
-                            false,
-                            scale,
-                            Parallelism::None,
-                        );
-                        mm(
-                            r1,
-                            hd,
-                            m,
-                            dk_at,
-                            (kw, 1),
-                            ds0,
-                            (1, t),
-                            q0,
-                            (qw, 1),
-                            true,
-                            scale,
-                            Parallelism::None,
-                        );
+                        attn_keys(dm, dv_at, p0, da0, m, r1, 1.0);
+                        attn_rows(dm, dqp.at(off + r0 * qw), ds0, kp, m, r1, scale);
+                        attn_keys(dm, dk_at, ds0, q0, m, r1, scale);
                     }
                 }
             }
