@@ -93,6 +93,14 @@ impl<B: Backend> ParamRef<'_, B> {
             ParamRef::Matrix(p) => p.val().dims().to_vec(),
         }
     }
+    /// The values on the host, flat, in f32.
+    pub fn host_values(&self) -> Vec<f32> {
+        self.flat()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 data")
+    }
 }
 
 fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device, dtype: Dtype) -> Param<Tensor<B, D>> {
@@ -312,6 +320,20 @@ impl<B: Backend> Llama<B> {
             w.insert(name, t);
         }
         w
+    }
+
+    /// Every parameter as a tensor for a safetensors file, copied to the host only when the
+    /// writer reaches it (so writing needs no second copy of the whole model).
+    pub fn lazy_weights(&self) -> std::collections::BTreeMap<String, crate::source::weights::Lazy<'_>> {
+        self.params()
+            .into_iter()
+            .map(|(name, p)| {
+                (
+                    name,
+                    crate::source::weights::Lazy::fetch(p.shape(), move || p.host_values()),
+                )
+            })
+            .collect()
     }
 
     pub fn num_params(&self) -> usize {

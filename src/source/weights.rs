@@ -146,34 +146,75 @@ pub fn from_safetensors(files: &[PathBuf]) -> Result<Weights> {
 
 fn load_safetensors_file(path: &Path, w: &mut Weights) -> Result<()> {
     use safetensors::{Dtype, SafeTensors};
+    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).with_context(|| format!("safetensors file {}", path.display()))?;
+    // The map serves the header's checks (offsets against the file's length) and is never read
+    // past the header: the data is read with `pread` in chunks, so the file's pages never count
+    // in this process's resident memory (a 1 GB file read through the map would, while mapped).
     // SAFETY: read-only map of a file codespot does not modify while it is open.
     let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("safetensors file {}", path.display()))?;
-    let st = SafeTensors::deserialize(&map)
+    let (n, meta) = SafeTensors::read_metadata(&map)
         .map_err(|e| anyhow::anyhow!("safetensors file {}: invalid header: {e}", path.display()))?;
-    for (name, view) in st.tensors() {
-        let b = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+    let start = 8 + n;
+    const CHUNK: usize = 1 << 22;
+    let mut buf = vec![0u8; CHUNK];
+    for (name, info) in meta.tensors() {
+        let width = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             other => bail!(
                 "safetensors file {}: tensor '{name}' has dtype {other:?} (F32, F16, BF16 supported)",
                 path.display()
             ),
         };
-        w.insert(name, HostTensor::new(view.shape().to_vec(), data));
+        let (from, to) = info.data_offsets;
+        let mut data: Vec<f32> = Vec::with_capacity((to - from) / width);
+        let mut at = from;
+        while at < to {
+            let len = (to - at).min(CHUNK);
+            let b = &mut buf[..len];
+            file.read_exact_at(b, (start + at) as u64)
+                .with_context(|| format!("safetensors file {}: reading tensor '{name}'", path.display()))?;
+            match info.dtype {
+                Dtype::F32 => data.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                Dtype::F16 => data.extend(
+                    b.chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                _ => data.extend(
+                    b.chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+            }
+            at += len;
+        }
+        w.insert(name, HostTensor::new(info.shape.clone(), data));
     }
     Ok(())
+}
+
+/// The header of a safetensors file: its tensors' shapes by name and its metadata.
+pub struct SafetensorsHeader {
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+/// Read and check a safetensors file's header (the tensors' data is not read).
+pub fn safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
+    use safetensors::SafeTensors;
+    let file = std::fs::File::open(path).with_context(|| format!("safetensors file {}", path.display()))?;
+    // SAFETY: read-only map of a file codespot does not modify while it is open.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("safetensors file {}", path.display()))?;
+    let invalid =
+        |e: safetensors::SafeTensorError| anyhow::anyhow!("safetensors file {}: invalid header: {e}", path.display());
+    // `deserialize` checks the offsets against the file's length; `read_metadata` keeps the
+    // free-form metadata.
+    let st = SafeTensors::deserialize(&map).map_err(invalid)?;
+    let (_, meta) = SafeTensors::read_metadata(&map).map_err(invalid)?;
+    Ok(SafetensorsHeader {
+        shapes: st.iter().map(|(n, v)| (n.to_string(), v.shape().to_vec())).collect(),
+        metadata: meta.metadata().clone().unwrap_or_default(),
+    })
 }
 
 /// Write weights as one f32 safetensors file (atomic).
@@ -192,32 +233,96 @@ pub fn save_safetensors_as(
     metadata: Option<std::collections::HashMap<String, String>>,
     half: bool,
 ) -> Result<()> {
-    use safetensors::tensor::TensorView;
-    let encode = |x: &f32| -> Vec<u8> {
-        if half {
-            half::f16::from_f32(*x).to_le_bytes().to_vec()
-        } else {
-            x.to_le_bytes().to_vec()
+    let tensors = w.tensors.iter().map(|(n, t)| (n.clone(), Lazy::host(t))).collect();
+    write_safetensors(tensors, path, metadata, half)
+}
+
+/// A tensor of a safetensors file being written, encoded only when the writer reaches it: a
+/// file of many tensors then never holds a second, encoded copy of all of them in memory.
+pub struct Lazy<'a> {
+    shape: Vec<usize>,
+    values: Values<'a>,
+    half: bool,
+}
+
+enum Values<'a> {
+    Host(&'a [f32]),
+    /// Fetched when needed (e.g. copied off a device) and dropped once encoded.
+    Fetch(Box<dyn Fn() -> Vec<f32> + 'a>),
+}
+
+impl<'a> Lazy<'a> {
+    /// A host tensor, borrowed.
+    pub fn host(t: &'a HostTensor) -> Self {
+        Self {
+            shape: t.shape.clone(),
+            values: Values::Host(&t.data),
+            half: false,
         }
-    };
-    let dtype = if half {
-        safetensors::Dtype::F16
-    } else {
-        safetensors::Dtype::F32
-    };
-    let bytes: Vec<(&String, Vec<u8>, &Vec<usize>)> = w
-        .tensors
-        .iter()
-        .map(|(n, t)| (n, t.data.iter().flat_map(encode).collect(), &t.shape))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(dtype, s.to_vec(), b)?)))
-        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+
+    /// A tensor of `shape` whose values `fetch` returns (row-major, `shape`'s product of them).
+    pub fn fetch(shape: Vec<usize>, fetch: impl Fn() -> Vec<f32> + 'a) -> Self {
+        Self {
+            shape,
+            values: Values::Fetch(Box::new(fetch)),
+            half: false,
+        }
+    }
+}
+
+impl safetensors::View for Lazy<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        if self.half {
+            safetensors::Dtype::F16
+        } else {
+            safetensors::Dtype::F32
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let encode = |x: &[f32]| -> Vec<u8> {
+            if self.half {
+                x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
+            } else {
+                x.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+        };
+        let bytes = match &self.values {
+            Values::Host(x) => encode(x),
+            Values::Fetch(f) => {
+                let x = f();
+                assert_eq!(
+                    x.len(),
+                    self.shape.iter().product::<usize>(),
+                    "a fetched tensor's length must match its shape"
+                );
+                encode(&x)
+            }
+        };
+        std::borrow::Cow::Owned(bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * if self.half { 2 } else { 4 }
+    }
+}
+
+/// Write named tensors as one safetensors file, f32 or (with `half`) f16, atomically (a temp
+/// sibling renamed into place). Each tensor is encoded when the writer reaches it.
+pub fn write_safetensors(
+    mut tensors: Vec<(String, Lazy<'_>)>,
+    path: &Path,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    half: bool,
+) -> Result<()> {
+    for (_, t) in &mut tensors {
+        t.half = half;
+    }
     crate::util::clear_stale_tmp(path);
     let tmp = crate::util::tmp_sibling(path);
-    safetensors::serialize_to_file(views, metadata, &tmp)
+    safetensors::serialize_to_file(tensors, metadata, &tmp)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
