@@ -90,7 +90,8 @@ impl Eligible {
 }
 
 /// Elements to select per tensor for fraction `frac` (= k% / 100): per tensor round(frac·n);
-/// global: the counts that the global top round(frac·N) falls into.
+/// global: the counts that the global top round(frac·N) falls into (ties at the threshold go to
+/// the tensors first in name order, then to the lowest indices).
 pub fn counts(scores: &Weights, frac: f64, scope: Scope) -> BTreeMap<String, usize> {
     match scope {
         Scope::PerTensor => scores
@@ -99,44 +100,119 @@ pub fn counts(scores: &Weights, frac: f64, scope: Scope) -> BTreeMap<String, usi
             .map(|(n, t)| (n.clone(), (frac * t.numel() as f64).round() as usize))
             .collect(),
         Scope::Global => {
-            let all: Vec<(usize, usize, f32)> = scores
-                .tensors
-                .values()
-                .enumerate()
-                .flat_map(|(ti, t)| t.data.iter().enumerate().map(move |(i, &x)| (ti, i, x)))
-                .collect();
-            let k = ((frac * all.len() as f64).round() as usize).min(all.len());
-            let mut idx: Vec<usize> = (0..all.len()).collect();
-            if k > 0 && k < idx.len() {
-                idx.select_nth_unstable_by(k - 1, |&a, &b| all[b].2.total_cmp(&all[a].2).then(a.cmp(&b)));
+            let total: usize = scores.tensors.values().map(|t| t.numel()).sum();
+            let k = ((frac * total as f64).round() as usize).min(total);
+            let mut c: BTreeMap<String, usize> = scores.tensors.keys().map(|n| (n.clone(), 0)).collect();
+            if k == 0 {
+                return c;
             }
-            let names: Vec<&String> = scores.tensors.keys().collect();
-            let mut c: BTreeMap<String, usize> = names.iter().map(|n| ((*n).clone(), 0)).collect();
-            for &j in &idx[..k] {
-                *c.get_mut(names[all[j].0]).unwrap() += 1;
+            let slices = || scores.tensors.values().map(|t| t.data.as_slice());
+            let Rank { key, better } = rank(slices, k, true);
+            let mut ties = k - better;
+            for (n, t) in &scores.tensors {
+                let (above, equal) = t
+                    .data
+                    .iter()
+                    .fold((0, 0), |(a, e), &x| match order_key(x, true).cmp(&key) {
+                        std::cmp::Ordering::Less => (a + 1, e),
+                        std::cmp::Ordering::Equal => (a, e + 1),
+                        std::cmp::Ordering::Greater => (a, e),
+                    });
+                let take = equal.min(ties);
+                ties -= take;
+                *c.get_mut(n).expect("a key of scores") = above + take;
             }
             c
         }
     }
 }
 
-/// The `count` highest (or lowest) elements of `v` (ties broken by index).
+/// An order-preserving key: `order_key(a, false) < order_key(b, false)` exactly when
+/// `a.total_cmp(&b)` is `Less`; with `highest`, the order is reversed (the largest value gets
+/// the smallest key). Equal keys are equal bits.
+fn order_key(x: f32, highest: bool) -> u32 {
+    let b = x.to_bits();
+    let k = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+    if highest {
+        !k
+    } else {
+        k
+    }
+}
+
+/// Where rank `k` (1-based) of a set of values falls: the key of the value at that rank and how
+/// many values come strictly before it.
+struct Rank {
+    key: u32,
+    better: usize,
+}
+
+/// Radix selection over the values of `slices` (called once per pass, two passes), in
+/// `total_cmp` order from the highest down (`highest`) or the lowest up; `1 ≤ k ≤` the number
+/// of values. Exact, like sorting, with two 64 K-bucket histograms instead of a copy of the
+/// values (a model-sized copy would double a scoring process's memory).
+fn rank<'a, I: Iterator<Item = &'a [f32]>>(slices: impl Fn() -> I, k: usize, highest: bool) -> Rank {
+    let pick = |hist: &[usize], k: usize| -> (usize, usize) {
+        // The bucket holding the k-th value, and how many values lie in the buckets before it.
+        let mut before = 0;
+        for (b, &n) in hist.iter().enumerate() {
+            if before + n >= k {
+                return (b, before);
+            }
+            before += n;
+        }
+        panic!("rank {k} of {before} values");
+    };
+    let mut hist = vec![0usize; 1 << 16];
+    for s in slices() {
+        for &x in s {
+            hist[(order_key(x, highest) >> 16) as usize] += 1;
+        }
+    }
+    let (hi, before_hi) = pick(&hist, k);
+    hist.iter_mut().for_each(|n| *n = 0);
+    for s in slices() {
+        for &x in s {
+            let key = order_key(x, highest);
+            if (key >> 16) as usize == hi {
+                hist[(key & 0xffff) as usize] += 1;
+            }
+        }
+    }
+    let (lo, before_lo) = pick(&hist, k - before_hi);
+    Rank {
+        key: (hi as u32) << 16 | lo as u32,
+        better: before_hi + before_lo,
+    }
+}
+
+/// The value of rank `k` (1-based) among the values of `slices`, counting from the highest
+/// (`highest`) or the lowest, in `total_cmp` order; `1 ≤ k ≤` the number of values.
+pub fn kth_value<'a, I: Iterator<Item = &'a [f32]>>(slices: impl Fn() -> I, k: usize, highest: bool) -> f32 {
+    let key = rank(slices, k, highest).key;
+    let key = if highest { !key } else { key };
+    f32::from_bits(if key >> 31 == 1 { key & !(1 << 31) } else { !key })
+}
+
+/// The `count` highest (or lowest) elements of `v` (ties broken by index), ascending.
 pub fn top_indices(v: &[f32], count: usize, highest: bool) -> Vec<usize> {
     let count = count.min(v.len());
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    let cmp = |a: &usize, b: &usize| {
-        let o = if highest {
-            v[*b].total_cmp(&v[*a])
-        } else {
-            v[*a].total_cmp(&v[*b])
-        };
-        o.then(a.cmp(b))
-    };
-    if count > 0 && count < idx.len() {
-        idx.select_nth_unstable_by(count - 1, cmp);
+    if count == 0 {
+        return vec![];
     }
-    idx.truncate(count);
-    idx.sort_unstable();
+    let Rank { key, better } = rank(|| std::iter::once(v), count, highest);
+    let mut ties = count - better;
+    let mut idx = Vec::with_capacity(count);
+    for (i, &x) in v.iter().enumerate() {
+        match order_key(x, highest).cmp(&key) {
+            std::cmp::Ordering::Less => idx.push(i),
+            std::cmp::Ordering::Equal if ties > 0 => {
+                ties -= 1;
+                idx.push(i);
+            }
+            _ => {}
+        }
+    }
     idx
 }
 
@@ -182,14 +258,17 @@ pub fn jaccard(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>) -> f64 {
 
 /// Per-tensor top-`k_percent` masks over the layer parameters (the authors' selection rule).
 pub fn top_masks(scores: &Weights, k_percent: f64) -> BTreeMap<String, Mask> {
-    let mut layers = Weights::default();
-    for (n, t) in &scores.tensors {
-        if Eligible::Layers.admits(n) {
-            layers.insert(n.clone(), t.clone());
-        }
-    }
-    let c = counts(&layers, k_percent / 100.0, Scope::PerTensor);
-    select_by(&layers, &c, true)
+    let frac = k_percent / 100.0;
+    scores
+        .tensors
+        .iter()
+        .filter(|(n, _)| Eligible::Layers.admits(n))
+        .map(|(n, t)| {
+            // `counts`' per-tensor rule.
+            let c = (frac * t.numel() as f64).round() as usize;
+            (n.clone(), Mask::from_indices(t.numel(), &top_indices(&t.data, c, true)))
+        })
+        .collect()
 }
 
 /// Jaccard overlap per layer (masks grouped by the layer in their tensor names).
@@ -205,4 +284,90 @@ pub fn jaccard_per_layer(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>,
             jaccard(&pick(a), &pick(b))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::HostTensor;
+    use rand::{Rng, SeedableRng};
+
+    /// Values with many ties, both zeros, negatives, infinities and NaNs.
+    fn awkward(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| match r.random_range(0..10) {
+                0 => 0.0,
+                1 => -0.0,
+                2 => f32::NAN,
+                3 => f32::INFINITY * if r.random() { 1.0 } else { -1.0 },
+                4 => r.random_range(0..4) as f32,
+                _ => r.random_range(-1e-3f32..1e3) * r.random_range(1e-30f32..1.0),
+            })
+            .collect()
+    }
+
+    /// The sort-based rule these replace: order by value (total_cmp), then index.
+    fn by_sorting(v: &[f32], count: usize, highest: bool) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| {
+            let o = if highest {
+                v[b].total_cmp(&v[a])
+            } else {
+                v[a].total_cmp(&v[b])
+            };
+            o.then(a.cmp(&b))
+        });
+        let mut top = idx[..count.min(v.len())].to_vec();
+        top.sort_unstable();
+        top
+    }
+
+    #[test]
+    fn radix_selection_picks_what_sorting_picks() {
+        for seed in 0..6 {
+            let v = awkward(3000 + seed as usize * 17, seed);
+            let mut sorted = v.clone();
+            sorted.sort_by(f32::total_cmp);
+            for count in [0, 1, 2, 29, 300, 1500, v.len() - 1, v.len()] {
+                for highest in [true, false] {
+                    assert_eq!(top_indices(&v, count, highest), by_sorting(&v, count, highest));
+                }
+                if count > 0 {
+                    let low = kth_value(|| std::iter::once(v.as_slice()), count, false);
+                    let high = kth_value(|| std::iter::once(v.as_slice()), count, true);
+                    assert_eq!(low.to_bits(), sorted[count - 1].to_bits());
+                    assert_eq!(high.to_bits(), sorted[v.len() - count].to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn global_counts_follow_the_flattened_order() {
+        let mut w = Weights::default();
+        for (i, n) in [700, 1, 2300, 64].into_iter().enumerate() {
+            w.insert(format!("t{i}"), HostTensor::new(vec![n], awkward(n, 40 + i as u64)));
+        }
+        let all: Vec<f32> = w.tensors.values().flat_map(|t| t.data.iter().copied()).collect();
+        for frac in [0.0, 0.001, 0.01, 0.3, 0.97, 1.0] {
+            let k = (frac * all.len() as f64).round() as usize;
+            let mut expect: BTreeMap<String, usize> = w.tensors.keys().map(|n| (n.clone(), 0)).collect();
+            let names: Vec<&String> = w.tensors.keys().collect();
+            let offsets: Vec<usize> = w
+                .tensors
+                .values()
+                .scan(0, |o, t| {
+                    let at = *o;
+                    *o += t.numel();
+                    Some(at)
+                })
+                .collect();
+            for j in by_sorting(&all, k, true) {
+                let t = offsets.iter().rposition(|&o| o <= j).unwrap();
+                *expect.get_mut(names[t]).unwrap() += 1;
+            }
+            assert_eq!(counts(&w, frac, Scope::Global), expect, "frac {frac}");
+        }
+    }
 }

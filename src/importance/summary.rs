@@ -57,24 +57,22 @@ pub struct Summaries {
 }
 
 fn quantiles(v: &[f32]) -> (f64, f64, f64) {
-    let mut c = v.to_vec();
-    let mut q = |p: f64| {
-        let k = ((c.len() - 1) as f64 * p).round() as usize;
-        let (_, x, _) = c.select_nth_unstable_by(k, f32::total_cmp);
-        *x as f64
+    let q = |p: f64| {
+        // The element at 0-based rank round((n − 1)·p) from the lowest.
+        let k = ((v.len() - 1) as f64 * p).round() as usize;
+        crate::topk::kth_value(|| std::iter::once(v), k + 1, false) as f64
     };
     (q(0.5), q(0.9), q(0.99))
 }
 
 /// The value at rank `k` from the top (0 = largest) over all tensors.
 pub fn global_threshold(scores: &Scores, frac: f64) -> f64 {
-    let mut all: Vec<f32> = scores.tensors.values().flat_map(|t| t.data.iter().copied()).collect();
-    if all.is_empty() {
+    let n: usize = scores.tensors.values().map(|t| t.numel()).sum();
+    if n == 0 {
         return 0.0;
     }
-    let k = ((all.len() as f64 * frac).round() as usize).clamp(1, all.len());
-    let (_, x, _) = all.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    *x as f64
+    let k = ((n as f64 * frac).round() as usize).clamp(1, n);
+    crate::topk::kth_value(|| scores.tensors.values().map(|t| t.data.as_slice()), k, true) as f64
 }
 
 pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
