@@ -568,3 +568,89 @@ fn fused_adamw_matches_the_tensor_op_update() {
     }
     assert!(moved > 0.01, "the weights moved: {moved}");
 }
+
+/// The moments parked in their checkpoint file and read back (`AdamW::park`, `restore`), or a
+/// fresh optimizer resumed from that file, continue exactly as the optimizer that kept them in
+/// memory; a file of another update count is not parked on, and a file of another model is
+/// refused naming the file and the tensor.
+#[test]
+fn parked_and_resumed_moments_continue_bit_for_bit() {
+    use codespot::backend::{Cpu, CpuAd};
+    use codespot::model::{self, Llama};
+    use codespot::train::adamw::{AdamW, AdamWConfig};
+    let cfg = model::LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 5);
+    let rows: Vec<Vec<u32>> = (0..4)
+        .map(|r| (0..11).map(|i| ((i * 7 + r * 13 + 1) % 64) as u32).collect())
+        .collect();
+    let acfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("adamw.safetensors");
+    let new = || Llama::<CpuAd>::from_weights(&cfg, &w, &Default::default()).unwrap();
+    let step = |m: Llama<CpuAd>, o: &mut AdamW<Cpu>| {
+        let g = codespot::importance::batch_grads(&m, &rows, 4);
+        o.step(m, g, 2e-2, 0.7)
+    };
+    let (mut kept, mut parked) = (new(), new());
+    let (mut ok, mut op) = (AdamW::<Cpu>::new(acfg, &kept), AdamW::<Cpu>::new(acfg, &parked));
+    for _ in 0..2 {
+        kept = step(kept, &mut ok);
+        parked = step(parked, &mut op);
+    }
+    op.save(&file).unwrap();
+    assert!(op.park(&file).unwrap(), "saved at this update count: parked");
+    let mut resumed = Llama::<CpuAd>::from_weights(&cfg, &parked.to_weights(), &Default::default()).unwrap();
+    let mut or = AdamW::<Cpu>::resume(acfg, &resumed, &file).unwrap();
+    assert_eq!(or.t, 2);
+    op.restore(&parked).unwrap();
+    or.restore(&resumed).unwrap();
+    for _ in 0..2 {
+        kept = step(kept, &mut ok);
+        parked = step(parked, &mut op);
+        resumed = step(resumed, &mut or);
+    }
+    let bits = |m: &Llama<CpuAd>| -> Vec<u32> {
+        m.to_weights()
+            .tensors
+            .values()
+            .flat_map(|t| t.data.iter().map(|x| x.to_bits()))
+            .collect()
+    };
+    assert_eq!(bits(&kept), bits(&parked));
+    assert_eq!(bits(&kept), bits(&resumed));
+    // The file holds update 2; this optimizer has made 4: it keeps its moments.
+    assert!(!op.park(&file).unwrap());
+
+    // Another model's optimizer file: refused, naming the file and the tensor.
+    let other_cfg = model::LlamaConfig::tiny(96);
+    let other = Llama::<CpuAd>::from_weights(
+        &other_cfg,
+        &model::llama::random_weights(&other_cfg, 1),
+        &Default::default(),
+    )
+    .unwrap();
+    let err = match AdamW::<Cpu>::resume(acfg, &other, &file) {
+        Ok(_) => panic!("another model's moments were accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("adamw.safetensors") && err.contains("m.model.embed_tokens.weight"),
+        "{err}"
+    );
+    // A file without the update count.
+    let bare = dir.path().join("bare.safetensors");
+    codespot::source::weights::save_safetensors(&parked.to_weights(), &bare, None).unwrap();
+    let err = match AdamW::<Cpu>::resume(acfg, &parked, &bare) {
+        Ok(_) => panic!("a file without moments was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("bare.safetensors") && err.contains("missing optimizer tensor"),
+        "{err}"
+    );
+}

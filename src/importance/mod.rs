@@ -678,9 +678,9 @@ pub fn score_snapshot<B: AutodiffBackend>(
         let mine = &chunks[range.clone()];
         let parallel = req.devices > 1 || req.nodes.count > 1;
         let mut on_batch = |done: usize| bar.set_position(done as u64);
-        let acc = if parallel {
+        let raw = if parallel {
             let devices = crate::collective::peer_devices::<B>(req.devices);
-            accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?
+            accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?.raw(model)
         } else if req.agreement && req.shard.is_none() && mine.len() >= 2 {
             // The two halves summed apart, then added: their scores give the agreement.
             let mid = mine.len() / 2;
@@ -702,12 +702,14 @@ pub fn score_snapshot<B: AutodiffBackend>(
                 &mut done,
                 &mut on_batch,
             );
-            midpoint = Some((a.clone().raw(model), b.clone().raw(model), half_tokens));
-            a.merge(b)
+            // Added on the device first, then each set of sums moved to the host as it is
+            // consumed: three model-sized sets alive at once, not five.
+            let raw = a.clone().merge(b.clone()).raw(model);
+            midpoint = Some((a.raw(model), b.raw(model), half_tokens));
+            raw
         } else {
-            accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut on_batch)
+            accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut on_batch).raw(model)
         };
-        let raw = acc.raw(model);
         if let Some((a, b, half_tokens)) = midpoint.take() {
             agreement = Some(agreement::measure(
                 &a,

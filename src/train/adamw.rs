@@ -8,11 +8,11 @@
 
 use crate::model::fused;
 use crate::model::{Llama, ParamRef};
-use crate::source::{HostTensor, Weights};
 use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -26,33 +26,115 @@ pub struct AdamWConfig {
 pub struct AdamW<B: Backend> {
     pub cfg: AdamWConfig,
     names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
     decay: Vec<bool>,
-    m: Vec<Tensor<B, 1>>,
-    v: Vec<Tensor<B, 1>>,
+    moments: Moments<B>,
     /// Updates applied so far (the bias-correction step count).
     pub t: usize,
 }
 
+/// Where the first and second moments are.
+enum Moments<B: Backend> {
+    /// No update yet: both are zero (the first step allocates them).
+    Zero,
+    /// In memory, flat, in `model.params()` order.
+    Held { m: Vec<Tensor<B, 1>>, v: Vec<Tensor<B, 1>> },
+    /// Only in this safetensors file ([`AdamW::park`], [`AdamW::resume`]); [`AdamW::restore`]
+    /// reads them back.
+    InFile(PathBuf),
+}
+
 impl<B: Backend> AdamW<B> {
-    /// Zero state for every parameter of `model`.
+    /// Zero state for every parameter of `model` (allocated by the first step).
     pub fn new<AB: AutodiffBackend<InnerBackend = B>>(cfg: AdamWConfig, model: &Llama<AB>) -> Self {
-        let device = model.embed.val().inner().device();
         let mut s = Self {
             cfg,
             names: vec![],
+            shapes: vec![],
             decay: vec![],
-            m: vec![],
-            v: vec![],
+            moments: Moments::Zero,
             t: 0,
         };
         for (name, p) in model.params() {
-            let n: usize = p.shape().iter().product();
             s.decay.push(matches!(p, ParamRef::Matrix(_)));
             s.names.push(name);
-            s.m.push(Tensor::zeros([n], &device));
-            s.v.push(Tensor::zeros([n], &device));
+            s.shapes.push(p.shape());
         }
         s
+    }
+
+    /// The state [`AdamW::save`] wrote to `path`, for `model`. Only the file's header is read
+    /// and checked here (the update count, and every `m.<name>` and `v.<name>` present with its
+    /// parameter's shape); the moments stay in the file until [`AdamW::restore`].
+    pub fn resume<AB: AutodiffBackend<InnerBackend = B>>(
+        cfg: AdamWConfig,
+        model: &Llama<AB>,
+        path: &Path,
+    ) -> Result<Self> {
+        let mut s = Self::new(cfg, model);
+        let header = crate::source::weights::safetensors_header(path)?;
+        for (name, shape) in s.names.iter().zip(&s.shapes) {
+            for prefix in ["m", "v"] {
+                let key = format!("{prefix}.{name}");
+                let found = header
+                    .shapes
+                    .get(&key)
+                    .with_context(|| format!("{}: missing optimizer tensor '{key}'", path.display()))?;
+                anyhow::ensure!(
+                    found == shape,
+                    "{}: optimizer tensor '{key}' has shape {found:?}, expected {shape:?}",
+                    path.display()
+                );
+            }
+        }
+        s.t = saved_updates(path, &header)?;
+        s.moments = Moments::InFile(path.to_path_buf());
+        Ok(s)
+    }
+
+    /// Free the moments when `file` (written by [`AdamW::save`]) holds them, i.e. was saved
+    /// after as many updates as this optimizer has made; returns whether it did.
+    /// [`AdamW::restore`] reads them back, bit for bit.
+    pub fn park(&mut self, file: &Path) -> Result<bool> {
+        if !matches!(self.moments, Moments::Held { .. }) {
+            return Ok(false);
+        }
+        let header = crate::source::weights::safetensors_header(file)?;
+        if saved_updates(file, &header)? != self.t {
+            return Ok(false);
+        }
+        self.moments = Moments::InFile(file.to_path_buf());
+        Ok(true)
+    }
+
+    /// Read parked moments back into memory (a no-op when they are there or still zero).
+    pub fn restore<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>) -> Result<()> {
+        let Moments::InFile(path) = &self.moments else {
+            return Ok(());
+        };
+        let mut w = crate::source::weights::from_safetensors(std::slice::from_ref(path))?;
+        let device = model.embed.val().inner().device();
+        let (mut m, mut v) = (vec![], vec![]);
+        for (name, shape) in self.names.iter().zip(&self.shapes) {
+            for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
+                let key = format!("{prefix}.{name}");
+                let h = w
+                    .tensors
+                    .remove(&key)
+                    .with_context(|| format!("{}: missing optimizer tensor '{key}'", path.display()))?;
+                anyhow::ensure!(
+                    &h.shape == shape,
+                    "{}: optimizer tensor '{key}' has shape {:?}, expected {shape:?}",
+                    path.display(),
+                    h.shape
+                );
+                let n = h.data.len();
+                let data = TensorData::new(h.data, [n]).convert::<B::FloatElem>();
+                out.push(Tensor::<B, 1>::from_data(data, &device));
+            }
+        }
+        self.moments = Moments::Held { m, v };
+        Ok(())
     }
 
     /// Global L2 norm of flat gradients.
@@ -78,6 +160,19 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         scale: f64,
     ) -> Llama<AB> {
+        if matches!(self.moments, Moments::Zero) {
+            let device = model.embed.val().inner().device();
+            let zeros = || {
+                self.shapes
+                    .iter()
+                    .map(|s| Tensor::zeros([s.iter().product::<usize>()], &device))
+                    .collect()
+            };
+            self.moments = Moments::Held { m: zeros(), v: zeros() };
+        }
+        let Moments::Held { m: ms, v: vs } = &mut self.moments else {
+            panic!("AdamW::step with parked moments: call AdamW::restore first");
+        };
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -92,8 +187,8 @@ impl<B: Backend> AdamW<B> {
                 // One pass over the parameter, in place (the same arithmetic as below).
                 let mut th = fused::flex(theta.inner());
                 let g = fused::flex(g);
-                let mut m = fused::flex(std::mem::replace(&mut self.m[k], Tensor::empty([0], &device)));
-                let mut v = fused::flex(std::mem::replace(&mut self.v[k], Tensor::empty([0], &device)));
+                let mut m = fused::flex(std::mem::replace(&mut ms[k], Tensor::empty([0], &device)));
+                let mut v = fused::flex(std::mem::replace(&mut vs[k], Tensor::empty([0], &device)));
                 let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
                 let (sc, bc2, step) = (scale as f32, bc2 as f32, (lr / bc1) as f32);
                 let wd = if self.decay[k] && c.weight_decay > 0.0 {
@@ -101,14 +196,14 @@ impl<B: Backend> AdamW<B> {
                 } else {
                     1.0
                 };
-                let (ms, vs) = (m.storage_mut::<f32>(), v.storage_mut::<f32>());
+                let (mf, vf) = (m.storage_mut::<f32>(), v.storage_mut::<f32>());
                 th.storage_mut::<f32>()
                     .par_chunks_mut(1 << 14)
                     .zip(fused::values(&g).par_chunks(1 << 14))
-                    .zip(ms.par_chunks_mut(1 << 14).zip(vs.par_chunks_mut(1 << 14)))
+                    .zip(mf.par_chunks_mut(1 << 14).zip(vf.par_chunks_mut(1 << 14)))
                     .for_each(|((th, g), (m, v))| adamw_chunk(th, g, m, v, [sc, b1, b2, bc2, eps, step, wd]));
-                self.m[k] = fused::unflex(m);
-                self.v[k] = fused::unflex(v);
+                ms[k] = fused::unflex(m);
+                vs[k] = fused::unflex(v);
                 return Tensor::from_inner(fused::unflex(th));
             }
             let g = if scale == 1.0 { g } else { g.mul_scalar(scale) };
@@ -117,72 +212,67 @@ impl<B: Backend> AdamW<B> {
             if self.decay[k] && c.weight_decay > 0.0 {
                 th = th.mul_scalar(1.0 - lr * c.weight_decay);
             }
-            let m = std::mem::replace(&mut self.m[k], Tensor::empty([0], &device));
-            let v = std::mem::replace(&mut self.v[k], Tensor::empty([0], &device));
+            let m = std::mem::replace(&mut ms[k], Tensor::empty([0], &device));
+            let v = std::mem::replace(&mut vs[k], Tensor::empty([0], &device));
             let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
             let v = v.mul_scalar(c.beta2) + g.powi_scalar(2).mul_scalar(1.0 - c.beta2);
             let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(c.eps);
             let th = th - m.clone().div(denom).mul_scalar(lr / bc1);
-            self.m[k] = m;
-            self.v[k] = v;
+            ms[k] = m;
+            vs[k] = v;
             Tensor::from_inner(th)
         })
     }
 
-    /// The state on the host: `m.<name>` and `v.<name>` with the parameters' shapes.
-    pub fn to_host<AB: AutodiffBackend<InnerBackend = B>>(&self, model: &Llama<AB>) -> Weights {
-        let mut w = Weights::default();
-        for (k, (name, p)) in model.params().into_iter().enumerate() {
-            let shape = p.shape();
-            for (prefix, t) in [("m", &self.m[k]), ("v", &self.v[k])] {
-                let data = t
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .expect("f32 state");
-                w.insert(format!("{prefix}.{name}"), HostTensor::new(shape.clone(), data));
+    /// Write the state to `path` (safetensors, atomically): `m.<name>` and `v.<name>` with the
+    /// parameters' shapes, f32, each copied off the device only when the writer reaches it, and
+    /// the update count as metadata `t`. [`AdamW::resume`] reads it back.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use crate::source::weights::Lazy;
+        if let Moments::InFile(from) = &self.moments {
+            // Parked: that file holds them already.
+            if from != path {
+                std::fs::copy(from, path)
+                    .with_context(|| format!("copying {} to {}", from.display(), path.display()))?;
             }
+            return Ok(());
         }
-        w
-    }
-
-    /// State read back from [`AdamW::to_host`]'s tensors; every parameter must be present
-    /// with its shape.
-    pub fn from_host<AB: AutodiffBackend<InnerBackend = B>>(
-        cfg: AdamWConfig,
-        model: &Llama<AB>,
-        w: &Weights,
-        t: usize,
-        what: &str,
-    ) -> Result<Self> {
-        let mut s = Self::new(cfg, model);
-        s.t = t;
-        let device = model.embed.val().inner().device();
-        for (k, (name, p)) in model.params().into_iter().enumerate() {
-            let shape = p.shape();
+        let host = |t: &Tensor<B, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 state")
+        };
+        let mut tensors = vec![];
+        for (k, (name, shape)) in self.names.iter().zip(&self.shapes).enumerate() {
             for prefix in ["m", "v"] {
-                let key = format!("{prefix}.{name}");
-                let h = w
-                    .get(&key)
-                    .with_context(|| format!("{what}: missing optimizer tensor '{key}'"))?;
-                anyhow::ensure!(
-                    h.shape == shape,
-                    "{what}: optimizer tensor '{key}' has shape {:?}, expected {shape:?}",
-                    h.shape
-                );
-                let n = h.data.len();
-                let t =
-                    Tensor::<B, 1>::from_data(TensorData::new(h.data.clone(), [n]).convert::<B::FloatElem>(), &device);
-                if prefix == "m" {
-                    s.m[k] = t;
-                } else {
-                    s.v[k] = t;
-                }
+                let t = match &self.moments {
+                    Moments::Held { m, v } => {
+                        let t = if prefix == "m" { &m[k] } else { &v[k] };
+                        Lazy::fetch(shape.clone(), move || host(t))
+                    }
+                    _ => {
+                        let n = shape.iter().product();
+                        Lazy::fetch(shape.clone(), move || vec![0.0; n])
+                    }
+                };
+                tensors.push((format!("{prefix}.{name}"), t));
             }
         }
-        Ok(s)
+        let meta = [("t".to_string(), self.t.to_string())].into();
+        crate::source::weights::write_safetensors(tensors, path, Some(meta), false)
     }
+}
+
+/// The update count in the metadata of a file [`AdamW::save`] wrote.
+fn saved_updates(path: &Path, header: &crate::source::weights::SafetensorsHeader) -> Result<usize> {
+    let t = header
+        .metadata
+        .get("t")
+        .with_context(|| format!("{}: no metadata 't' (the optimizer's update count)", path.display()))?;
+    t.parse()
+        .with_context(|| format!("{}: metadata 't' is '{t}', not an update count", path.display()))
 }
 
 fused::simd_fn! {

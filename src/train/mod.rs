@@ -311,8 +311,11 @@ pub fn tune<B: Backend>(
     }
     let heldout = heldout_blocks(loaded, corpora, &ck, eos)?;
 
+    // The model takes the base weights over (a resumed run reads its own instead).
+    let base_weights = std::mem::take(&mut ck.weights);
     let (mut model, mut opt, mut state) = match latest {
         Some(step) => {
+            drop(base_weights);
             let d = ckpt_dir.join(step_name(step));
             let st = read_state(&d)?;
             if st.tune_hash != hash {
@@ -322,18 +325,27 @@ pub fn tune<B: Backend>(
                 );
             }
             let w = crate::source::weights::from_safetensors(&[d.join("model.safetensors")])?;
-            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_as(&ck.config, &w, device, r.dtype)
+            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, r.dtype)
                 .with_context(|| format!("{}: model.safetensors", d.display()))?;
             m.keep_blocks = t.keep_blocks;
-            let ow = crate::source::weights::from_safetensors(&[d.join("optimizer").join("adamw.safetensors")])?;
-            let o = AdamW::from_host(acfg, &m, &ow, st.step, &d.join("optimizer").display().to_string())?;
+            // Only the header is read now: the moments stay in the file until the first step,
+            // so the snapshot below runs without them.
+            let o = AdamW::resume(acfg, &m, &d.join("optimizer").join(OPTIMIZER_FILE))?;
+            if o.t != st.step {
+                bail!(
+                    "{}: the optimizer has made {} updates, train_state.json says step {}",
+                    d.display(),
+                    o.t,
+                    st.step
+                );
+            }
             if opts.progress {
                 eprintln!("resuming {lang} from {} (step {})", d.display(), st.step);
             }
             (m, o, st)
         }
         None => {
-            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_as(&ck.config, &ck.weights, device, r.dtype)?;
+            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, base_weights, device, r.dtype)?;
             m.keep_blocks = t.keep_blocks;
             let o = AdamW::new(acfg, &m);
             let st = TrainState {
@@ -360,7 +372,6 @@ pub fn tune<B: Backend>(
             state.blocks_per_epoch
         );
     }
-    ck.weights = Default::default(); // the model holds them now
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("creating {}", snap_dir.display()))?;
     let mut tb = Tb::open(&dir.join("tb"))?;
     // TensorBoard forgets whatever an earlier process logged at this step or later (a process
@@ -446,6 +457,7 @@ pub fn tune<B: Backend>(
         } else {
             1.0
         };
+        opt.restore(&model)?;
         model = opt.step(model, grads, lr, avg * clip);
         let dt = t0.elapsed().as_secs_f64();
         state.step = step;
@@ -491,6 +503,9 @@ pub fn tune<B: Backend>(
                 eprintln!("{ABORT_ENV}={step}: aborting after the checkpoint");
                 std::process::abort();
             }
+            // The checkpoint holds the moments now: free them while the snapshot runs (the next
+            // step reads them back, the same bits), so the two never share memory.
+            opt.park(&ckpt_dir.join(step_name(step)).join("optimizer").join(OPTIMIZER_FILE))?;
             ctx.ensure_snapshot(&model, step, &mut tb)?;
         }
     }
@@ -561,16 +576,19 @@ fn write_checkpoint<AB: AutodiffBackend>(
     state: &TrainState,
 ) -> Result<()> {
     crate::util::write_dir_atomic(out, true, |tmp| {
-        model::export::write_hf_files(&ck.config, &model.to_weights(), &ck.tokenizer, tmp)?;
+        // Every tensor is copied off the model or the optimizer only when its file reaches it.
+        let mut weights = model.lazy_weights();
+        model::export::write_hf_files_with(&ck.config, &ck.tokenizer, tmp, |name| weights.remove(name))?;
         let od = tmp.join("optimizer");
         std::fs::create_dir_all(&od)?;
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("t".to_string(), opt.t.to_string());
-        crate::source::weights::save_safetensors(&opt.to_host(model), &od.join("adamw.safetensors"), Some(meta))?;
+        opt.save(&od.join(OPTIMIZER_FILE))?;
         std::fs::write(tmp.join("train_state.json"), serde_json::to_string_pretty(state)?)?;
         Ok(())
     })
 }
+
+/// The optimizer's state in a checkpoint, under `optimizer/`.
+const OPTIMIZER_FILE: &str = "adamw.safetensors";
 
 /// Keep the newest `keep` checkpoints.
 fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
