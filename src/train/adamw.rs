@@ -73,20 +73,7 @@ impl<B: Backend> AdamW<B> {
     ) -> Result<Self> {
         let mut s = Self::new(cfg, model);
         let header = crate::source::weights::safetensors_header(path)?;
-        for (name, shape) in s.names.iter().zip(&s.shapes) {
-            for prefix in ["m", "v"] {
-                let key = format!("{prefix}.{name}");
-                let found = header
-                    .shapes
-                    .get(&key)
-                    .with_context(|| format!("{}: missing optimizer tensor '{key}'", path.display()))?;
-                anyhow::ensure!(
-                    found == shape,
-                    "{}: optimizer tensor '{key}' has shape {found:?}, expected {shape:?}",
-                    path.display()
-                );
-            }
-        }
+        s.check_file(path, |key| header.shapes.get(key))?;
         s.t = saved_updates(path, &header)?;
         s.moments = Moments::InFile(path.to_path_buf());
         Ok(s)
@@ -113,27 +100,36 @@ impl<B: Backend> AdamW<B> {
             return Ok(());
         };
         let mut w = crate::source::weights::from_safetensors(std::slice::from_ref(path))?;
+        self.check_file(path, |key| w.tensors.get(key).map(|t| &t.shape))?;
         let device = model.embed.val().inner().device();
         let (mut m, mut v) = (vec![], vec![]);
-        for (name, shape) in self.names.iter().zip(&self.shapes) {
+        for name in &self.names {
             for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
-                let key = format!("{prefix}.{name}");
-                let h = w
-                    .tensors
-                    .remove(&key)
-                    .with_context(|| format!("{}: missing optimizer tensor '{key}'", path.display()))?;
-                anyhow::ensure!(
-                    &h.shape == shape,
-                    "{}: optimizer tensor '{key}' has shape {:?}, expected {shape:?}",
-                    path.display(),
-                    h.shape
-                );
+                let h = w.tensors.remove(&format!("{prefix}.{name}")).expect("checked above");
                 let n = h.data.len();
                 let data = TensorData::new(h.data, [n]).convert::<B::FloatElem>();
                 out.push(Tensor::<B, 1>::from_data(data, &device));
             }
         }
         self.moments = Moments::Held { m, v };
+        Ok(())
+    }
+
+    /// Every `m.<name>` and `v.<name>` of a state file present (`shape_of`) with its
+    /// parameter's shape.
+    fn check_file<'a>(&self, path: &Path, shape_of: impl Fn(&str) -> Option<&'a Vec<usize>>) -> Result<()> {
+        for (name, shape) in self.names.iter().zip(&self.shapes) {
+            for prefix in ["m", "v"] {
+                let key = format!("{prefix}.{name}");
+                let found =
+                    shape_of(&key).with_context(|| format!("{}: missing optimizer tensor '{key}'", path.display()))?;
+                anyhow::ensure!(
+                    found == shape,
+                    "{}: optimizer tensor '{key}' has shape {found:?}, expected {shape:?}",
+                    path.display()
+                );
+            }
+        }
         Ok(())
     }
 
