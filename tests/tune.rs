@@ -516,6 +516,30 @@ fn plan_prints_the_memory_per_device() {
     assert_eq!(p["params"].as_u64(), Some(cfg.num_params() as u64));
 }
 
+/// A tiny random Llama (weights from `seed`), a batch of 4 × 11 tokens and AdamW's settings
+/// with weight decay, for the optimizer tests.
+fn adamw_case(
+    seed: u64,
+) -> (
+    codespot::model::LlamaConfig,
+    codespot::source::Weights,
+    Vec<Vec<u32>>,
+    codespot::train::adamw::AdamWConfig,
+) {
+    let cfg = codespot::model::LlamaConfig::tiny(64);
+    let w = codespot::model::llama::random_weights(&cfg, seed);
+    let rows = (0..4)
+        .map(|r| (0..11).map(|i| ((i * 5 + r * 17 + 2) % 64) as u32).collect())
+        .collect();
+    let acfg = codespot::train::adamw::AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    (cfg, w, rows, acfg)
+}
+
 /// AdamW's one-pass update on the CPU backend's storage (`train::adamw`) gives the tensor-op
 /// update on the f64 reference backend, fed the same gradients: with weight decay, gradient
 /// scaling and bias correction over three steps.
@@ -524,20 +548,10 @@ fn fused_adamw_matches_the_tensor_op_update() {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
     use codespot::backend::{Cpu, CpuAd};
-    use codespot::model::{self, Llama};
-    use codespot::train::adamw::{AdamW, AdamWConfig};
+    use codespot::model::Llama;
+    use codespot::train::adamw::AdamW;
     type F64 = NdArray<f64>;
-    let cfg = model::LlamaConfig::tiny(64);
-    let w = model::llama::random_weights(&cfg, 9);
-    let rows: Vec<Vec<u32>> = (0..4)
-        .map(|r| (0..11).map(|i| ((i * 5 + r * 17 + 2) % 64) as u32).collect())
-        .collect();
-    let acfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let (cfg, w, rows, acfg) = adamw_case(9);
     let mut a = Llama::<CpuAd>::from_weights(&cfg, &w, &Default::default()).unwrap();
     let mut b = Llama::<Autodiff<F64>>::from_weights(&cfg, &w, &Default::default()).unwrap();
     let (mut oa, mut ob) = (AdamW::<Cpu>::new(acfg, &a), AdamW::<F64>::new(acfg, &b));
@@ -577,18 +591,8 @@ fn fused_adamw_matches_the_tensor_op_update() {
 fn parked_and_resumed_moments_continue_bit_for_bit() {
     use codespot::backend::{Cpu, CpuAd};
     use codespot::model::{self, Llama};
-    use codespot::train::adamw::{AdamW, AdamWConfig};
-    let cfg = model::LlamaConfig::tiny(64);
-    let w = model::llama::random_weights(&cfg, 5);
-    let rows: Vec<Vec<u32>> = (0..4)
-        .map(|r| (0..11).map(|i| ((i * 7 + r * 13 + 1) % 64) as u32).collect())
-        .collect();
-    let acfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    use codespot::train::adamw::AdamW;
+    let (cfg, w, rows, acfg) = adamw_case(5);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("adamw.safetensors");
     let new = || Llama::<CpuAd>::from_weights(&cfg, &w, &Default::default()).unwrap();
