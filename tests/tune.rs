@@ -638,21 +638,19 @@ fn parked_and_resumed_moments_continue_bit_for_bit() {
         &Default::default(),
     )
     .unwrap();
-    let err = match AdamW::<Cpu>::resume(acfg, &other, &file) {
-        Ok(_) => panic!("another model's moments were accepted"),
+    let refusal = |m: &Llama<CpuAd>, f: &std::path::Path| match AdamW::<Cpu>::resume(acfg, m, f) {
+        Ok(_) => panic!("{}: accepted for a model it does not fit", f.display()),
         Err(e) => format!("{e:#}"),
     };
+    let err = refusal(&other, &file);
     assert!(
         err.contains("adamw.safetensors") && err.contains("m.model.embed_tokens.weight"),
         "{err}"
     );
-    // A file without the update count.
+    // A file of weights, not moments.
     let bare = dir.path().join("bare.safetensors");
     codespot::source::weights::save_safetensors(&parked.to_weights(), &bare, None).unwrap();
-    let err = match AdamW::<Cpu>::resume(acfg, &parked, &bare) {
-        Ok(_) => panic!("a file without moments was accepted"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = refusal(&parked, &bare);
     assert!(
         err.contains("bare.safetensors") && err.contains("missing optimizer tensor"),
         "{err}"

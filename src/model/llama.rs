@@ -107,12 +107,6 @@ fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device, dtype
     Param::from_tensor(dtype.apply(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device)))
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
-    let shape = t.dims().to_vec();
-    let data = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
-    HostTensor::new(shape, data)
-}
-
 /// Canonical HF names of a block's tensors, in field order.
 pub const BLOCK_TENSORS: [&str; 9] = [
     "input_layernorm.weight",
@@ -313,11 +307,7 @@ impl<B: Backend> Llama<B> {
     pub fn to_weights(&self) -> Weights {
         let mut w = Weights::default();
         for (name, p) in self.params() {
-            let t = match p {
-                ParamRef::Vector(p) => host(p.val()),
-                ParamRef::Matrix(p) => host(p.val()),
-            };
-            w.insert(name, t);
+            w.insert(name, HostTensor::new(p.shape(), p.host_values()));
         }
         w
     }

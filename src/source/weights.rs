@@ -207,12 +207,10 @@ pub fn safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
     let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("safetensors file {}", path.display()))?;
     let invalid =
         |e: safetensors::SafeTensorError| anyhow::anyhow!("safetensors file {}: invalid header: {e}", path.display());
-    // `deserialize` checks the offsets against the file's length; `read_metadata` keeps the
-    // free-form metadata.
-    let st = SafeTensors::deserialize(&map).map_err(invalid)?;
+    // Checks the offsets against the file's length too.
     let (_, meta) = SafeTensors::read_metadata(&map).map_err(invalid)?;
     Ok(SafetensorsHeader {
-        shapes: st.iter().map(|(n, v)| (n.to_string(), v.shape().to_vec())).collect(),
+        shapes: meta.tensors().into_iter().map(|(n, t)| (n, t.shape.clone())).collect(),
         metadata: meta.metadata().clone().unwrap_or_default(),
     })
 }
@@ -242,7 +240,6 @@ pub fn save_safetensors_as(
 pub struct Lazy<'a> {
     shape: Vec<usize>,
     values: Values<'a>,
-    half: bool,
 }
 
 enum Values<'a> {
@@ -257,7 +254,6 @@ impl<'a> Lazy<'a> {
         Self {
             shape: t.shape.clone(),
             values: Values::Host(&t.data),
-            half: false,
         }
     }
 
@@ -266,12 +262,17 @@ impl<'a> Lazy<'a> {
         Self {
             shape,
             values: Values::Fetch(Box::new(fetch)),
-            half: false,
         }
     }
 }
 
-impl safetensors::View for Lazy<'_> {
+/// A [`Lazy`] tensor as the writer sees it: f32, or f16 with `half`.
+struct Encoded<'a> {
+    tensor: Lazy<'a>,
+    half: bool,
+}
+
+impl safetensors::View for Encoded<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         if self.half {
             safetensors::Dtype::F16
@@ -280,7 +281,7 @@ impl safetensors::View for Lazy<'_> {
         }
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        &self.tensor.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         let encode = |x: &[f32]| -> Vec<u8> {
@@ -290,13 +291,13 @@ impl safetensors::View for Lazy<'_> {
                 x.iter().flat_map(|v| v.to_le_bytes()).collect()
             }
         };
-        let bytes = match &self.values {
+        let bytes = match &self.tensor.values {
             Values::Host(x) => encode(x),
             Values::Fetch(f) => {
                 let x = f();
                 assert_eq!(
                     x.len(),
-                    self.shape.iter().product::<usize>(),
+                    self.tensor.shape.iter().product::<usize>(),
                     "a fetched tensor's length must match its shape"
                 );
                 encode(&x)
@@ -305,21 +306,19 @@ impl safetensors::View for Lazy<'_> {
         std::borrow::Cow::Owned(bytes)
     }
     fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * if self.half { 2 } else { 4 }
+        self.tensor.shape.iter().product::<usize>() * if self.half { 2 } else { 4 }
     }
 }
 
 /// Write named tensors as one safetensors file, f32 or (with `half`) f16, atomically (a temp
 /// sibling renamed into place). Each tensor is encoded when the writer reaches it.
 pub fn write_safetensors(
-    mut tensors: Vec<(String, Lazy<'_>)>,
+    tensors: Vec<(String, Lazy<'_>)>,
     path: &Path,
     metadata: Option<std::collections::HashMap<String, String>>,
     half: bool,
 ) -> Result<()> {
-    for (_, t) in &mut tensors {
-        t.half = half;
-    }
+    let tensors = tensors.into_iter().map(|(n, tensor)| (n, Encoded { tensor, half }));
     crate::util::clear_stale_tmp(path);
     let tmp = crate::util::tmp_sibling(path);
     safetensors::serialize_to_file(tensors, metadata, &tmp)
