@@ -36,12 +36,18 @@ pub fn hash_of(v: serde_json::Value) -> String {
     crate::util::sha256_bytes(v.to_string().as_bytes())
 }
 
+/// One stage's (language, output dir, stage hash).
+pub type Stage = (String, PathBuf, String);
+
 /// Stage hashes and the dirs of a run.
 pub struct Plan {
     pub out: PathBuf,
     pub base_snap: Vec<(String, PathBuf, String)>,
     /// The base model's snapshot on the prose corpus (`spot.text`), when the recipe has one.
     pub text_snap: Option<(String, PathBuf, String)>,
+    /// Per baseline criterion (`spot.criteria`), the base model's snapshot of each language
+    /// scored with it (`base-<method>/<lang>`).
+    pub criteria_snap: Vec<(crate::importance::Method, Vec<Stage>)>,
     pub base_spot: (PathBuf, String),
     pub tuned_spot: (PathBuf, String),
 }
@@ -61,8 +67,30 @@ impl Plan {
         };
         let base_snap: Vec<(String, PathBuf, String)> = r.languages.iter().map(snap).collect();
         let text_snap = r.spot.text.as_ref().map(snap);
+        let criteria_snap: Vec<_> = r
+            .spot
+            .criteria
+            .iter()
+            .map(|&m| {
+                let dirs: Vec<Stage> = r
+                    .languages
+                    .iter()
+                    .map(|l| {
+                        let (l, _, h) = snap(l);
+                        let dir = out.join(format!("base-{}", m.name())).join(&l);
+                        (
+                            l,
+                            dir,
+                            hash_of(serde_json::json!({"stage": "criterion-snapshot", "method": m, "of": h})),
+                        )
+                    })
+                    .collect();
+                (m, dirs)
+            })
+            .collect();
         let mut inputs: Vec<&String> = base_snap.iter().map(|x| &x.2).collect();
         inputs.extend(text_snap.iter().map(|x| &x.2));
+        inputs.extend(criteria_snap.iter().flat_map(|(_, v)| v.iter().map(|x| &x.2)));
         let base_spot_hash = hash_of(serde_json::json!({"stage": "spot", "spot": r.spot, "inputs": inputs}));
         let mut tuned = serde_json::json!({"stage": "spot", "spot": r.spot, "tune": tune_hash(loaded)});
         if let Some(t) = &text_snap {
@@ -75,6 +103,7 @@ impl Plan {
             out,
             base_snap,
             text_snap,
+            criteria_snap,
         }
     }
 }
@@ -117,8 +146,24 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.half = i.half;
     req.devices = loaded.recipe.devices;
     req.agreement = i.agreement;
+    req.halves = i.halves;
     req.progress = true;
     req
+}
+
+/// The request of a baseline criterion's snapshot: the language's base request scored with
+/// `method`, without halves or agreement (a criterion's set needs neither).
+pub fn criterion_request(loaded: &Loaded, lang: &str, method: crate::importance::Method) -> ScoreRequest {
+    let mut req = snapshot_request(loaded, lang);
+    req.method = method;
+    req.halves = false;
+    req.agreement = false;
+    req
+}
+
+/// A run's evaluation directory (`base`, `tuned-<lang>`).
+pub fn eval_dir(loaded: &Loaded, name: &str) -> PathBuf {
+    loaded.out_dir().join("eval").join(name)
 }
 
 /// The snapshot at the last step of a language's tuning.

@@ -54,7 +54,7 @@ pub struct CorpusSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
-    /// Optimizer steps.
+    /// Optimizer steps (0: no tuning; the run selects and evaluates on the base model only).
     pub steps: usize,
     /// Sequences per micro-step.
     pub batch: usize,
@@ -115,6 +115,14 @@ pub struct ImportanceSection {
     /// of the sums while scoring.
     #[serde(skip_serializing_if = "is_true")]
     pub agreement: bool,
+    /// Also write each snapshot's two calibration halves (`half-a/`, `half-b/`): needed by the
+    /// `code-minus-code` control, and the language matrix's floors at any k.
+    #[serde(skip_serializing_if = "is_false")]
+    pub halves: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_true(b: &bool) -> bool {
@@ -135,6 +143,14 @@ pub struct SpotSection {
     /// the `text` and `code-specific` controls. It is not one of the spot's languages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// Languages scored (and tuned) but left out of the spot's aggregate, as the research holds
+    /// Python out; they keep their `own=` sets and language-matrix rows.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_out: Vec<String>,
+    /// Baseline criteria (`wanda`, `molchanov`, …): the run also scores the base model with
+    /// each, and the spot file gets a set per criterion with the spot's count per tensor.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub criteria: Vec<Method>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,6 +168,15 @@ pub struct EvalSection {
     pub k: Vec<f64>,
     /// Spot sizes evaluated on each tuned model (with the tuned spot; empty = intact only).
     pub tuned_k: Vec<f64>,
+    /// The one spot size at which the sets that break the spot down are evaluated: each
+    /// language's own spot (`own-language`: the transfer matrix) and the arms (`arms`). Other k
+    /// evaluate the spot and the remaining controls only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail_k: Option<f64>,
+    /// Specificity at matched damage: read every set's curve where this task (prose bits per
+    /// byte) has risen by `matched_pct` %.
+    pub matched_reference: String,
+    pub matched_pct: f64,
 }
 
 fn d_devices() -> usize {
@@ -211,6 +236,7 @@ impl Default for ImportanceSection {
             half: false,
             track_k: 1.0,
             agreement: true,
+            halves: false,
         }
     }
 }
@@ -225,6 +251,8 @@ impl Default for SpotSection {
             controls: vec![Control::Random],
             seed: 0,
             text: None,
+            held_out: vec![],
+            criteria: vec![],
         }
     }
 }
@@ -245,6 +273,9 @@ impl Default for EvalSection {
             seed: 0,
             k: vec![],
             tuned_k: vec![1.0],
+            detail_k: None,
+            matched_reference: "text-bpb".into(),
+            matched_pct: 10.0,
         }
     }
 }
@@ -357,11 +388,57 @@ impl Loaded {
             }
             Ok(())
         };
-        pos("train.steps", t.steps)?;
+        for h in &r.spot.held_out {
+            if !r.languages.contains(h) {
+                return Err(self.err(
+                    "spot.held_out",
+                    format!("'{h}' is not one of languages {:?}", r.languages),
+                ));
+            }
+        }
+        if r.spot.held_out.len() >= r.languages.len() {
+            return Err(self.err("spot.held_out", "holds out every language: nothing left to aggregate"));
+        }
+        if r.spot.criteria.contains(&r.importance.method) {
+            return Err(self.err(
+                "spot.criteria",
+                format!(
+                    "'{}' is the spot's own method (importance.method)",
+                    r.importance.method.name()
+                ),
+            ));
+        }
+        if r.spot.controls.contains(&Control::CodeMinusCode) && !i.halves {
+            return Err(self.err(
+                "spot.controls",
+                "the code-minus-code control needs importance.halves = true (two disjoint calibration samples)",
+            ));
+        }
+        if let Some(k) = r.eval.detail_k {
+            if !r
+                .spot
+                .controls
+                .iter()
+                .any(|c| matches!(c, Control::OwnLanguage | Control::Arms))
+            {
+                return Err(self.err(
+                    "eval.detail_k",
+                    "needs the own-language or arms control in spot.controls",
+                ));
+            }
+            if !r.spot.k.iter().any(|s| (s - k).abs() < 1e-9) {
+                return Err(self.err("eval.detail_k", format!("{k} is not among spot.k {:?}", r.spot.k)));
+            }
+        }
+        if !(r.eval.matched_pct.is_finite() && r.eval.matched_pct > 0.0) {
+            return Err(self.err("eval.matched_pct", "must be > 0"));
+        }
+        if t.steps > 0 {
+            pos("train.checkpoint_every", t.checkpoint_every)?;
+        }
         pos("train.batch", t.batch)?;
         pos("train.grad_accum", t.grad_accum)?;
         pos("train.micro_batch", t.micro_batch)?;
-        pos("train.checkpoint_every", t.checkpoint_every)?;
         pos("train.keep_checkpoints", t.keep_checkpoints)?;
         pos("train.log_every", t.log_every)?;
         pos("importance.tokens", i.tokens)?;
@@ -399,7 +476,7 @@ impl Loaded {
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(self.err("train.lr", format!("must be > 0 (got {})", t.lr)));
         }
-        if t.checkpoint_every > t.steps {
+        if t.steps > 0 && t.checkpoint_every > t.steps {
             return Err(self.err(
                 "train.checkpoint_every",
                 format!(
@@ -408,7 +485,7 @@ impl Loaded {
                 ),
             ));
         }
-        if t.warmup > t.steps {
+        if t.steps > 0 && t.warmup > t.steps {
             return Err(self.err(
                 "train.warmup",
                 format!("{} is longer than the run ({} steps)", t.warmup, t.steps),

@@ -26,7 +26,13 @@ fn say(msg: impl std::fmt::Display) {
     eprintln!("[run] {msg}");
 }
 
-fn select_spot(loaded: &Loaded, snapshots: Vec<PathBuf>, text: Option<PathBuf>, out: &Path) -> Result<()> {
+fn select_spot(
+    loaded: &Loaded,
+    snapshots: Vec<PathBuf>,
+    text: Option<PathBuf>,
+    criteria: Vec<(importance::Method, Vec<PathBuf>)>,
+    out: &Path,
+) -> Result<()> {
     let s = &loaded.recipe.spot;
     let req = crate::spot::SelectRequest {
         snapshots,
@@ -38,6 +44,8 @@ fn select_spot(loaded: &Loaded, snapshots: Vec<PathBuf>, text: Option<PathBuf>, 
         seed: s.seed,
         model: Some(loaded.recipe.model.clone()),
         text,
+        held_out: s.held_out.clone(),
+        criteria,
     };
     let (sets, man) = crate::spot::select(&req)?;
     crate::spot::file::write(out, &sets, &man, true)
@@ -98,19 +106,51 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         importance::score_snapshot(&m, c, corpora, &req, dir, true)?;
         mark(dir, h)?;
     }
+    // 1b. The base model scored with each baseline criterion.
+    for (method, snaps) in &plan.criteria_snap {
+        for (lang, dir, h) in snaps {
+            if !stage(format!("base snapshot {lang} ({})", method.name()), stage_done(dir, h)) {
+                continue;
+            }
+            if ck.is_none() {
+                ck = Some(crate::model::load(&r.model)?);
+            }
+            let c = ck.as_mut().expect("loaded");
+            let m = crate::model::Llama::<crate::backend::Ad<B>>::from_weights_as(
+                &c.config,
+                &c.weights,
+                device,
+                loaded.recipe.dtype,
+            )?;
+            let req = crate::layout::criterion_request(loaded, lang, *method);
+            importance::score_snapshot(&m, c, corpora, &req, dir, true)?;
+            mark(dir, h)?;
+        }
+    }
     drop(ck);
+    let criteria_dirs = |plan: &Plan| -> Vec<(importance::Method, Vec<PathBuf>)> {
+        plan.criteria_snap
+            .iter()
+            .map(|(m, v)| (*m, v.iter().map(|x| x.1.clone()).collect()))
+            .collect()
+    };
 
     // 2. Base spot.
     let (bs, bh) = &plan.base_spot;
     if stage("base spot".into(), stage_done(bs, bh)) {
         let text = plan.text_snap.as_ref().map(|x| x.1.clone());
-        select_spot(loaded, plan.base_snap.iter().map(|x| x.1.clone()).collect(), text, bs)?;
+        let snaps = plan.base_snap.iter().map(|x| x.1.clone()).collect();
+        select_spot(loaded, snaps, text, criteria_dirs(&plan), bs)?;
         mark(bs, bh)?;
+    }
+    if r.train.steps == 0 {
+        say("train.steps = 0: no tuning; the base model only");
     }
 
     // 3. Tuning, one language at a time.
     let th = train::tune_hash(loaded);
-    for lang in &r.languages {
+    let tuning = r.train.steps > 0;
+    for lang in r.languages.iter().filter(|_| tuning) {
         let dir = train::tune_dir(loaded, lang);
         let done = std::fs::read_to_string(dir.join("tune.json"))
             .ok()
@@ -140,10 +180,11 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     // 4. Tuned spot: each language's final snapshot (its own tuned model).
     let (ts, tsh) = &plan.tuned_spot;
     let finals: Vec<PathBuf> = r.languages.iter().map(|l| final_snapshot(loaded, l)).collect();
-    if stage("tuned spot".into(), stage_done(ts, tsh)) {
-        // The text sets of the tuned spot use the base model's prose snapshot.
+    if tuning && stage("tuned spot".into(), stage_done(ts, tsh)) {
+        // The text sets of the tuned spot use the base model's prose snapshot; baseline
+        // criteria are the base model's (the tuned models are scored with the spot's method).
         let text = plan.text_snap.as_ref().map(|x| x.1.clone());
-        select_spot(loaded, finals.clone(), text, ts)?;
+        select_spot(loaded, finals.clone(), text, vec![], ts)?;
         mark(ts, tsh)?;
     }
 
@@ -163,7 +204,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             hash_of(serde_json::json!([bh, th])),
         ));
     }
-    for (name, a, b, h) in &pairs {
+    for (name, a, b, h) in pairs.iter().filter(|_| tuning) {
         let out = plan.out.join("compare").join(name);
         if stage(format!("compare {name}"), stage_done(&out, h)) {
             let c = crate::track::compare::compare(a, b, &ks)?;
@@ -175,17 +216,11 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     // 6. Evaluation: the base model with the base spot, each tuned model with the tuned spot.
     let e = &r.eval;
     let opts = eval_options(loaded, corpora);
-    let controls: Vec<String> = r
-        .spot
-        .controls
-        .iter()
-        .filter(|c| !matches!(c, crate::spot::Control::PerLanguage))
-        .map(|c| {
-            serde_json::to_value(c)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
-        })
+    let controls = eval_sets(loaded, &[]);
+    let tuned_controls = eval_sets(loaded, &[]);
+    let without_criteria: Vec<String> = tuned_controls
+        .into_iter()
+        .filter(|c| !r.spot.criteria.iter().any(|m| m.name() == c))
         .collect();
     let eval_k = if e.k.is_empty() { r.spot.k.clone() } else { e.k.clone() };
     let mut evals = vec![(
@@ -195,7 +230,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         eval_k.clone(),
         bh.clone(),
     )];
-    for lang in &r.languages {
+    for lang in r.languages.iter().filter(|_| tuning) {
         let ckpt = train::tune_dir(loaded, lang)
             .join("checkpoints")
             .join(train::step_name(r.train.steps));
@@ -208,12 +243,24 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         ));
     }
     for (name, source, spot, ks, dep) in &evals {
-        let out = plan.out.join("eval").join(name);
-        let h = hash_of(serde_json::json!({"stage": "eval", "eval": e, "controls": controls, "ks": ks, "dep": dep}));
+        let out = crate::layout::eval_dir(loaded, name);
+        let sets = if name == "base" { &controls } else { &without_criteria };
+        // The sets that break the spot down, at one k on the base model.
+        let detail: Vec<String> = match e.detail_k {
+            Some(_) if name == "base" => detail_sets(loaded),
+            _ => vec![],
+        };
+        let h = hash_of(
+            serde_json::json!({"stage": "eval", "eval": e, "controls": sets, "detail": detail, "ks": ks, "dep": dep}),
+        );
         if !stage(format!("eval {name}"), stage_done(&out, &h)) {
             continue;
         }
-        let conds = crate::eval::conditions(Some(spot), ks, &controls)?;
+        let mut conds = crate::eval::conditions(Some(spot), ks, sets)?;
+        if let (Some(dk), false) = (e.detail_k, detail.is_empty()) {
+            // Skip the intact model and the spot, already in the list.
+            conds.extend(crate::eval::conditions(Some(spot), &[dk], &detail)?.into_iter().skip(2));
+        }
         let label = if name == "base" {
             "base".to_string()
         } else {
@@ -233,6 +280,32 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         stages_run: ran,
         stages_skipped: skipped,
     })
+}
+
+/// The spot file's sets that each `k` of the evaluation ablates beside the spot: every
+/// control's sets but the per-language ones and those evaluated at `eval.detail_k` only
+/// ([`detail_sets`]), then the baseline criteria's.
+fn eval_sets(loaded: &Loaded, languages: &[String]) -> Vec<String> {
+    use crate::spot::Control;
+    let s = &loaded.recipe.spot;
+    s.controls
+        .iter()
+        .filter(|c| !matches!(c, Control::PerLanguage | Control::OwnLanguage | Control::Arms))
+        .flat_map(|c| c.set_names(languages))
+        .chain(s.criteria.iter().map(|m| m.name().to_string()))
+        .collect()
+}
+
+/// The sets evaluated at `eval.detail_k` only: each language's own spot, and the arms.
+fn detail_sets(loaded: &Loaded) -> Vec<String> {
+    use crate::spot::Control;
+    let r = &loaded.recipe;
+    r.spot
+        .controls
+        .iter()
+        .filter(|c| matches!(c, Control::OwnLanguage | Control::Arms))
+        .flat_map(|c| c.set_names(&r.languages))
+        .collect()
 }
 
 pub fn eval_options(loaded: &Loaded, corpora: &crate::data::Corpora) -> crate::eval::EvalOptions {

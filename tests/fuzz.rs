@@ -224,6 +224,8 @@ fn corrupt_safetensors_snapshots_spots_and_manifests_never_panic() {
         seed: 1,
         model: None,
         text: None,
+        held_out: vec![],
+        criteria: vec![],
     };
     let (sets, man) = codespot::spot::select(&sel).unwrap();
     codespot::spot::file::write(&spot, &sets, &man, false).unwrap();

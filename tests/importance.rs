@@ -393,7 +393,13 @@ fn halves_merge_exactly_into_the_whole() {
     let w = model::llama::random_weights(&cfg, 8);
     let dev = Default::default();
     let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
-    for method in [Method::Taylor, Method::TaylorSum, Method::Taylor2] {
+    for method in [
+        Method::Taylor,
+        Method::TaylorSum,
+        Method::Taylor2,
+        Method::Molchanov,
+        Method::Wanda,
+    ] {
         let whole = importance::score(&m, &blocks(), 1, 1, method, |_| {}).unwrap();
         let (full, a, b) = importance::score_halves(&m, &blocks(), 1, 1, method, |_| {}).unwrap();
         let first = importance::score(&m, &blocks()[..2], 1, 1, method, |_| {}).unwrap();
@@ -542,6 +548,8 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
             seed: 1,
             model: None,
             text: None,
+            held_out: vec![],
+            criteria: vec![],
         };
         let (sets, man) = codespot::spot::select(&sel).unwrap();
         let d = dir.path().join(name);
@@ -630,4 +638,132 @@ fn chunked_manifests_pack_short_texts_into_documents() {
         .collect::<anyhow::Result<Vec<_>>>()
         .unwrap();
     assert!(held.iter().all(|d| d.path.contains('#')));
+}
+
+/// Molchanov's criterion is Σ_b (θ g_b)²: each batch's |θ g_b| (a one-batch taylor-sum score)
+/// squared and added.
+#[test]
+fn molchanov_sums_the_squared_taylor_terms_of_each_batch() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 5);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    let b = blocks();
+    let mol = importance::score(&m, &b, 2, 2, Method::Molchanov, |_| {}).unwrap();
+    let one = importance::score(&m, &b[..2], 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    let two = importance::score(&m, &b[2..], 2, 2, Method::TaylorSum, |_| {}).unwrap();
+    let mut nonzero = 0;
+    for (name, t) in &mol.tensors {
+        for i in 0..t.numel() {
+            let (a1, a2) = (one.tensors[name].data[i] as f64, two.tensors[name].data[i] as f64);
+            let want = a1 * a1 + a2 * a2;
+            let got = t.data[i] as f64;
+            assert!((got - want).abs() <= 1e-9 + 1e-6 * want, "{name}[{i}]: {got} vs {want}");
+            nonzero += usize::from(got > 0.0);
+        }
+    }
+    assert!(nonzero > 1000, "{nonzero}");
+}
+
+/// Wanda's |W_ij|·‖X_j‖₂ against a forward pass written out by hand on the host: one input
+/// token per row, so attention over a single position passes each value head through, and
+/// layer 0's every input (normed stream, q/k/v/o/gate/up/down inputs) is a few loops.
+#[test]
+#[allow(clippy::needless_range_loop)]
+fn wanda_weighs_each_weight_by_its_input_channels_norm() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 6);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    // Rows of two tokens: one input token each (the last token is only a target).
+    let rows: Vec<Vec<u32>> = vec![vec![3, 9], vec![17, 1], vec![3, 2], vec![60, 5]];
+    let s = importance::score(&m, &rows, 2, 1, Method::Wanda, |_| {}).unwrap();
+    let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let t = |n: &str| -> Vec<f64> { w.tensors[n].data.iter().map(|&x| x as f64).collect() };
+    let matvec = |wm: &[f64], x: &[f64], out: usize| -> Vec<f64> {
+        (0..out)
+            .map(|r| (0..x.len()).map(|c| wm[r * x.len() + c] * x[c]).sum())
+            .collect()
+    };
+    let normed = |x: &[f64]| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        x.iter().map(|v| v / (ms + cfg.rms_norm_eps).sqrt()).collect()
+    };
+    let l0 = |n: &str| t(&format!("model.layers.0.{n}"));
+    let (emb, an, mn) = (
+        t("model.embed_tokens.weight"),
+        l0("input_layernorm.weight"),
+        l0("post_attention_layernorm.weight"),
+    );
+    let (wv, wo, wg, wu) = (
+        l0("self_attn.v_proj.weight"),
+        l0("self_attn.o_proj.weight"),
+        l0("mlp.gate_proj.weight"),
+        l0("mlp.up_proj.weight"),
+    );
+    // Σ over rows of each input's squares, per channel.
+    let mut sums: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut add = |k: &'static str, x: &[f64]| {
+        let e = sums.entry(k).or_insert_with(|| vec![0.0; x.len()]);
+        e.iter_mut().zip(x).for_each(|(a, v)| *a += v * v);
+    };
+    for r in &rows {
+        let x: Vec<f64> = emb[r[0] as usize * d..][..d].to_vec();
+        let xn = normed(&x);
+        let h: Vec<f64> = xn.iter().zip(&an).map(|(a, b)| a * b).collect();
+        let v = matvec(&wv, &h, nkv * hd);
+        let a: Vec<f64> = (0..nh * hd).map(|i| v[(i / hd) / (nh / nkv) * hd + i % hd]).collect();
+        let o = matvec(&wo, &a, d);
+        let x1: Vec<f64> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let x1n = normed(&x1);
+        let h2: Vec<f64> = x1n.iter().zip(&mn).map(|(a, b)| a * b).collect();
+        let g: Vec<f64> = matvec(&wg, &h2, ff)
+            .iter()
+            .zip(matvec(&wu, &h2, ff))
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        add("attn_norm", &xn);
+        add("h", &h);
+        add("a", &a);
+        add("mlp_norm", &x1n);
+        add("h2", &h2);
+        add("g", &g);
+    }
+    let check = |name: &str, input: &str| {
+        let theta = t(name);
+        let x = &sums[input];
+        let got = &s.tensors[name].data;
+        for i in 0..theta.len() {
+            let want = theta[i].abs() * x[i % x.len()].sqrt();
+            let g = got[i] as f64;
+            assert!((g - want).abs() <= 1e-9 + 1e-6 * want, "{name}[{i}]: {g} vs {want}");
+        }
+    };
+    check("model.layers.0.input_layernorm.weight", "attn_norm");
+    for p in ["q_proj", "k_proj", "v_proj"] {
+        check(&format!("model.layers.0.self_attn.{p}.weight"), "h");
+    }
+    check("model.layers.0.self_attn.o_proj.weight", "a");
+    check("model.layers.0.post_attention_layernorm.weight", "mlp_norm");
+    check("model.layers.0.mlp.gate_proj.weight", "h2");
+    check("model.layers.0.mlp.up_proj.weight", "h2");
+    check("model.layers.0.mlp.down_proj.weight", "g");
+    // The embedding: a row's weight times √(its token's count); rows never seen score 0.
+    let e = &s.tensors["model.embed_tokens.weight"].data;
+    for tok in 0..cfg.vocab_size {
+        let count = rows.iter().filter(|r| r[0] as usize == tok).count() as f64;
+        for j in 0..d {
+            let want = emb[tok * d + j].abs() * count.sqrt();
+            assert!(
+                (e[tok * d + j] as f64 - want).abs() <= 1e-9 + 1e-6 * want,
+                "embed[{tok},{j}]"
+            );
+        }
+    }
+    // Every tensor is scored with its parameter's shape, and no score is negative.
+    for (name, shape) in cfg.tensor_shapes() {
+        assert_eq!(s.tensors[&name].shape, shape, "{name}");
+        assert!(s.tensors[&name].data.iter().all(|&x| x >= 0.0), "{name}");
+    }
 }

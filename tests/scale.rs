@@ -69,7 +69,13 @@ fn score(s: &Setup, req: &importance::ScoreRequest, out: &Path) -> importance::s
 #[test]
 fn four_shards_merge_into_the_unsharded_snapshot_for_every_method() {
     let s = setup();
-    for method in [Method::Taylor, Method::TaylorSum, Method::Taylor2] {
+    for method in [
+        Method::Taylor,
+        Method::TaylorSum,
+        Method::Taylor2,
+        Method::Molchanov,
+        Method::Wanda,
+    ] {
         let name = method.name();
         let whole = score(&s, &request(method), &s.root.join(format!("{name}-whole")));
         let mut dirs = vec![];
@@ -113,7 +119,8 @@ fn four_shards_merge_into_the_unsharded_snapshot_for_every_method() {
         }
         let naive_diff = max_rel_diff(&whole.scores, &naive);
         match method {
-            Method::Taylor => assert!(naive_diff < 1e-5),
+            // Sums of per-batch terms: the shards' scores add.
+            Method::Taylor | Method::Molchanov => assert!(naive_diff < 1e-5),
             _ => assert!(
                 naive_diff > 1e-3,
                 "{name}: adding scores should differ ({naive_diff:e})"
@@ -181,7 +188,13 @@ fn merge_refuses_incomplete_or_mismatched_shards() {
 #[test]
 fn two_cpu_peers_give_one_devices_scores() {
     let s = setup();
-    for method in [Method::Taylor, Method::TaylorSum, Method::Taylor2] {
+    for method in [
+        Method::Taylor,
+        Method::TaylorSum,
+        Method::Taylor2,
+        Method::Molchanov,
+        Method::Wanda,
+    ] {
         let name = method.name();
         let one = score(&s, &request(method), &s.root.join(format!("{name}-1")));
         let mut req = request(method);

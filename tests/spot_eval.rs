@@ -155,6 +155,7 @@ fn spot_files_round_trip() {
         format: 1,
         inputs: vec![],
         languages: vec!["rust".into()],
+        held_out: vec![],
         python_included: false,
         aggregation: Aggregation::Sum,
         scope: Scope::PerTensor,
@@ -168,6 +169,8 @@ fn spot_files_round_trip() {
             .collect(),
         shares: BTreeMap::new(),
         stability: BTreeMap::new(),
+        overlap: BTreeMap::new(),
+        language_matrix: BTreeMap::new(),
         floor: None,
         config: cfg,
         code_version: "test".into(),
@@ -622,6 +625,218 @@ fn spot_select_from_snapshots_with_halves_reports_stability() {
         .output()
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--text"));
+
+    noise_matched_controls_arms_matrix_and_criteria(dir.path(), &snaps, g, &run);
+}
+
+/// The set differences' own random controls, `code-minus-code`, the arms, the language matrix,
+/// a held-out language and a baseline criterion, on the two toy snapshots with halves.
+fn noise_matched_controls_arms_matrix_and_criteria(
+    dir: &std::path::Path,
+    snaps: &[String],
+    g: &str,
+    run: &dyn Fn(&[&str]),
+) {
+    use codespot::importance::snapshot;
+    let read = |d: &std::path::Path, k: f64, set: &str| spot::file::read_set(d, k, set).unwrap();
+    let top = |scores: &Weights, k: f64| {
+        let agg = spot::aggregate(&[scores], Aggregation::Sum, Scope::PerTensor, Eligible::Layers).unwrap();
+        let c = spot::counts(&agg, k / 100.0, Scope::PerTensor);
+        spot::select_by(&agg, &c, true)
+    };
+    let out = dir.join("spot-noise");
+    run(&[
+        "spot",
+        "select",
+        &snaps[0],
+        &snaps[1],
+        "--k",
+        "5",
+        "--controls",
+        "random,code-specific,code-minus-code,arms,own-language",
+        "--text",
+        &snaps[1],
+        "--model",
+        g,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let spot5 = read(&out, 5.0, "spot");
+    // Each set difference has a random set of its own size, tensor by tensor.
+    for set in ["code-specific", "code-minus-code"] {
+        let diff = read(&out, 5.0, set);
+        let rnd = read(&out, 5.0, &format!("{set}-random"));
+        assert_eq!(diff.keys().collect::<Vec<_>>(), rnd.keys().collect::<Vec<_>>());
+        for (n, m) in &diff {
+            assert_eq!(rnd[n].count(), m.count(), "{set}-random {n}");
+        }
+        assert!(diff.values().map(|m| m.count()).sum::<usize>() > 0, "{set} is empty");
+    }
+    // code-minus-code: the first halves' top-k minus the second halves' top-k.
+    let halves = |i: usize, h: &str| snapshot::read(&std::path::Path::new(&snaps[i]).join(h)).unwrap().scores;
+    let sum = |a: &Weights, b: &Weights| {
+        spot::aggregate(&[a, b], Aggregation::Sum, Scope::PerTensor, Eligible::Layers).unwrap()
+    };
+    let (ha, hb) = (
+        top(&sum(&halves(0, "half-a"), &halves(1, "half-a")), 5.0),
+        top(&sum(&halves(0, "half-b"), &halves(1, "half-b")), 5.0),
+    );
+    let cmc = read(&out, 5.0, "code-minus-code");
+    for (n, m) in &cmc {
+        assert_eq!(m.count(), ha[n].count() - ha[n].inter_union(&hb[n]).0, "{n}");
+        assert_eq!(m.inter_union(&ha[n]).0, m.count(), "{n}: inside half A's top-k");
+        assert_eq!(m.inter_union(&hb[n]).0, 0, "{n}: outside half B's top-k");
+    }
+    // The arms split the spot by module kind; the random arms match them tensor by tensor.
+    let mut arms_total = 0;
+    for arm in ["attn", "mlp", "norms"] {
+        let s = read(&out, 5.0, &format!("spot-{arm}"));
+        let r = read(&out, 5.0, &format!("random-{arm}"));
+        for (n, m) in &s {
+            let kind = codespot::model::names::parse(n).unwrap().kind;
+            let want = match arm {
+                "attn" => kind.is_attention(),
+                "mlp" => n.contains(".mlp."),
+                _ => n.contains("layernorm"),
+            };
+            assert!(want, "{arm}: {n}");
+            assert_eq!(m.count(), spot5[n].count(), "{n}");
+            assert_eq!(r[n].count(), m.count(), "{n}");
+        }
+        arms_total += s.values().map(|m| m.count()).sum::<usize>();
+    }
+    assert_eq!(arms_total, spot5.values().map(|m| m.count()).sum::<usize>());
+    // The language matrix: own top-k sets off the diagonal, each language's split-half
+    // agreement (from its own halves) on it.
+    let man = spot::file::read_manifest(&out).unwrap();
+    let m = &man.language_matrix["5"];
+    assert_eq!(m.languages, vec!["toy", "toy2"]);
+    let own: Vec<_> = ["toy", "toy2"]
+        .iter()
+        .map(|l| read(&out, 5.0, &format!("own={l}")))
+        .collect();
+    // (Within 1e-12: serde_json reads floats back to about the last bit.)
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert!(near(m.jaccard[0][1], spot::jaccard(&own[0], &own[1])));
+    assert!(near(m.jaccard[0][1], m.jaccard[1][0]));
+    for i in 0..2 {
+        let floor = spot::jaccard(&top(&halves(i, "half-a"), 5.0), &top(&halves(i, "half-b"), 5.0));
+        assert!(
+            near(m.jaccard[i][i], floor),
+            "diagonal {i}: {} vs {floor}",
+            m.jaccard[i][i]
+        );
+        assert!(floor < 1.0);
+    }
+
+    // Identical samples: a snapshot whose second half is a copy of its first gives an empty
+    // code-minus-code set (set difference alone, between equal samples, removes everything).
+    let twin = dir.join("snap-twin");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    copy(std::path::Path::new(&snaps[0]), &twin);
+    copy(&std::path::Path::new(&snaps[0]).join("half-a"), &twin.join("half-a"));
+    copy(&std::path::Path::new(&snaps[0]).join("half-a"), &twin.join("half-b"));
+    let out_twin = dir.join("spot-twin");
+    run(&[
+        "spot",
+        "select",
+        twin.to_str().unwrap(),
+        "--k",
+        "5",
+        "--controls",
+        "code-minus-code",
+        "--out",
+        out_twin.to_str().unwrap(),
+    ]);
+    let empty = read(&out_twin, 5.0, "code-minus-code");
+    assert!(!empty.is_empty() && empty.values().all(|m| m.count() == 0));
+
+    // A held-out language is scored but not aggregated: the spot is the other one's own set.
+    let out_ho = dir.join("spot-held-out");
+    run(&[
+        "spot",
+        "select",
+        &snaps[0],
+        &snaps[1],
+        "--k",
+        "5",
+        "--controls",
+        "own-language",
+        "--held-out",
+        "toy2",
+        "--out",
+        out_ho.to_str().unwrap(),
+    ]);
+    let man = spot::file::read_manifest(&out_ho).unwrap();
+    assert_eq!(
+        (man.languages.clone(), man.held_out.clone()),
+        (vec!["toy".to_string()], vec!["toy2".to_string()])
+    );
+    assert_eq!(read(&out_ho, 5.0, "spot"), read(&out_ho, 5.0, "own=toy"));
+    assert!(man.sets.contains(&"own=toy2".to_string()));
+
+    // A baseline criterion: a wanda snapshot of the same language gives a set of the spot's
+    // counts, and its overlap with the spot is recorded.
+    let wanda = dir.join("snap-toy-wanda");
+    run(&[
+        "score",
+        "--model",
+        g,
+        "--lang",
+        "toy",
+        "--tokens",
+        "128",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--method",
+        "wanda",
+        "--out",
+        wanda.to_str().unwrap(),
+    ]);
+    let out_c = dir.join("spot-criteria");
+    let crit = format!("wanda={}", wanda.display());
+    run(&[
+        "spot",
+        "select",
+        &snaps[0],
+        "--k",
+        "5",
+        "--controls",
+        "magnitude",
+        "--model",
+        g,
+        "--criterion",
+        &crit,
+        "--out",
+        out_c.to_str().unwrap(),
+    ]);
+    let (s, w) = (read(&out_c, 5.0, "spot"), read(&out_c, 5.0, "wanda"));
+    for (n, m) in &s {
+        assert_eq!(w[n].count(), m.count(), "{n}");
+    }
+    let man = spot::file::read_manifest(&out_c).unwrap();
+    assert!((man.overlap["k5:wanda"] - spot::jaccard(&s, &w)).abs() < 1e-12);
+    assert!(man.overlap.contains_key("k5:magnitude"));
+    // A criterion snapshot scored with another method is refused, naming it.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args(["spot", "select", &snaps[0], "--criterion"])
+        .arg(format!("molchanov={}", wanda.display()))
+        .arg("--out")
+        .arg(dir.join("bad-criterion"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("scored with wanda"), "{err}");
 }
 
 fn x_problems(lang: &str) -> Vec<eval::datasets::CodeProblem> {

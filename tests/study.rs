@@ -190,3 +190,92 @@ fn run_does_every_stage_resumes_after_an_interrupt_and_writes_the_report() {
     assert!(ok, "{err}");
     assert!(stdout.contains("Spearman") && stdout.contains("| 5 |"), "{stdout}");
 }
+
+/// A base-only run (`train.steps = 0`) with the selection study's additions: baseline criteria
+/// scored and selected, the noise-matched set difference and its random set, the arms, a
+/// held-out language, the language and transfer matrices, specificity at matched damage and
+/// Holm's correction in the report.
+#[test]
+fn base_only_run_with_baselines_matrix_and_matched_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (gguf, _) = common::tiny_gguf(root, 6, true);
+    let corpora = common::two_language_corpora(root, &gguf);
+    let out = root.join("run");
+    let rp = root.join("selection.toml");
+    std::fs::write(
+        &rp,
+        format!(
+            "name = \"selection\"\nmodel = \"{}\"\nlanguages = [\"toy\", \"toyrs\"]\nout = \"{}\"\n\n[train]\nsteps = 0\n\n\
+             [importance]\ntokens = 64\nseq_len = 16\nbatch = 2\nseed = 3\nhalves = true\n\n\
+             [spot]\nk = [1.0, 5.0]\nheld_out = [\"toy\"]\ncriteria = [\"wanda\", \"molchanov\"]\n\
+             controls = [\"random\", \"magnitude\", \"code-minus-code\", \"arms\", \"own-language\"]\n\n\
+             [eval]\ntasks = [\"code-bpb\"]\nlimit = 3\nmax_bpb_tokens = 64\ndetail_k = 5.0\nmatched_reference = \"code-bpb:toy\"\nmatched_pct = 5.0\n",
+            gguf.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, err) = run(&corpora.dir, &["run", rp.to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("report.md"), "{stdout}");
+    assert!(err.contains("train.steps = 0: no tuning"), "{err}");
+    assert!(!out.join("tune").exists() && !out.join("spots/tuned").exists());
+    for m in ["wanda", "molchanov"] {
+        for l in ["toy", "toyrs"] {
+            let man = codespot::importance::snapshot::read_manifest(&out.join(format!("base-{m}/{l}"))).unwrap();
+            assert_eq!(man.method.name(), m);
+        }
+    }
+    assert!(out.join("base/toyrs/half-a/scores.safetensors").is_file());
+    let man = codespot::spot::file::read_manifest(&out.join("spots/base")).unwrap();
+    assert_eq!(
+        (man.languages.clone(), man.held_out.clone()),
+        (vec!["toyrs".to_string()], vec!["toy".to_string()])
+    );
+    assert_eq!(man.language_matrix["5"].languages, vec!["toy", "toyrs"]);
+    assert!(man.overlap.contains_key("k1:wanda") && man.overlap.contains_key("k5:molchanov"));
+    let v: Vec<codespot::eval::ConditionResults> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/base/results.json")).unwrap()).unwrap();
+    let names: Vec<&str> = v.iter().map(|c| c.condition.as_str()).collect();
+    let sets = [
+        "spot",
+        "random",
+        "magnitude",
+        "code-minus-code",
+        "code-minus-code-random",
+        "wanda",
+        "molchanov",
+    ];
+    let mut want = vec!["base".to_string()];
+    for k in ["1", "5"] {
+        want.extend(sets.iter().map(|s| format!("{s} {k}%")));
+    }
+    // The arms and the own spots at detail_k only.
+    for s in [
+        "spot-attn",
+        "spot-mlp",
+        "spot-norms",
+        "random-attn",
+        "random-mlp",
+        "random-norms",
+        "own=toy",
+        "own=toyrs",
+    ] {
+        want.push(format!("{s} 5%"));
+    }
+    assert_eq!(names, want);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    if std::env::var_os("CODESPOT_PRINT_REPORT").is_some() {
+        println!("{report}");
+    }
+    for section in [
+        "Specificity at matched damage",
+        "Baselines' overlap with the spot",
+        "Language matrix at k = 5 %",
+        "Transfer matrix and arms at k = 5 %",
+        "Holm–Bonferroni",
+    ] {
+        assert!(report.contains(section), "{section}:\n{report}");
+    }
+}

@@ -100,10 +100,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "vocab       {} (tied embeddings: {})",
         c.vocab_size, c.tie_word_embeddings
     );
-    let scaling = if c.rope_scaling.is_some() {
-        "(llama3 scaling)"
-    } else {
-        ""
+    let scaling = match &c.rope_scaling {
+        None => String::new(),
+        Some(s) => format!("({:?} scaling, factor {})", s.kind, s.factor).to_lowercase(),
     };
     println!("rope        base {} {scaling}", c.rope_theta);
     println!("params      {} ({:.1} M)", total, total as f64 / 1e6);

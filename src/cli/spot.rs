@@ -39,11 +39,37 @@ pub enum SpotCmd {
         /// and `code-specific` controls.
         #[arg(long)]
         text: Option<PathBuf>,
+        /// Languages scored but left out of the aggregate (e.g. python, as the research does):
+        /// they still get `own=` sets and language-matrix rows.
+        #[arg(long, value_delimiter = ',')]
+        held_out: Vec<String>,
+        /// A baseline criterion's snapshot, as METHOD=DIR (e.g. wanda=snaps/wanda-rust),
+        /// repeated for each language: its top-k becomes the set named after the method.
+        #[arg(long = "criterion")]
+        criteria: Vec<String>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `--criterion METHOD=DIR` arguments grouped by method, in first-seen order.
+fn parse_criteria(args: &[String]) -> Result<Vec<(crate::importance::Method, Vec<PathBuf>)>> {
+    use clap::ValueEnum;
+    let mut out: Vec<(crate::importance::Method, Vec<PathBuf>)> = vec![];
+    for a in args {
+        let (m, d) = a
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--criterion {a}: expected METHOD=DIR"))?;
+        let m = crate::importance::Method::from_str(m, true)
+            .map_err(|_| anyhow::anyhow!("--criterion {a}: unknown method '{m}'"))?;
+        match out.iter_mut().find(|(x, _)| *x == m) {
+            Some((_, v)) => v.push(d.into()),
+            None => out.push((m, vec![d.into()])),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(clap::Args)]
@@ -55,7 +81,8 @@ pub struct AblateArgs {
     /// k in percent (one of the spot's k list).
     #[arg(long, default_value_t = 1.0)]
     k: f64,
-    /// A control set instead of the spot: random, bottom, magnitude, lang=<L>.
+    /// A control set instead of the spot: random, bottom, magnitude, lang=<L>, own=<L>, text,
+    /// code-specific, code-minus-code, spot-attn, wanda, … (the spot manifest's `sets`).
     #[arg(long)]
     control: Option<String>,
     #[arg(long)]
@@ -95,6 +122,8 @@ pub fn spot(cmd: SpotCmd) -> Result<()> {
         seed,
         model,
         text,
+        held_out,
+        criteria,
         out,
         force,
     } = cmd;
@@ -109,6 +138,8 @@ pub fn spot(cmd: SpotCmd) -> Result<()> {
         seed,
         model,
         text,
+        held_out,
+        criteria: parse_criteria(&criteria)?,
     };
     let (sets, man) = crate::spot::select(&req)?;
     crate::spot::file::write(&out, &sets, &man, force)?;
@@ -123,6 +154,16 @@ pub fn spot(cmd: SpotCmd) -> Result<()> {
     }
     for (k, j) in &man.stability {
         println!("  stability k={k}%: Jaccard {j:.3} between calibration halves");
+    }
+    for (key, j) in &man.overlap {
+        println!("  overlap with the spot, {key}: Jaccard {j:.3}");
+    }
+    for (k, m) in &man.language_matrix {
+        println!("  language matrix at k={k}% (diagonal: split-half floor)");
+        for (l, row) in m.languages.iter().zip(&m.jaccard) {
+            let cells: Vec<String> = row.iter().map(|j| format!("{j:.3}")).collect();
+            println!("    {l:<12} {}", cells.join(" "));
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod bpb;
 pub mod datasets;
 pub mod humaneval;
+pub mod matched;
 pub mod mc;
 pub mod paired;
 pub mod sandbox;

@@ -80,11 +80,9 @@ impl Agreement {
 /// Scores of one tensor from raw sums (θ folded in, see [`super::RawSums`]) over `n` batches.
 fn scores(method: Method, sum: &[f32], sq: Option<&[f32]>, n: usize) -> Vec<f32> {
     let n = n.max(1) as f32;
-    match (method, sq) {
-        (Method::Taylor, _) => sum.to_vec(),
-        (Method::TaylorSum, _) => sum.iter().map(|x| x.abs()).collect(),
-        (Method::Taylor2, Some(q)) => sum.iter().zip(q).map(|(x, q)| x.abs() / n + 0.5 * q / n).collect(),
-        (Method::Taylor2, None) => sum.iter().map(|x| x.abs() / n).collect(),
+    match sq {
+        Some(q) => sum.iter().zip(q).map(|(x, q)| method.score(*x, Some(*q), n)).collect(),
+        None => sum.iter().map(|x| method.score(*x, None, n)).collect(),
     }
 }
 

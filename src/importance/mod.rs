@@ -6,6 +6,13 @@
 //!   backward passes without an optimizer step, and |·| is taken at the end);
 //! - `taylor2`: |θ ⊙ ḡ| + ½ θ² ⊙ Σ_b g_b² / n, with ḡ = Σ_b g_b / n (the diagonal
 //!   second-order term, with the Fisher diagonal standing in for the Hessian).
+//!
+//! Two baselines to compare the criterion with:
+//! - `molchanov`: Σ_b (θ ⊙ g_b)², Molchanov et al.'s original per-parameter criterion (summed,
+//!   not averaged, over batches: the same ranking);
+//! - `wanda`: |θ| ⊙ ‖X‖₂ (Sun et al.): each weight times the ℓ2 norm, over every calibration
+//!   token, of the input channel it multiplies (a forward pass only; no gradient). Norm weights
+//!   are weighed by the normalised stream they scale, the embedding by √(count) of its token.
 
 pub mod agreement;
 pub mod snapshot;
@@ -28,6 +35,8 @@ pub enum Method {
     Taylor,
     TaylorSum,
     Taylor2,
+    Molchanov,
+    Wanda,
 }
 
 impl Method {
@@ -36,6 +45,25 @@ impl Method {
             Method::Taylor => "taylor",
             Method::TaylorSum => "taylor-sum",
             Method::Taylor2 => "taylor2",
+            Method::Molchanov => "molchanov",
+            Method::Wanda => "wanda",
+        }
+    }
+
+    /// Whether the method needs gradients (all but `wanda`, which needs activations only).
+    pub fn needs_gradients(self) -> bool {
+        self != Method::Wanda
+    }
+
+    /// One element's score from its raw sums over `n` batches (see [`RawSums`]): the one place
+    /// each method's final formula is written.
+    #[inline]
+    pub fn score(self, sum: f32, sq: Option<f32>, n: f32) -> f32 {
+        match self {
+            Method::Taylor | Method::Molchanov => sum,
+            Method::TaylorSum => sum.abs(),
+            Method::Taylor2 => sum.abs() / n + 0.5 * sq.unwrap_or(0.0) / n,
+            Method::Wanda => sum.max(0.0).sqrt(),
         }
     }
 }
@@ -112,13 +140,33 @@ impl<B: Backend> Accumulator<B> {
             }
             // Fresh, unshared left operands, so CPU backends can work in place.
             Method::Taylor => a + (g * flat_value(p)).abs(),
+            Method::Molchanov => a + (g * flat_value(p)).powi_scalar(2),
             Method::TaylorSum => a + g,
             Method::Taylor2 => {
                 let q = std::mem::replace(&mut self.sq[i], Tensor::empty([0], &g.device()));
                 self.sq[i] = q + g.clone().powi_scalar(2);
                 a + g
             }
+            // `g` is θ² ⊙ X², already formed by [`Accumulator::add_inputs`].
+            Method::Wanda => a + g,
         };
+    }
+
+    /// Add one micro-batch's input statistics (`wanda`): `sq[i]` is [`Llama::input_sq_sums`]'s
+    /// entry for parameter `i`; each weight gets θ² times its input channel's Σ X² (a row of
+    /// the embedding: times its token's count). [`Accumulator::end_batch`] counts the batch.
+    pub fn add_inputs<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>, sq: Vec<Tensor<B, 1>>) {
+        for (i, ((name, p), x)) in model.params().into_iter().zip(sq).enumerate() {
+            let th2 = flat_value(&p).powi_scalar(2);
+            let c = match p.shape().as_slice() {
+                [r, c] if name == "model.embed_tokens.weight" => {
+                    (th2.reshape([*r, *c]) * x.reshape([*r, 1])).flatten(0, 1)
+                }
+                [r, c] => (th2.reshape([*r, *c]) * x.reshape([1, *c])).flatten(0, 1),
+                _ => th2 * x,
+            };
+            self.add_one(&p, i, c);
+        }
     }
 
     /// Count a batch whose gradients went in through [`Accumulator::add_one`].
@@ -151,7 +199,7 @@ impl<B: Backend> Accumulator<B> {
         for (i, acc) in self.acc.into_iter().enumerate() {
             let theta = || flat_value(&params[i].1);
             let s = match self.method {
-                Method::Taylor => acc,
+                Method::Taylor | Method::Molchanov | Method::Wanda => acc,
                 Method::TaylorSum | Method::Taylor2 => theta() * acc,
             };
             sum.insert(self.names[i].clone(), host(s, i));
@@ -179,8 +227,9 @@ impl<B: Backend> Accumulator<B> {
 }
 
 /// What a scoring pass has summed, on the host, in a form that adds up across disjoint sets of
-/// batches without the model: `sum` is Σ_b |θ ⊙ g_b| (`taylor`) or θ ⊙ Σ_b g_b (`taylor-sum`,
-/// `taylor2`; signed, so |·| is taken after a merge), `sq` is θ² ⊙ Σ_b g_b² (`taylor2` only).
+/// batches without the model: `sum` is Σ_b |θ ⊙ g_b| (`taylor`), Σ_b (θ ⊙ g_b)² (`molchanov`),
+/// θ² ⊙ Σ_t X² (`wanda`) or θ ⊙ Σ_b g_b (`taylor-sum`, `taylor2`; signed, so |·| is taken after
+/// a merge), `sq` is θ² ⊙ Σ_b g_b² (`taylor2` only).
 /// θ is the same for every shard, so θ ⊙ Σ g over all batches is the sum of the shards' θ ⊙ Σ g
 /// up to f32 rounding.
 #[derive(Debug, Clone)]
@@ -192,27 +241,27 @@ pub struct RawSums {
 }
 
 impl RawSums {
-    /// The scores: `sum` (`taylor`), |`sum`| (`taylor-sum`), |`sum`|/n + ½ `sq`/n (`taylor2`),
-    /// computed in place in `sum`'s buffers (no second copy of a model-sized set of tensors).
+    /// The scores ([`Method::score`] of each element), computed in place in `sum`'s buffers (no
+    /// second copy of a model-sized set of tensors).
     pub fn into_scores(self) -> Scores {
         let n = self.batches.max(1) as f32;
+        let m = self.method;
         let mut out = self.sum;
-        match (self.method, &self.sq) {
-            (Method::Taylor, _) => {}
-            (Method::TaylorSum, _) => out
-                .tensors
-                .values_mut()
-                .for_each(|t| t.data.iter_mut().for_each(|x| *x = x.abs())),
-            (Method::Taylor2, Some(sq)) => {
+        match &self.sq {
+            _ if matches!(m, Method::Taylor | Method::Molchanov) => {}
+            Some(sq) => {
                 for (name, t) in &mut out.tensors {
                     let q = &sq.tensors[name].data;
                     t.data
                         .iter_mut()
                         .zip(q)
-                        .for_each(|(x, q)| *x = x.abs() / n + 0.5 * q / n);
+                        .for_each(|(x, q)| *x = m.score(*x, Some(*q), n));
                 }
             }
-            (Method::Taylor2, None) => unreachable!("taylor2 sums carry sq"),
+            None => out
+                .tensors
+                .values_mut()
+                .for_each(|t| t.data.iter_mut().for_each(|x| *x = m.score(*x, None, n))),
         }
         out
     }
@@ -396,6 +445,23 @@ fn accumulate_into<B: AutodiffBackend>(
     on_batch: &mut impl FnMut(usize),
 ) {
     let params = model.params();
+    if !acc.method.needs_gradients() {
+        // Activations only: a forward pass per micro-batch on the inner backend.
+        use burn::module::AutodiffModule;
+        let inner = model.valid();
+        let device = inner.embed.val().device();
+        for chunk in chunks {
+            for part in chunk.chunks(micro.max(1)) {
+                let inputs: Vec<Vec<u32>> = part.iter().map(|r| r[..r.len() - 1].to_vec()).collect();
+                let sq = inner.input_sq_sums(crate::model::tokens_tensor(&inputs, &device));
+                acc.add_inputs(model, sq);
+            }
+            acc.end_batch();
+            *done += chunk.iter().map(|b| b.len().saturating_sub(1)).sum::<usize>();
+            on_batch(*done);
+        }
+        return;
+    }
     for chunk in chunks {
         if chunk.len() <= micro {
             // One backward pass per batch: each gradient goes into the sums as soon as it exists.
@@ -668,49 +734,41 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let bar = progress_bar(total as u64, &format!("score {}", req.lang), req.progress);
     let t0 = std::time::Instant::now();
     let mut sums = None;
-    let (mut midpoint, mut agreement) = (None, None);
-    let (scores, halves) = if req.halves {
-        let (f, a, b) = score_halves(model, &blocks, req.batch, req.micro_batch, req.method, |done| {
-            bar.set_position(done as u64)
-        })?;
-        (f, Some((a, b)))
-    } else {
-        let mine = &chunks[range.clone()];
-        let parallel = req.devices > 1 || req.nodes.count > 1;
-        let mut on_batch = |done: usize| bar.set_position(done as u64);
-        let raw = if parallel {
-            let devices = crate::collective::peer_devices::<B>(req.devices);
-            accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?.raw(model)
-        } else if req.agreement && req.shard.is_none() && mine.len() >= 2 {
-            // The two halves summed apart, then added: their scores give the agreement.
-            let mid = mine.len() / 2;
-            let mut done = 0;
-            let a = accumulate(
-                model,
-                &mine[..mid],
-                req.micro_batch,
-                req.method,
-                &mut done,
-                &mut on_batch,
-            );
-            let half_tokens = done;
-            let b = accumulate(
-                model,
-                &mine[mid..],
-                req.micro_batch,
-                req.method,
-                &mut done,
-                &mut on_batch,
-            );
-            // Added on the device first, then each set of sums moved to the host as it is
-            // consumed: three model-sized sets alive at once, not five.
-            let raw = a.clone().merge(b.clone()).raw(model);
-            midpoint = Some((a.raw(model), b.raw(model), half_tokens));
-            raw
-        } else {
-            accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut on_batch).raw(model)
-        };
-        if let Some((a, b, half_tokens)) = midpoint.take() {
+    let mut agreement = None;
+    let mine = &chunks[range.clone()];
+    let parallel = req.devices > 1 || req.nodes.count > 1;
+    let mut on_batch = |done: usize| bar.set_position(done as u64);
+    let mut halves = None;
+    let raw = if parallel {
+        let devices = crate::collective::peer_devices::<B>(req.devices);
+        accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?.raw(model)
+    } else if (req.agreement || req.halves) && req.shard.is_none() && mine.len() >= 2 {
+        // The two halves summed apart, then added: their scores give the agreement and, with
+        // `halves`, the half snapshots.
+        let mid = mine.len() / 2;
+        let mut done = 0;
+        let a = accumulate(
+            model,
+            &mine[..mid],
+            req.micro_batch,
+            req.method,
+            &mut done,
+            &mut on_batch,
+        );
+        let half_tokens = done;
+        let b = accumulate(
+            model,
+            &mine[mid..],
+            req.micro_batch,
+            req.method,
+            &mut done,
+            &mut on_batch,
+        );
+        // Added on the device first, then each set of sums moved to the host as it is
+        // consumed: three model-sized sets alive at once, not five.
+        let raw = a.clone().merge(b.clone()).raw(model);
+        let (a, b) = (a.raw(model), b.raw(model));
+        if req.agreement {
             agreement = Some(agreement::measure(
                 &a,
                 &b,
@@ -719,12 +777,19 @@ pub fn score_snapshot<B: AutodiffBackend>(
                 half_tokens,
             ));
         }
-        if req.shard.is_some() {
-            // A shard keeps its raw sums for the merge beside its scores.
-            sums = Some(raw.clone());
+        if req.halves {
+            halves = Some((a.into_scores(), b.into_scores()));
         }
-        (raw.into_scores(), None)
+        raw
+    } else {
+        anyhow::ensure!(!req.halves, "--halves needs at least 2 batches");
+        accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut on_batch).raw(model)
     };
+    if req.shard.is_some() {
+        // A shard keeps its raw sums for the merge beside its scores.
+        sums = Some(raw.clone());
+    }
+    let scores = raw.into_scores();
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let summaries = summary::summarize(&scores, &model.config);
@@ -778,6 +843,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
             let half = |s: &Scores| {
                 let mut m = manifest.clone();
                 m.tokens = total / 2;
+                m.agreement = None;
                 (summary::summarize(s, &model.config), m)
             };
             let (sa, ma) = half(&a);

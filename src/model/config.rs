@@ -16,13 +16,148 @@ pub enum RopeLayout {
     Interleaved,
 }
 
-/// Llama 3.x RoPE frequency scaling (`rope_scaling.rope_type = "llama3"`).
+/// Which RoPE frequency scaling a config asks for (`rope_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeKind {
+    /// Llama 3.x: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    #[default]
+    Llama3,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear,
+}
+
+/// RoPE frequency scaling, from `rope_scaling` (transformers 4) or `rope_parameters`
+/// (transformers 5). The three band fields are used by `llama3` only (0 for `linear`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
+    #[serde(default)]
+    pub kind: RopeKind,
     pub factor: f64,
+    #[serde(default)]
     pub low_freq_factor: f64,
+    #[serde(default)]
     pub high_freq_factor: f64,
+    #[serde(default)]
     pub original_max_position_embeddings: usize,
+}
+
+/// The RoPE types codespot computes (`rope_type` values), for error messages.
+const ROPE_TYPES: &str = "default, llama3, linear";
+
+/// RoPE scaling from one `rope_scaling` / `rope_parameters` object (`key` names it in errors).
+fn rope_scaling_of(rs: &serde_json::Value, key: &str) -> Result<Option<RopeScaling>> {
+    let ty = rs
+        .get("rope_type")
+        .or_else(|| rs.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64> {
+        rs.get(k).and_then(|x| x.as_f64()).with_context(|| {
+            format!("config field '{key}.{k}' is missing or not a number (needed by rope_type '{ty}')")
+        })
+    };
+    if let Some(p) = rs.get("partial_rotary_factor").and_then(|x| x.as_f64()) {
+        if p != 1.0 {
+            bail!("config field '{key}.partial_rotary_factor' = {p}: partial rotary embeddings are not implemented");
+        }
+    }
+    Ok(match ty {
+        "default" => None,
+        "llama3" => Some(RopeScaling {
+            kind: RopeKind::Llama3,
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        }),
+        "linear" => Some(RopeScaling {
+            kind: RopeKind::Linear,
+            factor: num("factor")?,
+            low_freq_factor: 0.0,
+            high_freq_factor: 0.0,
+            original_max_position_embeddings: 0,
+        }),
+        other => bail!("config field '{key}.rope_type' = '{other}' is not supported (supported: {ROPE_TYPES})"),
+    })
+}
+
+/// `rope_theta` and the scaling, from transformers 5's `rope_parameters` or the older top-level
+/// `rope_theta` + `rope_scaling`. Where both forms are present they must agree: a key that
+/// changes the arithmetic is read or refused, never skipped.
+fn rope_of(v: &serde_json::Value) -> Result<(f64, Option<RopeScaling>)> {
+    let present = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let old_theta = match present("rope_theta") {
+        None => None,
+        Some(x) => Some(x.as_f64().context("config field 'rope_theta' is not a number")?),
+    };
+    let old_scaling = match present("rope_scaling") {
+        None => None,
+        Some(rs) => rope_scaling_of(rs, "rope_scaling")?,
+    };
+    let Some(rp) = present("rope_parameters") else {
+        return Ok((old_theta.unwrap_or(10000.0), old_scaling));
+    };
+    if !rp.is_object() {
+        bail!("config field 'rope_parameters' is not an object");
+    }
+    // Per-layer-type parameters (`{"full_attention": {...}, "sliding_attention": {...}}`).
+    if rp.get("rope_type").is_none() && rp.as_object().is_some_and(|o| o.values().any(|x| x.is_object())) {
+        bail!(
+            "config field 'rope_parameters' holds per-layer-type RoPE settings, which only non-Llama architectures use"
+        );
+    }
+    let theta = match rp.get("rope_theta").filter(|x| !x.is_null()) {
+        Some(x) => x
+            .as_f64()
+            .context("config field 'rope_parameters.rope_theta' is not a number")?,
+        None => old_theta.context("config field 'rope_parameters.rope_theta' is missing")?,
+    };
+    if let Some(t) = old_theta {
+        if t != theta {
+            bail!("config fields 'rope_theta' ({t}) and 'rope_parameters.rope_theta' ({theta}) disagree");
+        }
+    }
+    let scaling = rope_scaling_of(rp, "rope_parameters")?;
+    if present("rope_scaling").is_some() && old_scaling != scaling {
+        bail!("config fields 'rope_scaling' and 'rope_parameters' describe different RoPE scalings");
+    }
+    Ok((theta, scaling))
+}
+
+/// Config keys that change the arithmetic in ways codespot does not implement: an error names
+/// the key rather than computing another model than the one the checkpoint describes.
+fn refuse_unsupported(v: &serde_json::Value) -> Result<()> {
+    for k in ["attention_bias", "mlp_bias"] {
+        if v.get(k).and_then(|x| x.as_bool()) == Some(true) {
+            bail!("config field '{k}' is true: projection biases are not implemented for the Llama architecture");
+        }
+    }
+    for k in ["hidden_act", "hidden_activation"] {
+        if let Some(a) = v.get(k).and_then(|x| x.as_str()) {
+            if a != "silu" && a != "swish" {
+                bail!("config field '{k}' is '{a}': only silu (SwiGLU) is implemented");
+            }
+        }
+    }
+    if let Some(p) = v.get("partial_rotary_factor").and_then(|x| x.as_f64()) {
+        if p != 1.0 {
+            bail!("config field 'partial_rotary_factor' = {p}: partial rotary embeddings are not implemented");
+        }
+    }
+    if let Some(w) = v.get("sliding_window").and_then(|x| x.as_u64()) {
+        let max = v
+            .get("max_position_embeddings")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(4096);
+        let used = v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(true);
+        if used && w < max {
+            bail!(
+                "config field 'sliding_window' = {w} (below max_position_embeddings {max}): sliding-window attention is not implemented"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,33 +283,8 @@ impl LlamaConfig {
             None | Some(serde_json::Value::Null) => hidden / heads.max(1),
             Some(_) => req("head_dim")?,
         };
-        let rope_scaling = match v.get("rope_scaling") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(rs) => {
-                let ty = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
-                match ty {
-                    "llama3" => Some(RopeScaling {
-                        factor: rs["factor"].as_f64().context("rope_scaling.factor missing")?,
-                        low_freq_factor: rs["low_freq_factor"]
-                            .as_f64()
-                            .context("rope_scaling.low_freq_factor missing")?,
-                        high_freq_factor: rs["high_freq_factor"]
-                            .as_f64()
-                            .context("rope_scaling.high_freq_factor missing")?,
-                        original_max_position_embeddings: rs["original_max_position_embeddings"]
-                            .as_u64()
-                            .context("rope_scaling.original_max_position_embeddings missing")?
-                            as usize,
-                    }),
-                    "default" | "" => None,
-                    other => bail!("config field 'rope_scaling.rope_type' = '{other}' is not supported (llama3 is)"),
-                }
-            }
-        };
+        refuse_unsupported(&v)?;
+        let (rope_theta, rope_scaling) = rope_of(&v)?;
         let ids = |k: &str| -> Vec<u32> {
             match v.get(k) {
                 Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
@@ -191,7 +301,7 @@ impl LlamaConfig {
             num_key_value_heads: kv,
             head_dim,
             rms_norm_eps: opt_f("rms_norm_eps", 1e-6)?,
-            rope_theta: opt_f("rope_theta", 10000.0)?,
+            rope_theta,
             rope_scaling,
             rope_layout: RopeLayout::Half,
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
@@ -235,14 +345,20 @@ impl LlamaConfig {
             [e] => v["eos_token_id"] = (*e).into(),
             es => v["eos_token_id"] = es.into(),
         }
-        if let Some(rs) = &self.rope_scaling {
-            v["rope_scaling"] = serde_json::json!({
-                "rope_type": "llama3",
-                "factor": rs.factor,
-                "low_freq_factor": rs.low_freq_factor,
-                "high_freq_factor": rs.high_freq_factor,
-                "original_max_position_embeddings": rs.original_max_position_embeddings,
-            });
+        match &self.rope_scaling {
+            None => {}
+            Some(rs) if rs.kind == RopeKind::Linear => {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": rs.factor});
+            }
+            Some(rs) => {
+                v["rope_scaling"] = serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": rs.factor,
+                    "low_freq_factor": rs.low_freq_factor,
+                    "high_freq_factor": rs.high_freq_factor,
+                    "original_max_position_embeddings": rs.original_max_position_embeddings,
+                });
+            }
         }
         v
     }
@@ -321,6 +437,7 @@ impl LlamaConfig {
                 let f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd);
                 match &self.rope_scaling {
                     None => f,
+                    Some(s) if s.kind == RopeKind::Linear => f / s.factor,
                     Some(s) => {
                         let old = s.original_max_position_embeddings as f64;
                         let low_wl = old / s.low_freq_factor;
@@ -338,5 +455,87 @@ impl LlamaConfig {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#""model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2"#;
+
+    fn cfg(extra: &str) -> Result<LlamaConfig> {
+        LlamaConfig::from_hf_str(&format!("{{{BASE}{extra}}}"))
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_read_as_the_older_keys() {
+        let old = cfg(
+            r#", "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        )
+        .unwrap();
+        let new = cfg(
+            r#", "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        )
+        .unwrap();
+        assert_eq!(old, new);
+        assert_eq!(new.rope_theta, 500000.0);
+        assert_eq!(new.rope_scaling.as_ref().map(|s| s.kind), Some(RopeKind::Llama3));
+        // The scaling changes the frequencies (it is not read and dropped).
+        let plain = cfg(r#", "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}"#).unwrap();
+        assert_eq!(plain.rope_scaling, None);
+        assert_ne!(plain.rope_inv_freq(), new.rope_inv_freq());
+        // Both forms present and agreeing is fine; disagreeing is refused.
+        cfg(r#", "rope_theta": 7.0, "rope_parameters": {"rope_theta": 7.0, "rope_type": "default"}"#).unwrap();
+        let e = cfg(r#", "rope_theta": 7.0, "rope_parameters": {"rope_theta": 8.0, "rope_type": "default"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_parameters.rope_theta"), "{e}");
+    }
+
+    #[test]
+    fn linear_rope_divides_every_frequency() {
+        let plain = cfg(r#", "rope_theta": 10000.0"#).unwrap();
+        let lin = cfg(r#", "rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 4.0}"#).unwrap();
+        for (a, b) in plain.rope_inv_freq().iter().zip(lin.rope_inv_freq()) {
+            assert_eq!(a / 4.0, b);
+        }
+        // Export writes it back in a form that reads the same.
+        let back = LlamaConfig::from_hf_str(&lin.to_hf_json().to_string()).unwrap();
+        assert_eq!(back, lin);
+    }
+
+    #[test]
+    fn keys_that_change_the_arithmetic_are_refused_by_name() {
+        for (extra, key) in [
+            (
+                r#", "rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}"#,
+                "rope_parameters.rope_type",
+            ),
+            (
+                r#", "rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+                "rope_scaling.rope_type",
+            ),
+            (r#", "attention_bias": true"#, "attention_bias"),
+            (r#", "mlp_bias": true"#, "mlp_bias"),
+            (r#", "hidden_act": "gelu""#, "hidden_act"),
+            (r#", "partial_rotary_factor": 0.5"#, "partial_rotary_factor"),
+            (
+                r#", "sliding_window": 16, "max_position_embeddings": 4096"#,
+                "sliding_window",
+            ),
+            (
+                r#", "rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0}"#,
+                "rope_parameters.low_freq_factor",
+            ),
+        ] {
+            let e = format!("{:#}", cfg(extra).unwrap_err());
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        // Their harmless values pass.
+        cfg(r#", "attention_bias": false, "mlp_bias": false, "hidden_act": "silu", "sliding_window": null"#).unwrap();
     }
 }

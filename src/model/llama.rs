@@ -513,6 +513,71 @@ impl<B: Backend> Llama<B> {
     pub fn loss(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         self.token_nll(tokens).mean()
     }
+
+    /// For each parameter (in [`Llama::params`] order), the sum over `tokens` of the squared
+    /// input it multiplies, per input channel: Σ_t X_tj² for a projection `[out, in]` (length
+    /// `in`), Σ_t x̂_tj² for a norm weight (x̂ = the normalised stream it scales), and for the
+    /// embedding the count of each token id (its input is one-hot; length `vocab`). A tied
+    /// embedding is counted as the input embedding. In f32, through burn's ops (forward only).
+    pub fn input_sq_sums(&self, tokens: Tensor<B, 2, Int>) -> Vec<Tensor<B, 1>> {
+        let cfg = &self.config;
+        let device = tokens.device();
+        let [b, t] = tokens.dims();
+        let eps = cfg.rms_norm_eps;
+        let colsq = |x: &Tensor<B, 2>| widen(x.clone()).powi_scalar(2).sum_dim(0).squeeze_dim::<1>(0);
+        let normed = |x: &Tensor<B, 2>| {
+            let x = widen(x.clone());
+            let ms = x.clone().powi_scalar(2).mean_dim(1);
+            x * (ms + eps).sqrt().recip()
+        };
+        let ids: Vec<i64> = tokens.to_data().convert::<i64>().into_vec().expect("token ids");
+        let mut counts = vec![0f32; cfg.vocab_size];
+        for &i in &ids {
+            counts[i as usize] += 1.0;
+        }
+        let mut out = vec![Tensor::<B, 1>::from_data(
+            TensorData::new(counts, [cfg.vocab_size]),
+            &device,
+        )];
+        let ctx = self.block_context(b, t, 0, &device);
+        let mut x = self.embed_tokens(tokens);
+        for blk in &self.layers {
+            let mut seen: Vec<(Site, Tensor<B, 1>)> = Vec::with_capacity(6);
+            x = blk.forward_observed(cfg, x, &ctx, None, &mut |site, a| {
+                let v = match site {
+                    Site::AttnResidual | Site::MlpResidual => colsq(&normed(a)),
+                    _ => colsq(a),
+                };
+                seen.push((site, v));
+            });
+            let at = |s: Site| {
+                seen.iter()
+                    .find(|(x, _)| *x == s)
+                    .expect("every site is shown")
+                    .1
+                    .clone()
+            };
+            let attn_in = at(Site::AttnInput);
+            let mlp_in = at(Site::MlpInput);
+            // BLOCK_TENSORS order.
+            out.extend([
+                at(Site::AttnResidual),
+                attn_in.clone(),
+                attn_in.clone(),
+                attn_in,
+                at(Site::OInput),
+                at(Site::MlpResidual),
+                mlp_in.clone(),
+                mlp_in,
+                at(Site::DownInput),
+            ]);
+        }
+        out.push(colsq(&normed(&x)));
+        if self.lm_head.is_some() {
+            out.push(colsq(&self.rms_norm(x, &self.norm)));
+        }
+        out
+    }
 }
 
 /// What every block of one forward call shares: RoPE tables, rotation, causal mask.
@@ -526,6 +591,23 @@ pub struct BlockContext<B: Backend> {
     sin_q: Tensor<B, 2>,
     rot: Tensor<B, 2>,
     mask: Option<Tensor<B, 2>>,
+}
+
+/// An activation inside a block, as [`Block::forward_observed`] shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// The residual stream entering the attention norm.
+    AttnResidual,
+    /// The attention norm's output: the input of q, k and v.
+    AttnInput,
+    /// The heads' outputs, concatenated: the input of o.
+    OInput,
+    /// The residual stream entering the MLP norm.
+    MlpResidual,
+    /// The MLP norm's output: the input of gate and up.
+    MlpInput,
+    /// silu(gate) · up: the input of down.
+    DownInput,
 }
 
 /// One layer's cached keys and values.
@@ -561,11 +643,26 @@ impl<B: Backend> Block<B> {
         ctx: &BlockContext<B>,
         cache: Option<&mut KvSlot<B>>,
     ) -> Tensor<B, 2> {
+        self.forward_observed(cfg, x, ctx, cache, &mut |_, _| {})
+    }
+
+    /// [`Block::forward`], showing `obs` the input of each of the block's products (token-major
+    /// `[batch·seq, features]`): what activation-aware criteria (Wanda) weigh the weights by.
+    pub fn forward_observed(
+        &self,
+        cfg: &LlamaConfig,
+        x: Tensor<B, 2>,
+        ctx: &BlockContext<B>,
+        cache: Option<&mut KvSlot<B>>,
+        obs: &mut impl FnMut(Site, &Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let (b, t) = (ctx.b, ctx.t);
         let (n, rep, total) = (b * t, nh / nkv, ctx.past + t);
         let eps = cfg.rms_norm_eps;
+        obs(Site::AttnResidual, &x);
         let h = rms_norm(x.clone(), &self.attn_norm, eps);
+        obs(Site::AttnInput, &h);
         let q = linear(h.clone(), &self.q).reshape([b, t, nh, hd]);
         let k = linear(h.clone(), &self.k).reshape([b, t, nkv, hd]);
         let mut v = linear(h, &self.v).reshape([b, t, nkv, hd]);
@@ -591,9 +688,13 @@ impl<B: Backend> Block<B> {
             .matmul(v)
             .permute([0, 3, 1, 2, 4])
             .reshape([n, nh * hd]);
+        obs(Site::OInput, &a);
         let x = x + linear(a, &self.o);
+        obs(Site::MlpResidual, &x);
         let h = rms_norm(x.clone(), &self.mlp_norm, eps);
+        obs(Site::MlpInput, &h);
         let g = silu(linear(h.clone(), &self.gate)) * linear(h, &self.up);
+        obs(Site::DownInput, &g);
         x + linear(g, &self.down)
     }
 }

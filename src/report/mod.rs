@@ -395,6 +395,15 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
     for (n, conds) in &evals {
         let _ = writeln!(md, "## Results: {n}\n\n{}", crate::eval::table(conds));
     }
+    if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
+        md.push_str(&matched_section(loaded, base));
+    }
+    if let Ok(man) = crate::spot::file::read_manifest(&out.join("spots").join("base")) {
+        md.push_str(&overlap_section(&man));
+        if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
+            md.push_str(&matrix_section(loaded, &man, base));
+        }
+    }
     if !images.is_empty() {
         let _ = writeln!(md, "## Plots\n");
         for (f, cap) in &images {
@@ -404,4 +413,125 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
     let p = out.join("report.md");
     crate::util::write_atomic(&p, md.as_bytes())?;
     Ok(p)
+}
+
+/// Specificity at matched damage: each task's drop where the reference task (prose) has
+/// dropped `eval.matched_pct` %, per set, with the spot's excess over each set.
+fn matched_section(loaded: &Loaded, base: &[ConditionResults]) -> String {
+    let e = &loaded.recipe.eval;
+    let Some(first) = base.first() else {
+        return String::new();
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let tables: Vec<_> = first
+        .results
+        .iter()
+        .filter(|r| r.skipped.is_none() && r.task != e.matched_reference && seen.insert(r.task.clone()))
+        .filter_map(|r| {
+            crate::eval::matched::matched_table(base, &e.matched_reference, &r.task, e.matched_pct, 1000, e.seed)
+        })
+        .collect();
+    if tables.is_empty() {
+        return String::new();
+    }
+    format!(
+        "## Specificity at matched damage\n\nEach set's dose–response curve read at the k where {} has risen {:.0} %: the damage to each task there, and how much more the spot does at its own matched k than each set at its own (spot − set; * = the 95 % interval excludes 0). Items are resampled together across sets.\n{}\n",
+        e.matched_reference,
+        e.matched_pct,
+        crate::eval::matched::markdown(&tables)
+    )
+}
+
+/// The baselines' overlap (Jaccard) with the spot, per k.
+fn overlap_section(man: &crate::spot::file::SpotManifest) -> String {
+    if man.overlap.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("## Baselines' overlap with the spot\n\n| k, set | Jaccard with the spot | split-half floor |\n|---|---:|---:|\n");
+    for (key, j) in &man.overlap {
+        let k: Option<f64> = key.strip_prefix('k').and_then(|r| r.split(':').next()?.parse().ok());
+        let floor = k
+            .and_then(|k| {
+                man.floor
+                    .as_ref()?
+                    .floor(k)
+                    .or_else(|| man.stability.get(&crate::spot::file::fmt_k(k)).copied())
+            })
+            .map_or("–".to_string(), |f| format!("{f:.3}"));
+        let _ = writeln!(md, "| {key} | {j:.3} | {floor} |");
+    }
+    md.push_str("\nThe floor is the agreement of two disjoint calibration samples of the spot's own criterion: a baseline whose overlap with the spot reaches it selects what a second Taylor sample would.\n\n");
+    md
+}
+
+/// The language matrix (Jaccard of each language's own top-k, floors on the diagonal) and the
+/// transfer matrix (each own spot ablated, every task's drop against the intact model).
+fn matrix_section(loaded: &Loaded, man: &crate::spot::file::SpotManifest, base: &[ConditionResults]) -> String {
+    let mut md = String::new();
+    for (k, m) in &man.language_matrix {
+        let _ = writeln!(
+            md,
+            "## Language matrix at k = {k} %\n\nJaccard of each language's own top-{k} % set (per tensor, layers); the diagonal is that language's split-half agreement (two disjoint calibration halves), the floor its row is read against.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| | {} |\n|---|{}",
+            m.languages.join(" | "),
+            "---:|".repeat(m.languages.len())
+        );
+        for (l, row) in m.languages.iter().zip(&m.jaccard) {
+            let cells: Vec<String> = row.iter().map(|j| format!("{j:.3}")).collect();
+            let _ = writeln!(md, "| {l} | {} |", cells.join(" | "));
+        }
+        md.push('\n');
+    }
+    let Some(mk) = loaded.recipe.eval.detail_k else {
+        return md;
+    };
+    let kk = crate::spot::file::fmt_k(mk);
+    let Some(intact) = base.iter().find(|c| c.condition == "base") else {
+        return md;
+    };
+    let rows: Vec<&ConditionResults> = base
+        .iter()
+        .filter(|c| {
+            let set = c.condition.rsplit_once(' ').map_or("", |x| x.0);
+            set.starts_with("own=") || set.starts_with("spot") || set.starts_with("random")
+        })
+        .filter(|c| c.condition.ends_with(&format!(" {kk}%")))
+        .collect();
+    if rows.is_empty() {
+        return md;
+    }
+    let tasks: Vec<&crate::eval::TaskResult> = {
+        let mut seen = std::collections::BTreeSet::new();
+        intact
+            .results
+            .iter()
+            .filter(|r| r.skipped.is_none() && seen.insert(r.task.clone()))
+            .collect()
+    };
+    let _ = writeln!(
+        md,
+        "### Transfer matrix and arms at k = {kk} %\n\nEach row ablates one set (each language's own spot, the spot, its arms and their random sets); each cell is that task's drop % against the intact model with its paired 95 % interval.\n\n| set | {} |\n|---|{}",
+        tasks.iter().map(|t| t.task.as_str()).collect::<Vec<_>>().join(" | "),
+        "---:|".repeat(tasks.len())
+    );
+    for c in rows {
+        let cells: Vec<String> = tasks
+            .iter()
+            .map(|t| {
+                c.results
+                    .iter()
+                    .find(|r| r.task == t.task && r.metric == t.metric)
+                    .and_then(|r| crate::eval::paired::paired_drop(t, r, 1234))
+                    .map_or("–".into(), |p| {
+                        format!("{:+.1} [{:+.1}, {:+.1}]", p.drop_pct, p.ci95.0, p.ci95.1)
+                    })
+            })
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", c.condition, cells.join(" | "));
+    }
+    md.push('\n');
+    md
 }

@@ -32,7 +32,11 @@ pub struct SpotShares {
 pub struct SpotManifest {
     pub format: u32,
     pub inputs: Vec<SpotInput>,
+    /// The languages aggregated into the spot.
     pub languages: Vec<String>,
+    /// Languages scored but left out of the aggregate (they have `own=` sets and matrix rows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_out: Vec<String>,
     pub python_included: bool,
     pub aggregation: super::Aggregation,
     pub scope: super::Scope,
@@ -48,6 +52,12 @@ pub struct SpotManifest {
     /// k → Jaccard overlap of spots selected from the two calibration halves, when the inputs
     /// carry half snapshots.
     pub stability: BTreeMap<String, f64>,
+    /// `k{K}:{set}` → Jaccard of a baseline set (magnitude, text, other criteria) with the spot.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub overlap: BTreeMap<String, f64>,
+    /// k → the language matrix (with the `own-language` control).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub language_matrix: BTreeMap<String, super::LanguageMatrix>,
     /// The noise floor the spot is compared against: the element-wise lowest split-half
     /// agreement of the snapshots it was selected from (absent when one of them recorded none).
     #[serde(default, skip_serializing_if = "Option::is_none")]

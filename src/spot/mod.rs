@@ -167,8 +167,80 @@ pub enum Control {
     /// The top-k of the English prose snapshot (`--text`), same counts: what matters for text.
     Text,
     /// The spot minus the text snapshot's top-k (the set-difference method): what matters for
-    /// code and not for prose. Smaller than the spot by their overlap.
+    /// code and not for prose. Smaller than the spot by their overlap. Comes with
+    /// `code-specific-random`, a random set of its own size per tensor.
     CodeSpecific,
+    /// The noise-matched set difference: the top-k of the code snapshots' first calibration
+    /// half minus the top-k of their disjoint second half (needs snapshots scored with halves).
+    /// What set difference alone produces between two samples of the same code. Comes with
+    /// `code-minus-code-random`, of its own size per tensor.
+    CodeMinusCode,
+    /// The spot restricted to attention, MLP and norm weights (`spot-attn`, `spot-mlp`,
+    /// `spot-norms`), each with the random set restricted the same way (`random-attn`, …).
+    Arms,
+    /// Each language's own top-k (`own=<L>`, held-out languages included): the rows and
+    /// columns of the language matrix.
+    OwnLanguage,
+}
+
+/// Which module kinds a set keeps.
+pub type KindFilter = fn(crate::model::names::ModuleKind) -> bool;
+
+/// The parts of a block that [`Control::Arms`] restricts the spot to.
+pub const ARMS: [(&str, KindFilter); 3] = [
+    ("attn", |k| k.is_attention()),
+    ("mlp", |k| {
+        use crate::model::names::ModuleKind::*;
+        matches!(k, Gate | Up | Down)
+    }),
+    ("norms", |k| {
+        use crate::model::names::ModuleKind::*;
+        matches!(k, AttnNorm | MlpNorm | FinalNorm)
+    }),
+];
+
+impl Control {
+    /// The sets this control adds beside the spot, given the snapshots' languages.
+    pub fn set_names(self, languages: &[String]) -> Vec<String> {
+        match self {
+            Control::Random => vec!["random".into()],
+            Control::Bottom => vec!["bottom".into()],
+            Control::Magnitude => vec!["magnitude".into()],
+            Control::PerLanguage => languages.iter().map(|l| format!("lang={l}")).collect(),
+            Control::Text => vec!["text".into()],
+            Control::CodeSpecific => vec!["code-specific".into(), "code-specific-random".into()],
+            Control::CodeMinusCode => vec!["code-minus-code".into(), "code-minus-code-random".into()],
+            Control::Arms => ["spot", "random"]
+                .iter()
+                .flat_map(|s| ARMS.iter().map(move |(a, _)| format!("{s}-{a}")))
+                .collect(),
+            Control::OwnLanguage => languages.iter().map(|l| format!("own={l}")).collect(),
+        }
+    }
+}
+
+/// A random set with `masks`' count per tensor (a set difference's own size), seeded apart
+/// from the plain random control.
+fn random_like(shapes: &Weights, masks: &BTreeMap<String, Mask>, seed: u64, tag: &str) -> BTreeMap<String, Mask> {
+    let c: BTreeMap<String, usize> = masks.iter().map(|(n, m)| (n.clone(), m.count())).collect();
+    let s = crate::util::sha256_bytes(format!("{seed}:{tag}").as_bytes());
+    select_random(shapes, &c, u64::from_str_radix(&s[..16], 16).unwrap_or(seed))
+}
+
+/// `a` minus `b`, tensor by tensor.
+fn minus(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>) -> BTreeMap<String, Mask> {
+    a.iter()
+        .map(|(n, m)| (n.clone(), b.get(n).map_or_else(|| m.clone(), |o| m.minus(o))))
+        .collect()
+}
+
+/// The tensors of `masks` whose module kind passes `keep`.
+fn restricted(masks: &BTreeMap<String, Mask>, keep: KindFilter) -> BTreeMap<String, Mask> {
+    masks
+        .iter()
+        .filter(|(n, _)| crate::model::names::parse(n).is_some_and(|p| keep(p.kind)))
+        .map(|(n, m)| (n.clone(), m.clone()))
+        .collect()
 }
 
 /// Inputs of a selection.
@@ -186,6 +258,14 @@ pub struct SelectRequest {
     pub model: Option<String>,
     /// A snapshot of the same model on English prose, for the `text` and `code-specific` sets.
     pub text: Option<std::path::PathBuf>,
+    /// Languages whose snapshots are left out of the spot's aggregate (the research holds
+    /// Python out, so HumanEval tests a language the spot never saw); they still get their
+    /// `own=` set and their row of the language matrix.
+    pub held_out: Vec<String>,
+    /// Baseline criteria: for each, snapshots of the same languages scored with that method;
+    /// their aggregate's top-k (same count per tensor as the spot) becomes the set named after
+    /// the method (`wanda`, `molchanov`, …).
+    pub criteria: Vec<(crate::importance::Method, Vec<std::path::PathBuf>)>,
 }
 
 type Sets = BTreeMap<String, BTreeMap<String, Mask>>;
@@ -194,6 +274,53 @@ fn spot_masks(agg: &Scores, k: f64, scope: Scope) -> (BTreeMap<String, usize>, B
     let c = counts(agg, k / 100.0, scope);
     let m = select_by(agg, &c, true);
     (c, m)
+}
+
+/// A language matrix at one k: each language's own top-k against every other's (Jaccard), the
+/// diagonal holding that language's split-half agreement (two disjoint halves of its calibration
+/// tokens: the noise floor its row is read against).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LanguageMatrix {
+    pub languages: Vec<String>,
+    pub jaccard: Vec<Vec<f64>>,
+}
+
+/// Top-k masks of each snapshot's halves (A, B), when every snapshot has `half-a/` and `half-b/`.
+type Halves = Vec<(Scores, Scores)>;
+
+fn read_halves(dirs: &[&std::path::PathBuf]) -> Option<Halves> {
+    use crate::importance::snapshot;
+    dirs.iter()
+        .map(|d| {
+            Some((
+                snapshot::read(&d.join("half-a")).ok()?.scores,
+                snapshot::read(&d.join("half-b")).ok()?.scores,
+            ))
+        })
+        .collect()
+}
+
+/// The language matrix at `k` from each language's scores (and halves, or its recorded
+/// agreement, for the diagonal; NaN where neither is there).
+pub fn language_matrix(langs: &[String], own: &[BTreeMap<String, Mask>], floors: &[Option<f64>]) -> LanguageMatrix {
+    let n = langs.len();
+    let jaccard = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    if i == j {
+                        floors[i].unwrap_or(f64::NAN)
+                    } else {
+                        jaccard(&own[i], &own[j])
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    LanguageMatrix {
+        languages: langs.to_vec(),
+        jaccard,
+    }
 }
 
 /// Select the spot and its controls from snapshot directories.
@@ -212,143 +339,137 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
         snaps.push(snapshot::read(d).with_context(|| format!("snapshot {}", d.display()))?);
     }
     let config = snaps[0].manifest.config.clone();
-    let refs: Vec<&Scores> = snaps.iter().map(|s| &s.scores).collect();
-    let agg = aggregate(&refs, req.aggregation, req.scope, req.eligible)?;
-    let shapes: BTreeMap<String, Vec<usize>> = agg.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
-    let mut sets: Sets = BTreeMap::new();
-    let mut shares = BTreeMap::new();
-    let mut set_names = vec!["spot".to_string()];
-    let magnitude = if req.controls.contains(&Control::Magnitude) {
-        let src = req.model.clone().unwrap_or_else(|| snaps[0].manifest.model.clone());
-        let w = crate::model::load(&src)?.weights;
-        let mut abs = Weights::default();
-        for n in agg.tensors.keys() {
-            let t = w
-                .tensors
-                .get(n)
-                .with_context(|| format!("model {src} has no tensor '{n}'"))?;
-            abs.insert(
-                n.clone(),
-                HostTensor::new(t.shape.clone(), t.data.iter().map(|x| x.abs()).collect()),
-            );
-        }
-        Some(abs)
-    } else {
-        None
-    };
-    let text = if req
-        .controls
-        .iter()
-        .any(|c| matches!(c, Control::Text | Control::CodeSpecific))
-    {
-        let dir = req
-            .text
-            .as_ref()
-            .context("the text and code-specific sets need a snapshot on English prose (--text DIR)")?;
-        let t = snapshot::read(dir).with_context(|| format!("text snapshot {}", dir.display()))?;
-        if t.manifest.config.tensor_shapes() != config.tensor_shapes() {
-            bail!(
-                "text snapshot {}: another architecture than the code snapshots",
-                dir.display()
-            );
-        }
-        Some(aggregate(&[&t.scores], Aggregation::Sum, req.scope, req.eligible)?)
-    } else {
-        None
-    };
-    for c in &req.controls {
-        match c {
-            Control::Random => set_names.push("random".into()),
-            Control::Bottom => set_names.push("bottom".into()),
-            Control::Magnitude => set_names.push("magnitude".into()),
-            Control::PerLanguage => set_names.extend(snaps.iter().map(|s| format!("lang={}", s.manifest.language))),
-            Control::Text => set_names.push("text".into()),
-            Control::CodeSpecific => set_names.push("code-specific".into()),
+    let all_langs: Vec<String> = snaps.iter().map(|s| s.manifest.language.clone()).collect();
+    for h in &req.held_out {
+        if !all_langs.contains(h) {
+            bail!("held-out language '{h}' has no snapshot among {all_langs:?}");
         }
     }
+    // The aggregate's inputs: every snapshot but the held-out languages'.
+    let used: Vec<usize> = (0..snaps.len())
+        .filter(|&i| !req.held_out.contains(&all_langs[i]))
+        .collect();
+    if used.is_empty() {
+        bail!("every snapshot's language is held out: nothing to aggregate");
+    }
+    let refs: Vec<&Scores> = used.iter().map(|&i| &snaps[i].scores).collect();
+    let agg = aggregate(&refs, req.aggregation, req.scope, req.eligible)?;
+    let shapes: BTreeMap<String, Vec<usize>> = agg.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+    let extra = Extra::load(req, &snaps, &used, &agg, &config)?;
+    let mut sets: Sets = BTreeMap::new();
+    let mut shares = BTreeMap::new();
+    let mut overlap = BTreeMap::new();
+    let mut matrices = BTreeMap::new();
+    let mut set_names = vec!["spot".to_string()];
+    for c in &req.controls {
+        set_names.extend(c.set_names(&all_langs));
+    }
+    set_names.extend(req.criteria.iter().map(|(m, _)| m.name().to_string()));
     for &k in &req.ks {
         let (c, spot) = spot_masks(&agg, k, req.scope);
         shares.insert(file::key(k, "spot"), file::shares(&spot, &shapes, &config));
-        sets.insert(file::key(k, "spot"), spot);
+        let put = |name: &str, m: BTreeMap<String, Mask>, sets: &mut Sets| {
+            sets.insert(file::key(k, name), m);
+        };
         for ctl in &req.controls {
             match ctl {
-                Control::Random => {
-                    sets.insert(file::key(k, "random"), select_random(&agg, &c, req.seed));
-                }
-                Control::Bottom => {
-                    sets.insert(file::key(k, "bottom"), select_by(&agg, &c, false));
-                }
-                Control::Magnitude => {
-                    sets.insert(
-                        file::key(k, "magnitude"),
-                        select_by(magnitude.as_ref().expect("loaded"), &c, true),
-                    );
-                }
+                Control::Random => put("random", select_random(&agg, &c, req.seed), &mut sets),
+                Control::Bottom => put("bottom", select_by(&agg, &c, false), &mut sets),
+                Control::Magnitude => put(
+                    "magnitude",
+                    select_by(extra.magnitude.as_ref().expect("loaded"), &c, true),
+                    &mut sets,
+                ),
                 Control::PerLanguage => {
-                    let own: Vec<BTreeMap<String, Mask>> = refs
-                        .iter()
-                        .map(|s| {
-                            let one = aggregate(&[*s], Aggregation::Sum, req.scope, req.eligible).expect("same shapes");
-                            spot_masks(&one, k, req.scope).1
-                        })
-                        .collect();
-                    for (i, s) in snaps.iter().enumerate() {
-                        let mut m = own[i].clone();
-                        for (j, other) in own.iter().enumerate() {
-                            if i != j {
-                                for (n, mm) in m.iter_mut() {
-                                    if let Some(o) = other.get(n) {
-                                        *mm = mm.minus(o);
-                                    }
-                                }
+                    let own: Vec<BTreeMap<String, Mask>> =
+                        used.iter().map(|&i| extra.own(&snaps[i].scores, k)).collect();
+                    for (a, &i) in used.iter().enumerate() {
+                        let mut m = own[a].clone();
+                        for (b, other) in own.iter().enumerate() {
+                            if a != b {
+                                m = minus(&m, other);
                             }
                         }
-                        sets.insert(file::key(k, &format!("lang={}", s.manifest.language)), m);
+                        put(&format!("lang={}", all_langs[i]), m, &mut sets);
                     }
                 }
-                Control::Text => {
-                    let t = select_by(text.as_ref().expect("loaded"), &c, true);
-                    sets.insert(file::key(k, "text"), t);
-                }
+                Control::Text => put(
+                    "text",
+                    select_by(extra.text.as_ref().expect("loaded"), &c, true),
+                    &mut sets,
+                ),
                 Control::CodeSpecific => {
-                    let t = select_by(text.as_ref().expect("loaded"), &c, true);
-                    let spot = &sets[&file::key(k, "spot")];
-                    let diff = spot
-                        .iter()
-                        .map(|(n, m)| (n.clone(), t.get(n).map_or_else(|| m.clone(), |o| m.minus(o))))
+                    let t = select_by(extra.text.as_ref().expect("loaded"), &c, true);
+                    let diff = minus(&spot, &t);
+                    put(
+                        "code-specific-random",
+                        random_like(&agg, &diff, req.seed, "code-specific"),
+                        &mut sets,
+                    );
+                    put("code-specific", diff, &mut sets);
+                }
+                Control::CodeMinusCode => {
+                    let (a, b) = extra.halves_agg.as_ref().expect("loaded");
+                    let diff = minus(&spot_masks(a, k, req.scope).1, &spot_masks(b, k, req.scope).1);
+                    put(
+                        "code-minus-code-random",
+                        random_like(&agg, &diff, req.seed, "code-minus-code"),
+                        &mut sets,
+                    );
+                    put("code-minus-code", diff, &mut sets);
+                }
+                Control::Arms => {
+                    let random = select_random(&agg, &c, req.seed);
+                    for (arm, keep) in ARMS {
+                        put(&format!("spot-{arm}"), restricted(&spot, keep), &mut sets);
+                        put(&format!("random-{arm}"), restricted(&random, keep), &mut sets);
+                    }
+                }
+                Control::OwnLanguage => {
+                    let own: Vec<BTreeMap<String, Mask>> = snaps.iter().map(|s| extra.own(&s.scores, k)).collect();
+                    let floors: Vec<Option<f64>> = (0..snaps.len())
+                        .map(|i| match &extra.halves {
+                            Some(h) => Some(jaccard(&extra.own(&h[i].0, k), &extra.own(&h[i].1, k))),
+                            None => snaps[i].manifest.agreement.as_ref().and_then(|a| a.floor(k)),
+                        })
                         .collect();
-                    sets.insert(file::key(k, "code-specific"), diff);
+                    matrices.insert(file::fmt_k(k), language_matrix(&all_langs, &own, &floors));
+                    for (l, m) in all_langs.iter().zip(own) {
+                        put(&format!("own={l}"), m, &mut sets);
+                    }
                 }
             }
         }
+        for (m, scores) in &extra.criteria {
+            put(m.name(), select_by(scores, &c, true), &mut sets);
+        }
+        // Each baseline's overlap with the spot at this k.
+        for name in [
+            "magnitude",
+            "text",
+            "wanda",
+            "molchanov",
+            "taylor",
+            "taylor-sum",
+            "taylor2",
+        ] {
+            if let Some(m) = sets.get(&file::key(k, name)) {
+                overlap.insert(file::key(k, name), jaccard(&spot, m));
+            }
+        }
+        sets.insert(file::key(k, "spot"), spot);
     }
     // Stability: spots from the two calibration halves, where every input has them.
     let mut stability = BTreeMap::new();
-    let halves: Option<Vec<(snapshot::Snapshot, snapshot::Snapshot)>> = req
-        .snapshots
-        .iter()
-        .map(|d| {
-            Some((
-                snapshot::read(&d.join("half-a")).ok()?,
-                snapshot::read(&d.join("half-b")).ok()?,
-            ))
-        })
-        .collect();
-    if let Some(h) = halves {
-        let a: Vec<&Scores> = h.iter().map(|(a, _)| &a.scores).collect();
-        let b: Vec<&Scores> = h.iter().map(|(_, b)| &b.scores).collect();
-        let (aa, bb) = (
-            aggregate(&a, req.aggregation, req.scope, req.eligible)?,
-            aggregate(&b, req.aggregation, req.scope, req.eligible)?,
-        );
+    if let Some((aa, bb)) = &extra.halves_agg {
         for &k in &req.ks {
             stability.insert(
                 file::fmt_k(k),
-                jaccard(&spot_masks(&aa, k, req.scope).1, &spot_masks(&bb, k, req.scope).1),
+                jaccard(&spot_masks(aa, k, req.scope).1, &spot_masks(bb, k, req.scope).1),
             );
         }
     }
-    let languages: Vec<String> = snaps.iter().map(|s| s.manifest.language.clone()).collect();
+    let languages: Vec<String> = used.iter().map(|&i| all_langs[i].clone()).collect();
     let manifest = file::SpotManifest {
         format: 1,
         inputs: snaps
@@ -365,6 +486,7 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
             .collect(),
         python_included: languages.iter().any(|l| l == "python"),
         languages,
+        held_out: req.held_out.clone(),
         aggregation: req.aggregation,
         scope: req.scope,
         eligible: req.eligible,
@@ -377,11 +499,136 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
             .collect(),
         shares,
         stability,
+        overlap,
+        language_matrix: matrices,
         floor: crate::importance::agreement::Agreement::lowest(
-            &snaps.iter().map(|s| s.manifest.agreement.as_ref()).collect::<Vec<_>>(),
+            &used
+                .iter()
+                .map(|&i| snaps[i].manifest.agreement.as_ref())
+                .collect::<Vec<_>>(),
         ),
         config,
         code_version: crate::importance::snapshot::code_version(),
     };
     Ok((sets, manifest))
+}
+
+/// What a selection reads beside the spot's own snapshots, loaded once.
+struct Extra {
+    magnitude: Option<Scores>,
+    text: Option<Scores>,
+    /// Per snapshot (all languages), its two calibration halves' scores.
+    halves: Option<Halves>,
+    /// The aggregate of the used snapshots' first and second halves.
+    halves_agg: Option<(Scores, Scores)>,
+    criteria: Vec<(crate::importance::Method, Scores)>,
+    scope: Scope,
+    eligible: Eligible,
+}
+
+impl Extra {
+    fn load(
+        req: &SelectRequest,
+        snaps: &[crate::importance::snapshot::Snapshot],
+        used: &[usize],
+        agg: &Scores,
+        config: &crate::model::LlamaConfig,
+    ) -> Result<Self> {
+        use crate::importance::snapshot;
+        let wants = |c: Control| req.controls.contains(&c);
+        let magnitude = if wants(Control::Magnitude) {
+            let src = req.model.clone().unwrap_or_else(|| snaps[0].manifest.model.clone());
+            let w = crate::model::load(&src)?.weights;
+            let mut abs = Weights::default();
+            for n in agg.tensors.keys() {
+                let t = w
+                    .tensors
+                    .get(n)
+                    .with_context(|| format!("model {src} has no tensor '{n}'"))?;
+                abs.insert(
+                    n.clone(),
+                    HostTensor::new(t.shape.clone(), t.data.iter().map(|x| x.abs()).collect()),
+                );
+            }
+            Some(abs)
+        } else {
+            None
+        };
+        let text = if wants(Control::Text) || wants(Control::CodeSpecific) {
+            let dir = req
+                .text
+                .as_ref()
+                .context("the text and code-specific sets need a snapshot on English prose (--text DIR)")?;
+            let t = snapshot::read(dir).with_context(|| format!("text snapshot {}", dir.display()))?;
+            if t.manifest.config.tensor_shapes() != config.tensor_shapes() {
+                bail!(
+                    "text snapshot {}: another architecture than the code snapshots",
+                    dir.display()
+                );
+            }
+            Some(aggregate(&[&t.scores], Aggregation::Sum, req.scope, req.eligible)?)
+        } else {
+            None
+        };
+        let dirs: Vec<&std::path::PathBuf> = req.snapshots.iter().collect();
+        let halves = read_halves(&dirs);
+        if wants(Control::CodeMinusCode) && halves.is_none() {
+            bail!(
+                "the code-minus-code set needs snapshots scored with two calibration halves (half-a/, half-b/: score --halves)"
+            );
+        }
+        let halves_agg = match &halves {
+            Some(h) => {
+                let a: Vec<&Scores> = used.iter().map(|&i| &h[i].0).collect();
+                let b: Vec<&Scores> = used.iter().map(|&i| &h[i].1).collect();
+                Some((
+                    aggregate(&a, req.aggregation, req.scope, req.eligible)?,
+                    aggregate(&b, req.aggregation, req.scope, req.eligible)?,
+                ))
+            }
+            None => None,
+        };
+        let mut criteria = vec![];
+        for (method, dirs) in &req.criteria {
+            let mut by_lang = BTreeMap::new();
+            for d in dirs {
+                let s = snapshot::read(d).with_context(|| format!("{} snapshot {}", method.name(), d.display()))?;
+                if s.manifest.method != *method {
+                    bail!(
+                        "{}: scored with {}, not {}",
+                        d.display(),
+                        s.manifest.method.name(),
+                        method.name()
+                    );
+                }
+                by_lang.insert(s.manifest.language.clone(), s.scores);
+            }
+            // The same languages as the spot's aggregate, so the criterion is the only difference.
+            let mut picked = vec![];
+            for &i in used {
+                let l = &snaps[i].manifest.language;
+                picked.push(
+                    by_lang
+                        .get(l)
+                        .with_context(|| format!("criterion {}: no snapshot of language '{l}'", method.name()))?,
+                );
+            }
+            criteria.push((*method, aggregate(&picked, req.aggregation, req.scope, req.eligible)?));
+        }
+        Ok(Self {
+            magnitude,
+            text,
+            halves,
+            halves_agg,
+            criteria,
+            scope: req.scope,
+            eligible: req.eligible,
+        })
+    }
+
+    /// One snapshot's own top-k.
+    fn own(&self, scores: &Scores, k: f64) -> BTreeMap<String, Mask> {
+        let one = aggregate(&[scores], Aggregation::Sum, self.scope, self.eligible).expect("same shapes");
+        spot_masks(&one, k, self.scope).1
+    }
 }

@@ -249,6 +249,9 @@ pub fn tune<B: Backend>(
     let r = &loaded.recipe;
     let t = &r.train;
     let lang = opts.lang.as_str();
+    if t.steps == 0 {
+        bail!("{}: train.steps = 0: this recipe tunes nothing", loaded.path.display());
+    }
     if !r.languages.iter().any(|l| l == lang) {
         bail!(
             "--lang {lang}: not in the recipe's languages ({}) of {}",
