@@ -147,6 +147,7 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.devices = loaded.recipe.devices;
     req.agreement = i.agreement;
     req.halves = i.halves;
+    req.groups = i.groups;
     req.progress = true;
     req
 }
@@ -158,6 +159,7 @@ pub fn criterion_request(loaded: &Loaded, lang: &str, method: crate::importance:
     req.method = method;
     req.halves = false;
     req.agreement = false;
+    req.groups = false;
     req
 }
 

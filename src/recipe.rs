@@ -119,6 +119,10 @@ pub struct ImportanceSection {
     /// `code-minus-code` control, and the language matrix's floors at any k.
     #[serde(skip_serializing_if = "is_false")]
     pub halves: bool,
+    /// Also sum group Taylor importance of whole heads and MLP neurons: needed by the
+    /// `structured` control.
+    #[serde(skip_serializing_if = "is_false")]
+    pub groups: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -237,6 +241,7 @@ impl Default for ImportanceSection {
             track_k: 1.0,
             agreement: true,
             halves: false,
+            groups: false,
         }
     }
 }
@@ -412,6 +417,12 @@ impl Loaded {
             return Err(self.err(
                 "spot.controls",
                 "the code-minus-code control needs importance.halves = true (two disjoint calibration samples)",
+            ));
+        }
+        if r.spot.controls.contains(&Control::Structured) && !i.groups {
+            return Err(self.err(
+                "spot.controls",
+                "the structured control needs importance.groups = true (group Taylor scores of heads and neurons)",
             ));
         }
         if let Some(k) = r.eval.detail_k {

@@ -261,6 +261,15 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             // Skip the intact model and the spot, already in the list.
             conds.extend(crate::eval::conditions(Some(spot), &[dk], &detail)?.into_iter().skip(2));
         }
+        // A set with nothing in it (structured units at a small k) would only repeat the
+        // intact model.
+        conds.retain(|(c, set)| {
+            let empty = set.as_ref().is_some_and(|(_, m)| m.values().all(|x| x.count() == 0));
+            if empty {
+                say(format!("eval {name}: {c} is empty, skipped"));
+            }
+            !empty
+        });
         let label = if name == "base" {
             "base".to_string()
         } else {

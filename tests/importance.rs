@@ -767,3 +767,65 @@ fn wanda_weighs_each_weight_by_its_input_channels_norm() {
         assert!(s.tensors[&name].data.iter().all(|&x| x >= 0.0), "{name}");
     }
 }
+
+/// Group Taylor importance: per batch, a head's θ · g summed over its q rows and o columns (a
+/// neuron's over its gate and up rows and down column), squared, summed over batches; checked
+/// against the batches' own gradients.
+#[test]
+fn group_scores_square_each_batchs_summed_taylor_terms() {
+    let cfg = LlamaConfig::tiny(64);
+    let w = model::llama::random_weights(&cfg, 11);
+    let dev = Default::default();
+    let m = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+    let b = blocks();
+    let (scores, g) = importance::score_groups(&m, &b, 2, 1, Method::Taylor).unwrap();
+    assert_eq!(g.batches, 2);
+    // The element scores are the plain taylor ones.
+    let plain = importance::score(&m, &b, 2, 1, Method::Taylor, |_| {}).unwrap();
+    assert_eq!(
+        scores.tensors["model.norm.weight"].data,
+        plain.tensors["model.norm.weight"].data
+    );
+    let (hd, d, ff) = (cfg.head_dim, cfg.hidden_size, cfg.intermediate_size);
+    let q_cols = cfg.num_attention_heads * hd;
+    let mut heads = vec![vec![0.0f64; cfg.num_attention_heads]; cfg.num_hidden_layers];
+    let mut neurons = vec![vec![0.0f64; ff]; cfg.num_hidden_layers];
+    for batch in b.chunks(2) {
+        let grads = importance::batch_grads(&m, batch, 1);
+        let tg: std::collections::BTreeMap<String, Vec<f64>> = m
+            .params()
+            .iter()
+            .zip(&grads)
+            .map(|((n, p), g)| {
+                let th: Vec<f64> = p.host_values().iter().map(|&x| x as f64).collect();
+                let g: Vec<f64> = g.clone().unwrap().into_data().convert::<f64>().into_vec().unwrap();
+                (n.clone(), th.iter().zip(g).map(|(a, b)| a * b).collect())
+            })
+            .collect();
+        for l in 0..cfg.num_hidden_layers {
+            let t = |s: &str| &tg[&format!("model.layers.{l}.{s}.weight")];
+            let (q, o) = (t("self_attn.q_proj"), t("self_attn.o_proj"));
+            for (h, acc) in heads[l].iter_mut().enumerate() {
+                let mut s = 0.0;
+                for r in h * hd..(h + 1) * hd {
+                    s += q[r * d..(r + 1) * d].iter().sum::<f64>();
+                    s += (0..d).map(|row| o[row * q_cols + r]).sum::<f64>();
+                }
+                *acc += s * s;
+            }
+            let (ga, up, down) = (t("mlp.gate_proj"), t("mlp.up_proj"), t("mlp.down_proj"));
+            for (j, acc) in neurons[l].iter_mut().enumerate() {
+                let s = ga[j * d..(j + 1) * d].iter().sum::<f64>()
+                    + up[j * d..(j + 1) * d].iter().sum::<f64>()
+                    + (0..d).map(|row| down[row * ff + j]).sum::<f64>();
+                *acc += s * s;
+            }
+        }
+    }
+    for (want, got) in [(&heads, &g.heads), (&neurons, &g.neurons)] {
+        for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-9 + 1e-5 * a.abs(), "{a} vs {b}");
+        }
+    }
+    assert!(g.heads.iter().flatten().all(|&x| x > 0.0));
+}

@@ -837,6 +837,74 @@ fn noise_matched_controls_arms_matrix_and_criteria(
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("scored with wanda"), "{err}");
+
+    // Structured: whole heads and neurons by group Taylor importance, as many as hold the
+    // spot's q+o (gate+up+down) count, and as many random ones.
+    let grouped = dir.join("snap-toy-groups");
+    run(&[
+        "score",
+        "--model",
+        g,
+        "--lang",
+        "toy",
+        "--tokens",
+        "128",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--groups",
+        "--out",
+        grouped.to_str().unwrap(),
+    ]);
+    let out_s = dir.join("spot-structured");
+    run(&[
+        "spot",
+        "select",
+        grouped.to_str().unwrap(),
+        "--k",
+        "30",
+        "--controls",
+        "structured",
+        "--out",
+        out_s.to_str().unwrap(),
+    ]);
+    let groups = snapshot::read(&grouped).unwrap().summaries.groups.unwrap();
+    let cfg = spot::file::read_manifest(&out_s).unwrap().config;
+    let (hd, d) = (cfg.head_dim, cfg.hidden_size);
+    let spot = read(&out_s, 30.0, "spot");
+    let in_kinds = |m: &BTreeMap<String, spot::Mask>, kinds: &[&str]| -> usize {
+        m.iter()
+            .filter(|(n, _)| kinds.iter().any(|k| n.contains(k)))
+            .map(|(_, x)| x.count())
+            .sum()
+    };
+    let n_heads = (in_kinds(&spot, &["q_proj", "o_proj"]) as f64 / (2 * hd * d) as f64).round() as usize;
+    let n_neurons = (in_kinds(&spot, &["gate_proj", "up_proj", "down_proj"]) as f64 / (3 * d) as f64).round() as usize;
+    assert!(n_heads >= 1 && n_neurons >= 1, "{n_heads} {n_neurons}");
+    for (set, per_unit, n) in [("heads", 2 * hd * d, n_heads), ("neurons", 3 * d, n_neurons)] {
+        for s in [set.to_string(), format!("{set}-random")] {
+            let m = read(&out_s, 30.0, &s);
+            assert_eq!(m.values().map(|x| x.count()).sum::<usize>(), n * per_unit, "{s}");
+        }
+    }
+    // The chosen heads are the top ones: each q row block of a chosen head is whole.
+    let heads = read(&out_s, 30.0, "heads");
+    for (l, h) in spot::top_units(&groups.heads, n_heads) {
+        let q = &heads[&format!("model.layers.{l}.self_attn.q_proj.weight")];
+        assert!((h * hd * d..(h + 1) * hd * d).all(|i| q.get(i)), "L{l}.H{h}");
+        let o = &heads[&format!("model.layers.{l}.self_attn.o_proj.weight")];
+        let cols = cfg.num_attention_heads * hd;
+        assert!((0..d).all(|r| o.get(r * cols + h * hd)), "L{l}.H{h} o column");
+    }
+    // Without group scores the control is refused, naming the flag.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_codespot"))
+        .args(["spot", "select", &snaps[0], "--controls", "structured", "--out"])
+        .arg(dir.join("no-groups"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--groups"), "{err}");
 }
 
 fn x_problems(lang: &str) -> Vec<eval::datasets::CodeProblem> {

@@ -207,9 +207,9 @@ fn base_only_run_with_baselines_matrix_and_matched_damage() {
         &rp,
         format!(
             "name = \"selection\"\nmodel = \"{}\"\nlanguages = [\"toy\", \"toyrs\"]\nout = \"{}\"\n\n[train]\nsteps = 0\n\n\
-             [importance]\ntokens = 64\nseq_len = 16\nbatch = 2\nseed = 3\nhalves = true\n\n\
+             [importance]\ntokens = 64\nseq_len = 16\nbatch = 2\nseed = 3\nhalves = true\ngroups = true\n\n\
              [spot]\nk = [1.0, 5.0]\nheld_out = [\"toy\"]\ncriteria = [\"wanda\", \"molchanov\"]\n\
-             controls = [\"random\", \"magnitude\", \"code-minus-code\", \"arms\", \"own-language\"]\n\n\
+             controls = [\"random\", \"magnitude\", \"code-minus-code\", \"arms\", \"own-language\", \"structured\"]\n\n\
              [eval]\ntasks = [\"code-bpb\"]\nlimit = 3\nmax_bpb_tokens = 64\ndetail_k = 5.0\nmatched_reference = \"code-bpb:toy\"\nmatched_pct = 5.0\n",
             gguf.display(),
             out.display()
@@ -220,6 +220,7 @@ fn base_only_run_with_baselines_matrix_and_matched_damage() {
     assert!(ok, "{err}");
     assert!(stdout.contains("report.md"), "{stdout}");
     assert!(err.contains("train.steps = 0: no tuning"), "{err}");
+    assert!(err.contains("heads 5% is empty, skipped"), "{err}");
     assert!(!out.join("tune").exists() && !out.join("spots/tuned").exists());
     for m in ["wanda", "molchanov"] {
         for l in ["toy", "toyrs"] {
@@ -244,6 +245,9 @@ fn base_only_run_with_baselines_matrix_and_matched_damage() {
         "magnitude",
         "code-minus-code",
         "code-minus-code-random",
+        // Whole heads hold more than the spot's q+o count at these k: empty, skipped.
+        "neurons",
+        "neurons-random",
         "wanda",
         "molchanov",
     ];

@@ -40,6 +40,10 @@ pub struct ScoreArgs {
     /// Also write snapshots of each half of the calibration batches (spot stability).
     #[arg(long)]
     halves: bool,
+    /// Also sum group Taylor importance of whole heads and MLP neurons (into summaries.json):
+    /// what the `structured` control ranks heads and neurons by.
+    #[arg(long)]
+    groups: bool,
     /// Skip the split-half agreement (noise floor) and convergence in the manifest, which
     /// keep one more copy of the sums in memory.
     #[arg(long)]
@@ -120,6 +124,7 @@ pub enum SnapshotCmd {
 pub fn score(a: ScoreArgs) -> Result<()> {
     let req = crate::importance::ScoreRequest {
         halves: a.halves,
+        groups: a.groups,
         shard: a.shard,
         devices: a.devices,
         nodes: a.nodes.into(),

@@ -73,6 +73,54 @@ pub fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBac
     crate::model::dtype::widen(p.flat().inner())
 }
 
+/// Group Taylor importance (Molchanov et al.'s group criterion, LLM-Pruner's head and neuron
+/// groups): per batch b the signed sum s = Σ θ · g_b over a group's weights, squared and summed
+/// over batches. A query head's group is its rows of q and its columns of o (its k and v rows
+/// are shared with the other heads of its group and left out); an MLP neuron's is its rows of
+/// gate and up and its column of down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GroupScores {
+    /// `[layer][query head]`: Σ_b s².
+    pub heads: Vec<Vec<f64>>,
+    /// `[layer][neuron]`: Σ_b s².
+    pub neurons: Vec<Vec<f64>>,
+    pub batches: usize,
+}
+
+impl GroupScores {
+    fn zeros(cfg: &crate::model::LlamaConfig) -> Self {
+        let l = cfg.num_hidden_layers;
+        Self {
+            heads: vec![vec![0.0; cfg.num_attention_heads]; l],
+            neurons: vec![vec![0.0; cfg.intermediate_size]; l],
+            batches: 0,
+        }
+    }
+
+    /// Add another pass's sums (disjoint batches of the same model).
+    pub fn add(&mut self, o: &GroupScores) {
+        let add = |a: &mut Vec<Vec<f64>>, b: &Vec<Vec<f64>>| {
+            a.iter_mut()
+                .zip(b)
+                .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y))
+        };
+        add(&mut self.heads, &o.heads);
+        add(&mut self.neurons, &o.neurons);
+        self.batches += o.batches;
+    }
+}
+
+/// A batch's signed group sums while its gradients come in, folded into [`GroupScores`] at
+/// the end of the batch.
+#[derive(Clone)]
+struct GroupAcc {
+    /// Per parameter index: its layer and kind, for the kinds that belong to a group.
+    roles: Vec<Option<(usize, crate::model::names::ModuleKind)>>,
+    head_dim: usize,
+    cur: GroupScores,
+    total: GroupScores,
+}
+
 /// Running sums for one scoring pass, one flat tensor per parameter.
 #[derive(Clone)]
 pub struct Accumulator<B: Backend> {
@@ -81,6 +129,7 @@ pub struct Accumulator<B: Backend> {
     shapes: Vec<Vec<usize>>,
     acc: Vec<Tensor<B, 1>>,
     sq: Vec<Tensor<B, 1>>,
+    groups: Option<GroupAcc>,
     /// Batches added so far.
     pub batches: usize,
 }
@@ -95,6 +144,7 @@ impl<B: Backend> Accumulator<B> {
             shapes: vec![],
             acc: vec![],
             sq: vec![],
+            groups: None,
             batches: 0,
         };
         for (name, p) in model.params() {
@@ -110,6 +160,31 @@ impl<B: Backend> Accumulator<B> {
         s
     }
 
+    /// Also sum group Taylor importance of heads and neurons ([`GroupScores`]).
+    pub fn with_groups<AB: AutodiffBackend<InnerBackend = B>>(mut self, model: &Llama<AB>) -> Self {
+        use crate::model::names::{self, ModuleKind as K};
+        let roles = self
+            .names
+            .iter()
+            .map(|n| {
+                let p = names::parse(n)?;
+                matches!(p.kind, K::Q | K::O | K::Gate | K::Up | K::Down).then_some((p.layer?, p.kind))
+            })
+            .collect();
+        self.groups = Some(GroupAcc {
+            roles,
+            head_dim: model.config.head_dim,
+            cur: GroupScores::zeros(&model.config),
+            total: GroupScores::zeros(&model.config),
+        });
+        self
+    }
+
+    /// The group sums so far (None unless [`Accumulator::with_groups`]).
+    pub fn groups(&self) -> Option<GroupScores> {
+        self.groups.as_ref().map(|g| g.total.clone())
+    }
+
     /// Add one batch's gradients (flat, in `model.params()` order; `None` = no gradient).
     pub fn add<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>, grads: Vec<Option<Tensor<B, 1>>>) {
         let params = model.params();
@@ -118,12 +193,39 @@ impl<B: Backend> Accumulator<B> {
                 self.add_one(&params[i].1, i, g);
             }
         }
-        self.batches += 1;
+        self.end_batch();
+    }
+
+    /// This batch's signed group sums of parameter `i` (θ · g summed over rows or columns).
+    fn add_groups<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: &Tensor<B, 1>) {
+        use crate::model::names::ModuleKind as K;
+        let Some(ga) = &mut self.groups else { return };
+        let Some((l, kind)) = ga.roles[i] else { return };
+        let [r, c] = [self.shapes[i][0], self.shapes[i][1]];
+        let prod = (flat_value(p) * g.clone()).reshape([r, c]);
+        // q, gate, up: one sum per output row; o, down: one per input column.
+        let by_row = matches!(kind, K::Q | K::Gate | K::Up);
+        let sums = if by_row { prod.sum_dim(1) } else { prod.sum_dim(0) };
+        let sums: Vec<f32> = sums.into_data().convert::<f32>().into_vec().expect("f32 sums");
+        let hd = ga.head_dim;
+        match kind {
+            K::Q | K::O => sums
+                .iter()
+                .enumerate()
+                .for_each(|(j, s)| ga.cur.heads[l][j / hd] += *s as f64),
+            _ => sums
+                .iter()
+                .enumerate()
+                .for_each(|(j, s)| ga.cur.neurons[l][j] += *s as f64),
+        }
     }
 
     /// Add one parameter's gradient of the current batch (`i`: its index in `model.params()`);
     /// [`Accumulator::end_batch`] once every parameter's is in.
     pub fn add_one<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: Tensor<B, 1>) {
+        if self.groups.is_some() && self.method.needs_gradients() {
+            self.add_groups(p, i, &g);
+        }
         let a = std::mem::replace(&mut self.acc[i], Tensor::empty([0], &g.device()));
         self.acc[i] = match self.method {
             // On the f32 CPU backend in one pass over the sum's own storage (the same f32
@@ -169,9 +271,23 @@ impl<B: Backend> Accumulator<B> {
         }
     }
 
-    /// Count a batch whose gradients went in through [`Accumulator::add_one`].
+    /// Count a batch whose gradients went in through [`Accumulator::add_one`] (and fold its
+    /// group sums, squared, into the totals).
     pub fn end_batch(&mut self) {
         self.batches += 1;
+        if let Some(ga) = &mut self.groups {
+            let fold = |cur: &mut Vec<Vec<f64>>, tot: &mut Vec<Vec<f64>>| {
+                for (c, t) in cur.iter_mut().zip(tot) {
+                    for (c, t) in c.iter_mut().zip(t) {
+                        *t += *c * *c;
+                        *c = 0.0;
+                    }
+                }
+            };
+            fold(&mut ga.cur.heads, &mut ga.total.heads);
+            fold(&mut ga.cur.neurons, &mut ga.total.neurons);
+            ga.total.batches += 1;
+        }
     }
 
     /// Combine two passes over disjoint batches: the raw sums add exactly for every method.
@@ -181,6 +297,9 @@ impl<B: Backend> Accumulator<B> {
         }
         for (a, b) in self.sq.iter_mut().zip(other.sq) {
             *a = a.clone() + b;
+        }
+        if let (Some(a), Some(b)) = (&mut self.groups, &other.groups) {
+            a.total.add(&b.total);
         }
         self.batches += other.batches;
         self
@@ -430,9 +549,46 @@ fn accumulate<B: AutodiffBackend>(
     done: &mut usize,
     on_batch: &mut impl FnMut(usize),
 ) -> Accumulator<B::InnerBackend> {
+    accumulate_with(model, chunks, micro, method, false, done, on_batch)
+}
+
+/// [`accumulate`], with the group sums of heads and neurons when `groups`.
+fn accumulate_with<B: AutodiffBackend>(
+    model: &Llama<B>,
+    chunks: &[&[Vec<u32>]],
+    micro: usize,
+    method: Method,
+    groups: bool,
+    done: &mut usize,
+    on_batch: &mut impl FnMut(usize),
+) -> Accumulator<B::InnerBackend> {
     let mut acc = Accumulator::new(method, model);
+    if groups {
+        acc = acc.with_groups(model);
+    }
     accumulate_into(&mut acc, model, chunks, micro, done, on_batch);
     acc
+}
+
+/// Group Taylor scores of heads and neurons over `blocks` in batches of `batch` (`micro`
+/// sequences per backward pass), beside the element scores of `method`.
+pub fn score_groups<B: AutodiffBackend>(
+    model: &Llama<B>,
+    blocks: &[Vec<u32>],
+    batch: usize,
+    micro: usize,
+    method: Method,
+) -> Result<(Scores, GroupScores)> {
+    anyhow::ensure!(batch > 0 && micro > 0, "batch and micro-batch must be positive");
+    anyhow::ensure!(
+        method.needs_gradients(),
+        "group scores need gradients ({} has none)",
+        method.name()
+    );
+    let chunks: Vec<&[Vec<u32>]> = blocks.chunks(batch).collect();
+    let acc = accumulate_with(model, &chunks, micro, method, true, &mut 0, &mut |_| {});
+    let g = acc.groups().expect("groups on");
+    Ok((acc.finish(model), g))
 }
 
 /// Add the batches' gradients to `acc`.
@@ -585,6 +741,9 @@ pub struct ScoreRequest {
     /// Record the snapshot's split-half agreement and convergence ([`agreement`]): one more
     /// copy of the sums, kept from the midpoint. Single-device, unsharded runs of 2+ batches.
     pub agreement: bool,
+    /// Also sum group Taylor importance of whole heads and neurons ([`GroupScores`], kept in
+    /// `summaries.json`). One device, unsharded, a gradient method.
+    pub groups: bool,
 }
 
 /// One of `count` disjoint, contiguous slices of a scoring run's batches (1-based `index`).
@@ -631,6 +790,7 @@ impl ScoreRequest {
             devices: 1,
             nodes: Default::default(),
             agreement: true,
+            groups: false,
         }
     }
 
@@ -646,6 +806,15 @@ impl ScoreRequest {
         anyhow::ensure!(
             !(self.halves && self.shard.is_some()),
             "--halves and --shard cannot be combined (score each shard whole, then merge)"
+        );
+        anyhow::ensure!(
+            !(self.groups && (self.devices > 1 || self.nodes.count > 1 || self.shard.is_some())),
+            "--groups runs on one device, unsharded"
+        );
+        anyhow::ensure!(
+            !self.groups || self.method.needs_gradients(),
+            "--groups needs a gradient method ({} has none)",
+            self.method.name()
         );
         if let Some(sh) = self.shard {
             let batches = self.blocks().div_ceil(self.batch);
@@ -735,6 +904,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let t0 = std::time::Instant::now();
     let mut sums = None;
     let mut agreement = None;
+    let mut groups = None;
     let mine = &chunks[range.clone()];
     let parallel = req.devices > 1 || req.nodes.count > 1;
     let mut on_batch = |done: usize| bar.set_position(done as u64);
@@ -747,23 +917,29 @@ pub fn score_snapshot<B: AutodiffBackend>(
         // `halves`, the half snapshots.
         let mid = mine.len() / 2;
         let mut done = 0;
-        let a = accumulate(
+        let a = accumulate_with(
             model,
             &mine[..mid],
             req.micro_batch,
             req.method,
+            req.groups,
             &mut done,
             &mut on_batch,
         );
         let half_tokens = done;
-        let b = accumulate(
+        let b = accumulate_with(
             model,
             &mine[mid..],
             req.micro_batch,
             req.method,
+            req.groups,
             &mut done,
             &mut on_batch,
         );
+        groups = a.groups().zip(b.groups()).map(|(mut a, b)| {
+            a.add(&b);
+            a
+        });
         // Added on the device first, then each set of sums moved to the host as it is
         // consumed: three model-sized sets alive at once, not five.
         let raw = a.clone().merge(b.clone()).raw(model);
@@ -783,7 +959,17 @@ pub fn score_snapshot<B: AutodiffBackend>(
         raw
     } else {
         anyhow::ensure!(!req.halves, "--halves needs at least 2 batches");
-        accumulate(model, mine, req.micro_batch, req.method, &mut 0, &mut on_batch).raw(model)
+        let acc = accumulate_with(
+            model,
+            mine,
+            req.micro_batch,
+            req.method,
+            req.groups,
+            &mut 0,
+            &mut on_batch,
+        );
+        groups = acc.groups();
+        acc.raw(model)
     };
     if req.shard.is_some() {
         // A shard keeps its raw sums for the merge beside its scores.
@@ -792,7 +978,8 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let scores = raw.into_scores();
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let summaries = summary::summarize(&scores, &model.config);
+    let mut summaries = summary::summarize(&scores, &model.config);
+    summaries.groups = groups;
     let corpus_sha = corpora.stats(&req.lang).map(|s| s.manifest_sha256).unwrap_or_default();
     let manifest = snapshot::SnapshotManifest {
         format: 1,

@@ -54,6 +54,9 @@ pub struct Summaries {
     pub top1_threshold: f64,
     pub top1_counts: BTreeMap<usize, BTreeMap<String, usize>>,
     pub top1_global_counts: BTreeMap<String, usize>,
+    /// Group Taylor importance of whole heads and neurons (`score --groups`), when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<super::GroupScores>,
 }
 
 fn quantiles(v: &[f32]) -> (f64, f64, f64) {
@@ -180,6 +183,7 @@ pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
         top1_threshold: thr,
         top1_counts,
         top1_global_counts: top1_global,
+        groups: None,
     }
 }
 

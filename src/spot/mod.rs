@@ -181,6 +181,12 @@ pub enum Control {
     /// Each language's own top-k (`own=<L>`, held-out languages included): the rows and
     /// columns of the language matrix.
     OwnLanguage,
+    /// Structured ablation: whole query heads (`heads`: q rows and o columns) and whole MLP
+    /// neurons (`neurons`: gate and up rows, down column), ranked by group Taylor importance
+    /// (snapshots scored with `--groups`), as many as hold the spot's count of q and o
+    /// (respectively gate, up and down) parameters; each with random heads or neurons of the same
+    /// number (`heads-random`, `neurons-random`).
+    Structured,
 }
 
 /// Which module kinds a set keeps.
@@ -215,6 +221,9 @@ impl Control {
                 .flat_map(|s| ARMS.iter().map(move |(a, _)| format!("{s}-{a}")))
                 .collect(),
             Control::OwnLanguage => languages.iter().map(|l| format!("own={l}")).collect(),
+            Control::Structured => ["heads", "heads-random", "neurons", "neurons-random"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -225,6 +234,121 @@ fn random_like(shapes: &Weights, masks: &BTreeMap<String, Mask>, seed: u64, tag:
     let c: BTreeMap<String, usize> = masks.iter().map(|(n, m)| (n.clone(), m.count())).collect();
     let s = crate::util::sha256_bytes(format!("{seed}:{tag}").as_bytes());
     select_random(shapes, &c, u64::from_str_radix(&s[..16], 16).unwrap_or(seed))
+}
+
+/// A head or a neuron: (layer, index).
+type Unit = (usize, usize);
+
+/// Masks zeroing whole query heads (q rows, o columns) or whole neurons (gate and up rows, down
+/// column), over every q/o (or gate/up/down) tensor of `shapes`.
+pub fn unit_masks(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    units: &[Unit],
+    heads: bool,
+    head_dim: usize,
+) -> BTreeMap<String, Mask> {
+    use crate::model::names::{self, ModuleKind as K};
+    let mut out = BTreeMap::new();
+    for (n, shape) in shapes {
+        let Some(p) = names::parse(n) else { continue };
+        let (Some(l), [r, c]) = (p.layer, shape.as_slice()) else {
+            continue;
+        };
+        let by_row = match p.kind {
+            K::Q if heads => true,
+            K::O if heads => false,
+            K::Gate | K::Up if !heads => true,
+            K::Down if !heads => false,
+            _ => continue,
+        };
+        let width = if heads { head_dim } else { 1 };
+        let mut idx = vec![];
+        for &(_, u) in units.iter().filter(|x| x.0 == l) {
+            for j in u * width..(u + 1) * width {
+                if by_row {
+                    idx.extend(j * c..(j + 1) * c);
+                } else {
+                    idx.extend((0..*r).map(|row| row * c + j));
+                }
+            }
+        }
+        idx.sort_unstable();
+        out.insert(n.clone(), Mask::from_indices(r * c, &idx));
+    }
+    out
+}
+
+/// The `n` highest-scoring units of `scores[layer][unit]` (ties by position).
+pub fn top_units(scores: &[Vec<f64>], n: usize) -> Vec<Unit> {
+    let mut all: Vec<(Unit, f64)> = scores
+        .iter()
+        .enumerate()
+        .flat_map(|(l, v)| v.iter().enumerate().map(move |(u, &s)| ((l, u), s)))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.into_iter().take(n).map(|x| x.0).collect()
+}
+
+/// `n` units drawn at random (seeded) from `layers × per_layer`.
+fn random_units(layers: usize, per_layer: usize, n: usize, seed: u64, tag: &str) -> Vec<Unit> {
+    use rand::SeedableRng;
+    let h = crate::util::sha256_bytes(format!("{seed}:{tag}").as_bytes());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from_str_radix(&h[..16], 16).unwrap_or(seed));
+    let mut idx = rand::seq::index::sample(&mut rng, layers * per_layer, n.min(layers * per_layer)).into_vec();
+    idx.sort_unstable();
+    idx.into_iter().map(|i| (i / per_layer, i % per_layer)).collect()
+}
+
+/// The structured sets at one k: heads and neurons by group Taylor importance, and random ones
+/// of the same number, sized to the spot's count in q+o (heads) and gate+up+down (neurons).
+fn structured_sets(
+    groups: &crate::importance::GroupScores,
+    spot_counts: &BTreeMap<String, usize>,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    cfg: &crate::model::LlamaConfig,
+    seed: u64,
+) -> Vec<(&'static str, BTreeMap<String, Mask>)> {
+    use crate::model::names::{self, ModuleKind as K};
+    let count = |kinds: &[K]| -> usize {
+        spot_counts
+            .iter()
+            .filter(|(n, _)| names::parse(n).is_some_and(|p| p.layer.is_some() && kinds.contains(&p.kind)))
+            .map(|(_, c)| c)
+            .sum()
+    };
+    let d = cfg.hidden_size;
+    let n_heads = (count(&[K::Q, K::O]) as f64 / (2 * cfg.head_dim * d) as f64).round() as usize;
+    let n_neurons = (count(&[K::Gate, K::Up, K::Down]) as f64 / (3 * d) as f64).round() as usize;
+    let hd = cfg.head_dim;
+    let layers = cfg.num_hidden_layers;
+    vec![
+        (
+            "heads",
+            unit_masks(shapes, &top_units(&groups.heads, n_heads), true, hd),
+        ),
+        (
+            "heads-random",
+            unit_masks(
+                shapes,
+                &random_units(layers, cfg.num_attention_heads, n_heads, seed, "heads"),
+                true,
+                hd,
+            ),
+        ),
+        (
+            "neurons",
+            unit_masks(shapes, &top_units(&groups.neurons, n_neurons), false, hd),
+        ),
+        (
+            "neurons-random",
+            unit_masks(
+                shapes,
+                &random_units(layers, cfg.intermediate_size, n_neurons, seed, "neurons"),
+                false,
+                hd,
+            ),
+        ),
+    ]
 }
 
 /// `a` minus `b`, tensor by tensor.
@@ -425,6 +549,12 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
                         put(&format!("random-{arm}"), restricted(&random, keep), &mut sets);
                     }
                 }
+                Control::Structured => {
+                    let g = extra.groups.as_ref().expect("loaded");
+                    for (name, m) in structured_sets(g, &c, &shapes, &config, req.seed) {
+                        put(name, m, &mut sets);
+                    }
+                }
                 Control::OwnLanguage => {
                     let own: Vec<BTreeMap<String, Mask>> = snaps.iter().map(|s| extra.own(&s.scores, k)).collect();
                     let floors: Vec<Option<f64>> = (0..snaps.len())
@@ -522,6 +652,8 @@ struct Extra {
     /// The aggregate of the used snapshots' first and second halves.
     halves_agg: Option<(Scores, Scores)>,
     criteria: Vec<(crate::importance::Method, Scores)>,
+    /// The used snapshots' group Taylor scores, summed (the `structured` control).
+    groups: Option<crate::importance::GroupScores>,
     scope: Scope,
     eligible: Eligible,
 }
@@ -615,12 +747,31 @@ impl Extra {
             }
             criteria.push((*method, aggregate(&picked, req.aggregation, req.scope, req.eligible)?));
         }
+        let groups = if wants(Control::Structured) {
+            let mut sum: Option<crate::importance::GroupScores> = None;
+            for &i in used {
+                let g = snaps[i].summaries.groups.as_ref().with_context(|| {
+                    format!(
+                        "the structured control needs group scores: {} was scored without --groups",
+                        req.snapshots[i].display()
+                    )
+                })?;
+                match &mut sum {
+                    None => sum = Some(g.clone()),
+                    Some(s) => s.add(g),
+                }
+            }
+            sum
+        } else {
+            None
+        };
         Ok(Self {
             magnitude,
             text,
             halves,
             halves_agg,
             criteria,
+            groups,
             scope: req.scope,
             eligible: req.eligible,
         })
