@@ -84,10 +84,30 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         }
     };
 
-    // 1. Base snapshots (the corpora are built first when missing).
+    // 1. Base snapshots (the corpora are built first when missing), then the base model scored
+    // with each baseline criterion.
+    let mut snapshots: Vec<(String, &Path, &String, importance::ScoreRequest)> = plan
+        .base_snap
+        .iter()
+        .chain(&plan.text_snap)
+        .map(|(lang, dir, h)| {
+            (
+                format!("base snapshot {lang}"),
+                dir.as_path(),
+                h,
+                snapshot_request(loaded, lang),
+            )
+        })
+        .collect();
+    for (method, snaps) in &plan.criteria_snap {
+        for (lang, dir, h) in snaps {
+            let req = crate::layout::criterion_request(loaded, lang, *method);
+            snapshots.push((format!("base snapshot {lang} ({})", method.name()), dir, h, req));
+        }
+    }
     let mut ck: Option<crate::model::Checkpoint> = None;
-    for (lang, dir, h) in plan.base_snap.iter().chain(&plan.text_snap) {
-        if !stage(format!("base snapshot {lang}"), stage_done(dir, h)) {
+    for (label, dir, h, req) in snapshots {
+        if !stage(label, stage_done(dir, h)) {
             continue;
         }
         if ck.is_none() {
@@ -102,30 +122,8 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             device,
             loaded.recipe.dtype,
         )?;
-        let req = snapshot_request(loaded, lang);
         importance::score_snapshot(&m, c, corpora, &req, dir, true)?;
         mark(dir, h)?;
-    }
-    // 1b. The base model scored with each baseline criterion.
-    for (method, snaps) in &plan.criteria_snap {
-        for (lang, dir, h) in snaps {
-            if !stage(format!("base snapshot {lang} ({})", method.name()), stage_done(dir, h)) {
-                continue;
-            }
-            if ck.is_none() {
-                ck = Some(crate::model::load(&r.model)?);
-            }
-            let c = ck.as_mut().expect("loaded");
-            let m = crate::model::Llama::<crate::backend::Ad<B>>::from_weights_as(
-                &c.config,
-                &c.weights,
-                device,
-                loaded.recipe.dtype,
-            )?;
-            let req = crate::layout::criterion_request(loaded, lang, *method);
-            importance::score_snapshot(&m, c, corpora, &req, dir, true)?;
-            mark(dir, h)?;
-        }
     }
     drop(ck);
     let criteria_dirs = |plan: &Plan| -> Vec<(importance::Method, Vec<PathBuf>)> {

@@ -639,6 +639,25 @@ fn noise_matched_controls_arms_matrix_and_criteria(
 ) {
     use codespot::importance::snapshot;
     let read = |d: &std::path::Path, k: f64, set: &str| spot::file::read_set(d, k, set).unwrap();
+    // A snapshot of the toy language with extra `score` flags.
+    let score_toy = |extra: &[&str], out: &std::path::Path| {
+        let mut args = vec![
+            "score",
+            "--model",
+            g,
+            "--lang",
+            "toy",
+            "--tokens",
+            "128",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+        ];
+        args.extend(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        run(&args);
+    };
     let top = |scores: &Weights, k: f64| {
         let agg = spot::aggregate(&[scores], Aggregation::Sum, Scope::PerTensor, Eligible::Layers).unwrap();
         let c = spot::counts(&agg, k / 100.0, Scope::PerTensor);
@@ -786,23 +805,7 @@ fn noise_matched_controls_arms_matrix_and_criteria(
     // A baseline criterion: a wanda snapshot of the same language gives a set of the spot's
     // counts, and its overlap with the spot is recorded.
     let wanda = dir.join("snap-toy-wanda");
-    run(&[
-        "score",
-        "--model",
-        g,
-        "--lang",
-        "toy",
-        "--tokens",
-        "128",
-        "--seq-len",
-        "16",
-        "--batch",
-        "2",
-        "--method",
-        "wanda",
-        "--out",
-        wanda.to_str().unwrap(),
-    ]);
+    score_toy(&["--method", "wanda"], &wanda);
     let out_c = dir.join("spot-criteria");
     let crit = format!("wanda={}", wanda.display());
     run(&[
@@ -841,22 +844,7 @@ fn noise_matched_controls_arms_matrix_and_criteria(
     // Structured: whole heads and neurons by group Taylor importance, as many as hold the
     // spot's q+o (gate+up+down) count, and as many random ones.
     let grouped = dir.join("snap-toy-groups");
-    run(&[
-        "score",
-        "--model",
-        g,
-        "--lang",
-        "toy",
-        "--tokens",
-        "128",
-        "--seq-len",
-        "16",
-        "--batch",
-        "2",
-        "--groups",
-        "--out",
-        grouped.to_str().unwrap(),
-    ]);
+    score_toy(&["--groups"], &grouped);
     let out_s = dir.join("spot-structured");
     run(&[
         "spot",

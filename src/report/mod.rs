@@ -88,9 +88,10 @@ fn parse_condition(c: &str) -> Option<(String, f64)> {
     Some((set.to_string(), k.strip_suffix('%')?.parse().ok()?))
 }
 
-/// Dose–response series per (task, metric): drop % vs k for the spot and each control.
+/// Dose–response series per (task, metric): drop % vs k for each set measured at two or more
+/// k, with each point's paired 95 % interval as a bar.
 pub fn dose_response(conds: &[ConditionResults]) -> BTreeMap<(String, String), Vec<Series>> {
-    type Points = BTreeMap<String, Vec<(f64, f64)>>;
+    type Points = BTreeMap<String, Vec<(f64, f64, (f64, f64))>>;
     let mut out: BTreeMap<(String, String), Points> = BTreeMap::new();
     let Some(base) = conds.iter().find(|c| c.condition == "base") else {
         return BTreeMap::new();
@@ -103,11 +104,18 @@ pub fn dose_response(conds: &[ConditionResults]) -> BTreeMap<(String, String), V
             if b.skipped.is_some() || x.skipped.is_some() {
                 continue;
             }
+            let (d, ci) = match crate::eval::paired::paired_drop(b, x, 1234) {
+                Some(p) => (p.drop_pct, p.ci95),
+                None => {
+                    let d = drop_pct(b.value, x.value, b.lower_is_better);
+                    (d, (d, d))
+                }
+            };
             out.entry((b.task.clone(), b.metric.clone()))
                 .or_default()
                 .entry(set.clone())
                 .or_default()
-                .push((k, drop_pct(b.value, x.value, b.lower_is_better)));
+                .push((k, d, ci));
         }
     }
     // A drop % needs a non-zero base value: tasks without one get no curve.
@@ -116,17 +124,21 @@ pub fn dose_response(conds: &[ConditionResults]) -> BTreeMap<(String, String), V
         .map(|(key, sets)| {
             let series = sets
                 .into_iter()
+                // Curves only (two k or more); a set difference's random set is in the tables.
+                .filter(|(name, points)| points.len() >= 2 && !name.ends_with("-random"))
                 .map(|(name, mut points)| {
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
                     Series {
                         dashed: name != "spot",
+                        bars: points.iter().map(|p| (p.0, p.2 .0, p.2 .1)).collect(),
+                        points: points.iter().map(|p| (p.0, p.1)).collect(),
                         name,
-                        points,
                     }
                 })
                 .collect();
             (key, series)
         })
+        .filter(|(_, series): &(_, Vec<Series>)| !series.is_empty())
         .collect()
 }
 
@@ -172,6 +184,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                     name: format!("{l} (train)"),
                     points: t.history.iter().map(|h| (h.step as f64, h.loss)).collect(),
                     dashed: false,
+                    bars: vec![],
                 })
                 .collect();
             fig.lines(
@@ -193,6 +206,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                             .filter_map(|h| Some((h.step as f64, *h.loss.get(lang)?)))
                             .collect(),
                         dashed: lang != l,
+                        bars: vec![],
                     });
                 }
             }
@@ -212,11 +226,13 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                             name: format!("{l}: Jaccard with base"),
                             points: t.metrics.iter().map(|m| (m.step as f64, m.jaccard_base)).collect(),
                             dashed: false,
+                            bars: vec![],
                         },
                         Series {
                             name: format!("{l}: Spearman with base"),
                             points: t.metrics.iter().map(|m| (m.step as f64, m.spearman_base)).collect(),
                             dashed: true,
+                            bars: vec![],
                         },
                         Series {
                             name: format!("{l}: noise floor (split-half Jaccard)"),
@@ -226,6 +242,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                                 .filter_map(|m| Some((m.step as f64, m.floor?)))
                                 .collect(),
                             dashed: true,
+                            bars: vec![],
                         },
                     ]
                 })
@@ -257,11 +274,13 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                             name: format!("{l}: top-k at {} vs all tokens", a.half_tokens),
                             points: a.ks.iter().copied().zip(a.convergence.iter().copied()).collect(),
                             dashed: false,
+                            bars: vec![],
                         },
                         Series {
                             name: format!("{l}: two halves (noise floor)"),
                             points: a.ks.iter().copied().zip(a.split_half.iter().copied()).collect(),
                             dashed: true,
+                            bars: vec![],
                         },
                     ]
                 })
@@ -298,13 +317,27 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         }
         if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
             for ((task, metric), series) in dose_response(base) {
+                // k spanning more than a decade is drawn on a log axis.
+                let ks: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
+                let wide = ks.iter().cloned().fold(0.0, f64::max) > 10.0 * ks.iter().cloned().fold(f64::MAX, f64::min);
+                let series: Vec<Series> = if wide {
+                    series.into_iter().map(Series::log_x).collect()
+                } else {
+                    series
+                };
                 fig.lines(
                     &format!("dose_{}_{}.png", slug(&task), slug(&metric)),
                     &format!("{task} {metric}: drop vs spot size"),
-                    "k (% of layer parameters zeroed)",
+                    if wide {
+                        "log10 k (k: % of layer parameters zeroed)"
+                    } else {
+                        "k (% of layer parameters zeroed)"
+                    },
                     "drop % (positive = worse)",
                     &series,
-                    format!("Dose–response, {task} {metric}: spot (solid) vs controls (dashed)"),
+                    format!(
+                        "Dose–response, {task} {metric}: spot (solid) vs controls (dashed), with paired 95 % intervals"
+                    ),
                 )?;
             }
         }

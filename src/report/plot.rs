@@ -40,14 +40,36 @@ fn err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> anyhow::Error + '_ 
     move |e| anyhow!("drawing {}: {e:?}", path.display())
 }
 
-/// A line series: name, points, dashed.
+/// A line series: name, points, dashed, and vertical interval bars `(x, low, high)`.
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     pub dashed: bool,
+    pub bars: Vec<(f64, f64, f64)>,
 }
 
-const PALETTE: [RGBColor; 8] = [
+impl Series {
+    /// The same series with x replaced by log10 x (points with x ≤ 0 dropped).
+    pub fn log_x(self) -> Self {
+        Self {
+            points: self
+                .points
+                .into_iter()
+                .filter(|p| p.0 > 0.0)
+                .map(|(x, y)| (x.log10(), y))
+                .collect(),
+            bars: self
+                .bars
+                .into_iter()
+                .filter(|b| b.0 > 0.0)
+                .map(|(x, l, h)| (x.log10(), l, h))
+                .collect(),
+            ..self
+        }
+    }
+}
+
+const PALETTE: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -56,6 +78,10 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(255, 187, 120),
 ];
 
 /// A line chart of `series` (colours by position; dashed series get points only).
@@ -63,7 +89,10 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
     ensure_font()?;
     let pts: Vec<(f64, f64)> = series
         .iter()
-        .flat_map(|s| s.points.iter().copied())
+        .flat_map(|s| {
+            let bars = s.bars.iter().flat_map(|&(x, l, h)| [(x, l), (x, h)]);
+            s.points.iter().copied().chain(bars)
+        })
         .filter(|p| p.0.is_finite() && p.1.is_finite())
         .collect();
     if pts.is_empty() {
@@ -123,6 +152,13 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         chart
             .draw_series(p.iter().map(|&(x, y)| Circle::new((x, y), 3, c.filled())))
+            .map_err(err(path))?;
+        let bars = s
+            .bars
+            .iter()
+            .filter(|b| b.0.is_finite() && b.1.is_finite() && b.2.is_finite());
+        chart
+            .draw_series(bars.map(|&(x, l, h)| PathElement::new(vec![(x, l), (x, h)], c.mix(0.6).stroke_width(1))))
             .map_err(err(path))?;
     }
     chart
