@@ -156,6 +156,21 @@ pub struct CorpusStats {
     pub calib: SplitStats,
     pub heldout: SplitStats,
     pub skipped: std::collections::BTreeMap<String, usize>,
+    /// Instruction pairs taken from the train split (`pairs.jsonl`), for languages with a
+    /// scanner (`crate::pairs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<PairStats>,
+}
+
+/// What `pairs.jsonl` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PairStats {
+    pub pairs: usize,
+    /// Tokens of the instructions and of the responses.
+    pub instruction_tokens: usize,
+    pub response_tokens: usize,
+    /// Documented functions not made pairs, by reason (`duplicate` included).
+    pub skipped: std::collections::BTreeMap<String, usize>,
 }
 
 impl CorpusStats {
@@ -670,10 +685,56 @@ pub fn build(
         for w in writers {
             w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?;
         }
+        if crate::pairs::supported(lang) {
+            let train = docs
+                .iter()
+                .filter(|d| Split::of_hash(hash64(&d.sha256)) == Split::Train);
+            stats.pairs = Some(write_pairs(lang, train, tok, &tmp.join("pairs.jsonl"))?);
+        }
         std::fs::write(tmp.join("stats.json"), serde_json::to_string_pretty(&stats)?)?;
         Ok(())
     })?;
     Ok(stats)
+}
+
+/// Instruction pairs of the train split's documents, de-duplicated by their response (its
+/// whitespace normalised), written as JSON lines.
+fn write_pairs<'a>(lang: &str, train: impl Iterator<Item = &'a Doc>, tok: &Tok, out: &Path) -> Result<PairStats> {
+    let mut st = PairStats::default();
+    let mut seen = HashSet::new();
+    let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
+    for d in train {
+        for p in crate::pairs::extract(lang, &d.path, &d.text, &mut st.skipped) {
+            let norm: String = p.response.split_whitespace().collect::<Vec<_>>().join(" ");
+            if !seen.insert(util::sha256_bytes(norm.as_bytes())) {
+                *st.skipped.entry("duplicate".into()).or_default() += 1;
+                continue;
+            }
+            st.pairs += 1;
+            st.instruction_tokens += tok.encode(&p.instruction, false)?.len();
+            st.response_tokens += tok.encode(&p.response, false)?.len();
+            serde_json::to_writer(&mut w, &p)?;
+            w.write_all(b"\n")?;
+        }
+    }
+    w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?;
+    Ok(st)
+}
+
+/// The instruction pairs of a built corpus (`pairs.jsonl`: the train split's documented
+/// functions).
+pub fn read_pairs(corpora: &Corpora, lang: &str) -> Result<Vec<crate::pairs::Pair>> {
+    let p = corpora.build_dir(lang).join("pairs.jsonl");
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{}: no instruction pairs (rebuild the corpus: codespot corpus build {lang})",
+            p.display()
+        )
+    })?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}", p.display(), i + 1)))
+        .collect()
 }
 
 /// Read a split's documents in file order.

@@ -15,6 +15,7 @@ pub mod eval;
 pub mod importance;
 pub mod layout;
 pub mod model;
+pub mod pairs;
 pub mod plan;
 pub mod recipe;
 pub mod report;

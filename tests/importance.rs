@@ -829,3 +829,103 @@ fn group_scores_square_each_batchs_summed_taylor_terms() {
     }
     assert!(g.heads.iter().flatten().all(|&x| x > 0.0));
 }
+
+/// Instruction pairs come from the train split only: every pair names a train file, no
+/// calibration or held-out file's function appears, a function repeated in two train files is
+/// one pair, and stats.json counts them.
+#[test]
+fn corpus_build_takes_instruction_pairs_from_the_train_split_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("rs");
+    std::fs::create_dir_all(&src).unwrap();
+    let func = |i: usize, name: &str| {
+        format!(
+            "/// Scale every value of `xs` by the factor {i}\n/// and return their sum.\npub fn {name}(xs: &[i64]) -> i64 {{\n    let mut t = 0;\n    for x in xs {{\n        t += x * {i};\n    }}\n    t\n}}\n\n"
+        )
+    };
+    for i in 0..40 {
+        // Each file: one documented function of its own, padding code, and (files 0 and 1) the
+        // same shared function.
+        let mut body = func(i, &format!("scaled_sum_{i}"));
+        body += &format!("fn pad_{i}() -> u32 {{\n    {i}\n}}\n");
+        if i < 2 {
+            body += &func(99, "shared");
+        }
+        std::fs::write(src.join(format!("m{i}.rs")), body).unwrap();
+    }
+    let cdir = dir.path().join("corpora");
+    std::fs::create_dir_all(&cdir).unwrap();
+    std::fs::write(
+        cdir.join("rust.toml"),
+        format!(
+            "language = \"rust\"\n[[sources]]\nkind = \"dir\"\nroots = [\"{}\"]\ninclude = [\"**/*.rs\"]\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let corpora = codespot::data::Corpora { dir: cdir };
+    let (gg, _) = common::tiny_gguf(dir.path(), 1, true);
+    let tok = model::load(gg.to_str().unwrap()).unwrap().tokenizer;
+    let st = codespot::data::build(&corpora, "rust", 64.0, &tok, "tiny", false).unwrap();
+    let paths = |s: codespot::data::Split| -> Vec<String> {
+        codespot::data::read_split(&corpora.split_path("rust", s).unwrap())
+            .unwrap()
+            .map(|d| {
+                let p = d.unwrap().path;
+                std::path::Path::new(&p)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+    };
+    let (train, others) = (
+        paths(codespot::data::Split::Train),
+        [
+            paths(codespot::data::Split::Calib),
+            paths(codespot::data::Split::Heldout),
+        ]
+        .concat(),
+    );
+    assert!(!others.is_empty() && train.len() > others.len());
+    let pairs = codespot::data::read_pairs(&corpora, "rust").unwrap();
+    for p in &pairs {
+        let file = std::path::Path::new(&p.path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(train.contains(&file), "{} is not a train file", p.path);
+        assert!(p.instruction.starts_with("Scale every value of `xs`") && p.response.starts_with("pub fn "));
+    }
+    // One pair per train file's own function, the shared one once (if a train file holds it).
+    let own: Vec<String> = train
+        .iter()
+        .map(|p| p.trim_start_matches("m").trim_end_matches(".rs").to_string())
+        .map(|i| format!("scaled_sum_{i}"))
+        .collect();
+    let names: Vec<&str> = pairs.iter().map(|p| p.name.as_str()).collect();
+    for n in &own {
+        assert!(names.contains(&n.as_str()), "{n} missing");
+    }
+    for o in &others {
+        let i = o.trim_start_matches("m").trim_end_matches(".rs");
+        assert!(
+            !names.contains(&format!("scaled_sum_{i}").as_str()),
+            "{o}: a non-train file's function"
+        );
+    }
+    let shared = names.iter().filter(|n| **n == "shared").count();
+    let train_with_shared = train.iter().filter(|p| *p == "m0.rs" || *p == "m1.rs").count();
+    assert_eq!(shared, train_with_shared.min(1));
+    let ps = st.pairs.unwrap();
+    assert_eq!(ps.pairs, pairs.len());
+    assert_eq!(
+        ps.skipped.get("duplicate").copied().unwrap_or(0),
+        train_with_shared.saturating_sub(1)
+    );
+    // The undocumented padding functions are not pairs; tokens are counted.
+    assert!(!names.iter().any(|n| n.starts_with("pad_")));
+    assert!(ps.instruction_tokens > 0 && ps.response_tokens > ps.pairs * 10);
+}

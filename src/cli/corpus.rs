@@ -45,6 +45,12 @@ pub fn run(cmd: CorpusCmd) -> Result<()> {
                 );
             }
             println!("  skipped: {:?}", st.skipped);
+            if let Some(p) = &st.pairs {
+                println!(
+                    "  pairs     {:>5} instruction pairs from train ({} + {} tokens; skipped {:?}) in pairs.jsonl",
+                    p.pairs, p.instruction_tokens, p.response_tokens, p.skipped
+                );
+            }
         }
         CorpusCmd::List => {
             let rows = crate::data::corpus_list(&corpora);
