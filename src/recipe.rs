@@ -527,7 +527,9 @@ impl Loaded {
             return Err(self.err("spot.k", "list percentages in (0, 100]"));
         }
         self.tasks().map_err(|e| self.err("eval.tasks", e))?;
-        for (key, ks) in [("eval.k", &r.eval.k), ("eval.tuned_k", &r.eval.tuned_k)] {
+        // A base-only run (train.steps = 0) has no tuned models, so tuned_k is not read.
+        let tuned: &[f64] = if t.steps > 0 { &r.eval.tuned_k } else { &[] };
+        for (key, ks) in [("eval.k", &r.eval.k[..]), ("eval.tuned_k", tuned)] {
             if let Some(k) = ks.iter().find(|k| !r.spot.k.iter().any(|s| (*s - **k).abs() < 1e-9)) {
                 return Err(self.err(key, format!("{k} is not among spot.k {:?}", r.spot.k)));
             }

@@ -61,6 +61,11 @@ pub struct Matched {
     pub spot_minus_ci95: Option<(f64, f64)>,
     /// Share of bootstrap replicates in which the curve reached the target.
     pub reached: f64,
+    /// The target was passed already at the smallest measured k, so k* and the reading come
+    /// from the straight line between the intact model and that point: an assumption, not a
+    /// measurement (a set whose first few weights break the model jumps, it does not ramp).
+    #[serde(default)]
+    pub below_first_k: bool,
 }
 
 /// The matched-damage table of one target task.
@@ -199,7 +204,9 @@ pub fn matched_table(
                 .filter_map(|b| Some(b.get(spot).copied()??.1 - b[s]?.1))
                 .collect();
             let spot_point = point.get(spot).copied().flatten();
+            let first_k = curves[s].first().map(|p| p.0);
             Matched {
+                below_first_k: point[s].zip(first_k).is_some_and(|(p, k)| p.0 < k),
                 set: s.to_string(),
                 k: point[s].map(|p| p.0),
                 k_ci95: interval(got.iter().map(|p| p.0).collect()),
@@ -235,7 +242,8 @@ pub fn markdown(tables: &[MatchedTable]) -> String {
                 String::new()
             };
             let k = match r.k {
-                Some(k) => format!("{k:.3}{}", ci(r.k_ci95, 3)),
+                Some(k) if r.below_first_k => format!("< smallest k ({k:.2e}, from the intact model)"),
+                Some(k) => format!("{k:.4}{}", ci(r.k_ci95, 4)),
                 None => "not reached".into(),
             };
             let d = match r.drop_pct {
@@ -347,6 +355,15 @@ mod tests {
         let (lo, hi) = random.spot_minus_ci95.unwrap();
         assert!((lo - 30.0).abs() < 1e-9 && (hi - 30.0).abs() < 1e-9, "{lo} {hi}");
         assert_eq!(spot.reached, 1.0);
+        assert!(!spot.below_first_k);
+        // A target below the first point's damage is read off the line from the intact model,
+        // and said so.
+        let t2 = matched_table(&conds, "text-bpb", "code", 2.0, 50, 7).unwrap();
+        let spot = t2.rows.iter().find(|r| r.set == "spot").unwrap();
+        assert!(
+            spot.below_first_k && (spot.k.unwrap() - 0.04).abs() < 1e-9 && (spot.drop_pct.unwrap() - 8.0).abs() < 1e-9
+        );
+        assert!(markdown(&[t2]).contains("< smallest k"));
         assert!(markdown(&[t]).contains("| random |"));
     }
 }

@@ -777,8 +777,18 @@ impl Extra {
         })
     }
 
-    /// One snapshot's own top-k.
+    /// One snapshot's own top-k. Per tensor, straight from its scores: the sum over one
+    /// snapshot is the scores themselves, so no model-sized copy is made for each k.
     fn own(&self, scores: &Scores, k: f64) -> BTreeMap<String, Mask> {
+        if self.scope == Scope::PerTensor {
+            let c: BTreeMap<String, usize> = scores
+                .tensors
+                .iter()
+                .filter(|(n, _)| self.eligible.admits(n))
+                .map(|(n, t)| (n.clone(), (k / 100.0 * t.numel() as f64).round() as usize))
+                .collect();
+            return select_by(scores, &c, true);
+        }
         let one = aggregate(&[scores], Aggregation::Sum, self.scope, self.eligible).expect("same shapes");
         spot_masks(&one, k, self.scope).1
     }
