@@ -214,11 +214,12 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     // 6. Evaluation: the base model with the base spot, each tuned model with the tuned spot.
     let e = &r.eval;
     let opts = eval_options(loaded, corpora);
-    let controls = eval_sets(loaded, &[]);
-    let tuned_controls = eval_sets(loaded, &[]);
-    let without_criteria: Vec<String> = tuned_controls
-        .into_iter()
-        .filter(|c| !r.spot.criteria.iter().any(|m| m.name() == c))
+    let controls = eval_sets(loaded);
+    // The tuned spot has no baseline criteria's sets (those score the base model).
+    let without_criteria: Vec<String> = controls
+        .iter()
+        .filter(|c| !r.spot.criteria.iter().any(|m| m.name() == c.as_str()))
+        .cloned()
         .collect();
     let eval_k = if e.k.is_empty() { r.spot.k.clone() } else { e.k.clone() };
     let mut evals = vec![(
@@ -292,13 +293,13 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
 /// The spot file's sets that each `k` of the evaluation ablates beside the spot: every
 /// control's sets but the per-language ones and those evaluated at `eval.detail_k` only
 /// ([`detail_sets`]), then the baseline criteria's.
-fn eval_sets(loaded: &Loaded, languages: &[String]) -> Vec<String> {
+fn eval_sets(loaded: &Loaded) -> Vec<String> {
     use crate::spot::Control;
     let s = &loaded.recipe.spot;
     s.controls
         .iter()
         .filter(|c| !matches!(c, Control::PerLanguage | Control::OwnLanguage | Control::Arms))
-        .flat_map(|c| c.set_names(languages))
+        .flat_map(|c| c.set_names(&[]))
         .chain(s.criteria.iter().map(|m| m.name().to_string()))
         .collect()
 }

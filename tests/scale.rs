@@ -69,13 +69,7 @@ fn score(s: &Setup, req: &importance::ScoreRequest, out: &Path) -> importance::s
 #[test]
 fn four_shards_merge_into_the_unsharded_snapshot_for_every_method() {
     let s = setup();
-    for method in [
-        Method::Taylor,
-        Method::TaylorSum,
-        Method::Taylor2,
-        Method::Molchanov,
-        Method::Wanda,
-    ] {
+    for &method in <Method as clap::ValueEnum>::value_variants() {
         let name = method.name();
         let whole = score(&s, &request(method), &s.root.join(format!("{name}-whole")));
         let mut dirs = vec![];
@@ -188,13 +182,7 @@ fn merge_refuses_incomplete_or_mismatched_shards() {
 #[test]
 fn two_cpu_peers_give_one_devices_scores() {
     let s = setup();
-    for method in [
-        Method::Taylor,
-        Method::TaylorSum,
-        Method::Taylor2,
-        Method::Molchanov,
-        Method::Wanda,
-    ] {
+    for &method in <Method as clap::ValueEnum>::value_variants() {
         let name = method.name();
         let one = score(&s, &request(method), &s.root.join(format!("{name}-1")));
         let mut req = request(method);

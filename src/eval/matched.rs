@@ -165,7 +165,9 @@ pub fn matched_table(
     if curves.is_empty() {
         return None;
     }
-    let full = |a: &Aligned, i: usize| -> Vec<(f64, f64)> { a.conds[i].clone().expect("checked") };
+    fn full(a: &Aligned, i: usize) -> &[(f64, f64)] {
+        a.conds[i].as_deref().expect("checked")
+    }
     let read = |ridx: &[usize], tidx: &[usize]| -> BTreeMap<&str, Option<(f64, f64)>> {
         curves
             .iter()
@@ -175,8 +177,8 @@ pub fn matched_table(
                     .map(|&(k, i)| {
                         (
                             k,
-                            drop_of(&ra.base, &full(&ra, i), ra.lower, ridx),
-                            drop_of(&ta.base, &full(&ta, i), ta.lower, tidx),
+                            drop_of(&ra.base, full(&ra, i), ra.lower, ridx),
+                            drop_of(&ta.base, full(&ta, i), ta.lower, tidx),
                         )
                     })
                     .collect();
