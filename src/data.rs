@@ -20,6 +20,10 @@ pub struct Manifest {
     /// Cut each file into documents (collections of short texts, such as fortune files).
     #[serde(default)]
     pub chunk: Option<Chunk>,
+    /// The scanner that finds documented functions for instruction pairs (`crate::pairs`):
+    /// default the language's own name, when it has one.
+    #[serde(default)]
+    pub pairs: Option<String>,
 }
 
 /// Split files at lines equal to `separator`, then pack consecutive pieces into documents of
@@ -160,9 +164,13 @@ pub struct CorpusStats {
     /// scanner (`crate::pairs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pairs: Option<PairStats>,
+    /// The same of the held-out split (`pairs-heldout.jsonl`): the held-out pair loss while
+    /// tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_pairs: Option<PairStats>,
 }
 
-/// What `pairs.jsonl` holds.
+/// What a pairs file holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PairStats {
     pub pairs: usize,
@@ -685,11 +693,22 @@ pub fn build(
         for w in writers {
             w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?;
         }
-        if crate::pairs::supported(lang) {
-            let train = docs
-                .iter()
-                .filter(|d| Split::of_hash(hash64(&d.sha256)) == Split::Train);
-            stats.pairs = Some(write_pairs(lang, train, tok, &tmp.join("pairs.jsonl"))?);
+        let scanner = m.pairs.as_deref().unwrap_or(lang);
+        if crate::pairs::supported(scanner) {
+            // Train pairs first: a held-out pair whose response is also a train pair's is dropped.
+            let mut seen = HashSet::new();
+            for (split, field) in [
+                (Split::Train, &mut stats.pairs),
+                (Split::Heldout, &mut stats.heldout_pairs),
+            ] {
+                let of = docs.iter().filter(|d| Split::of_hash(hash64(&d.sha256)) == split);
+                *field = Some(write_pairs(scanner, of, tok, &tmp.join(pairs_file(split)), &mut seen)?);
+            }
+        } else if let Some(s) = &m.pairs {
+            bail!(
+                "{mname}: field 'pairs': no pair scanner for '{s}' (known: {})",
+                crate::pairs::SCANNERS.join(", ")
+            );
         }
         std::fs::write(tmp.join("stats.json"), serde_json::to_string_pretty(&stats)?)?;
         Ok(())
@@ -699,9 +718,14 @@ pub fn build(
 
 /// Instruction pairs of the train split's documents, de-duplicated by their response (its
 /// whitespace normalised), written as JSON lines.
-fn write_pairs<'a>(lang: &str, train: impl Iterator<Item = &'a Doc>, tok: &Tok, out: &Path) -> Result<PairStats> {
+fn write_pairs<'a>(
+    lang: &str,
+    train: impl Iterator<Item = &'a Doc>,
+    tok: &Tok,
+    out: &Path,
+    seen: &mut HashSet<String>,
+) -> Result<PairStats> {
     let mut st = PairStats::default();
-    let mut seen = HashSet::new();
     let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
     for d in train {
         for p in crate::pairs::extract(lang, &d.path, &d.text, &mut st.skipped) {
@@ -721,10 +745,20 @@ fn write_pairs<'a>(lang: &str, train: impl Iterator<Item = &'a Doc>, tok: &Tok, 
     Ok(st)
 }
 
-/// The instruction pairs of a built corpus (`pairs.jsonl`: the train split's documented
+/// Where a built corpus keeps the instruction pairs of `split` (train and held-out only: the
+/// calibration split's files never become pairs).
+pub fn pairs_file(split: Split) -> &'static str {
+    match split {
+        Split::Heldout => "pairs-heldout.jsonl",
+        _ => "pairs.jsonl",
+    }
+}
+
+/// The instruction pairs of a built corpus's train or held-out split (its documented
 /// functions).
-pub fn read_pairs(corpora: &Corpora, lang: &str) -> Result<Vec<crate::pairs::Pair>> {
-    let p = corpora.build_dir(lang).join("pairs.jsonl");
+pub fn read_pairs(corpora: &Corpora, lang: &str, split: Split) -> Result<Vec<crate::pairs::Pair>> {
+    anyhow::ensure!(split != Split::Calib, "calibration files are never made pairs");
+    let p = corpora.build_dir(lang).join(pairs_file(split));
     let text = std::fs::read_to_string(&p).with_context(|| {
         format!(
             "{}: no instruction pairs (rebuild the corpus: codespot corpus build {lang})",

@@ -78,8 +78,11 @@ fn title(lang: &str) -> &str {
 
 /// Whether `lang` has a scanner.
 pub fn supported(lang: &str) -> bool {
-    matches!(lang, "python" | "rust" | "javascript" | "java" | "go" | "c" | "cpp")
+    SCANNERS.contains(&lang)
 }
+
+/// The languages with a scanner.
+pub const SCANNERS: [&str; 7] = ["python", "rust", "javascript", "java", "go", "c", "cpp"];
 
 /// The documented functions of one file of `lang` (empty for languages without a scanner).
 pub fn find(lang: &str, text: &str) -> Vec<Found> {

@@ -86,6 +86,50 @@ pub struct TrainSection {
     pub heldout_tokens: usize,
     /// Log train scalars every N steps.
     pub log_every: usize,
+    /// What the model is tuned on: `pairs` (the research's instruction format: each corpus's
+    /// documented functions as (instruction, response) pairs in the model's chat template) or
+    /// `raw` (source files packed into blocks, every token in the loss).
+    #[serde(skip_serializing_if = "TrainFormat::is_raw")]
+    pub format: TrainFormat,
+    /// Pairs: put the prompt's tokens in the loss too (default off: the response only, as
+    /// torchtune's `train_on_input = False`).
+    #[serde(skip_serializing_if = "is_false")]
+    pub train_on_input: bool,
+    /// Pairs: held-out pairs per language for the held-out pair loss at each checkpoint.
+    #[serde(skip_serializing_if = "is_default_heldout_pairs")]
+    pub heldout_pairs: usize,
+    /// Extra checkpoint (and snapshot) steps besides every `checkpoint_every` (for example
+    /// log-spaced, to follow the early steps densely).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_at: Vec<usize>,
+}
+
+const DEFAULT_HELDOUT_PAIRS: usize = 64;
+
+fn is_default_heldout_pairs(n: &usize) -> bool {
+    *n == DEFAULT_HELDOUT_PAIRS
+}
+
+/// What tuning reads (`train.format`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainFormat {
+    #[default]
+    Pairs,
+    Raw,
+}
+
+impl TrainFormat {
+    fn is_raw(&self) -> bool {
+        *self == TrainFormat::Raw
+    }
+}
+
+impl TrainSection {
+    /// Whether `step` ends with a checkpoint and a snapshot.
+    pub fn checkpoints_at(&self, step: usize) -> bool {
+        step % self.checkpoint_every == 0 || step == self.steps || self.checkpoint_at.contains(&step)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -223,6 +267,10 @@ impl Default for TrainSection {
             keep_checkpoints: 1,
             heldout_tokens: 2048,
             log_every: 1,
+            format: TrainFormat::Pairs,
+            train_on_input: false,
+            heldout_pairs: DEFAULT_HELDOUT_PAIRS,
+            checkpoint_at: vec![],
         }
     }
 }
@@ -495,6 +543,19 @@ impl Loaded {
                     t.checkpoint_every, t.steps
                 ),
             ));
+        }
+        if let Some(&s) = t
+            .checkpoint_at
+            .iter()
+            .find(|&&s| t.steps > 0 && (s == 0 || s > t.steps))
+        {
+            return Err(self.err(
+                "train.checkpoint_at",
+                format!("step {s} is outside the run (1 ..= train.steps = {})", t.steps),
+            ));
+        }
+        if t.format == TrainFormat::Pairs && t.heldout_pairs == 0 {
+            return Err(self.err("train.heldout_pairs", "must be positive"));
         }
         if t.steps > 0 && t.warmup > t.steps {
             return Err(self.err(

@@ -323,6 +323,7 @@ fn corrupt_arrow_train_state_and_corpus_manifests_never_panic() {
         heldout: vec![codespot::train::HeldoutLog {
             step: 2,
             loss: [("toy".to_string(), 5.3)].into(),
+            pair_loss: Default::default(),
         }],
         elapsed_s: 0.1,
     };

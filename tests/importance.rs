@@ -883,7 +883,7 @@ fn corpus_build_takes_instruction_pairs_from_the_train_split_only() {
         .concat(),
     );
     assert!(!others.is_empty() && train.len() > others.len());
-    let pairs = codespot::data::read_pairs(&corpora, "rust").unwrap();
+    let pairs = codespot::data::read_pairs(&corpora, "rust", codespot::data::Split::Train).unwrap();
     for p in &pairs {
         let file = std::path::Path::new(&p.path)
             .file_name()

@@ -45,11 +45,21 @@ pub fn run(cmd: CorpusCmd) -> Result<()> {
                 );
             }
             println!("  skipped: {:?}", st.skipped);
-            if let Some(p) = &st.pairs {
-                println!(
-                    "  pairs     {:>5} instruction pairs from train ({} + {} tokens; skipped {:?}) in pairs.jsonl",
-                    p.pairs, p.instruction_tokens, p.response_tokens, p.skipped
-                );
+            for (split, p) in [
+                (crate::data::Split::Train, &st.pairs),
+                (crate::data::Split::Heldout, &st.heldout_pairs),
+            ] {
+                if let Some(p) = p {
+                    println!(
+                        "  pairs     {:>5} instruction pairs from {} ({} + {} tokens; skipped {:?}) in {}",
+                        p.pairs,
+                        split.name(),
+                        p.instruction_tokens,
+                        p.response_tokens,
+                        p.skipped,
+                        crate::data::pairs_file(split)
+                    );
+                }
             }
         }
         CorpusCmd::List => {

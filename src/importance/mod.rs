@@ -470,7 +470,7 @@ pub fn shard_range(batches: usize, index: usize, count: usize) -> std::ops::Rang
 pub type FlatGrads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
 
 /// Flat gradients of the mean loss over `rows`, computed `micro` rows per backward pass and
-/// summed (weighted by rows), so a batch's gradient needs only one micro-batch's activations.
+/// summed (weighted by their counted targets), so a batch's gradient needs only one micro-batch's activations.
 pub fn batch_grads<B: AutodiffBackend>(
     model: &Llama<B>,
     rows: &[Vec<u32>],
@@ -489,8 +489,15 @@ pub fn batch_loss_grads<B: AutodiffBackend>(
     let n = model.params().len();
     let mut sum: Vec<Option<Tensor<B::InnerBackend, 1>>> = (0..n).map(|_| None).collect();
     let mut loss_sum = 0.0;
+    // Each micro-batch weighs by its share of the counted targets (its share of the rows when
+    // every target counts, as in raw-code blocks).
+    let total = crate::model::loss_targets(rows);
     for chunk in rows.chunks(micro.max(1)) {
-        let w = chunk.len() as f64 / rows.len() as f64;
+        let mine = crate::model::loss_targets(chunk);
+        if mine == 0 {
+            continue;
+        }
+        let w = mine as f64 / total as f64;
         let loss = model.loss_backward(chunk, w, |i, g| {
             sum[i] = Some(match sum[i].take() {
                 Some(a) => a + g,
@@ -528,7 +535,7 @@ pub fn batch_loss_grads_parallel<B: AutodiffBackend>(
     let nodes = crate::collective::Nodes::default();
     let mut outs = crate::collective::run_peers::<B::InnerBackend, _, _, _>(inputs, &nodes, |peer, m: Llama<B>| {
         let mine = &rows[shard_range(rows.len(), peer.rank + 1, n)];
-        let w = mine.len() as f64 / rows.len() as f64;
+        let w = crate::model::loss_targets(mine) as f64 / crate::model::loss_targets(rows) as f64;
         let (loss, grads) = batch_loss_grads(&m, mine, micro, true);
         let loss = peer.all_reduce_scalar(loss * w)?;
         let grads = grads

@@ -14,7 +14,7 @@
 use super::dtype::{like, widen};
 use super::fused::{self, flex, values, BlockWeights, Dims, FlexTensor, Rope};
 use super::head::head_grads;
-use super::llama::{tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS};
+use super::llama::{strip, tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS, NO_LOSS};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
@@ -52,14 +52,58 @@ fn trains<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> bool {
     }
 }
 
+/// Which next-token predictions of a batch count in its loss: every one, unless some row
+/// tokens carry [`NO_LOSS`].
+struct LossAt {
+    /// The counted targets, in row-major order (flag stripped).
+    targets: Vec<u32>,
+    /// Their positions among the batch's `rows × (len − 1)` predictions; None when all count.
+    kept: Option<Vec<usize>>,
+}
+
+impl LossAt {
+    fn of(rows: &[Vec<u32>]) -> Self {
+        let all = rows.iter().flat_map(|r| &r[1..]);
+        if !all.clone().any(|&x| x & NO_LOSS != 0) {
+            return Self {
+                targets: all.copied().collect(),
+                kept: None,
+            };
+        }
+        let (kept, targets) = all
+            .enumerate()
+            .filter(|(_, &x)| x & NO_LOSS == 0)
+            .map(|(i, &x)| (i, x))
+            .unzip();
+        Self {
+            targets,
+            kept: Some(kept),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// The counted positions as an index tensor, or None when all count.
+    fn rows<B: Backend>(&self, device: &B::Device) -> Option<Tensor<B, 1, burn::tensor::Int>> {
+        let kept = self.kept.as_ref()?;
+        let v: Vec<i64> = kept.iter().map(|&i| i as i64).collect();
+        Some(Tensor::from_data(
+            TensorData::new(v, [kept.len()]).convert::<B::IntElem>(),
+            device,
+        ))
+    }
+}
+
 impl<B: AutodiffBackend> Llama<B> {
     /// Whether [`Llama::loss_backward`] takes the hand-written f32 CPU path ([`fused`]).
     pub fn uses_fused(&self) -> bool {
         self.fused_on::<B::InnerBackend>()
     }
 
-    /// Mean next-token cross-entropy of `rows` (equal lengths, ≥ 2 tokens), times `weight`,
-    /// returned; the gradient of that with respect to each parameter that requires one goes to
+    /// Mean next-token cross-entropy of `rows` (equal lengths, ≥ 2 tokens, at least one
+    /// counted target: tokens flagged [`NO_LOSS`] are inputs only), times `weight`, returned; the gradient of that with respect to each parameter that requires one goes to
     /// `sink(index in [`Llama::params`], flat gradient)`, once per parameter.
     pub fn loss_backward(
         &self,
@@ -67,6 +111,10 @@ impl<B: AutodiffBackend> Llama<B> {
         weight: f64,
         mut sink: impl FnMut(usize, Tensor<B::InnerBackend, 1>),
     ) -> f64 {
+        assert!(
+            super::llama::loss_targets(rows) > 0,
+            "loss_backward: a batch without a counted target"
+        );
         if self.uses_fused() {
             return self.loss_backward_fused(rows, weight, sink);
         }
@@ -76,10 +124,14 @@ impl<B: AutodiffBackend> Llama<B> {
         let idev = inner.embed.val().device();
         let (b, t) = (rows.len(), rows[0].len() - 1);
         let n = b * t;
-        let inputs: Vec<Vec<u32>> = rows.iter().map(|r| r[..t].to_vec()).collect();
-        let targets: Vec<Vec<u32>> = rows.iter().map(|r| r[1..].to_vec()).collect();
+        let inputs: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r[..t].iter().map(|&x| strip(x)).collect())
+            .collect();
+        let loss_at = LossAt::of(rows);
+        let targets = vec![loss_at.targets.clone()];
         let inputs = tokens_tensor::<B::InnerBackend>(&inputs, &idev);
-        let targets = tokens_tensor::<B::InnerBackend>(&targets, &idev).reshape([n, 1]);
+        let targets = tokens_tensor::<B::InnerBackend>(&targets, &idev).reshape([loss_at.targets.len(), 1]);
 
         // Forward without autodiff, keeping each block's input; the top `keep` blocks run under
         // autodiff and keep their graphs (no second forward for them).
@@ -103,8 +155,18 @@ impl<B: AutodiffBackend> Llama<B> {
         // Final norm and head, then back through the kept blocks.
         let h = self.rms_norm(x, &self.norm);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).val().inner();
-        let scale = weight / n as f64;
-        let out = head_grads(h.clone().inner(), head, targets, scale);
+        let scale = weight / loss_at.count() as f64;
+        let out = match loss_at.rows(&idev) {
+            // Every target counts: the head sees the rows as they are.
+            None => head_grads(h.clone().inner(), head, targets, scale),
+            // Only the counted rows go through the head; the others get zero gradient.
+            Some(idx) => {
+                let mut o = head_grads(h.clone().inner().select(0, idx.clone()), head, targets, scale);
+                let d = cfg.hidden_size;
+                o.dh = Tensor::zeros([n, d], &idev).select_assign(0, idx, o.dh, IndexingUpdateOp::Add);
+                o
+            }
+        };
         let dh = like(out.dh, &h.clone().inner());
         let mut grads = (h * Tensor::from_inner(dh)).sum().backward();
         let norm_index = 1 + BLOCK_TENSORS.len() * layers;
@@ -173,8 +235,8 @@ impl<B: AutodiffBackend> Llama<B> {
         let idev = inner.embed.val().device();
         let (b, t) = (rows.len(), rows[0].len() - 1);
         let (n, d, layers) = (b * t, cfg.hidden_size, cfg.num_hidden_layers);
-        let inputs: Vec<u32> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
-        let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+        let inputs: Vec<u32> = rows.iter().flat_map(|r| r[..t].iter().map(|&x| strip(x))).collect();
+        let loss_at = LossAt::of(rows);
         let dm = Dims::new(cfg, b, t);
         let rope = Rope::new(cfg, t);
         let blocks: Vec<[FlexTensor; 9]> = inner.layers.iter().map(|blk| blk.storage()).collect();
@@ -194,14 +256,26 @@ impl<B: AutodiffBackend> Llama<B> {
 
         // The head; with tied embeddings its weight gradient is the embedding's, to which the
         // embedding rows' share is added below.
-        let scale = weight / n as f64;
+        let scale = weight / loss_at.count() as f64;
         let embed_trains = self.embed.val().is_require_grad();
         let head_trains = match &self.lm_head {
             Some(h) => h.val().is_require_grad(),
             None => embed_trains,
         };
         let head_w = values(head.as_ref().unwrap_or(&embed));
-        let (nll, dh, mut head_dw) = fused::head(&h, head_w, &targets, scale as f32, head_trains);
+        let (nll, dh, mut head_dw) = match &loss_at.kept {
+            None => fused::head(&h, head_w, &loss_at.targets, scale as f32, head_trains),
+            // Only the counted rows go through the head; the others get zero gradient.
+            Some(kept) => {
+                let hk: Vec<f32> = kept.iter().flat_map(|&i| &h[i * d..(i + 1) * d]).copied().collect();
+                let (nll, dhk, dw) = fused::head(&hk, head_w, &loss_at.targets, scale as f32, head_trains);
+                let mut dh = vec![0f32; n * d];
+                for (&i, row) in kept.iter().zip(dhk.chunks_exact(d)) {
+                    dh[i * d..(i + 1) * d].copy_from_slice(row);
+                }
+                (nll, dh, dw)
+            }
+        };
         drop(h);
         let (mut dy, dnorm) = fused::final_norm_bwd(&dh, &x, &rstd, values(&norm));
         drop((x, dh, rstd));

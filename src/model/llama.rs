@@ -737,6 +737,24 @@ fn linear<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> 
     x.matmul(w.val().transpose())
 }
 
+/// Set on a token of a training row whose prediction is not in the loss: the token is still
+/// an input (a prompt token when `train.train_on_input = false`, or padding). Vocabularies are
+/// far below 2³¹, so the flag never collides with an id.
+pub const NO_LOSS: u32 = 1 << 31;
+
+/// A row token's id, without [`NO_LOSS`].
+pub fn strip(token: u32) -> u32 {
+    token & !NO_LOSS
+}
+
+/// How many of `rows`' next-token predictions count in the loss (targets without [`NO_LOSS`]).
+pub fn loss_targets(rows: &[Vec<u32>]) -> usize {
+    rows.iter()
+        .flat_map(|r| r.iter().skip(1))
+        .filter(|&&x| x & NO_LOSS == 0)
+        .count()
+}
+
 /// Token ids as a `[batch, seq]` Int tensor.
 pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
     let b = rows.len();

@@ -14,6 +14,6 @@ pub mod tokenizer;
 
 pub use config::{LlamaConfig, RopeLayout};
 pub use dtype::Dtype;
-pub use llama::{tokens_tensor, KvCache, Llama, ParamRef};
+pub use llama::{loss_targets, strip, tokens_tensor, KvCache, Llama, ParamRef, NO_LOSS};
 pub use load::{load, Checkpoint};
 pub use tokenizer::{Message, Tok};

@@ -31,6 +31,13 @@ impl Message {
             content: s.into(),
         }
     }
+
+    pub fn assistant(s: &str) -> Self {
+        Self {
+            role: "assistant".into(),
+            content: s.into(),
+        }
+    }
 }
 
 /// GPT-2 / Llama-3 style pre-tokenizer regexes.

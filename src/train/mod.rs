@@ -12,6 +12,7 @@
 //! run sees exactly the batches an uninterrupted one would.
 
 pub mod adamw;
+pub mod pairs;
 
 use crate::importance::{self, snapshot};
 pub use crate::layout::{step_name, tune_dir, tune_hash};
@@ -39,6 +40,10 @@ pub struct HeldoutLog {
     pub step: usize,
     /// Language → mean next-token loss (nats) on its held-out split.
     pub loss: BTreeMap<String, f64>,
+    /// Language → mean loss (nats) on the response tokens of its held-out pairs, with a
+    /// bootstrap interval over pairs (`train.format = "pairs"`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pair_loss: BTreeMap<String, pairs::PairLoss>,
 }
 
 /// Where the run is: saved in every checkpoint.
@@ -148,6 +153,135 @@ pub fn lr_at(t: &TrainSection, step: usize) -> f64 {
     }
 }
 
+/// What tuning reads: raw-code blocks, or rendered instruction pairs.
+enum TrainData {
+    Blocks(Vec<Vec<u32>>, BlockOrder),
+    Pairs {
+        examples: Vec<Vec<u32>>,
+        order: pairs::PairOrder,
+        pad: u32,
+    },
+}
+
+impl TrainData {
+    /// Units of an epoch (blocks or pairs).
+    fn len(&self) -> usize {
+        match self {
+            TrainData::Blocks(b, _) => b.len(),
+            TrainData::Pairs { examples, .. } => examples.len(),
+        }
+    }
+
+    /// The `batch` rows at data position `*pos` (advanced), and the positions they predict
+    /// that are not padding.
+    fn rows(&mut self, pos: &mut usize, batch: usize) -> (Vec<Vec<u32>>, usize) {
+        match self {
+            TrainData::Blocks(blocks, order) => {
+                let rows: Vec<Vec<u32>> = (0..batch)
+                    .map(|_| {
+                        let b = order.block(*pos);
+                        *pos += 1;
+                        blocks[b].clone()
+                    })
+                    .collect();
+                let n = rows.iter().map(|r| r.len() - 1).sum();
+                (rows, n)
+            }
+            TrainData::Pairs { examples, order, pad } => {
+                let rows: Vec<Vec<u32>> = (0..batch)
+                    .map(|_| {
+                        let e = order.example(*pos);
+                        *pos += 1;
+                        examples[e].clone()
+                    })
+                    .collect();
+                let n = rows.iter().map(|r| r.len() - 1).sum();
+                (pairs::pad(rows, *pad), n)
+            }
+        }
+    }
+}
+
+/// The tuning data of `lang` as `train.format` says; `eos` pads pairs and separates blocks.
+fn train_data(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    ck: &Checkpoint,
+    lang: &str,
+    eos: Option<u32>,
+) -> Result<TrainData> {
+    let t = &loaded.recipe.train;
+    match t.format {
+        crate::recipe::TrainFormat::Raw => {
+            // As many blocks as the steps need, fewer when the split is smaller (epochs).
+            let needed = t.steps * t.grad_accum * t.batch;
+            let (docs, what) = importance::split_docs(corpora, lang, crate::data::Split::Train, t.seed)?;
+            let (blocks, _) =
+                crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, needed)?;
+            if blocks.len() < t.batch {
+                bail!(
+                    "{what} holds {} blocks of {} tokens; train.batch needs {}",
+                    blocks.len(),
+                    t.seq_len + 1,
+                    t.batch
+                );
+            }
+            let order = BlockOrder {
+                n: blocks.len(),
+                seed: t.seed,
+                epoch: None,
+            };
+            Ok(TrainData::Blocks(blocks, order))
+        }
+        crate::recipe::TrainFormat::Pairs => {
+            let ps = crate::data::read_pairs(corpora, lang, crate::data::Split::Train).with_context(|| {
+                format!(
+                    "{}: train.format = \"pairs\" needs corpus '{lang}''s instruction pairs (or set train.format = \"raw\")",
+                    loaded.path.display()
+                )
+            })?;
+            let (examples, long) = pairs::examples(&ck.tokenizer, &ps, t.seq_len + 1, t.train_on_input)?;
+            if examples.len() < t.batch {
+                bail!(
+                    "corpus '{lang}': {} instruction pairs fit in train.seq_len + 1 = {} tokens ({long} longer); train.batch needs {}",
+                    examples.len(),
+                    t.seq_len + 1,
+                    t.batch
+                );
+            }
+            let pad = eos.context("pairs need a pad token: the model has no end-of-sequence token")?;
+            let order = pairs::PairOrder::new(examples.iter().map(Vec::len).collect(), t.batch, t.seed);
+            Ok(TrainData::Pairs { examples, order, pad })
+        }
+    }
+}
+
+/// Held-out pairs of every recipe language that has them (the response tokens only in the
+/// loss, whatever `train.train_on_input` says), at most `train.heldout_pairs` each, a seeded
+/// sample; empty unless `train.format = "pairs"`.
+fn heldout_pairs(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    ck: &Checkpoint,
+) -> Result<BTreeMap<String, Vec<Vec<u32>>>> {
+    let t = &loaded.recipe.train;
+    let mut out = BTreeMap::new();
+    if t.format != crate::recipe::TrainFormat::Pairs {
+        return Ok(out);
+    }
+    for lang in &loaded.recipe.languages {
+        let Ok(ps) = crate::data::read_pairs(corpora, lang, crate::data::Split::Heldout) else {
+            continue;
+        };
+        let (ex, _) = pairs::examples(&ck.tokenizer, &ps, t.seq_len + 1, false)?;
+        let keep = crate::eval::sample_indices(ex.len(), Some(t.heldout_pairs), 0);
+        if !keep.is_empty() {
+            out.insert(lang.clone(), keep.into_iter().map(|i| ex[i].clone()).collect());
+        }
+    }
+    Ok(out)
+}
+
 /// Deterministic order of training blocks: a permutation per epoch, seeded by (seed, epoch).
 struct BlockOrder {
     n: usize,
@@ -179,8 +313,19 @@ pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Chec
     if r.eval.tasks.iter().any(|t| t.trim() == "text-bpb") {
         needed.push(&text);
     }
+    let pairs = r.train.steps > 0 && r.train.format == crate::recipe::TrainFormat::Pairs;
     for lang in needed {
-        if corpora.stats(lang).is_none() {
+        // A corpus built before held-out pairs existed is built again (the same files).
+        let stale = pairs
+            && r.languages.contains(lang)
+            && corpora.stats(lang).is_some_and(|s| s.heldout_pairs.is_none())
+            && corpora
+                .manifest(lang)
+                .is_ok_and(|m| crate::pairs::supported(m.pairs.as_deref().unwrap_or(lang)));
+        if stale {
+            eprintln!("corpus '{lang}' has no held-out instruction pairs: building it again");
+        }
+        if stale || corpora.stats(lang).is_none() {
             eprintln!(
                 "corpus '{lang}' is not built: building it (corpus.max_mb = {})",
                 loaded.recipe.corpus.max_mb
@@ -299,20 +444,9 @@ pub fn tune<B: Backend>(
         weight_decay: t.weight_decay,
     };
 
-    // Training blocks: as many as the steps need, fewer when the split is smaller (epochs).
-    let needed = t.steps * t.grad_accum * t.batch;
-    let (docs, what) = importance::split_docs(corpora, lang, crate::data::Split::Train, t.seed)?;
-    let (train_blocks, _) =
-        crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, needed)?;
-    if train_blocks.len() < t.batch {
-        bail!(
-            "{what} holds {} blocks of {} tokens; train.batch needs {}",
-            train_blocks.len(),
-            t.seq_len + 1,
-            t.batch
-        );
-    }
+    let mut data = train_data(loaded, corpora, &ck, lang, eos)?;
     let heldout = heldout_blocks(loaded, corpora, &ck, eos)?;
+    let held_pairs = heldout_pairs(loaded, corpora, &ck)?;
 
     // The model takes the base weights over (a resumed run reads its own instead).
     let base_weights = std::mem::take(&mut ck.weights);
@@ -357,7 +491,7 @@ pub fn tune<B: Backend>(
                 step: 0,
                 tokens_seen: 0,
                 blocks_consumed: 0,
-                blocks_per_epoch: train_blocks.len(),
+                blocks_per_epoch: data.len(),
                 seed: t.seed,
                 tune_hash: hash.clone(),
                 base_model_sha256: base_sha.clone(),
@@ -368,10 +502,10 @@ pub fn tune<B: Backend>(
             (m, o, st)
         }
     };
-    if state.blocks_per_epoch != train_blocks.len() {
+    if state.blocks_per_epoch != data.len() {
         bail!(
-            "{what}: {} training blocks now, {} when the run started (the corpus changed); use --force to start over",
-            train_blocks.len(),
+            "corpus '{lang}': {} training blocks or pairs now, {} when the run started (the corpus changed); use --force to start over",
+            data.len(),
             state.blocks_per_epoch
         );
     }
@@ -388,7 +522,7 @@ pub fn tune<B: Backend>(
             }
         }
         if let Some(h) = state.heldout.iter().find(|h| h.step == state.step) {
-            log_heldout(&mut tb, state.step, &h.loss)?;
+            log_heldout(&mut tb, h)?;
         }
     }
 
@@ -401,28 +535,19 @@ pub fn tune<B: Backend>(
         base_sha: &base_sha,
         progress: opts.progress,
     };
+    let pad = eos.unwrap_or(0);
     if state.step == 0 {
-        let losses = heldout_losses(&model, &heldout, t.batch);
-        log_heldout(&mut tb, 0, &losses)?;
-        state.heldout.push(HeldoutLog { step: 0, loss: losses });
+        let h = heldout_log(&model, 0, &heldout, &held_pairs, t.batch, pad);
+        log_heldout(&mut tb, &h)?;
+        state.heldout.push(h);
     }
     // The snapshot of the current step (base or the resumed checkpoint) if it is missing.
     ctx.ensure_snapshot(&model, state.step, &mut tb)?;
 
-    let mut order = BlockOrder {
-        n: train_blocks.len(),
-        seed: t.seed,
-        epoch: None,
-    };
-    let tokens_per_step = t.grad_accum * t.batch * t.seq_len;
     // Data-parallel peers (burn-collective); the first is the model's own device.
     let devices = crate::collective::peer_devices::<crate::backend::Ad<B>>(r.devices);
-    let bar = importance::progress_bar(
-        (t.steps * tokens_per_step) as u64,
-        &format!("tune {lang}"),
-        opts.progress,
-    );
-    bar.set_position((state.step * tokens_per_step) as u64);
+    let bar = importance::progress_bar(t.steps as u64, &format!("tune {lang}"), opts.progress);
+    bar.set_position(state.step as u64);
     let started = std::time::Instant::now();
     let elapsed_before = state.elapsed_s;
     for step in state.step + 1..=t.steps {
@@ -430,16 +555,27 @@ pub fn tune<B: Backend>(
         let lr = lr_at(t, step);
         let mut grads: Vec<Option<burn::tensor::Tensor<B, 1>>> = vec![];
         let mut loss = 0.0;
-        for _ in 0..t.grad_accum {
-            let rows: Vec<Vec<u32>> = (0..t.batch)
-                .map(|_| {
-                    let b = order.block(state.blocks_consumed);
-                    state.blocks_consumed += 1;
-                    train_blocks[b].clone()
-                })
-                .collect();
-            let (l, g) = importance::batch_loss_grads_parallel(&model, &rows, t.micro_batch, &devices)?;
-            loss += l / t.grad_accum as f64;
+        let mut tokens = 0;
+        let batches: Vec<Vec<Vec<u32>>> = (0..t.grad_accum)
+            .map(|_| {
+                let (rows, n) = data.rows(&mut state.blocks_consumed, t.batch);
+                tokens += n;
+                rows
+            })
+            .collect();
+        // Each micro-step weighs by its share of the step's counted targets: exactly 1 when
+        // every micro-step counts as many (raw blocks), so the sums are as they always were.
+        let counted: Vec<usize> = batches.iter().map(|b| model::loss_targets(b)).collect();
+        let total: usize = counted.iter().sum();
+        for (rows, c) in batches.iter().zip(&counted) {
+            let w = (c * t.grad_accum) as f64 / total as f64;
+            let (l, g) = importance::batch_loss_grads_parallel(&model, rows, t.micro_batch, &devices)?;
+            loss += l * w / t.grad_accum as f64;
+            let g = if w == 1.0 {
+                g
+            } else {
+                g.into_iter().map(|x| x.map(|x| x.mul_scalar(w))).collect()
+            };
             grads = if grads.is_empty() {
                 g
             } else {
@@ -464,13 +600,13 @@ pub fn tune<B: Backend>(
         model = opt.step(model, grads, lr, avg * clip);
         let dt = t0.elapsed().as_secs_f64();
         state.step = step;
-        state.tokens_seen += tokens_per_step;
+        state.tokens_seen += tokens;
         let log = StepLog {
             step,
             loss,
             lr,
             grad_norm: norm,
-            tokens_per_s: tokens_per_step as f64 / dt.max(1e-9),
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
         };
         if !log.loss.is_finite() {
             bail!("tune {lang}: loss is {} at step {step} (lower train.lr?)", log.loss);
@@ -478,16 +614,23 @@ pub fn tune<B: Backend>(
         if step % t.log_every == 0 || step == t.steps {
             log_train(&mut tb, &log)?;
         }
-        bar.set_position((step * tokens_per_step) as u64);
+        bar.set_position(step as u64);
         bar.set_message(format!("tune {lang} step {step}/{} loss {:.4}", t.steps, log.loss));
         state.history.push(log);
 
-        if step % t.checkpoint_every == 0 || step == t.steps {
-            let losses = heldout_losses(&model, &heldout, t.batch);
-            log_heldout(&mut tb, step, &losses)?;
+        if t.checkpoints_at(step) {
+            let h = heldout_log(&model, step, &heldout, &held_pairs, t.batch, pad);
+            log_heldout(&mut tb, &h)?;
             if opts.progress {
                 // A line per checkpoint, for logs where the progress bar is hidden.
-                let held: Vec<String> = losses.iter().map(|(l, v)| format!("{l} {v:.4}")).collect();
+                let held: Vec<String> = h
+                    .loss
+                    .iter()
+                    .map(|(l, v)| match h.pair_loss.get(l) {
+                        Some(p) => format!("{l} {v:.4} (pairs {:.4} [{:.4}, {:.4}])", p.mean, p.lo, p.hi),
+                        None => format!("{l} {v:.4}"),
+                    })
+                    .collect();
                 bar.suspend(|| {
                     eprintln!(
                         "tune {lang}: step {step}/{}, train loss {:.4}, held-out {}",
@@ -497,7 +640,7 @@ pub fn tune<B: Backend>(
                     )
                 });
             }
-            state.heldout.push(HeldoutLog { step, loss: losses });
+            state.heldout.push(h);
             state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             write_checkpoint(&ckpt_dir.join(step_name(step)), &ck, &model, &opt, &state)?;
             prune_checkpoints(&ckpt_dir, t.keep_checkpoints)?;
@@ -544,17 +687,31 @@ pub fn tune<B: Backend>(
     Ok(summary)
 }
 
-fn heldout_losses<AB: AutodiffBackend>(
+/// Held-out losses at `step`: raw held-out code and held-out pairs (their response tokens).
+fn heldout_log<AB: AutodiffBackend>(
     model: &Llama<AB>,
+    step: usize,
     heldout: &BTreeMap<String, Vec<Vec<u32>>>,
+    held_pairs: &BTreeMap<String, Vec<Vec<u32>>>,
     batch: usize,
-) -> BTreeMap<String, f64> {
+    pad: u32,
+) -> HeldoutLog {
     use burn::module::AutodiffModule;
     let inner = model.valid();
-    heldout
-        .iter()
-        .map(|(l, b)| (l.clone(), mean_loss(&inner, b, batch)))
-        .collect()
+    HeldoutLog {
+        step,
+        loss: heldout
+            .iter()
+            .map(|(l, b)| (l.clone(), mean_loss(&inner, b, batch)))
+            .collect(),
+        pair_loss: held_pairs
+            .iter()
+            .map(|(l, ex)| {
+                let items = pairs::example_nll(&inner, ex, batch, pad);
+                (l.clone(), pairs::pair_loss(&items, step as u64))
+            })
+            .collect(),
+    }
 }
 
 fn log_train(tb: &mut Tb, log: &StepLog) -> Result<()> {
@@ -564,9 +721,12 @@ fn log_train(tb: &mut Tb, log: &StepLog) -> Result<()> {
     tb.scalar("train/tokens_per_s", log.tokens_per_s, log.step)
 }
 
-fn log_heldout(tb: &mut Tb, step: usize, losses: &BTreeMap<String, f64>) -> Result<()> {
-    for (l, v) in losses {
-        tb.scalar(&format!("heldout_loss/{l}"), *v, step)?;
+fn log_heldout(tb: &mut Tb, h: &HeldoutLog) -> Result<()> {
+    for (l, v) in &h.loss {
+        tb.scalar(&format!("heldout_loss/{l}"), *v, h.step)?;
+    }
+    for (l, p) in &h.pair_loss {
+        tb.scalar(&format!("heldout_pair_loss/{l}"), p.mean, h.step)?;
     }
     Ok(())
 }

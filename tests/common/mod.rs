@@ -196,7 +196,7 @@ pub fn two_language_corpora(dir: &Path, gguf: &Path) -> codespot::data::Corpora 
 /// (tests name lines 2, 3, 7, 10, 11, 12), then `train_rest` inside `[train]`, then `tail`.
 pub fn tiny_recipe(name: &str, gguf: &Path, out: &Path, train_rest: &str, tail: &str) -> String {
     format!(
-        "name = \"{name}\"\nmodel = \"{}\"\nlanguages = [\"toy\", \"toyrs\"]\nout = \"{}\"\n\n[train]\nsteps = 4\nbatch = 2\nseq_len = 16\nlr = 3e-3\nwarmup = 1\ncheckpoint_every = 2\n{train_rest}\n[importance]\ntokens = 64\nseq_len = 16\nbatch = 2\n{tail}",
+        "name = \"{name}\"\nmodel = \"{}\"\nlanguages = [\"toy\", \"toyrs\"]\nout = \"{}\"\n\n[train]\nsteps = 4\nbatch = 2\nseq_len = 16\nlr = 3e-3\nwarmup = 1\ncheckpoint_every = 2\nformat = \"raw\"\n{train_rest}\n[importance]\ntokens = 64\nseq_len = 16\nbatch = 2\n{tail}",
         gguf.display(),
         out.display()
     )
