@@ -145,6 +145,8 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.seed = i.seed;
     req.half = i.half;
     req.devices = loaded.recipe.devices;
+    req.folds = i.folds;
+    req.folds_k = i.track_k;
     req.agreement = i.agreement;
     req.halves = i.halves;
     req.groups = i.groups;
@@ -160,6 +162,7 @@ pub fn criterion_request(loaded: &Loaded, lang: &str, method: crate::importance:
     req.halves = false;
     req.agreement = false;
     req.groups = false;
+    req.folds = 0;
     req
 }
 

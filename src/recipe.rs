@@ -167,6 +167,15 @@ pub struct ImportanceSection {
     /// `structured` control.
     #[serde(skip_serializing_if = "is_false")]
     pub groups: bool,
+    /// Deal the calibration documents into 2 × `folds` seeded document folds: halves A and B
+    /// of random documents, and each checkpoint's spot movement measured against the
+    /// cross-sample null with document-bootstrap intervals (`importance::null`). 0 = off.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub folds: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn is_false(b: &bool) -> bool {
@@ -290,6 +299,7 @@ impl Default for ImportanceSection {
             agreement: true,
             halves: false,
             groups: false,
+            folds: 0,
         }
     }
 }

@@ -248,7 +248,7 @@ fn a_pair_renders_in_the_chat_template_with_only_the_response_in_the_loss() {
 
 fn pair_recipe(gguf: &Path, out: &Path) -> String {
     format!(
-        "name = \"pairs\"\nmodel = \"{}\"\nlanguages = [\"toypy\"]\nout = \"{}\"\n\n[train]\nsteps = 4\nbatch = 2\nseq_len = 320\nlr = 3e-3\nwarmup = 1\ncheckpoint_every = 2\ncheckpoint_at = [1]\nheldout_tokens = 64\nheldout_pairs = 8\n\n[importance]\ntokens = 64\nseq_len = 16\nbatch = 2\n",
+        "name = \"pairs\"\nmodel = \"{}\"\nlanguages = [\"toypy\"]\nout = \"{}\"\n\n[train]\nsteps = 4\nbatch = 2\nseq_len = 320\nlr = 3e-3\nwarmup = 1\ncheckpoint_every = 2\ncheckpoint_at = [1]\nheldout_tokens = 64\nheldout_pairs = 8\n\n[importance]\ntokens = 64\nseq_len = 16\nbatch = 2\nfolds = 2\n",
         gguf.display(),
         out.display()
     )
@@ -262,7 +262,7 @@ fn pair_tuning_reports_heldout_pair_loss_and_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let (gguf, _) = common::tiny_gguf(root, 3, true);
-    let corpora = documented_corpus(root, &gguf, 80);
+    let corpora = documented_corpus(root, &gguf, 200);
     let cli = |recipe: &Path, extra: &[&str], env: &[(&str, &str)]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_codespot"));
         c.args(["tune", recipe.to_str().unwrap(), "--lang", "toypy"])
@@ -294,6 +294,21 @@ fn pair_tuning_reports_heldout_pair_loss_and_resumes_bit_for_bit() {
         "tuning lowers the held-out pair loss: {first:?} → {last:?}"
     );
     assert!(sum.history.iter().all(|h| h.loss.is_finite() && h.tokens_per_s > 0.0));
+    // Every checkpoint's movement against the base, measured against the cross-sample null.
+    assert!(d.join("snapshots/step-000000/folds.safetensors").is_file());
+    for m in &sum.metrics {
+        match &m.movement {
+            None => assert_eq!(m.step, 0),
+            Some(mv) => {
+                assert_eq!(mv.folds_per_half, 2);
+                for iv in [mv.within, mv.within_tuned, mv.cross, mv.diff] {
+                    assert!(iv.lo <= iv.value + 1e-12 && iv.value <= iv.hi + 1e-12, "{mv:?}");
+                }
+                assert!((mv.diff.value - (mv.within.value - mv.cross.value)).abs() < 1e-12);
+                assert!(mv.verdict == "moved" || mv.verdict == "not distinguishable");
+            }
+        }
+    }
 
     let killed = root.join("killed.toml");
     std::fs::write(&killed, pair_recipe(&gguf, &root.join("killed"))).unwrap();
@@ -307,6 +322,8 @@ fn pair_tuning_reports_heldout_pair_loss_and_resumes_bit_for_bit() {
     let bits = |s: &codespot::train::TuneSummary| s.history.iter().map(|h| h.loss.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&sum), bits(&again), "the same losses at every step");
     assert_eq!(sum.heldout, again.heldout, "the same held-out losses and intervals");
+    let moves = |s: &codespot::train::TuneSummary| s.metrics.iter().map(|m| m.movement.clone()).collect::<Vec<_>>();
+    assert_eq!(moves(&sum), moves(&again), "the same movement intervals");
     let w = |p: &Path| {
         codespot::source::weights::from_safetensors(&[p.join("checkpoints/step-000004/model.safetensors")]).unwrap()
     };

@@ -44,6 +44,14 @@ pub struct ScoreArgs {
     /// what the `structured` control ranks heads and neurons by.
     #[arg(long)]
     groups: bool,
+    /// Deal the calibration documents into 2 × N seeded document folds and keep each fold's
+    /// sums at the halves' candidates (folds.safetensors): the cross-sample null that `compare`
+    /// measures spot movement against. 0 = off.
+    #[arg(long, default_value_t = 0)]
+    folds: usize,
+    /// The top-k % the folds' candidates serve.
+    #[arg(long, default_value_t = 1.0)]
+    folds_k: f64,
     /// Skip the split-half agreement (noise floor) and convergence in the manifest, which
     /// keep one more copy of the sums in memory.
     #[arg(long)]
@@ -142,6 +150,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         progress: true,
         model_label: None,
         agreement: !a.no_agreement,
+        folds: a.folds,
+        folds_k: a.folds_k,
     };
     on_device!(a.device, score_on(&a.model, &req, a.dtype, &a.out, a.force))
 }

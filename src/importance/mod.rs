@@ -15,6 +15,7 @@
 //!   are weighed by the normalised stream they scale, the embedding by √(count) of its token.
 
 pub mod agreement;
+pub mod null;
 pub mod snapshot;
 pub mod summary;
 
@@ -751,6 +752,13 @@ pub struct ScoreRequest {
     /// Also sum group Taylor importance of whole heads and neurons ([`GroupScores`], kept in
     /// `summaries.json`). One device, unsharded, a gradient method.
     pub groups: bool,
+    /// Deal the calibration documents into 2 × `folds` seeded folds (halves A and B of random
+    /// documents) and keep each fold's sums at the halves' candidates ([`null`]): the
+    /// cross-sample null of spot movement. 0: off (halves are the first and second half of the
+    /// batches).
+    pub folds: usize,
+    /// The top-k % the folds' candidates are kept for.
+    pub folds_k: f64,
 }
 
 /// One of `count` disjoint, contiguous slices of a scoring run's batches (1-based `index`).
@@ -798,6 +806,8 @@ impl ScoreRequest {
             nodes: Default::default(),
             agreement: true,
             groups: false,
+            folds: 0,
+            folds_k: 1.0,
         }
     }
 
@@ -823,6 +833,11 @@ impl ScoreRequest {
             "--groups needs a gradient method ({} has none)",
             self.method.name()
         );
+        anyhow::ensure!(
+            self.folds == 0 || (self.devices == 1 && self.nodes.count <= 1 && self.shard.is_none()),
+            "importance.folds runs on one device, unsharded"
+        );
+        anyhow::ensure!(self.folds != 1, "importance.folds must be 0 (off) or at least 2");
         if let Some(sh) = self.shard {
             let batches = self.blocks().div_ceil(self.batch);
             anyhow::ensure!(
@@ -900,7 +915,16 @@ pub fn score_snapshot<B: AutodiffBackend>(
     model.keep_blocks = req.keep_blocks;
     let model = &model;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
-    let blocks = corpus_blocks(corpora, req, &ck.tokenizer, eos)?;
+    // With folds, each fold's blocks apart (A's folds, then B's); the run reads them in order.
+    let fold_blocks = if req.folds > 0 {
+        Some(null_fold_blocks(corpora, req, &ck.tokenizer, eos)?)
+    } else {
+        None
+    };
+    let blocks = match &fold_blocks {
+        Some(f) => f.concat(),
+        None => corpus_blocks(corpora, req, &ck.tokenizer, eos)?,
+    };
     let all_tokens = blocks.len() * req.seq_len;
     let chunks: Vec<&[Vec<u32>]> = blocks.chunks(req.batch).collect();
     let range = req
@@ -916,7 +940,65 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let parallel = req.devices > 1 || req.nodes.count > 1;
     let mut on_batch = |done: usize| bar.set_position(done as u64);
     let mut halves = None;
-    let raw = if parallel {
+    let mut folds = None;
+    let raw = if let Some(fb) = &fold_blocks {
+        let mut done = 0;
+        let mut sums: Vec<null::FoldSums> = vec![];
+        let mut half: [Option<RawSums>; 2] = [None, None];
+        let mut half_tokens = 0;
+        for (f, b) in fb.iter().enumerate() {
+            let chunks: Vec<&[Vec<u32>]> = b.chunks(req.batch).collect();
+            let acc = accumulate_with(
+                model,
+                &chunks,
+                req.micro_batch,
+                req.method,
+                req.groups,
+                &mut done,
+                &mut on_batch,
+            );
+            if let Some(g) = acc.groups() {
+                groups = Some(match groups.take() {
+                    Some(mut a) => {
+                        GroupScores::add(&mut a, &g);
+                        a
+                    }
+                    None => g,
+                });
+            }
+            let r = acc.raw(model);
+            sums.push(null::FoldSums::of(&r)?);
+            let h = &mut half[usize::from(f >= req.folds)];
+            match h {
+                Some(x) => x.add(&r)?,
+                None => *h = Some(r),
+            }
+            if f + 1 == req.folds {
+                half_tokens = done;
+            }
+        }
+        let [Some(a), Some(b)] = half else {
+            unreachable!("every half has folds")
+        };
+        let (sa, sb) = (a.clone().into_scores(), b.clone().into_scores());
+        folds = Some(null::Folds::build(req.method, req.folds_k, &sums, [&sa, &sb]));
+        drop((sums, sa, sb));
+        let mut raw = a.clone();
+        raw.add(&b)?;
+        if req.agreement {
+            agreement = Some(agreement::measure(
+                &a,
+                &b,
+                &raw,
+                model.config.num_hidden_layers,
+                half_tokens,
+            ));
+        }
+        if req.halves {
+            halves = Some((a.into_scores(), b.into_scores()));
+        }
+        raw
+    } else if parallel {
         let devices = crate::collective::peer_devices::<B>(req.devices);
         accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?.raw(model)
     } else if (req.agreement || req.halves) && req.shard.is_none() && mine.len() >= 2 {
@@ -1051,7 +1133,40 @@ pub fn score_snapshot<B: AutodiffBackend>(
             )?;
         }
     }
+    if let Some(f) = folds {
+        f.write(&out.join(null::FILE))?;
+    }
     Ok(manifest)
+}
+
+/// The calibration blocks of each of 2 × `req.folds` document folds ([`null::fold_of`]),
+/// `req.blocks()` split evenly among them.
+fn null_fold_blocks(
+    corpora: &crate::data::Corpora,
+    req: &ScoreRequest,
+    tok: &crate::model::Tok,
+    eos: Option<u32>,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let n = 2 * req.folds;
+    let (docs, what) = split_docs(corpora, &req.lang, req.split, 0)?;
+    let mut per: Vec<Vec<crate::data::Doc>> = (0..n).map(|_| vec![]).collect();
+    for d in docs {
+        per[null::fold_of(&d.sha256, req.seed, n)].push(d);
+    }
+    let each = req.blocks().div_ceil(n);
+    per.into_iter()
+        .enumerate()
+        .map(|(f, docs)| {
+            crate::data::token_blocks(
+                docs.into_iter().map(Ok),
+                tok,
+                eos,
+                req.seq_len + 1,
+                each,
+                &format!("{what}, document fold {} of {n} (importance.folds)", f + 1),
+            )
+        })
+        .collect()
 }
 
 /// Add up shard snapshots (`score --shard I/N`, every I of one N) into one snapshot at `out`,

@@ -212,6 +212,9 @@ pub struct SnapshotMetrics {
     pub floor_layer: Option<Vec<f64>>,
     #[serde(default)]
     pub convergence: Option<f64>,
+    /// Movement against the base beyond the cross-sample null (`importance.folds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub movement: Option<crate::importance::null::Movement>,
 }
 
 /// Elements Spearman correlation is computed on (an evenly strided sample above this).
@@ -251,6 +254,7 @@ pub fn compare_snapshots(
         floor: agreement.and_then(|a| a.floor(k)),
         floor_layer: agreement.and_then(|a| (0..layers).map(|l| a.floor_layer(k, l)).collect()),
         convergence: agreement.and_then(|a| a.ks.iter().position(|x| (x - k).abs() < 1e-9).map(|i| a.convergence[i])),
+        movement: None,
     }
 }
 
@@ -279,6 +283,20 @@ pub fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<
     }
     if let Some(c) = m.convergence {
         tb.scalar("importance/convergence_half_vs_all", c, step)?;
+    }
+    if let Some(mv) = &m.movement {
+        // The cross-sample null: within-base vs cross-model agreement on the same documents.
+        for (tag, iv) in [
+            ("within_base", mv.within),
+            ("within_tuned", mv.within_tuned),
+            ("cross", mv.cross),
+            ("diff", mv.diff),
+        ] {
+            tb.scalar(&format!("spot/null/{tag}"), iv.value, step)?;
+            tb.scalar(&format!("spot/null/{tag}_lo"), iv.lo, step)?;
+            tb.scalar(&format!("spot/null/{tag}_hi"), iv.hi, step)?;
+        }
+        tb.scalar("spot/null/moved", f64::from(u8::from(mv.verdict == "moved")), step)?;
     }
     if let Some(v) = &m.jaccard_prev_layer {
         for (l, x) in v.iter().enumerate() {

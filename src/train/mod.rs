@@ -853,7 +853,17 @@ impl SnapCtx<'_> {
         } else {
             prev.as_ref()
         };
-        let m = track::compare_snapshots(step, &cur, base_ref, prev_ref, i.track_k);
+        let mut m = track::compare_snapshots(step, &cur, base_ref, prev_ref, i.track_k);
+        let (bf, cf) = (base_dir.join(importance::null::FILE), out.join(importance::null::FILE));
+        if step > 0 && bf.is_file() && cf.is_file() {
+            use importance::null;
+            m.movement = Some(null::movement(
+                &null::Folds::read(&bf)?,
+                &null::Folds::read(&cf)?,
+                null::REPLICATES,
+                step as u64,
+            )?);
+        }
         track::log_snapshot(tb, &m, &cur)?;
         crate::util::write_atomic(&out.join("track.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
         Ok(())
