@@ -17,6 +17,7 @@ pub mod layout;
 pub mod model;
 pub mod pairs;
 pub mod plan;
+pub mod plot;
 pub mod recipe;
 pub mod report;
 pub mod source;

@@ -128,7 +128,7 @@ impl TrainFormat {
 impl TrainSection {
     /// Whether `step` ends with a checkpoint and a snapshot.
     pub fn checkpoints_at(&self, step: usize) -> bool {
-        step % self.checkpoint_every == 0 || step == self.steps || self.checkpoint_at.contains(&step)
+        step.is_multiple_of(self.checkpoint_every) || step == self.steps || self.checkpoint_at.contains(&step)
     }
 }
 

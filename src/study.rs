@@ -334,7 +334,7 @@ pub fn write_comparison(out: &Path, c: &crate::track::compare::Comparison) -> Re
     crate::util::write_dir_atomic(out, true, |tmp| {
         std::fs::write(tmp.join("compare.json"), serde_json::to_string_pretty(c)?)?;
         std::fs::write(tmp.join("compare.txt"), crate::track::compare::text(c))?;
-        crate::report::plot::heatmap(
+        crate::plot::heatmap(
             &tmp.join("layer_module.png"),
             &format!(
                 "Jaccard at k = {}% per layer × module",

@@ -521,7 +521,7 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
     assert_eq!(c.floor_layer.len(), 2);
     let text = codespot::track::compare::text(&c);
     assert!(
-        text.contains("noise floor (A / B)") && text.contains("within the floor"),
+        text.contains("noise floor (A / B)") && text.contains("at or above the floor (no test"),
         "{text}"
     );
     // Against a snapshot without a floor: no floor, said so.

@@ -2,7 +2,9 @@
 //! heatmaps for base and tuned models, spot overlap across checkpoints, dose–response curves
 //! and the results tables. Reads whatever stages of the run exist.
 
-pub mod plot;
+mod evolution;
+
+use crate::plot;
 
 use crate::eval::ConditionResults;
 use crate::importance::summary::Summaries;
@@ -254,8 +256,9 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                 "step",
                 "overlap",
                 &overlap,
-                "Spot overlap with the base model across checkpoints; the noise floor is each snapshot's split-half agreement (two disjoint halves of its calibration tokens): a Jaccard at or above it is within sampling noise".into(),
+                "Spot overlap with the base model across checkpoints, beside each snapshot's split-half agreement (two disjoint halves of its calibration tokens) for scale; the movement plot holds the test".into(),
             )?;
+            evolution::figures(&mut fig, &tunes)?;
         }
         // Calibration convergence and split-half agreement of the base snapshots, by k.
         let agreements: Vec<(String, crate::importance::agreement::Agreement)> = base_dirs
@@ -378,6 +381,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         }
         md.push('\n');
     }
+    md.push_str(&evolution::section(&tunes));
     let compare_dir = out.join("compare");
     let mut comps: Vec<(String, crate::track::compare::Comparison)> = std::fs::read_dir(&compare_dir)
         .into_iter()
@@ -392,16 +396,15 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         .collect();
     comps.sort_by(|a, b| a.0.cmp(&b.0));
     if !comps.is_empty() {
-        let _ = writeln!(md, "## Spot before and after tuning\n\n| comparison | Jaccard by k | Spearman | heads entered | heads left |\n|---|---|---:|---|---|");
+        let _ = writeln!(md, "## Spot before and after tuning\n\n| comparison | Jaccard by k | movement (cross-sample null) | Spearman | heads entered | heads left |\n|---|---|---|---:|---|---|");
         for (n, c) in &comps {
             let j: Vec<String> = c
                 .jaccard
                 .iter()
                 .enumerate()
                 .map(|(i, (k, j))| {
-                    let floor = match c.floor.get(i).and_then(|f| f.floor.zip(f.within)) {
-                        Some((f, true)) => format!(" (floor {f:.3}: within noise)"),
-                        Some((f, false)) => format!(" (floor {f:.3}: moved)"),
+                    let floor = match c.floor.get(i).and_then(|f| f.floor) {
+                        Some(f) => format!(" (floor {f:.3})"),
                         None => String::new(),
                     };
                     format!("{}%: {j:.3}{floor}", crate::spot::file::fmt_k(*k))
@@ -413,16 +416,26 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
+            let mv = c.movement.as_ref().map_or("–".to_string(), |m| {
+                format!(
+                    "{} at {}%: within − cross {:.3} [{:.3}, {:.3}]",
+                    m.verdict,
+                    crate::spot::file::fmt_k(m.k_percent),
+                    m.diff.value,
+                    m.diff.lo,
+                    m.diff.hi
+                )
+            });
             let _ = writeln!(
                 md,
-                "| {n} | {} | {} | {} | {} |",
+                "| {n} | {} | {mv} | {} | {} | {} |",
                 j.join(", "),
                 c.spearman.map_or("–".into(), |s| format!("{s:.3}")),
                 hs(&c.heads_entered),
                 hs(&c.heads_left)
             );
         }
-        md.push_str("\nThe floor is the lower of the two sides' split-half agreement: the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration tokens. \"within noise\": two samples of the same model agree at least this much, so this comparison shows no movement beyond sampling noise; \"moved\": the sets differ more than sampling alone makes them. A spot carries the lowest floor of the snapshots it was selected from. Both snapshots of a language were scored on the same calibration tokens, so their Jaccard is not lowered by sampling; a Jaccard within the floor means tuning moved the sets less than a second sample would.\n");
+        md.push_str("\nThe floor is the lower of the two sides' split-half agreement (the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration), shown for scale only: a language's base and tuned snapshots read the *same* tokens, so their Jaccard is not lowered by sampling and comparing it with a floor from other tokens tests nothing. The movement column is the test: with `importance.folds`, both snapshots are scored on the same 2K document folds, and the base's own cross-sample agreement J(base_A, base_B) is set against the cross-model, cross-sample ½[J(base_A, tuned_B) + J(base_B, tuned_A)]; \"moved\" when the document-bootstrap interval of their difference excludes 0.\n");
         md.push('\n');
     }
     for (n, conds) in &evals {

@@ -99,6 +99,10 @@ pub struct Comparison {
     /// Per layer at `k_detail`: the lower of the two snapshots' split-half agreement.
     #[serde(default)]
     pub floor_layer: Vec<Option<f64>>,
+    /// B's movement against A beyond the cross-sample null, when both snapshots were scored
+    /// with `--folds` on the same documents ([`crate::importance::null`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub movement: Option<crate::importance::null::Movement>,
 }
 
 /// One k's Jaccard beside the noise floor of the two sides.
@@ -246,7 +250,23 @@ pub fn compare(a_dir: &Path, b_dir: &Path, ks: &[f64]) -> Result<Comparison> {
         heads_left,
         floor,
         floor_layer,
+        movement: movement(a_dir, b_dir)?,
     })
+}
+
+/// [`crate::importance::null::movement`] of `b` against `a` when both hold fold sums.
+fn movement(a: &Path, b: &Path) -> Result<Option<crate::importance::null::Movement>> {
+    use crate::importance::null;
+    let (fa, fb) = (a.join(null::FILE), b.join(null::FILE));
+    if !(fa.is_file() && fb.is_file()) {
+        return Ok(None);
+    }
+    Ok(Some(null::movement(
+        &null::Folds::read(&fa)?,
+        &null::Folds::read(&fb)?,
+        null::REPLICATES,
+        0,
+    )?))
 }
 
 fn heads_text(v: &[(usize, usize)]) -> String {
@@ -268,9 +288,11 @@ pub fn text(c: &Comparison) -> String {
     let f3 = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.4}"));
     for (i, (k, j)) in c.jaccard.iter().enumerate() {
         let fl = c.floor.get(i);
+        // A floor from other tokens is no test for two snapshots of the same tokens: only a
+        // difference the other way (below the floor) says something.
         let verdict = match fl.and_then(|f| f.within) {
-            Some(true) => "within the floor: no movement beyond sampling noise",
-            Some(false) => "below the floor: moved beyond sampling noise",
+            Some(true) => "at or above the floor (no test: see the cross-sample null)",
+            Some(false) => "below the floor",
             None => "no floor recorded",
         };
         s += &format!(
@@ -282,6 +304,25 @@ pub fn text(c: &Comparison) -> String {
     }
     if c.floor.iter().any(|f| f.floor.is_some()) {
         s += "\nNoise floor: the Jaccard of the top-k sets from two disjoint halves of a snapshot's own calibration tokens (its split-half agreement; for a spot, the lowest among the snapshots it was selected from); two samples of one model agree that much, so a Jaccard at or above the lower floor is no evidence of movement.\n";
+    }
+    match &c.movement {
+        Some(m) => {
+            let iv = |x: crate::importance::null::Interval| format!("{:.4} [{:.4}, {:.4}]", x.value, x.lo, x.hi);
+            s += &format!(
+                "\nCross-sample null at k = {}% ({} document folds per half, {} bootstrap replicates):\n  within A: J(A_a, A_b) = {}\n  within B: J(B_a, B_b) = {}\n  cross:    ½[J(A_a, B_b) + J(A_b, B_a)] = {}\n  within A − cross = {}  →  {}\n",
+                spot::file::fmt_k(m.k_percent),
+                m.folds_per_half,
+                m.replicates,
+                iv(m.within),
+                iv(m.within_tuned),
+                iv(m.cross),
+                iv(m.diff),
+                m.verdict
+            );
+        }
+        None => {
+            s += "\nNo cross-sample null: score both snapshots with --folds N (importance.folds) to test movement.\n";
+        }
     }
     if let Some(r) = c.spearman {
         s += &format!("\nSpearman rank correlation of the scores: {r:.4}\n");

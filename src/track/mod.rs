@@ -151,25 +151,7 @@ pub fn layer_module_grid(s: &Summaries) -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// A viridis-like colour for t in [0, 1].
-pub fn colour(t: f64) -> [u8; 3] {
-    const STOPS: [[f64; 3]; 5] = [
-        [68.0, 1.0, 84.0],
-        [59.0, 82.0, 139.0],
-        [33.0, 145.0, 140.0],
-        [94.0, 201.0, 98.0],
-        [253.0, 231.0, 37.0],
-    ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
-    let x = t * (STOPS.len() - 1) as f64;
-    let i = (x.floor() as usize).min(STOPS.len() - 2);
-    let f = x - i as f64;
-    let mut c = [0u8; 3];
-    for (j, cj) in c.iter_mut().enumerate() {
-        *cj = (STOPS[i][j] + (STOPS[i + 1][j] - STOPS[i][j]) * f).round() as u8;
-    }
-    c
-}
+pub use crate::plot::colour;
 
 /// A square `size × size` RGB heatmap of `grid` (rows top to bottom, colour = value / max),
 /// cells scaled to fill the square.
@@ -192,6 +174,8 @@ pub fn heatmap_rgb(grid: &[Vec<f64>], size: usize) -> Vec<u8> {
 
 /// Side of the heatmap images written to TensorBoard.
 pub const IMAGE_SIZE: usize = 270;
+/// Side of the labelled layer × head image (axes, colour bar on a scale fixed for the run).
+pub const HEAD_IMAGE_SIZE: usize = 660;
 
 /// What one snapshot contributes to TensorBoard, compared with the base and the previous one.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -212,6 +196,13 @@ pub struct SnapshotMetrics {
     pub floor_layer: Option<Vec<f64>>,
     #[serde(default)]
     pub convergence: Option<f64>,
+    /// Each query head's share of the tracked top-k set, `[layer][head]` (k/v rows count for
+    /// each query head they serve), and the fixed top of its colour scale: 1.5 × the base
+    /// snapshot's largest share, the same at every step of a run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub head_share: Vec<Vec<f64>>,
+    #[serde(default)]
+    pub head_scale: f64,
     /// Movement against the base beyond the cross-sample null (`importance.folds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub movement: Option<crate::importance::null::Movement>,
@@ -254,8 +245,20 @@ pub fn compare_snapshots(
         floor: agreement.and_then(|a| a.floor(k)),
         floor_layer: agreement.and_then(|a| (0..layers).map(|l| a.floor_layer(k, l)).collect()),
         convergence: agreement.and_then(|a| a.ks.iter().position(|x| (x - k).abs() < 1e-9).map(|i| a.convergence[i])),
+        head_share: head_shares(&mc, &cur.manifest.config),
+        head_scale: 1.5
+            * head_shares(&mb, &base.manifest.config)
+                .iter()
+                .flatten()
+                .fold(0.0, |a: f64, &b| a.max(b)),
         movement: None,
     }
+}
+
+/// Each query head's share of a set ([`crate::spot::file::shares`]).
+fn head_shares(masks: &BTreeMap<String, crate::topk::Mask>, cfg: &crate::model::LlamaConfig) -> Vec<Vec<f64>> {
+    let shapes: BTreeMap<String, Vec<usize>> = cfg.tensor_shapes().into_iter().collect();
+    crate::spot::file::shares(masks, &shapes, cfg).head
 }
 
 /// Write a snapshot's measures, histograms and heatmaps to TensorBoard at `step`.
@@ -323,6 +326,22 @@ pub fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<
         IMAGE_SIZE,
         step,
     )?;
+    if !m.head_share.is_empty() {
+        for (l, row) in m.head_share.iter().enumerate() {
+            for (h, v) in row.iter().enumerate() {
+                tb.scalar(&format!("spot/head_share/L{l:02}.H{h}"), *v, step)?;
+            }
+        }
+        let cols: Vec<String> = (0..m.head_share[0].len()).map(|h| format!("H{h}")).collect();
+        let img = crate::plot::heatmap_rgb(
+            &format!("Spot share per head (top-k set), step {step}"),
+            &m.head_share,
+            &cols,
+            Some((0.0, m.head_scale.max(1e-12))),
+            HEAD_IMAGE_SIZE,
+        )?;
+        tb.image("spot/layer_x_head", &img, HEAD_IMAGE_SIZE, step)?;
+    }
     tb.flush()
 }
 

@@ -1,4 +1,5 @@
-//! PNG plots with plotters: line charts and heatmaps.
+//! PNG plots with plotters: line charts and heatmaps (the report's figures and TensorBoard's
+//! labelled images).
 //!
 //! Text is drawn with plotters' pure-Rust `ab_glyph` renderer, which needs a TrueType font:
 //! `$CODESPOT_FONT`, else DejaVu Sans (Debian `fonts-dejavu-core`, installed by
@@ -177,19 +178,55 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
 pub fn heatmap(path: &Path, title: &str, grid: &[Vec<f64>], cols: &[String], range: Option<(f64, f64)>) -> Result<()> {
     ensure_font()?;
     let rows = grid.len().max(1);
+    let root = BitMapBackend::new(path, (640, (rows * 18 + 120).max(300) as u32)).into_drawing_area();
+    draw_heatmap(&root, title, grid, cols, range, 560).map_err(err(path))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+/// [`heatmap`] into a square `size × size` RGB buffer (a TensorBoard image).
+pub fn heatmap_rgb(
+    title: &str,
+    grid: &[Vec<f64>],
+    cols: &[String],
+    range: Option<(f64, f64)>,
+    size: usize,
+) -> Result<Vec<u8>> {
+    ensure_font()?;
+    let mut buf = vec![0u8; size * size * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (size as u32, size as u32)).into_drawing_area();
+        let main = size as u32 * 7 / 8;
+        draw_heatmap(&root, title, grid, cols, range, main).map_err(|e| anyhow!("drawing '{title}': {e:?}"))?;
+        root.present().map_err(|e| anyhow!("drawing '{title}': {e:?}"))?;
+    }
+    Ok(buf)
+}
+
+type DrawResult<DB> = std::result::Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+/// A labelled grid (rows `L{n}` top down, `cols` across) with a colour bar on `[lo, hi]`
+/// (default: 0 to the grid's maximum); the chart takes `main` pixels of the width.
+fn draw_heatmap<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    grid: &[Vec<f64>],
+    cols: &[String],
+    range: Option<(f64, f64)>,
+    main: u32,
+) -> DrawResult<DB> {
+    let rows = grid.len().max(1);
     let ncols = cols.len().max(1);
     let (lo, hi) = range.unwrap_or_else(|| (0.0, grid.iter().flatten().fold(0.0f64, |a, &b| a.max(b))));
     let span = if hi > lo { hi - lo } else { 1.0 };
-    let root = BitMapBackend::new(path, (640, (rows * 18 + 120).max(300) as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    let (main, bar) = root.split_horizontally(560);
+    root.fill(&WHITE)?;
+    let (main, bar) = root.split_horizontally(main);
     let mut chart = ChartBuilder::on(&main)
         .caption(title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(44)
-        .build_cartesian_2d(0..ncols, 0..rows)
-        .map_err(err(path))?;
+        .build_cartesian_2d(0..ncols, 0..rows)?;
     let cols_owned: Vec<String> = cols.to_vec();
     chart
         .configure_mesh()
@@ -205,34 +242,47 @@ pub fn heatmap(path: &Path, title: &str, grid: &[Vec<f64>], cols: &[String], ran
             }
         })
         .label_style(("sans-serif", 12))
-        .draw()
-        .map_err(err(path))?;
-    chart
-        .draw_series(grid.iter().enumerate().flat_map(|(r, row)| {
-            let y = rows - 1 - r;
-            row.iter().enumerate().map(move |(c, v)| {
-                let [red, g, b] = crate::track::colour((v - lo) / span);
-                Rectangle::new([(c, y), (c + 1, y + 1)], RGBColor(red, g, b).filled())
-            })
-        }))
-        .map_err(err(path))?;
+        .draw()?;
+    chart.draw_series(grid.iter().enumerate().flat_map(|(r, row)| {
+        let y = rows - 1 - r;
+        row.iter().enumerate().map(move |(c, v)| {
+            let [red, g, b] = colour(((v - lo) / span).clamp(0.0, 1.0));
+            Rectangle::new([(c, y), (c + 1, y + 1)], RGBColor(red, g, b).filled())
+        })
+    }))?;
     // Colour bar.
     let h = bar.dim_in_pixel().1 as i32;
     for i in 0..100 {
         let t = i as f64 / 99.0;
-        let [r, g, b] = crate::track::colour(t);
+        let [r, g, b] = colour(t);
         let y0 = h - 60 - (i * (h - 120) / 100);
         bar.draw(&Rectangle::new(
             [(20, y0 - (h - 120) / 100 - 1), (40, y0)],
             RGBColor(r, g, b).filled(),
-        ))
-        .map_err(err(path))?;
+        ))?;
     }
     let style = ("sans-serif", 12).into_font().color(&BLACK);
-    bar.draw(&Text::new(format!("{hi:.3}"), (10, 40), style.clone()))
-        .map_err(err(path))?;
-    bar.draw(&Text::new(format!("{lo:.3}"), (10, h - 52), style))
-        .map_err(err(path))?;
-    root.present().map_err(err(path))?;
+    bar.draw(&Text::new(format!("{hi:.3}"), (10, 40), style.clone()))?;
+    bar.draw(&Text::new(format!("{lo:.3}"), (10, h - 52), style))?;
     Ok(())
+}
+
+/// A viridis-like colour for t in [0, 1].
+pub fn colour(t: f64) -> [u8; 3] {
+    const STOPS: [[f64; 3]; 5] = [
+        [68.0, 1.0, 84.0],
+        [59.0, 82.0, 139.0],
+        [33.0, 145.0, 140.0],
+        [94.0, 201.0, 98.0],
+        [253.0, 231.0, 37.0],
+    ];
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let x = t * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let mut c = [0u8; 3];
+    for (j, cj) in c.iter_mut().enumerate() {
+        *cj = (STOPS[i][j] + (STOPS[i + 1][j] - STOPS[i][j]) * f).round() as u8;
+    }
+    c
 }

@@ -1,0 +1,149 @@
+//! The report's evolution part: every tuning measure against the step (held-out pair loss,
+//! movement against the cross-sample null, module and layer shares) and its table.
+
+use super::{Figures, Series};
+use crate::train::TuneSummary;
+use anyhow::Result;
+use std::fmt::Write;
+
+fn series(name: String, points: Vec<(f64, f64)>, dashed: bool, bars: Vec<(f64, f64, f64)>) -> Series {
+    Series {
+        name,
+        points,
+        dashed,
+        bars,
+    }
+}
+
+/// Plots of the measures against the step, for runs that recorded them.
+pub(super) fn figures(fig: &mut Figures, tunes: &[(String, TuneSummary)]) -> Result<()> {
+    let pair: Vec<Series> = tunes
+        .iter()
+        .filter_map(|(l, t)| {
+            let p: Vec<(usize, crate::train::pairs::PairLoss)> = t
+                .heldout
+                .iter()
+                .filter_map(|h| Some((h.step, *h.pair_loss.get(l)?)))
+                .collect();
+            (!p.is_empty()).then(|| {
+                series(
+                    l.to_string(),
+                    p.iter().map(|(s, x)| (*s as f64, x.mean)).collect(),
+                    false,
+                    p.iter().map(|(s, x)| (*s as f64, x.lo, x.hi)).collect(),
+                )
+            })
+        })
+        .collect();
+    if !pair.is_empty() {
+        fig.lines(
+            "heldout_pairs.png",
+            "Held-out pair loss (response tokens)",
+            "step",
+            "loss (nats/token)",
+            &pair,
+            "Loss on the response tokens of each language's held-out instruction pairs while tuning on it, with bootstrap 95 % intervals over pairs".into(),
+        )?;
+    }
+    let mut moves = vec![];
+    for (l, t) in tunes {
+        let m: Vec<(f64, crate::importance::null::Movement)> = t
+            .metrics
+            .iter()
+            .filter_map(|m| Some((m.step as f64, m.movement.clone()?)))
+            .collect();
+        if m.is_empty() {
+            continue;
+        }
+        let pick = |f: fn(&crate::importance::null::Movement) -> crate::importance::null::Interval| {
+            let pts = m.iter().map(|(s, x)| (*s, f(x).value)).collect();
+            let bars = m.iter().map(|(s, x)| (*s, f(x).lo, f(x).hi)).collect();
+            (pts, bars)
+        };
+        let (p, b) = pick(|x| x.within);
+        moves.push(series(format!("{l}: base A vs base B (null)"), p, true, b));
+        let (p, b) = pick(|x| x.cross);
+        moves.push(series(format!("{l}: base vs tuned, across samples"), p, false, b));
+    }
+    if !moves.is_empty() {
+        fig.lines(
+            "movement.png",
+            "Spot movement against the cross-sample null",
+            "step",
+            "Jaccard of top-k sets",
+            &moves,
+            "Movement: the base model's agreement with itself across two document halves (dashed, the null) against base vs tuned across the same halves (solid), with document-bootstrap 95 % intervals; solid below dashed beyond the intervals = the spot moved".into(),
+        )?;
+    }
+    for (l, t) in tunes {
+        let kinds: Vec<String> = t
+            .metrics
+            .first()
+            .map(|m| m.module_share.keys().cloned().collect())
+            .unwrap_or_default();
+        let shares: Vec<Series> = kinds
+            .iter()
+            .map(|k| {
+                let pts = t
+                    .metrics
+                    .iter()
+                    .filter_map(|m| Some((m.step as f64, *m.module_share.get(k)?)))
+                    .collect();
+                series(k.clone(), pts, false, vec![])
+            })
+            .collect();
+        if t.metrics.len() > 1 && !shares.is_empty() {
+            fig.lines(
+                &format!("module_share_{l}.png"),
+                &format!("Importance share by module, tuned on {l}"),
+                "step",
+                "share of importance mass",
+                &shares,
+                format!("Each module kind's share of the importance mass at every snapshot while tuning on {l}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The evolution table: per language and checkpoint, the held-out pair loss and the movement.
+pub(super) fn section(tunes: &[(String, TuneSummary)]) -> String {
+    let mut md = String::new();
+    let any = tunes.iter().any(|(_, t)| {
+        t.metrics.iter().any(|m| m.movement.is_some()) || t.heldout.iter().any(|h| !h.pair_loss.is_empty())
+    });
+    if !any {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "## Evolution\n\n| language | step | held-out pair loss [95 %] | Jaccard with base | base A vs B (null) | base vs tuned across samples | null − cross [95 %] | verdict |\n|---|---:|---|---:|---|---|---|---|"
+    );
+    let iv = |x: crate::importance::null::Interval| format!("{:.3} [{:.3}, {:.3}]", x.value, x.lo, x.hi);
+    for (l, t) in tunes {
+        for m in &t.metrics {
+            let pl = t
+                .heldout
+                .iter()
+                .find(|h| h.step == m.step)
+                .and_then(|h| h.pair_loss.get(l))
+                .map_or("–".into(), |p| format!("{:.4} [{:.4}, {:.4}]", p.mean, p.lo, p.hi));
+            let (w, c, d, v) = match &m.movement {
+                Some(mv) => (iv(mv.within), iv(mv.cross), iv(mv.diff), mv.verdict.clone()),
+                None => (
+                    "–".into(),
+                    "–".into(),
+                    "–".into(),
+                    if m.step == 0 { "base" } else { "–" }.into(),
+                ),
+            };
+            let _ = writeln!(
+                md,
+                "| {l} | {} | {pl} | {:.3} | {w} | {c} | {d} | {v} |",
+                m.step, m.jaccard_base
+            );
+        }
+    }
+    md.push_str("\nBoth snapshots of a row read the same calibration documents, dealt into the same 2K folds (halves A and B). The null is the base model's own agreement across the two halves; \"moved\" when the bootstrap interval of null − cross excludes 0 (the tuned spot agrees with the base less than a second sample of the base does).\n\n");
+    md
+}
