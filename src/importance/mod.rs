@@ -231,7 +231,7 @@ impl<B: Backend> Accumulator<B> {
         self.acc[i] = match self.method {
             // On the f32 CPU backend in one pass over the sum's own storage (the same f32
             // arithmetic, so the same bits).
-            Method::Taylor if fused::is_cpu::<B>() => {
+            Method::Taylor if fused::is_cpu::<B>() && fused::hand_written() => {
                 let (mut a, g, th) = (fused::flex(a), fused::flex(g), fused::flex(flat_value(p)));
                 let c = 1 << 14;
                 a.storage_mut::<f32>()

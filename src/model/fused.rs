@@ -80,6 +80,16 @@ pub fn is_cpu<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<crate::backend::Cpu>()
 }
 
+/// Set (to anything) to run the generic path on the CPU: burn's ops for the forward, backward
+/// and AdamW, exactly what another device runs, with this module's hand-written kernels off.
+pub const GENERIC_ENV: &str = "CODESPOT_GENERIC";
+
+/// Whether the hand-written path may run at all (not turned off by [`GENERIC_ENV`]).
+pub fn hand_written() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(GENERIC_ENV).is_none())
+}
+
 /// The CPU backend's storage of a tensor (shared, not copied), made contiguous from offset 0.
 /// Panics on another backend: callers check [`is_cpu`].
 pub fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {

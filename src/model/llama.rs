@@ -462,7 +462,7 @@ impl<B: Backend> Llama<B> {
     /// through the hand-written f32 CPU block: `fused` is on, the weights are f32 and `C` is the
     /// CPU backend.
     pub(crate) fn fused_on<C: Backend>(&self) -> bool {
-        self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<C>()
+        self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<C>() && fused::hand_written()
     }
 
     /// [`Llama::hidden`] without a cache through the hand-written f32 CPU block

@@ -179,7 +179,7 @@ impl<B: Backend> AdamW<B> {
             i += 1;
             let Some(g) = grads[k].take() else { return theta };
             let device = g.device();
-            if fused::is_cpu::<B>() && theta.dtype() == DType::F32 {
+            if fused::is_cpu::<B>() && fused::hand_written() && theta.dtype() == DType::F32 {
                 // One pass over the parameter, in place (the same arithmetic as below).
                 let mut th = fused::flex(theta.inner());
                 let g = fused::flex(g);
