@@ -444,7 +444,7 @@ fn agreement_of_identical_and_disjoint_halves() {
     let half = raw(Method::Taylor, 2, &[(names[0], v.clone()), (names[1], v.clone())]);
     let twice: Vec<f32> = v.iter().map(|x| 2.0 * x).collect();
     let total = raw(Method::Taylor, 4, &[(names[0], twice.clone()), (names[1], twice)]);
-    let a = measure(&half, &half, &total, 2, 32);
+    let a = measure(&half, &half, &total, 2, 32, None);
     assert!(a.split_half.iter().all(|&j| j == 1.0), "{a:?}");
     assert!(a.convergence.iter().all(|&j| j == 1.0), "{a:?}");
     assert!(a.split_half_layer.iter().flatten().all(|&j| j == 1.0));
@@ -454,7 +454,7 @@ fn agreement_of_identical_and_disjoint_halves() {
     let b = raw(Method::Taylor, 2, &[(names[0], rev.clone()), (names[1], rev)]);
     let sum: Vec<f32> = v.iter().map(|x| x + (999.0 - x) + x * 1e-3).collect();
     let total = raw(Method::Taylor, 4, &[(names[0], sum.clone()), (names[1], sum)]);
-    let d = measure(&half, &b, &total, 2, 32);
+    let d = measure(&half, &b, &total, 2, 32, None);
     assert!(d.split_half.iter().all(|&j| j == 0.0), "{d:?}");
     // Embeddings are not layer parameters: a tensor only there changes nothing.
     let mut e = half.clone();
@@ -463,7 +463,7 @@ fn agreement_of_identical_and_disjoint_halves() {
         codespot::source::HostTensor::new(vec![4], vec![1.0, 2.0, 3.0, 4.0]),
     );
     assert_eq!(
-        measure(&e, &e, &total, 2, 32).split_half,
+        measure(&e, &e, &total, 2, 32, None).split_half,
         d.split_half.iter().map(|_| 1.0).collect::<Vec<_>>()
     );
 }
@@ -494,6 +494,18 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
         .chain(&a.convergence)
         .all(|j| (0.0..=1.0).contains(j)));
     assert!(a.split_half[0] < 1.0, "random halves of a random model differ: {a:?}");
+    // Two disjoint quarters (the first batch of each half), checked against scoring those
+    // batches on their own.
+    assert_eq!(a.quarter_tokens, 32);
+    let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
+    let blocks = importance::corpus_blocks(&corpora, &req, &ck.tokenizer, eos).unwrap();
+    let q = |r: std::ops::Range<usize>| importance::score(&m, &blocks[r], 2, 4, Method::Taylor, |_| {}).unwrap();
+    let (q1, q3) = (q(0..2), q(4..6));
+    assert_eq!(a.split_quarter.len(), a.ks.len());
+    for (k, j) in a.ks.iter().zip(&a.split_quarter) {
+        let want = codespot::topk::jaccard(&codespot::topk::top_masks(&q1, *k), &codespot::topk::top_masks(&q3, *k));
+        assert!((j - want).abs() <= 1e-6, "k {k}: quarters {j} vs {want}");
+    }
     req.agreement = false;
     let none = importance::score_snapshot(&m, &ck, &corpora, &req, &dir.path().join("plain"), false).unwrap();
     assert!(none.agreement.is_none());

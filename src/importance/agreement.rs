@@ -9,7 +9,11 @@
 //!   this much are the floor: two snapshots of the same model cannot be expected to agree more;
 //!   with N tokens each they agree a little more, so this floor is conservative.
 //! - **convergence**: the top-k sets of the running scores at N/2 tokens against those at N.
-//!   Near 1 means more calibration tokens would hardly change the spot.
+//!   Near 1 means more calibration tokens would hardly change the spot (inflated: the N/2 are
+//!   inside the N).
+//! - **split-quarter agreement**: the same Jaccard for two disjoint samples of N/4 (the first
+//!   quarter of each half); beside the split-half agreement it shows, without the overlap's
+//!   inflation, how much agreement grows as the sample doubles.
 
 use super::{Method, RawSums};
 use serde::{Deserialize, Serialize};
@@ -26,8 +30,59 @@ pub struct Agreement {
     pub split_half_layer: Vec<Vec<f64>>,
     /// Tokens of the first half (the running scores compared with the final ones).
     pub half_tokens: usize,
-    /// Per k: Jaccard of the top-k sets at `half_tokens` and at all tokens.
+    /// Per k: Jaccard of the top-k sets at `half_tokens` and at all tokens (nested samples:
+    /// inflated by their overlap; `split_quarter` beside `split_half` is the fair convergence).
     pub convergence: Vec<f64>,
+    /// Per k: Jaccard of two disjoint samples of `quarter_tokens` each (the first quarter of
+    /// each half): with `split_half` (two disjoint samples of N/2), how agreement grows with the
+    /// sample. Empty in snapshots made before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split_quarter: Vec<f64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub quarter_tokens: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Per k in [`KS`], the top-k elements (sorted indices) of each layer tensor of one sample.
+pub type TopSets = Vec<std::collections::BTreeMap<String, Vec<usize>>>;
+
+/// The pooled Jaccard per k of two samples' [`TopSets`] (rounded as [`measure`]'s).
+pub fn jaccard_sets(a: &TopSets, b: &TopSets) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let (mut i, mut u) = (0usize, 0usize);
+            for (name, sa) in x {
+                let sb = y.get(name).map_or(&[][..], Vec::as_slice);
+                let c = common(sa, sb);
+                i += c;
+                u += sa.len() + sb.len() - c;
+            }
+            if u == 0 {
+                1.0
+            } else {
+                (i as f64 / u as f64 * 1e6).round() / 1e6
+            }
+        })
+        .collect()
+}
+
+/// [`TopSets`] of a tensor set's scores (`name → scores`), layer tensors only.
+pub fn top_sets<'a>(scores: impl Iterator<Item = (&'a str, Vec<f32>)>) -> TopSets {
+    let mut out: TopSets = vec![Default::default(); KS.len()];
+    for (name, s) in scores {
+        if crate::model::names::parse(name).and_then(|p| p.layer).is_none() {
+            continue;
+        }
+        for (ki, k) in KS.iter().enumerate() {
+            let count = (k / 100.0 * s.len() as f64).round() as usize;
+            out[ki].insert(name.to_string(), crate::topk::top_indices(&s, count, true));
+        }
+    }
+    out
 }
 
 impl Agreement {
@@ -72,6 +127,16 @@ impl Agreement {
                 xs.iter_mut().zip(ys).for_each(|(x, &y)| low(x, y));
             }
             out.half_tokens = out.half_tokens.min(a.half_tokens);
+            if a.split_quarter.len() == out.split_quarter.len() {
+                out.split_quarter
+                    .iter_mut()
+                    .zip(&a.split_quarter)
+                    .for_each(|(x, &y)| low(x, y));
+                out.quarter_tokens = out.quarter_tokens.min(a.quarter_tokens);
+            } else {
+                out.split_quarter.clear();
+                out.quarter_tokens = 0;
+            }
         }
         Some(out)
     }
@@ -103,8 +168,21 @@ fn common(a: &[usize], b: &[usize]) -> usize {
     c
 }
 
-/// The agreement of a pass from the raw sums of its two halves and of the whole.
-pub fn measure(a: &RawSums, b: &RawSums, total: &RawSums, layers: usize, half_tokens: usize) -> Agreement {
+/// Scores of one tensor of raw sums (public for the quarter samples).
+pub fn tensor_scores(method: Method, sum: &[f32], sq: Option<&[f32]>, batches: usize) -> Vec<f32> {
+    scores(method, sum, sq, batches)
+}
+
+/// The agreement of a pass from the raw sums of its two halves and of the whole; `quarters`:
+/// the top sets of the first quarter of each half, and its tokens.
+pub fn measure(
+    a: &RawSums,
+    b: &RawSums,
+    total: &RawSums,
+    layers: usize,
+    half_tokens: usize,
+    quarters: Option<(&TopSets, &TopSets, usize)>,
+) -> Agreement {
     let nk = KS.len();
     // (intersection, union) per k, overall and per layer; and for convergence.
     let mut half = vec![(0usize, 0usize); nk];
@@ -160,5 +238,7 @@ pub fn measure(a: &RawSums, b: &RawSums, total: &RawSums, layers: usize, half_to
         split_half_layer: half_layer.into_iter().map(|v| v.into_iter().map(j).collect()).collect(),
         half_tokens,
         convergence: conv.into_iter().map(j).collect(),
+        split_quarter: quarters.map_or(vec![], |(qa, qb, _)| jaccard_sets(qa, qb)),
+        quarter_tokens: quarters.map_or(0, |q| q.2),
     }
 }

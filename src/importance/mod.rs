@@ -335,6 +335,29 @@ impl<B: Backend> Accumulator<B> {
         }
     }
 
+    /// The running scores' top sets at [`agreement::KS`] (layer tensors), one tensor on the
+    /// host at a time: the sums stay on, to be added to.
+    pub fn top_sets<AB: AutodiffBackend<InnerBackend = B>>(&self, model: &Llama<AB>) -> agreement::TopSets {
+        let params = model.params();
+        let host = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 sums");
+        let layer = |i: usize| {
+            crate::model::names::parse(&self.names[i])
+                .and_then(|p| p.layer)
+                .is_some()
+        };
+        let scores = (0..self.acc.len()).filter(|&i| layer(i)).map(|i| {
+            let theta = || flat_value(&params[i].1);
+            let s = match self.method {
+                Method::Taylor | Method::Molchanov | Method::Wanda => self.acc[i].clone(),
+                Method::TaylorSum | Method::Taylor2 => theta() * self.acc[i].clone(),
+            };
+            let q = self.sq.get(i).map(|q| host(theta().powi_scalar(2) * q.clone()));
+            let s = agreement::tensor_scores(self.method, &host(s), q.as_deref(), self.batches);
+            (self.names[i].as_str(), s)
+        });
+        agreement::top_sets(scores)
+    }
+
     /// Final scores on the host (f32), under canonical names.
     pub fn finish<AB: AutodiffBackend<InnerBackend = B>>(self, model: &Llama<AB>) -> Scores {
         self.raw(model).into_scores()
@@ -980,6 +1003,21 @@ pub fn score_snapshot<B: AutodiffBackend>(
         let [Some(a), Some(b)] = half else {
             unreachable!("every half has folds")
         };
+        // The first ⌊K/2⌋ folds of each half: two disjoint samples of about N/4.
+        let q = req.folds / 2;
+        let quarter_tops = |h: usize| -> agreement::TopSets {
+            let mine = &sums[h * req.folds..h * req.folds + q];
+            let batches: usize = mine.iter().map(|f| f.batches).sum();
+            agreement::top_sets(mine[0].names().map(|name| {
+                let mut acc = vec![0f32; mine[0].len(name)];
+                for f in mine {
+                    f.add_to(name, &mut acc);
+                }
+                (name, agreement::tensor_scores(req.method, &acc, None, batches))
+            }))
+        };
+        let quarters = (q >= 1).then(|| (quarter_tops(0), quarter_tops(1)));
+        let quarter_tokens = fb[..q].iter().map(|b| b.len() * req.seq_len).sum::<usize>();
         let (sa, sb) = (a.clone().into_scores(), b.clone().into_scores());
         folds = Some(null::Folds::build(req.method, req.folds_k, &sums, [&sa, &sb]));
         drop((sums, sa, sb));
@@ -992,6 +1030,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
                 &raw,
                 model.config.num_hidden_layers,
                 half_tokens,
+                quarters.as_ref().map(|(x, y)| (x, y, quarter_tokens)),
             ));
         }
         if req.halves {
@@ -1006,25 +1045,40 @@ pub fn score_snapshot<B: AutodiffBackend>(
         // `halves`, the half snapshots.
         let mid = mine.len() / 2;
         let mut done = 0;
-        let a = accumulate_with(
-            model,
-            &mine[..mid],
-            req.micro_batch,
-            req.method,
-            req.groups,
-            &mut done,
-            &mut on_batch,
-        );
+        // Each half's first quarter's top sets are read on the way (the agreement of two
+        // disjoint N/4 samples), when the halves have at least 2 batches.
+        let quarter = (mid / 2).max(1);
+        let with_quarters = req.agreement && mid >= 2 && mine.len() - mid >= 2;
+        let mut half = |range: std::ops::Range<usize>, done: &mut usize| {
+            let cut = if with_quarters {
+                range.start + quarter
+            } else {
+                range.end
+            };
+            let mut acc = accumulate_with(
+                model,
+                &mine[range.start..cut],
+                req.micro_batch,
+                req.method,
+                req.groups,
+                done,
+                &mut on_batch,
+            );
+            let tops = with_quarters.then(|| acc.top_sets(model));
+            accumulate_into(
+                &mut acc,
+                model,
+                &mine[cut..range.end],
+                req.micro_batch,
+                done,
+                &mut on_batch,
+            );
+            (acc, tops)
+        };
+        let (a, qa) = half(0..mid, &mut done);
         let half_tokens = done;
-        let b = accumulate_with(
-            model,
-            &mine[mid..],
-            req.micro_batch,
-            req.method,
-            req.groups,
-            &mut done,
-            &mut on_batch,
-        );
+        let quarter_tokens = mine[..quarter].iter().map(|c| c.len() * req.seq_len).sum::<usize>();
+        let (b, qb) = half(mid..mine.len(), &mut done);
         groups = a.groups().zip(b.groups()).map(|(mut a, b)| {
             a.add(&b);
             a
@@ -1040,6 +1094,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
                 &raw,
                 model.config.num_hidden_layers,
                 half_tokens,
+                qa.as_ref().zip(qb.as_ref()).map(|(x, y)| (x, y, quarter_tokens)),
             ));
         }
         if req.halves {

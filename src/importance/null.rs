@@ -71,6 +71,24 @@ impl FoldSums {
     }
 }
 
+impl FoldSums {
+    /// The layer tensors' names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn len(&self, name: &str) -> usize {
+        self.tensors.get(name).map_or(0, Vec::len)
+    }
+
+    /// Add this fold's sums of `name` to `acc`.
+    pub fn add_to(&self, name: &str, acc: &mut [f32]) {
+        if let Some(t) = self.tensors.get(name) {
+            acc.iter_mut().zip(t).for_each(|(a, v)| *a += v.to_f32());
+        }
+    }
+}
+
 /// One half's candidates: per tensor its length, top-k count, candidate indices, and the folds'
 /// sums there (`[fold][candidate]`).
 #[derive(Debug, Clone, PartialEq)]
