@@ -421,7 +421,14 @@ fn shipped_recipes_pass_check() {
     let corpora = Corpora {
         dir: root.join("corpora"),
     };
-    for r in ["recipes/quickstart.toml", "recipes/llama31-8b-instruct.toml"] {
+    let shipped: Vec<String> = std::fs::read_dir(root.join("recipes"))
+        .unwrap()
+        .flatten()
+        .map(|e| format!("recipes/{}", e.file_name().to_string_lossy()))
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    assert!(shipped.len() >= 4, "{shipped:?}");
+    for r in &shipped {
         let l = recipe::load(&root.join(r), &[]).unwrap();
         l.validate(&corpora).unwrap_or_else(|e| panic!("{r}: {e}"));
     }
