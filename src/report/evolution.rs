@@ -15,6 +15,32 @@ fn series(name: String, points: Vec<(f64, f64)>, dashed: bool, bars: Vec<(f64, f
     }
 }
 
+/// Each snapshot's movement measured again from the folds files (so a report always reads them
+/// with this codespot's statistics), else as recorded in its `track.json`.
+pub(super) fn refresh(loaded: &crate::recipe::Loaded, tunes: &mut [(String, TuneSummary)]) -> Result<()> {
+    use crate::importance::null;
+    for (l, t) in tunes.iter_mut() {
+        let snaps = crate::layout::tune_dir(loaded, l).join("snapshots");
+        let base = snaps.join(crate::layout::step_name(0)).join(null::FILE);
+        if !base.is_file() {
+            continue;
+        }
+        let base = null::Folds::read(&base)?;
+        for m in t.metrics.iter_mut().filter(|m| m.step > 0) {
+            let f = snaps.join(crate::layout::step_name(m.step)).join(null::FILE);
+            if f.is_file() {
+                m.movement = Some(null::movement(
+                    &base,
+                    &null::Folds::read(&f)?,
+                    null::REPLICATES,
+                    m.step as u64,
+                )?);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Plots of the measures against the step, for runs that recorded them.
 pub(super) fn figures(fig: &mut Figures, tunes: &[(String, TuneSummary)]) -> Result<()> {
     let pair: Vec<Series> = tunes

@@ -154,7 +154,7 @@ fn slug(s: &str) -> String {
 pub fn write(loaded: &Loaded) -> Result<PathBuf> {
     let r = &loaded.recipe;
     let out = loaded.out_dir();
-    let tunes: Vec<(String, TuneSummary)> = r
+    let mut tunes: Vec<(String, TuneSummary)> = r
         .languages
         .iter()
         .filter_map(|l| {
@@ -164,6 +164,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
             ))
         })
         .collect();
+    evolution::refresh(loaded, &mut tunes)?;
     let evals: Vec<(String, Vec<ConditionResults>)> = std::iter::once("base".to_string())
         .chain(r.languages.iter().map(|l| format!("tuned-{l}")))
         .filter_map(|n| Some((n.clone(), read_json(&out.join("eval").join(&n).join("results.json"))?)))
