@@ -152,7 +152,7 @@ fn scores(method: Method, sum: &[f32], sq: Option<&[f32]>, n: usize) -> Vec<f32>
 }
 
 /// |A ∩ B| of two sorted index lists.
-fn common(a: &[usize], b: &[usize]) -> usize {
+pub(crate) fn common<T: Ord>(a: &[T], b: &[T]) -> usize {
     let (mut i, mut j, mut c) = (0, 0, 0);
     while i < a.len() && j < b.len() {
         match a[i].cmp(&b[j]) {

@@ -274,18 +274,7 @@ fn jaccard(a: &BTreeMap<String, Vec<u32>>, b: &BTreeMap<String, Vec<u32>>) -> f6
     let (mut inter, mut uni) = (0usize, 0usize);
     for (name, x) in a {
         let y = b.get(name).map_or(&[][..], Vec::as_slice);
-        let (mut i, mut j, mut common) = (0, 0, 0);
-        while i < x.len() && j < y.len() {
-            match x[i].cmp(&y[j]) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    common += 1;
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
+        let common = super::agreement::common(x, y);
         inter += common;
         uni += x.len() + y.len() - common;
     }
