@@ -138,9 +138,18 @@ fn run_does_every_stage_resumes_after_an_interrupt_and_writes_the_report() {
         "## Spot before and after tuning",
         "## Results: base",
         "## Results: tuned-toyrs",
+        "## What tuning did",
+        "| tuned-toy | code-bpb:toy |",
     ] {
         assert!(report.contains(needle), "{needle} not in report");
     }
+    // The tuned spot's drop on its tuned model beside the base spot's on the base model, at
+    // the k both evaluated.
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| tuned-toy | code-bpb:toy |") && l.contains("| 5% |"))
+        .unwrap_or_else(|| panic!("no k = 5 % row:\n{report}"));
+    assert_eq!(row.matches(" %").count(), 3, "{row}");
     let images: Vec<String> = report
         .lines()
         .filter_map(|l| {

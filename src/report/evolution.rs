@@ -173,3 +173,69 @@ pub(super) fn section(tunes: &[(String, TuneSummary)]) -> String {
     md.push_str("\nBoth snapshots of a row read the same calibration documents, dealt into the same 2K folds (halves A and B). The null is the base model's own agreement across the two halves; \"moved\" when the bootstrap interval of null − cross excludes 0 (the tuned spot agrees with the base less than a second sample of the base does).\n\n");
     md
 }
+
+/// What tuning did: each tuned model's intact scores against the base model's on the same items
+/// (paired), and the drop from zeroing the tuned spot on the tuned model beside the drop from
+/// zeroing the base spot on the base model, at each k both evaluated.
+pub(super) fn tuning_effect(evals: &[(String, Vec<crate::eval::ConditionResults>)]) -> String {
+    use crate::eval::paired::paired_drop;
+    let mut md = String::new();
+    let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") else {
+        return md;
+    };
+    let tuned: Vec<_> = evals.iter().filter(|(n, _)| n.starts_with("tuned-")).collect();
+    if tuned.is_empty() {
+        return md;
+    }
+    let cond = |c: &'_ [crate::eval::ConditionResults], name: &str| c.iter().find(|x| x.condition == name).cloned();
+    let task = |c: &crate::eval::ConditionResults, t: &str| c.results.iter().find(|r| r.task == t).cloned();
+    let Some(b0) = cond(base, "base") else { return md };
+    let fmt = |d: Option<crate::eval::paired::PairedDrop>| {
+        d.map_or("–".into(), |d| {
+            format!(
+                "{:+.1} % [{:+.1}, {:+.1}]{}",
+                d.drop_pct,
+                d.ci95.0,
+                d.ci95.1,
+                if d.significant { " *" } else { "" }
+            )
+        })
+    };
+    let _ = writeln!(
+        md,
+        "## What tuning did\n\nEach tuned model against the base model on the same items (paired 95 % intervals; positive = worse, * = the interval excludes 0), then the drop from zeroing each model's own spot.\n\n| model | task | intact vs base model | k | base spot on base | tuned spot on tuned |\n|---|---|---|---:|---|---|"
+    );
+    for (name, conds) in tuned {
+        let Some(t0) = cond(conds, "base") else { continue };
+        for r in &b0.results {
+            let tt = task(&t0, &r.task);
+            let change = fmt(tt.as_ref().and_then(|x| paired_drop(r, x, 11)));
+            let ks: Vec<String> = conds
+                .iter()
+                .filter_map(|c| c.condition.strip_prefix("spot ").map(str::to_string))
+                .collect();
+            if ks.is_empty() {
+                let _ = writeln!(md, "| {name} | {} | {change} | – | – | – |", r.task);
+            }
+            for k in ks {
+                let spot = format!("spot {k}");
+                let on_base = cond(base, &spot)
+                    .and_then(|c| task(&c, &r.task))
+                    .and_then(|x| paired_drop(r, &x, 12));
+                let on_tuned = tt
+                    .as_ref()
+                    .zip(cond(conds, &spot).and_then(|c| task(&c, &r.task)))
+                    .and_then(|(a, x)| paired_drop(a, &x, 13));
+                let _ = writeln!(
+                    md,
+                    "| {name} | {} | {change} | {k} | {} | {} |",
+                    r.task,
+                    fmt(on_base),
+                    fmt(on_tuned)
+                );
+            }
+        }
+    }
+    md.push('\n');
+    md
+}

@@ -446,6 +446,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         md.push_str("\nThe floor is the lower of the two sides' split-half agreement (the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration), shown for scale only: a language's base and tuned snapshots read the *same* tokens, so their Jaccard is not lowered by sampling and comparing it with a floor from other tokens tests nothing. The movement column is the test: with `importance.folds`, both snapshots are scored on the same 2K document folds, and the base's own cross-sample agreement J(base_A, base_B) is set against the cross-model, cross-sample ½[J(base_A, tuned_B) + J(base_B, tuned_A)]; \"moved\" when the document-bootstrap interval of their difference excludes 0.\n");
         md.push('\n');
     }
+    md.push_str(&evolution::tuning_effect(&evals));
     for (n, conds) in &evals {
         let _ = writeln!(md, "## Results: {n}\n\n{}", crate::eval::table(conds));
     }
