@@ -324,6 +324,7 @@ fn corrupt_arrow_train_state_and_corpus_manifests_never_panic() {
             step: 2,
             loss: [("toy".to_string(), 5.3)].into(),
             pair_loss: Default::default(),
+            pair_items: Default::default(),
         }],
         elapsed_s: 0.1,
     };

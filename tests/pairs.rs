@@ -293,6 +293,15 @@ fn pair_tuning_reports_heldout_pair_loss_and_resumes_bit_for_bit() {
         last.mean < first.mean,
         "tuning lowers the held-out pair loss: {first:?} → {last:?}"
     );
+    // The paired change against the base model on the same pairs.
+    assert_eq!(first.change, None);
+    let (dl, lo, hi) = last.change.expect("a paired change at the last checkpoint");
+    assert!(
+        (dl - (last.mean - first.mean)).abs() < 1e-9,
+        "{dl} vs {}",
+        last.mean - first.mean
+    );
+    assert!(lo <= dl && dl <= hi && hi < 0.0, "paired: {last:?}");
     assert!(sum.history.iter().all(|h| h.loss.is_finite() && h.tokens_per_s > 0.0));
     // Every checkpoint's movement against the base, measured against the cross-sample null.
     assert!(d.join("snapshots/step-000000/folds.safetensors").is_file());

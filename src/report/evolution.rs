@@ -153,7 +153,13 @@ pub(super) fn section(tunes: &[(String, TuneSummary)]) -> String {
                 .iter()
                 .find(|h| h.step == m.step)
                 .and_then(|h| h.pair_loss.get(l))
-                .map_or("–".into(), |p| format!("{:.4} [{:.4}, {:.4}]", p.mean, p.lo, p.hi));
+                .map_or("–".into(), |p| match p.change {
+                    Some((d, lo, hi)) => format!(
+                        "{:.4} [{:.4}, {:.4}]; vs base {d:+.4} [{lo:+.4}, {hi:+.4}]",
+                        p.mean, p.lo, p.hi
+                    ),
+                    None => format!("{:.4} [{:.4}, {:.4}]", p.mean, p.lo, p.hi),
+                });
             let (w, c, d, v) = match &m.movement {
                 Some(mv) => (iv(mv.within), iv(mv.cross), iv(mv.diff), mv.verdict.clone()),
                 None => (

@@ -44,6 +44,10 @@ pub struct HeldoutLog {
     /// bootstrap interval over pairs (`train.format = "pairs"`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pair_loss: BTreeMap<String, pairs::PairLoss>,
+    /// Language → each held-out pair's (Σ nll, counted tokens): what the paired change of a
+    /// later checkpoint against this one is resampled from (kept at step 0).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pair_items: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 /// Where the run is: saved in every checkpoint.
@@ -537,7 +541,7 @@ pub fn tune<B: Backend>(
     };
     let pad = eos.unwrap_or(0);
     if state.step == 0 {
-        let h = heldout_log(&model, 0, &heldout, &held_pairs, t.batch, pad);
+        let h = heldout_log(&model, 0, &heldout, &held_pairs, t.batch, pad, None);
         log_heldout(&mut tb, &h)?;
         state.heldout.push(h);
     }
@@ -619,7 +623,8 @@ pub fn tune<B: Backend>(
         state.history.push(log);
 
         if t.checkpoints_at(step) {
-            let h = heldout_log(&model, step, &heldout, &held_pairs, t.batch, pad);
+            let base = state.heldout.iter().find(|h| h.step == 0);
+            let h = heldout_log(&model, step, &heldout, &held_pairs, t.batch, pad, base);
             log_heldout(&mut tb, &h)?;
             if opts.progress {
                 // A line per checkpoint, for logs where the progress bar is hidden.
@@ -695,22 +700,28 @@ fn heldout_log<AB: AutodiffBackend>(
     held_pairs: &BTreeMap<String, Vec<Vec<u32>>>,
     batch: usize,
     pad: u32,
+    base: Option<&HeldoutLog>,
 ) -> HeldoutLog {
     use burn::module::AutodiffModule;
     let inner = model.valid();
+    let items: BTreeMap<String, Vec<(f64, f64)>> = held_pairs
+        .iter()
+        .map(|(l, ex)| (l.clone(), pairs::example_nll(&inner, ex, batch, pad)))
+        .collect();
     HeldoutLog {
         step,
         loss: heldout
             .iter()
             .map(|(l, b)| (l.clone(), mean_loss(&inner, b, batch)))
             .collect(),
-        pair_loss: held_pairs
+        pair_loss: items
             .iter()
-            .map(|(l, ex)| {
-                let items = pairs::example_nll(&inner, ex, batch, pad);
-                (l.clone(), pairs::pair_loss(&items, step as u64))
+            .map(|(l, it)| {
+                let b = base.and_then(|b| b.pair_items.get(l)).map(Vec::as_slice);
+                (l.clone(), pairs::pair_loss(it, b, step as u64))
             })
             .collect(),
+        pair_items: if step == 0 { items } else { BTreeMap::new() },
     }
 }
 

@@ -128,6 +128,10 @@ pub struct PairLoss {
     pub hi: f64,
     pub pairs: usize,
     pub tokens: usize,
+    /// The change of the mean against the base model's on the same pairs, with its paired 95 %
+    /// bootstrap interval (negative = lower loss than the base model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<(f64, f64, f64)>,
 }
 
 /// Per-example (Σ nll over counted targets, counted targets) of `examples`, `batch` at a time,
@@ -163,9 +167,13 @@ pub fn example_nll<B: burn::tensor::backend::Backend>(
     out
 }
 
-/// [`PairLoss`] of per-example (nll sum, counted targets).
-pub fn pair_loss(items: &[(f64, f64)], seed: u64) -> PairLoss {
-    let ratio = |x: &[(f64, f64)]| x.iter().map(|p| p.0).sum::<f64>() / x.iter().map(|p| p.1).sum::<f64>().max(1.0);
+fn ratio(x: &[(f64, f64)]) -> f64 {
+    x.iter().map(|p| p.0).sum::<f64>() / x.iter().map(|p| p.1).sum::<f64>().max(1.0)
+}
+
+/// [`PairLoss`] of per-example (nll sum, counted targets); with `base`, the same pairs' items
+/// under the base model, the paired change against it.
+pub fn pair_loss(items: &[(f64, f64)], base: Option<&[(f64, f64)]>, seed: u64) -> PairLoss {
     let (lo, hi) = crate::eval::bootstrap(items, seed, ratio);
     PairLoss {
         mean: ratio(items),
@@ -173,7 +181,18 @@ pub fn pair_loss(items: &[(f64, f64)], seed: u64) -> PairLoss {
         hi,
         pairs: items.len(),
         tokens: items.iter().map(|p| p.1 as usize).sum(),
+        change: base
+            .filter(|b| b.len() == items.len())
+            .map(|b| paired_change(items, b, seed)),
     }
+}
+
+/// ratio(items) − ratio(base), resampling pairs together (both read the same pairs).
+fn paired_change(items: &[(f64, f64)], base: &[(f64, f64)], seed: u64) -> (f64, f64, f64) {
+    // Each pair as (its nll under the model, under the base); weights are the same tokens.
+    let joint: Vec<(f64, f64)> = items.iter().zip(base).map(|(a, b)| (a.0 - b.0, a.1)).collect();
+    let (lo, hi) = crate::eval::bootstrap(&joint, seed ^ 0x70, ratio);
+    (ratio(&joint), lo, hi)
 }
 
 #[cfg(test)]
