@@ -271,8 +271,13 @@ fn select(method: Method, half: &Half, w: &[u32]) -> BTreeMap<String, Vec<u32>> 
 
 /// Pooled Jaccard of two families of sorted index sets.
 fn jaccard(a: &BTreeMap<String, Vec<u32>>, b: &BTreeMap<String, Vec<u32>>) -> f64 {
+    jaccard_of(a, b, |_| true)
+}
+
+/// [`jaccard`] over the tensors `keep` admits.
+fn jaccard_of(a: &BTreeMap<String, Vec<u32>>, b: &BTreeMap<String, Vec<u32>>, keep: impl Fn(&str) -> bool) -> f64 {
     let (mut inter, mut uni) = (0usize, 0usize);
-    for (name, x) in a {
+    for (name, x) in a.iter().filter(|(n, _)| keep(n)) {
         let y = b.get(name).map_or(&[][..], Vec::as_slice);
         let common = super::agreement::common(x, y);
         inter += common;
@@ -326,6 +331,18 @@ pub struct Movement {
     pub verdict: String,
     pub replicates: usize,
     pub folds_per_half: usize,
+    /// `diff` restricted to each layer's tensors, and to each module kind's: where it moved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_layer: Vec<Interval>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_module: BTreeMap<String, Interval>,
+}
+
+/// within − cross on the tensors `keep` admits.
+fn diff_where(sets: [&BTreeMap<String, Vec<u32>>; 4], keep: impl Fn(&str) -> bool) -> f64 {
+    let [ba, bb, ta, tb] = sets;
+    let j = |a, b| jaccard_of(a, b, &keep);
+    j(ba, bb) - 0.5 * (j(ba, tb) + j(bb, ta))
 }
 
 /// [`Movement`] of `tuned` against `base` (both scored on the same folds of documents).
@@ -342,13 +359,37 @@ pub fn movement(base: &Folds, tuned: &Folds, replicates: usize, seed: u64) -> Re
                 .all(|h| h.iter().all(|x| x.batches.len() == k)),
         "the base and tuned folds differ in their number of folds (or have fewer than 2 per half)"
     );
-    let stats = |wa: &[u32], wb: &[u32]| {
+    // Where: each layer's and each module kind's tensors.
+    let parsed: BTreeMap<String, (usize, String)> = base.halves[0]
+        .tensors
+        .keys()
+        .filter_map(|n| {
+            let p = crate::model::names::parse(n)?;
+            Some((n.clone(), (p.layer?, p.kind.short().to_string())))
+        })
+        .collect();
+    let layers = parsed.values().map(|x| x.0 + 1).max().unwrap_or(0);
+    let kinds: Vec<String> = parsed
+        .values()
+        .map(|x| x.1.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let stats = |wa: &[u32], wb: &[u32]| -> Vec<f64> {
         let sel = |f: &Folds, h: usize, w: &[u32]| select(f.method, &f.halves[h], w);
         let (ba, bb) = (sel(base, 0, wa), sel(base, 1, wb));
         let (ta, tb) = (sel(tuned, 0, wa), sel(tuned, 1, wb));
         let within = jaccard(&ba, &bb);
         let cross = 0.5 * (jaccard(&ba, &tb) + jaccard(&bb, &ta));
-        [within, jaccard(&ta, &tb), cross, within - cross]
+        let mut v = vec![within, jaccard(&ta, &tb), cross, within - cross];
+        let sets = [&ba, &bb, &ta, &tb];
+        v.extend((0..layers).map(|l| diff_where(sets, |n| parsed.get(n).is_some_and(|x| x.0 == l))));
+        v.extend(
+            kinds
+                .iter()
+                .map(|k| diff_where(sets, |n| parsed.get(n).is_some_and(|x| &x.1 == k))),
+        );
+        v
     };
     let ones = vec![1u32; k];
     let point = stats(&ones, &ones);
@@ -360,7 +401,7 @@ pub fn movement(base: &Folds, tuned: &Folds, replicates: usize, seed: u64) -> Re
         }
         w
     };
-    let reps: Vec<[f64; 4]> = (0..replicates)
+    let reps: Vec<Vec<f64>> = (0..replicates)
         .map(|_| {
             let (wa, wb) = (draw(), draw());
             stats(&wa, &wb)
@@ -382,6 +423,12 @@ pub fn movement(base: &Folds, tuned: &Folds, replicates: usize, seed: u64) -> Re
         diff,
         replicates,
         folds_per_half: k,
+        by_layer: (0..layers).map(|l| iv(4 + l)).collect(),
+        by_module: kinds
+            .iter()
+            .enumerate()
+            .map(|(i, kd)| (kd.clone(), iv(4 + layers + i)))
+            .collect(),
     })
 }
 
@@ -454,6 +501,11 @@ mod tests {
         let m = movement(&base, &folds(&moved, 6, 0.5, 9), 100, 3).unwrap();
         assert_eq!(m.verdict, "moved", "{m:?}");
         assert!(m.diff.lo > 0.0 && m.cross.value < m.within.value);
+        // One layer and one module kind here: their movement is the whole's.
+        assert_eq!(m.by_layer.len(), 1);
+        assert_eq!(m.by_layer[0], m.diff);
+        assert_eq!(m.by_module["up"], m.diff);
+        assert_eq!(same.by_layer[0].value, 0.0);
     }
 
     #[test]

@@ -176,6 +176,52 @@ pub(super) fn section(tunes: &[(String, TuneSummary)]) -> String {
             );
         }
     }
+    // Where, at each language's last checkpoint.
+    let last: Vec<(&String, &crate::importance::null::Movement, usize)> = tunes
+        .iter()
+        .filter_map(|(l, t)| {
+            t.metrics
+                .iter()
+                .rev()
+                .find_map(|m| Some((l, m.movement.as_ref()?, m.step)))
+        })
+        .filter(|(_, m, _)| !m.by_module.is_empty())
+        .collect();
+    if !last.is_empty() {
+        let kinds: Vec<&String> = last[0].1.by_module.keys().collect();
+        let _ = writeln!(
+            md,
+            "\nWhere, at the last checkpoint: null − cross on each module kind's tensors and each layer's (* = the interval excludes 0).\n\n| language (step) | {} | layers moved (null − cross) |\n|---|{}---|",
+            kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" | "),
+            "---:|".repeat(kinds.len())
+        );
+        let star = |x: &crate::importance::null::Interval| if x.lo > 0.0 || x.hi < 0.0 { "*" } else { "" };
+        for (l, m, step) in last {
+            let cells: Vec<String> = kinds
+                .iter()
+                .map(|k| {
+                    m.by_module.get(*k).map_or("–".into(), |x| {
+                        format!("{:.3} [{:.3}, {:.3}]{}", x.value, x.lo, x.hi, star(x))
+                    })
+                })
+                .collect();
+            let moved: Vec<String> = m
+                .by_layer
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.lo > 0.0)
+                .map(|(i, x)| format!("L{i} {:.3}", x.value))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {l} ({step}) | {} | {} of {}: {} |",
+                cells.join(" | "),
+                moved.len(),
+                m.by_layer.len(),
+                moved.join(", ")
+            );
+        }
+    }
     md.push_str("\nBoth snapshots of a row read the same calibration documents, dealt into the same 2K folds (halves A and B). The null is the base model's own agreement across the two halves; \"moved\" when the bootstrap interval of null − cross excludes 0 (the tuned spot agrees with the base less than a second sample of the base does).\n\n");
     md
 }
