@@ -15,8 +15,10 @@ fn series(name: String, points: Vec<(f64, f64)>, dashed: bool, bars: Vec<(f64, f
     }
 }
 
-/// Each snapshot's movement measured again from the folds files (so a report always reads them
-/// with this codespot's statistics), else as recorded in its `track.json`.
+/// Each language's last snapshot's movement measured again from the folds files (with this
+/// codespot's statistics, and the per-layer and per-module breakdown the "where" table reads);
+/// the others as recorded in their `track.json` (a movement takes about a minute on the
+/// default model, so all of them would make the report slow).
 pub(super) fn refresh(loaded: &crate::recipe::Loaded, tunes: &mut [(String, TuneSummary)]) -> Result<()> {
     use crate::importance::null;
     for (l, t) in tunes.iter_mut() {
@@ -26,7 +28,7 @@ pub(super) fn refresh(loaded: &crate::recipe::Loaded, tunes: &mut [(String, Tune
             continue;
         }
         let base = null::Folds::read(&base)?;
-        for m in t.metrics.iter_mut().filter(|m| m.step > 0) {
+        if let Some(m) = t.metrics.iter_mut().filter(|m| m.step > 0).last() {
             let f = snaps.join(crate::layout::step_name(m.step)).join(null::FILE);
             if f.is_file() {
                 m.movement = Some(null::movement(
