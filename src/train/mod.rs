@@ -179,29 +179,22 @@ impl TrainData {
     /// The `batch` rows at data position `*pos` (advanced), and the positions they predict
     /// that are not padding.
     fn rows(&mut self, pos: &mut usize, batch: usize) -> (Vec<Vec<u32>>, usize) {
+        let mut take = |next: &mut dyn FnMut(usize) -> Vec<u32>| -> Vec<Vec<u32>> {
+            (0..batch)
+                .map(|_| {
+                    *pos += 1;
+                    next(*pos - 1)
+                })
+                .collect()
+        };
+        let rows = match self {
+            TrainData::Blocks(blocks, order) => take(&mut |p| blocks[order.block(p)].clone()),
+            TrainData::Pairs { examples, order, .. } => take(&mut |p| examples[order.example(p)].clone()),
+        };
+        let n = rows.iter().map(|r| r.len() - 1).sum();
         match self {
-            TrainData::Blocks(blocks, order) => {
-                let rows: Vec<Vec<u32>> = (0..batch)
-                    .map(|_| {
-                        let b = order.block(*pos);
-                        *pos += 1;
-                        blocks[b].clone()
-                    })
-                    .collect();
-                let n = rows.iter().map(|r| r.len() - 1).sum();
-                (rows, n)
-            }
-            TrainData::Pairs { examples, order, pad } => {
-                let rows: Vec<Vec<u32>> = (0..batch)
-                    .map(|_| {
-                        let e = order.example(*pos);
-                        *pos += 1;
-                        examples[e].clone()
-                    })
-                    .collect();
-                let n = rows.iter().map(|r| r.len() - 1).sum();
-                (pairs::pad(rows, *pad), n)
-            }
+            TrainData::Pairs { pad, .. } => (pairs::pad(rows, *pad), n),
+            TrainData::Blocks(..) => (rows, n),
         }
     }
 }
@@ -274,9 +267,15 @@ fn heldout_pairs(
         return Ok(out);
     }
     for lang in &loaded.recipe.languages {
-        let Ok(ps) = crate::data::read_pairs(corpora, lang, crate::data::Split::Heldout) else {
+        // A language without held-out pairs (no scanner, or a corpus built without them) has
+        // none to report; a pairs file that is there but unreadable is an error.
+        let file = corpora
+            .build_dir(lang)
+            .join(crate::data::pairs_file(crate::data::Split::Heldout));
+        if !file.is_file() {
             continue;
-        };
+        }
+        let ps = crate::data::read_pairs(corpora, lang, crate::data::Split::Heldout)?;
         let (ex, _) = pairs::examples(&ck.tokenizer, &ps, t.seq_len + 1, false)?;
         let keep = crate::eval::sample_indices(ex.len(), Some(t.heldout_pairs), 0);
         if !keep.is_empty() {
