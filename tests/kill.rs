@@ -124,6 +124,11 @@ fn outputs(dir: &Path) -> BTreeMap<String, String> {
                 stack.push(p);
             } else if rel.ends_with(".codespot.lock") || rel.ends_with(".lock") {
                 continue; // lock files stay; they hold no data
+            } else if rel.contains("/learner/") {
+                // burn-train's metric logs: a view written by its logger thread, so a killed
+                // process loses what was not yet written; the results are train_state.json,
+                // tune.json and TensorBoard, compared here.
+                continue;
             } else if rel.contains("events.out.tfevents") {
                 tb_dirs.insert(p.parent().unwrap().to_path_buf());
             } else {

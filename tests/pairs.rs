@@ -303,6 +303,15 @@ fn pair_tuning_reports_heldout_pair_loss_and_resumes_bit_for_bit() {
     );
     assert!(lo <= dl && dl <= hi && hi < 0.0, "paired: {last:?}");
     assert!(sum.history.iter().all(|h| h.loss.is_finite() && h.tokens_per_s > 0.0));
+    // burn-train's learner gives the plain reference loop's losses and weights, bit for bit.
+    let loaded = codespot::recipe::load(&full, &[]).unwrap();
+    let r = codespot::train::reference::run::<codespot::backend::Cpu>(&loaded, &corpora, "toypy", &Default::default())
+        .unwrap();
+    let got: Vec<(f64, f64)> = sum.history.iter().map(|h| (h.loss, h.grad_norm)).collect();
+    assert_eq!(got, r.steps);
+    let tuned =
+        codespot::source::weights::from_safetensors(&[d.join("checkpoints/step-000004/model.safetensors")]).unwrap();
+    assert_eq!(tuned.tensors, r.weights.tensors);
     // Every checkpoint's movement against the base, measured against the cross-sample null.
     assert!(d.join("snapshots/step-000000/folds.safetensors").is_file());
     for m in &sum.metrics {

@@ -80,6 +80,14 @@ pub enum ParamRef<'a, B: Backend> {
 }
 
 impl<B: Backend> ParamRef<'_, B> {
+    /// The parameter's id (what optimizers and burn's gradient containers key it by).
+    pub fn id(&self) -> burn::module::ParamId {
+        match self {
+            ParamRef::Vector(p) => p.id,
+            ParamRef::Matrix(p) => p.id,
+        }
+    }
+
     /// The value, flattened to one dimension.
     pub fn flat(&self) -> Tensor<B, 1> {
         match self {

@@ -12,7 +12,10 @@
 //! run sees exactly the batches an uninterrupted one would.
 
 pub mod adamw;
+pub mod learner;
+pub mod metrics;
 pub mod pairs;
+pub mod reference;
 
 use crate::importance::{self, snapshot};
 pub use crate::layout::{step_name, tune_dir, tune_hash};
@@ -447,13 +450,13 @@ pub fn tune<B: Backend>(
         weight_decay: t.weight_decay,
     };
 
-    let mut data = train_data(loaded, corpora, &ck, lang, eos)?;
+    let data = train_data(loaded, corpora, &ck, lang, eos)?;
     let heldout = heldout_blocks(loaded, corpora, &ck, eos)?;
     let held_pairs = heldout_pairs(loaded, corpora, &ck)?;
 
     // The model takes the base weights over (a resumed run reads its own instead).
     let base_weights = std::mem::take(&mut ck.weights);
-    let (mut model, mut opt, mut state) = match latest {
+    let (model, opt, mut state) = match latest {
         Some(step) => {
             drop(base_weights);
             let d = ckpt_dir.join(step_name(step));
@@ -539,127 +542,60 @@ pub fn tune<B: Backend>(
         progress: opts.progress,
     };
     let pad = eos.unwrap_or(0);
+    let sets = heldout_sets(heldout, held_pairs, t.batch, pad);
     if state.step == 0 {
-        let h = heldout_log(&model, 0, &heldout, &held_pairs, t.batch, pad, None);
+        use burn::module::AutodiffModule;
+        let h = learner::heldout_log(0, learner::evaluate(&model.valid(), &sets), None);
         log_heldout(&mut tb, &h)?;
         state.heldout.push(h);
     }
-    // The snapshot of the current step (base or the resumed checkpoint) if it is missing.
-    ctx.ensure_snapshot(&model, state.step, &mut tb)?;
+    // The snapshot of the current step (base or the resumed checkpoint) if it is missing; a
+    // checkpoint written at an interruption has none.
+    if state.step == 0 || t.checkpoints_at(state.step) {
+        ctx.ensure_snapshot(&model, state.step, &mut tb)?;
+    }
 
     // Data-parallel peers (burn-collective); the first is the model's own device.
     let devices = crate::collective::peer_devices::<crate::backend::Ad<B>>(r.devices);
-    let bar = importance::progress_bar(t.steps as u64, &format!("tune {lang}"), opts.progress);
-    bar.set_position(state.step as u64);
-    let started = std::time::Instant::now();
     let elapsed_before = state.elapsed_s;
-    for step in state.step + 1..=t.steps {
-        let t0 = std::time::Instant::now();
-        let lr = lr_at(t, step);
-        let mut grads: Vec<Option<burn::tensor::Tensor<B, 1>>> = vec![];
-        let mut loss = 0.0;
-        let mut tokens = 0;
-        let batches: Vec<Vec<Vec<u32>>> = (0..t.grad_accum)
-            .map(|_| {
-                let (rows, n) = data.rows(&mut state.blocks_consumed, t.batch);
-                tokens += n;
-                rows
-            })
-            .collect();
-        // Each micro-step weighs by its share of the step's counted targets: exactly 1 when
-        // every micro-step counts as many (raw blocks), so the sums are as they always were.
-        let counted: Vec<usize> = batches.iter().map(|b| model::loss_targets(b)).collect();
-        let total: usize = counted.iter().sum();
-        for (rows, c) in batches.iter().zip(&counted) {
-            let w = (c * t.grad_accum) as f64 / total as f64;
-            let (l, g) = importance::batch_loss_grads_parallel(&model, rows, t.micro_batch, &devices)?;
-            loss += l * w / t.grad_accum as f64;
-            let g = if w == 1.0 {
-                g
-            } else {
-                g.into_iter().map(|x| x.map(|x| x.mul_scalar(w))).collect()
-            };
-            grads = if grads.is_empty() {
-                g
-            } else {
-                grads
-                    .into_iter()
-                    .zip(g)
-                    .map(|(a, b)| match (a, b) {
-                        (Some(a), Some(b)) => Some(a + b),
-                        (a, b) => a.or(b),
-                    })
-                    .collect()
-            };
-        }
-        let avg = 1.0 / t.grad_accum as f64;
-        let norm = AdamW::grad_norm(&grads) * avg;
-        let clip = if t.grad_clip > 0.0 && norm > t.grad_clip {
-            t.grad_clip / norm
-        } else {
-            1.0
-        };
-        opt.restore(&model)?;
-        model = opt.step(model, grads, lr, avg * clip);
-        let dt = t0.elapsed().as_secs_f64();
-        state.step = step;
-        state.tokens_seen += tokens;
-        let log = StepLog {
-            step,
-            loss,
-            lr,
-            grad_norm: norm,
-            tokens_per_s: tokens as f64 / dt.max(1e-9),
-        };
-        if !log.loss.is_finite() {
-            bail!("tune {lang}: loss is {} at step {step} (lower train.lr?)", log.loss);
-        }
-        if step % t.log_every == 0 || step == t.steps {
-            log_train(&mut tb, &log)?;
-        }
-        bar.set_position(step as u64);
-        bar.set_message(format!("tune {lang} step {step}/{} loss {:.4}", t.steps, log.loss));
-        state.history.push(log);
-
-        if t.checkpoints_at(step) {
-            let base = state.heldout.iter().find(|h| h.step == 0);
-            let h = heldout_log(&model, step, &heldout, &held_pairs, t.batch, pad, base);
-            log_heldout(&mut tb, &h)?;
-            if opts.progress {
-                // A line per checkpoint, for logs where the progress bar is hidden.
-                let held: Vec<String> = h
-                    .loss
-                    .iter()
-                    .map(|(l, v)| match h.pair_loss.get(l) {
-                        Some(p) => format!("{l} {v:.4} (pairs {:.4} [{:.4}, {:.4}])", p.mean, p.lo, p.hi),
-                        None => format!("{l} {v:.4}"),
-                    })
-                    .collect();
-                bar.suspend(|| {
-                    eprintln!(
-                        "tune {lang}: step {step}/{}, train loss {:.4}, held-out {}",
-                        t.steps,
-                        state.history.last().map_or(f64::NAN, |h| h.loss),
-                        held.join(", ")
-                    )
-                });
-            }
-            state.heldout.push(h);
-            state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
-            write_checkpoint(&ckpt_dir.join(step_name(step)), &ck, &model, &opt, &state)?;
-            prune_checkpoints(&ckpt_dir, t.keep_checkpoints)?;
-            tb.flush()?;
-            if std::env::var(ABORT_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
-                eprintln!("{ABORT_ENV}={step}: aborting after the checkpoint");
-                std::process::abort();
-            }
-            // The checkpoint holds the moments now: free them while the snapshot runs (the next
-            // step reads them back, the same bits), so the two never share memory.
-            opt.park(&ckpt_dir.join(step_name(step)).join("optimizer").join(OPTIMIZER_FILE))?;
-            ctx.ensure_snapshot(&model, step, &mut tb)?;
-        }
+    let session = learner::Session {
+        loaded: loaded.clone(),
+        corpora: corpora.clone(),
+        ck,
+        lang: lang.into(),
+        dir: dir.clone(),
+        base_sha: base_sha.clone(),
+        lines: true,
+        progress: opts.progress,
+        tb,
+        state,
+        elapsed_before,
+        started: std::time::Instant::now(),
+        error: None,
+        interrupted: false,
+    };
+    let (session, tuned) = learner::run(session, model, opt, data, sets, devices)?;
+    drop(tuned);
+    let learner::Session {
+        mut state,
+        tb,
+        error,
+        interrupted,
+        started,
+        elapsed_before,
+        ..
+    } = session;
+    if let Some(e) = error {
+        tb.close()?;
+        return Err(e);
     }
-    bar.finish_and_clear();
+    if interrupted {
+        tb.close()?;
+        bail!(
+            "tune {lang}: interrupted at step {} (checkpoint written); `--resume` continues",
+            state.step
+        );
+    }
     state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
 
     let steps_done = steps_in(&snap_dir);
@@ -691,37 +627,23 @@ pub fn tune<B: Backend>(
     Ok(summary)
 }
 
-/// Held-out losses at `step`: raw held-out code and held-out pairs (their response tokens).
-fn heldout_log<AB: AutodiffBackend>(
-    model: &Llama<AB>,
-    step: usize,
-    heldout: &BTreeMap<String, Vec<Vec<u32>>>,
-    held_pairs: &BTreeMap<String, Vec<Vec<u32>>>,
+/// The held-out sets the validation epochs evaluate: each language's raw code, then its pairs.
+fn heldout_sets(
+    heldout: BTreeMap<String, Vec<Vec<u32>>>,
+    held_pairs: BTreeMap<String, Vec<Vec<u32>>>,
     batch: usize,
     pad: u32,
-    base: Option<&HeldoutLog>,
-) -> HeldoutLog {
-    use burn::module::AutodiffModule;
-    let inner = model.valid();
-    let items: BTreeMap<String, Vec<(f64, f64)>> = held_pairs
-        .iter()
-        .map(|(l, ex)| (l.clone(), pairs::example_nll(&inner, ex, batch, pad)))
-        .collect();
-    HeldoutLog {
-        step,
-        loss: heldout
-            .iter()
-            .map(|(l, b)| (l.clone(), mean_loss(&inner, b, batch)))
-            .collect(),
-        pair_loss: items
-            .iter()
-            .map(|(l, it)| {
-                let b = base.and_then(|b| b.pair_items.get(l)).map(Vec::as_slice);
-                (l.clone(), pairs::pair_loss(it, b, step as u64))
-            })
-            .collect(),
-        pair_items: if step == 0 { items } else { BTreeMap::new() },
-    }
+) -> Vec<learner::HeldoutBatch> {
+    let set = |lang: String, rows, pairs| learner::HeldoutBatch {
+        lang,
+        pairs,
+        rows: std::sync::Arc::new(rows),
+        batch,
+        pad,
+    };
+    let mut v: Vec<_> = heldout.into_iter().map(|(l, r)| set(l, r, false)).collect();
+    v.extend(held_pairs.into_iter().map(|(l, r)| set(l, r, true)));
+    v
 }
 
 fn log_train(tb: &mut Tb, log: &StepLog) -> Result<()> {
