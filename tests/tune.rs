@@ -703,3 +703,41 @@ fn burn_train_tuning_follows_the_reference_loop_bit_for_bit() {
     // burn-train's metric logs are written beside the run.
     assert!(out.join("tune/toy/learner").is_dir());
 }
+
+/// burn-train's interrupter (Ctrl-C, or `q` in the dashboard) stops the run after the current
+/// step: a checkpoint is written there (no held-out log or snapshot off the schedule), `tune`
+/// says how to continue, and `--resume` ends with the uninterrupted run's losses, snapshots and
+/// weights.
+#[test]
+fn an_interrupted_run_checkpoints_where_it_stopped_and_resumes_bit_for_bit() {
+    let s = setup();
+    let full = write_recipe(&s, "full.toml", &s.root.join("full"));
+    let out = cli(&s, &["tune", full.to_str().unwrap(), "--lang", "toy"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let stop = write_recipe(&s, "stop.toml", &s.root.join("stop"));
+    let k = stop.to_str().unwrap();
+    let out = cli(&s, &["tune", k, "--lang", "toy"], &[("CODESPOT_INTERRUPT_AFTER_STEP", "3")]);
+    assert!(!out.status.success(), "an interrupted tune is not a finished one");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted at step 3") && err.contains("--resume"), "{err}");
+    let d = s.root.join("stop/tune/toy");
+    let st = codespot::train::read_state(&d.join("checkpoints/step-000003")).unwrap();
+    assert_eq!((st.step, st.history.len()), (3, 3));
+    assert_eq!(st.heldout.iter().map(|h| h.step).collect::<Vec<_>>(), vec![0, 2]);
+    assert_eq!(codespot::train::steps_in(&d.join("snapshots")), vec![0, 2]);
+    assert!(!d.join("tune.json").exists());
+
+    let out = cli(&s, &["tune", k, "--lang", "toy", "--resume"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        losses(&s.root.join("full/tune/toy/tune.json")),
+        losses(&d.join("tune.json"))
+    );
+    assert_eq!(codespot::train::steps_in(&d.join("snapshots")), vec![0, 2, 4]);
+    let w = |p: &Path| codespot::source::weights::from_safetensors(&[p.join("model.safetensors")]).unwrap();
+    assert_eq!(
+        w(&s.root.join("full/tune/toy/checkpoints/step-000004")).tensors,
+        w(&d.join("checkpoints/step-000004")).tensors
+    );
+}

@@ -563,6 +563,9 @@ impl Session {
     }
 }
 
+/// Test hook: ask burn-train's interrupter to stop right after this step (as Ctrl-C would).
+const INTERRUPT_ENV: &str = "CODESPOT_INTERRUPT_AFTER_STEP";
+
 /// SIGINT asks the run to stop after the current step (a checkpoint is written there); a
 /// second one kills the process.
 static SIGINT: AtomicBool = AtomicBool::new(false);
@@ -678,6 +681,9 @@ impl<B: Backend> Tuning<B> {
                 )));
                 if SIGINT.load(Ordering::SeqCst) {
                     interrupter.stop(Some("interrupted (SIGINT)"));
+                }
+                if std::env::var(INTERRUPT_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
+                    interrupter.stop(Some(INTERRUPT_ENV));
                 }
                 if interrupter.should_stop() && step < *end {
                     stopped = true;

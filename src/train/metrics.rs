@@ -189,8 +189,11 @@ impl LineRenderer {
             MetricState::Numeric(e, v) => (e, Some(v)),
         };
         let name = self.name_of(&entry.metric_id);
-        let text = match value {
-            Some(v) => format!("{:.4}", v.current()),
+        let text = match value.map(|v| v.current()) {
+            // Nothing reported yet (a raw held-out set has no pair loss).
+            Some(v) if v.is_nan() => return,
+            Some(v) if v != 0.0 && v.abs() < 1e-3 => format!("{v:.3e}"),
+            Some(v) => format!("{v:.4}"),
             None => entry.serialized_entry.formatted,
         };
         into.insert(name, text);
