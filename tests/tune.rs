@@ -717,10 +717,17 @@ fn an_interrupted_run_checkpoints_where_it_stopped_and_resumes_bit_for_bit() {
 
     let stop = write_recipe(&s, "stop.toml", &s.root.join("stop"));
     let k = stop.to_str().unwrap();
-    let out = cli(&s, &["tune", k, "--lang", "toy"], &[("CODESPOT_INTERRUPT_AFTER_STEP", "3")]);
+    let out = cli(
+        &s,
+        &["tune", k, "--lang", "toy"],
+        &[("CODESPOT_INTERRUPT_AFTER_STEP", "3")],
+    );
     assert!(!out.status.success(), "an interrupted tune is not a finished one");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("interrupted at step 3") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("interrupted at step 3") && err.contains("--resume"),
+        "{err}"
+    );
     let d = s.root.join("stop/tune/toy");
     let st = codespot::train::read_state(&d.join("checkpoints/step-000003")).unwrap();
     assert_eq!((st.step, st.history.len()), (3, 3));

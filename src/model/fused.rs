@@ -184,7 +184,7 @@ pub struct Saved {
     v: Vec<f32>,
     /// Attention output before `o_proj`, and each query row's log-sum-exp (`[b, nh, t]`).
     a: Vec<f32>,
-    lse: Vec<f32>,
+    lse: Vec<f64>,
     x2: Vec<f32>,
     rstd2: Vec<f32>,
     gate: Vec<f32>,
@@ -283,17 +283,20 @@ fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Σ x in eight lanes (a plain f32 sum is a sequential chain the compiler may not vectorise).
+/// Σ x in eight f64 lanes. A softmax's sum holds one term near 1 and thousands of tiny ones: an
+/// f32 lane that already holds the large term drops each tiny one below half its ulp, a
+/// systematic under-count that `softmax − onehot` then amplifies for confident predictions
+/// (1e-3 of the largest Taylor score on the default model; `tests/numerics.rs`).
 #[inline(always)]
-fn sum_lanes(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+fn sum_lanes(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
         for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += *v as f64;
         }
     }
-    it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+    it.remainder().iter().map(|&v| v as f64).sum::<f64>() + acc.iter().sum::<f64>()
 }
 
 /// Σ x·y in eight lanes.
@@ -324,9 +327,9 @@ fn max_lanes(x: &[f32]) -> f32 {
     acc.iter().fold(m, |m, &v| m.max(v))
 }
 
-/// `x ← e^(x − max x)` in place; returns `(max x, Σ e^(x − max x))`.
+/// `x ← e^(x − max x)` in place; returns `(max x, Σ e^(x − max x))`, the sum in f64.
 #[inline(always)]
-fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
+fn exp_shifted(x: &mut [f32]) -> (f32, f64) {
     let m = max_lanes(x);
     for v in x.iter_mut() {
         *v = exp(*v - m);
@@ -335,12 +338,13 @@ fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
 }
 
 simd_fn! {
-    /// `x ← softmax(x)` in place; returns its log-sum-exp.
-    fn softmax_row(x: &mut [f32]) -> f32 {
+    /// `x ← softmax(x)` in place; returns its log-sum-exp, in f64: the backward pass recomputes
+    /// `e^(s − lse)`, and an f32 `lse` of a row whose scores reach 20 is off by 1e-6.
+    fn softmax_row(x: &mut [f32]) -> f64 {
         let (m, sum) = exp_shifted(x);
-        let inv = 1.0 / sum;
+        let inv = (1.0 / sum) as f32;
         x.iter_mut().for_each(|v| *v *= inv);
-        m + sum.ln()
+        m as f64 + sum.ln()
     }
 }
 
@@ -350,10 +354,13 @@ simd_fn! {
     fn head_row(row: &mut [f32], target: usize, scale: f32) -> f64 {
         let picked = row[target];
         let (m, sum) = exp_shifted(row);
-        let k = scale / sum;
+        let k = (scale as f64 / sum) as f32;
+        // The target's `scale·(p − 1)` from the other terms' sum, in f64: `p·scale − scale` in
+        // f32 loses the digits that matter when p is near 1.
+        let others = sum - row[target] as f64;
         row.iter_mut().for_each(|x| *x *= k);
-        row[target] -= scale;
-        (m as f64 + (sum as f64).ln()) - picked as f64
+        row[target] = (-(scale as f64) * others / sum) as f32;
+        (m as f64 + sum.ln()) - picked as f64
     }
 }
 
@@ -361,9 +368,9 @@ simd_fn! {
     /// One query row of the attention backward pass: `p ← exp(s − lse)` (the recomputed
     /// probabilities, `p` holding the scores `s` on entry) and `ds ← p ⊙ (dp − D)`, `ds`
     /// holding `dp` on entry.
-    fn dsoftmax_row(p: &mut [f32], ds: &mut [f32], lse: f32, d: f32) {
+    fn dsoftmax_row(p: &mut [f32], ds: &mut [f32], lse: f64, d: f32) {
         for (pv, dv) in p.iter_mut().zip(ds.iter_mut()) {
-            *pv = exp(*pv - lse);
+            *pv = exp((*pv as f64 - lse) as f32);
             *dv = *pv * (*dv - d);
         }
     }
@@ -729,7 +736,7 @@ unsafe fn attn_keys(dm: &Dims, y: *mut f32, w: *const f32, x: *const f32, m: usi
 
 /// Causal attention of `q: [b·t, nh·hd]` over `k, v: [b·t, nkv·hd]` (head `h` reads key/value
 /// head `h / (nh / nkv)`), into `a: [b·t, nh·hd]`; each query row's log-sum-exp into `lse`.
-fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut [f32]) {
+fn attn_fwd(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], a: &mut [f32], lse: &mut [f64]) {
     let (t, hd, nh, rep) = (dm.t, dm.hd, dm.nh, dm.nh / dm.nkv);
     let (qw, kw) = (dm.qw(), dm.kw());
     let scale = 1.0 / (hd as f32).sqrt();
@@ -769,7 +776,7 @@ fn attn_bwd(
     k: &[f32],
     v: &[f32],
     a: &[f32],
-    lse: &[f32],
+    lse: &[f64],
     da: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, hd, nh, nkv, rep) = (dm.t, dm.hd, dm.nh, dm.nkv, dm.nh / dm.nkv);
@@ -879,7 +886,7 @@ impl<'a> BlockWeights<'a> {
         rope.apply(&mut q, qw, dm.t, false);
         rope.apply(&mut k, kw, dm.t, false);
         let mut a = vec![0f32; n * qw];
-        let mut lse = vec![0f32; dm.b * dm.nh * dm.t];
+        let mut lse = vec![0f64; dm.b * dm.nh * dm.t];
         attn_fwd(dm, &q, &k, &v, &mut a, &mut lse);
         let mut x2 = x.clone();
         mm_nt(&mut x2, &a, w[WO], n, d, qw, true);
@@ -1106,9 +1113,9 @@ mod tests {
         let m = max_lanes(&want);
         want.iter_mut().for_each(|v| *v = exp(*v - m));
         let sum = sum_lanes(&want);
-        want.iter_mut().for_each(|v| *v *= 1.0 / sum);
+        want.iter_mut().for_each(|v| *v *= (1.0 / sum) as f32);
         assert_eq!(bits(&p), bits(&want));
-        assert_eq!(lse.to_bits(), (m + sum.ln()).to_bits());
+        assert_eq!(lse.to_bits(), (m as f64 + sum.ln()).to_bits());
 
         let (d, rows) = (59, 17);
         let (xr, w) = (inputs(d * rows, 4), inputs(d, 5));
