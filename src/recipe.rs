@@ -102,6 +102,12 @@ pub struct TrainSection {
     /// log-spaced, to follow the early steps densely).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checkpoint_at: Vec<usize>,
+    /// Tuning-seed replicates: each language is tuned again with each of these seeds (the
+    /// training data order), in `tune/<lang>/seed-<s>/`, and at every checkpoint the two
+    /// tuned models' spots are compared against the cross-sample null (the tuning-noise level;
+    /// needs `importance.folds`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
 }
 
 const DEFAULT_HELDOUT_PAIRS: usize = 64;
@@ -280,6 +286,7 @@ impl Default for TrainSection {
             train_on_input: false,
             heldout_pairs: DEFAULT_HELDOUT_PAIRS,
             checkpoint_at: vec![],
+            seeds: vec![],
         }
     }
 }
@@ -562,6 +569,23 @@ impl Loaded {
             return Err(self.err(
                 "train.checkpoint_at",
                 format!("step {s} is outside the run (1 ..= train.steps = {})", t.steps),
+            ));
+        }
+        if let Some(s) = t
+            .seeds
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| (*s == t.seed || t.seeds[..i].contains(s)).then_some(*s))
+        {
+            return Err(self.err(
+                "train.seeds",
+                format!("seed {s} repeats train.seed or another replicate's seed"),
+            ));
+        }
+        if !t.seeds.is_empty() && self.recipe.importance.folds == 0 {
+            return Err(self.err(
+                "train.seeds",
+                "replicates are compared through the cross-sample null: set importance.folds",
             ));
         }
         if t.format == TrainFormat::Pairs && t.heldout_pairs == 0 {

@@ -153,7 +153,9 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         let done = std::fs::read_to_string(dir.join("tune.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<train::TuneSummary>(&t).ok())
-            .is_some_and(|s| s.tune_hash == th);
+            .is_some_and(|s| s.tune_hash == th)
+            // With replicates, the stage ends with their comparison.
+            && (r.train.seeds.is_empty() || dir.join(train::seeds::FILE).is_file());
         if !stage(format!("tune {lang}"), done) {
             continue;
         }

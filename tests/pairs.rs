@@ -347,3 +347,79 @@ fn pair_tuning_reports_heldout_pair_loss_and_resumes_bit_for_bit() {
     };
     assert_eq!(w(&d).tensors, w(&k).tensors, "the same final weights");
 }
+
+/// `train.seeds`: each language is tuned again with another data order, from the main run's base
+/// snapshot, and at each common checkpoint the two tuned spots are compared through the
+/// cross-sample null (`seeds.json`): the tuning-noise level. A replicate seed equal to
+/// `train.seed`, or replicates without folds, are refused.
+#[test]
+fn seed_replicates_give_the_tuning_noise_level_at_each_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (gguf, _) = common::tiny_gguf(root, 3, true);
+    let corpora = documented_corpus(root, &gguf, 200);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_codespot"))
+            .args(args)
+            .env("CODESPOT_CORPORA", &corpora.dir)
+            .output()
+            .unwrap()
+    };
+    let out = root.join("seeds");
+    let with = |rest: &str, folds: bool| {
+        let t = pair_recipe(&gguf, &out).replace("heldout_pairs = 8\n", &format!("heldout_pairs = 8\n{rest}"));
+        if folds {
+            t
+        } else {
+            t.replace("folds = 2\n", "")
+        }
+    };
+    let p = root.join("seeds.toml");
+    std::fs::write(&p, with("seeds = [7]\n", true)).unwrap();
+    let o = cli(&["tune", p.to_str().unwrap(), "--lang", "toypy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = out.join("tune/toypy");
+    let r = d.join("seed-7");
+    assert_eq!(codespot::train::steps_in(&r.join("snapshots")), vec![0, 1, 2, 4]);
+    for f in ["scores.safetensors", "folds.safetensors"] {
+        assert_eq!(
+            std::fs::read(d.join("snapshots/step-000000").join(f)).unwrap(),
+            std::fs::read(r.join("snapshots/step-000000").join(f)).unwrap(),
+            "the replicate starts from the main run's base snapshot"
+        );
+    }
+    let losses = |p: &Path| -> Vec<f64> {
+        let s: codespot::train::TuneSummary = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        s.history.iter().map(|h| h.loss).collect()
+    };
+    let (main, rep) = (losses(&d.join("tune.json")), losses(&r.join("tune.json")));
+    assert_eq!(main.len(), rep.len());
+    assert_ne!(main, rep, "another seed, another data order");
+    let sm = codespot::train::seeds::read(&d).unwrap().expect("seeds.json");
+    assert_eq!(
+        sm.iter().map(|m| (m.seed, m.step)).collect::<Vec<_>>(),
+        vec![(7, 1), (7, 2), (7, 4)]
+    );
+    for m in &sm {
+        let mv = &m.movement;
+        for iv in [mv.within, mv.within_tuned, mv.cross, mv.diff] {
+            assert!(iv.lo <= iv.value + 1e-12 && iv.value <= iv.hi + 1e-12, "{mv:?}");
+        }
+        assert!((mv.diff.value - (mv.within.value - mv.cross.value)).abs() < 1e-12);
+    }
+    // A resumed, finished run keeps what it measured.
+    let o = cli(&["tune", p.to_str().unwrap(), "--lang", "toypy", "--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(codespot::train::seeds::read(&d).unwrap().unwrap(), sm);
+
+    for (text, want) in [
+        (with("seeds = [1]\n", true), "train.seeds"),
+        (with("seeds = [7]\n", false), "importance.folds"),
+    ] {
+        let bad = root.join("bad-seeds.toml");
+        std::fs::write(&bad, text).unwrap();
+        let o = cli(&["recipe", "check", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{err}");
+    }
+}

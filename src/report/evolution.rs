@@ -178,6 +178,7 @@ pub(super) fn section(tunes: &[(String, TuneSummary)]) -> String {
             );
         }
     }
+    md.push_str(&seed_noise(tunes));
     // Where, at each language's last checkpoint.
     let last: Vec<(&String, &crate::importance::null::Movement, usize)> = tunes
         .iter()
@@ -225,6 +226,38 @@ pub(super) fn section(tunes: &[(String, TuneSummary)]) -> String {
         }
     }
     md.push_str("\nBoth snapshots of a row read the same calibration documents, dealt into the same 2K folds (halves A and B). The null is the base model's own agreement across the two halves; \"moved\" when the bootstrap interval of null − cross excludes 0 (the tuned spot agrees with the base less than a second sample of the base does).\n\n");
+    md
+}
+
+/// The tuning-noise table (`train.seeds`): each language's tuned spot against a replicate's
+/// (another data order) at each common checkpoint, through the same cross-sample null.
+fn seed_noise(tunes: &[(String, TuneSummary)]) -> String {
+    let mut md = String::new();
+    let iv = |x: crate::importance::null::Interval| format!("{:.3} [{:.3}, {:.3}]", x.value, x.lo, x.hi);
+    for (l, t) in tunes {
+        let Some(dir) = t.final_checkpoint.parent().and_then(|p| p.parent()) else {
+            continue;
+        };
+        let Ok(Some(sm)) = crate::train::seeds::read(dir) else {
+            continue;
+        };
+        if md.is_empty() {
+            md.push_str("\nTuning noise (`train.seeds`): the tuned spot against a replicate tuned with another seed (data order), at the same step. \"moved\" here means two seeds' spots differ beyond document sampling.\n\n| language | replicate seed | step | tuned A vs B (null) | across seeds | null − cross [95 %] | verdict |\n|---|---:|---:|---|---|---|---|\n");
+        }
+        for m in sm {
+            let mv = &m.movement;
+            let _ = writeln!(
+                md,
+                "| {l} | {} | {} | {} | {} | {} | {} |",
+                m.seed,
+                m.step,
+                iv(mv.within),
+                iv(mv.cross),
+                iv(mv.diff),
+                mv.verdict
+            );
+        }
+    }
     md
 }
 
@@ -292,4 +325,61 @@ pub(super) fn tuning_effect(evals: &[(String, Vec<crate::eval::ConditionResults>
     }
     md.push('\n');
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::importance::null::{Interval, Movement};
+    use crate::train::seeds::SeedMovement;
+
+    #[test]
+    fn the_seed_noise_table_lists_each_replicate_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let tune = dir.path().join("tune/python");
+        std::fs::create_dir_all(&tune).unwrap();
+        let iv = |v: f64| Interval {
+            value: v,
+            lo: v - 0.01,
+            hi: v + 0.01,
+        };
+        let mv = Movement {
+            k_percent: 1.0,
+            within: iv(0.30),
+            within_tuned: iv(0.29),
+            cross: iv(0.28),
+            diff: iv(0.02),
+            verdict: "moved".into(),
+            replicates: 200,
+            folds_per_half: 2,
+            by_layer: vec![],
+            by_module: Default::default(),
+        };
+        let sm = vec![SeedMovement {
+            seed: 7,
+            step: 8,
+            movement: mv,
+        }];
+        std::fs::write(
+            tune.join(crate::train::seeds::FILE),
+            serde_json::to_string(&sm).unwrap(),
+        )
+        .unwrap();
+        let summary: TuneSummary = serde_json::from_value(serde_json::json!({
+            "language": "python", "steps": 8, "tokens": 0, "tune_hash": "",
+            "final_checkpoint": tune.join("checkpoints/step-000008"), "snapshots": [],
+            "first_loss": 0.0, "last_loss": 0.0, "elapsed_s": 0.0, "tokens_per_s": 0.0,
+            "history": [], "heldout": [], "metrics": []
+        }))
+        .unwrap();
+        let md = seed_noise(&[("python".into(), summary)]);
+        assert!(md.contains("Tuning noise"), "{md}");
+        assert!(
+            md.contains(
+                "| python | 7 | 8 | 0.300 [0.290, 0.310] | 0.280 [0.270, 0.290] | 0.020 [0.010, 0.030] | moved |"
+            ),
+            "{md}"
+        );
+        assert_eq!(seed_noise(&[]), "");
+    }
 }

@@ -16,6 +16,7 @@ pub mod learner;
 pub mod metrics;
 pub mod pairs;
 pub mod reference;
+pub mod seeds;
 
 use crate::importance::{self, snapshot};
 pub use crate::layout::{step_name, tune_dir, tune_hash};
@@ -421,6 +422,25 @@ pub fn tune<B: Backend>(
     } else {
         None
     };
+    let summary = tune_run::<B>(loaded, corpora, opts, device, &dir)?;
+    if !t.seeds.is_empty() {
+        seeds::replicates::<B>(loaded, corpora, opts, device, &dir)?;
+    }
+    Ok(summary)
+}
+
+/// One tuning run of `opts.lang` in `dir` (the caller holds the locks).
+fn tune_run<B: Backend>(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    opts: &TuneOptions,
+    device: &B::Device,
+    dir: &Path,
+) -> Result<TuneSummary> {
+    let r = &loaded.recipe;
+    let t = &r.train;
+    let lang = opts.lang.as_str();
+    let dir = dir.to_path_buf();
     let ckpt_dir = dir.join("checkpoints");
     let snap_dir = dir.join("snapshots");
     let hash = tune_hash(loaded);
