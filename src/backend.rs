@@ -1,5 +1,5 @@
 //! Backends: burn-flex on CPU (chosen by measurement against ndarray + OpenBLAS and candle,
-//! see README and `benches/backends.rs`), and burn-cuda behind the `cuda` feature.
+//! see docs/measurements.md and `benches/backends.rs`), and burn-cuda behind the `cuda` feature.
 
 use burn::backend::Autodiff;
 

@@ -164,7 +164,7 @@ fn default_config_matches_smollm2_135m() {
 }
 
 /// `codespot score` on the real model and the Python stdlib corpus (a small token budget; the
-/// 16384-token run is in the README): the snapshot covers all 30 layers, 9 heads per layer and
+/// 16384-token run is in docs/measurements.md): the snapshot covers all 30 layers, 9 heads per layer and
 /// every tensor, and a second run is bit-identical.
 #[test]
 fn real_model_snapshot_covers_layers_heads_tensors_and_is_deterministic() {
