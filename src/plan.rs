@@ -53,6 +53,8 @@ pub struct Plan {
     /// Host RAM to load the model (f32 host copy) and to write a tuning checkpoint.
     pub host_load: u64,
     pub host_checkpoint: u64,
+    /// Host RAM holding AdamW's moments (`train.offload_optimizer`), else 0.
+    pub host_optimizer: u64,
 }
 
 /// Bytes a block's autodiff graph keeps for `rows` sequences of `t` tokens.
@@ -146,7 +148,16 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
     // Embedding scatter-add and the head's ∂W (f32), a block gradient with its |θ ⊙ g| temporaries.
     let inflight = 2 * vocab_d * 4 + 3 * big * 4;
     let weights = (format!("weights ({} × {n})", r.dtype.name()), n * wb);
-    let moments = ("AdamW moments (2 × f32)".to_string(), 2 * n * 4);
+    let offload = r.train.offload_optimizer;
+    let moments = if offload {
+        // Streamed per tensor around its update: the largest tensor's two moments at a time.
+        (
+            "AdamW moments in flight (offloaded: the largest tensor's 2 × f32)".to_string(),
+            2 * big * 4,
+        )
+    } else {
+        ("AdamW moments (2 × f32)".to_string(), 2 * n * 4)
+    };
     // Scoring: the weights, the sums, a gradient at a time and one backward's activations.
     // One device sums the two halves of the batches apart (the split-half noise floor); data-
     // parallel runs record no floor.
@@ -195,6 +206,7 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
         ],
         host_load: n * 4,
         host_checkpoint: n * 4 * 3,
+        host_optimizer: if offload { 2 * n * 4 } else { 0 },
     }
 }
 
@@ -287,6 +299,12 @@ pub fn text(p: &Plan, memories: &[DeviceMemory]) -> String {
         gib(p.host_load),
         gib(p.host_checkpoint)
     );
+    if p.host_optimizer > 0 {
+        s += &format!(
+            "Host RAM while tuning: {} GiB of AdamW moments (train.offload_optimizer), each tensor's streamed to the device around its update.\n\n",
+            gib(p.host_optimizer)
+        );
+    }
     s += "| device | GiB | score | tune |\n|---|---:|---|---|\n";
     for m in memories {
         let fits = |b: u64| {

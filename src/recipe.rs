@@ -108,6 +108,10 @@ pub struct TrainSection {
     /// needs `importance.folds`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub seeds: Vec<u64>,
+    /// Hold AdamW's moments in host memory and stream each tensor's to the device around its
+    /// update, so the device holds one tensor's optimizer state at a time (the same bits).
+    #[serde(skip_serializing_if = "is_false")]
+    pub offload_optimizer: bool,
 }
 
 const DEFAULT_HELDOUT_PAIRS: usize = 64;
@@ -287,6 +291,7 @@ impl Default for TrainSection {
             heldout_pairs: DEFAULT_HELDOUT_PAIRS,
             checkpoint_at: vec![],
             seeds: vec![],
+            offload_optimizer: false,
         }
     }
 }

@@ -443,7 +443,7 @@ fn plan_prints_the_memory_per_device() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let recipe = root.join("recipes/llama31-8b-instruct.toml");
     let config = root.join("recipes/configs/Llama-3.1-8B-Instruct.config.json");
-    let plan = |dtype: &str| -> serde_json::Value {
+    let plan_with = |dtype: &str, offload: bool| -> serde_json::Value {
         let o = Command::new(env!("CARGO_BIN_EXE_codespot"))
             .args([
                 "plan",
@@ -453,11 +453,13 @@ fn plan_prints_the_memory_per_device() {
                 "--json",
             ])
             .args(["--set", &format!("dtype={dtype}")])
+            .args(["--set", &format!("train.offload_optimizer={offload}")])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
+    let plan = |dtype: &str| plan_with(dtype, false);
     let (f32p, bf16p) = (plan("f32"), plan("bf16"));
     let n = 8_030_261_248u64; // Llama-3.1-8B
     assert_eq!(f32p["params"].as_u64(), Some(n));
@@ -485,6 +487,14 @@ fn plan_prints_the_memory_per_device() {
         );
     }
     assert!(total(&bf16p, 0) < total(&f32p, 0));
+    // The shipped recipe offloads the moments: the device holds the largest tensor's two (the
+    // 128256 × 4096 embedding), the host all of them, and a step fits one 141 GB H200.
+    let off = plan_with("f32", true);
+    assert_eq!(item(&off, 1, 1), 2 * 128_256 * 4096 * 4);
+    assert_eq!(off["host_optimizer"].as_u64(), Some(8 * n));
+    assert_eq!(total(&f32p, 1) - total(&off, 1), 8 * n - 2 * 128_256 * 4096 * 4);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    assert!(gib(total(&f32p, 1)) > 141.0 && gib(total(&off, 1)) < 0.9 * 141.0);
     // The text form names the devices checked.
     let o = Command::new(env!("CARGO_BIN_EXE_codespot"))
         .args([
@@ -746,5 +756,75 @@ fn an_interrupted_run_checkpoints_where_it_stopped_and_resumes_bit_for_bit() {
     assert_eq!(
         w(&s.root.join("full/tune/toy/checkpoints/step-000004")).tensors,
         w(&d.join("checkpoints/step-000004")).tensors
+    );
+}
+
+/// `train.offload_optimizer`: AdamW's moments live in host memory and each tensor's is streamed
+/// to the device around its update. The same losses, weights and optimizer file as resident
+/// moments, bit for bit, on the hand-written path and on burn's generic ops (the device path),
+/// and a resumed offloaded run continues on the same bits.
+#[test]
+fn offloaded_moments_give_the_resident_bits() {
+    let s = setup();
+    for generic in [false, true] {
+        let env: &[(&str, &str)] = if generic { &[("CODESPOT_GENERIC", "1")] } else { &[] };
+        let run = |name: &str, offload: bool, extra: &[&str]| -> PathBuf {
+            let out = s.root.join(format!("{name}-{generic}"));
+            let rest = format!(
+                "keep_checkpoints = 2\nheldout_tokens = 64\ngrad_accum = 2\n{}",
+                if offload { "offload_optimizer = true\n" } else { "" }
+            );
+            let p = s.root.join(format!("{name}-{generic}.toml"));
+            std::fs::write(&p, common::tiny_recipe("tiny", &s.gguf, &out, &rest, "")).unwrap();
+            let mut args = vec!["tune", p.to_str().unwrap(), "--lang", "toy"];
+            args.extend_from_slice(extra);
+            let o = cli(&s, &args, env);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            out.join("tune/toy")
+        };
+        let resident = run("resident", false, &[]);
+        let offloaded = run("offloaded", true, &[]);
+        assert_eq!(
+            losses(&resident.join("tune.json")),
+            losses(&offloaded.join("tune.json"))
+        );
+        for f in ["model.safetensors", "optimizer/adamw.safetensors"] {
+            assert_eq!(
+                std::fs::read(resident.join("checkpoints/step-000004").join(f)).unwrap(),
+                std::fs::read(offloaded.join("checkpoints/step-000004").join(f)).unwrap(),
+                "generic {generic}: {f}"
+            );
+        }
+    }
+    // Killed after step 2 and resumed with offloaded moments: the same final weights.
+    let out = s.root.join("offload-kill");
+    let p = s.root.join("offload-kill.toml");
+    std::fs::write(
+        &p,
+        common::tiny_recipe(
+            "tiny",
+            &s.gguf,
+            &out,
+            "keep_checkpoints = 2\nheldout_tokens = 64\ngrad_accum = 2\noffload_optimizer = true\n",
+            "",
+        ),
+    )
+    .unwrap();
+    let k = p.to_str().unwrap();
+    let o = cli(
+        &s,
+        &["tune", k, "--lang", "toy"],
+        &[("CODESPOT_ABORT_AFTER_CHECKPOINT", "2")],
+    );
+    assert!(!o.status.success());
+    let o = cli(&s, &["tune", k, "--lang", "toy", "--resume"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(out.join("tune/toy/checkpoints/step-000004/model.safetensors")).unwrap(),
+        std::fs::read(
+            s.root
+                .join("resident-false/tune/toy/checkpoints/step-000004/model.safetensors")
+        )
+        .unwrap()
     );
 }

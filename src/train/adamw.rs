@@ -31,6 +31,9 @@ pub struct AdamW<B: Backend> {
     moments: Moments<B>,
     /// Updates applied so far (the bias-correction step count).
     pub t: usize,
+    /// Hold the moments in host memory and stream each tensor's to the device around its
+    /// update (`train.offload_optimizer`): the device holds one tensor's state at a time.
+    pub offload: bool,
 }
 
 /// Where the first and second moments are.
@@ -39,6 +42,8 @@ enum Moments<B: Backend> {
     Zero,
     /// In memory, flat, in `model.params()` order.
     Held { m: Vec<Tensor<B, 1>>, v: Vec<Tensor<B, 1>> },
+    /// In host memory ([`AdamW::offload`]), f32, in `model.params()` order.
+    Host { m: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
     /// Only in this safetensors file ([`AdamW::park`], [`AdamW::resume`]); [`AdamW::restore`]
     /// reads them back.
     InFile(PathBuf),
@@ -54,6 +59,7 @@ impl<B: Backend> AdamW<B> {
             decay: vec![],
             moments: Moments::Zero,
             t: 0,
+            offload: false,
         };
         for (name, p) in model.params() {
             s.decay.push(matches!(p, ParamRef::Matrix(_)));
@@ -83,7 +89,7 @@ impl<B: Backend> AdamW<B> {
     /// after as many updates as this optimizer has made; returns whether it did.
     /// [`AdamW::restore`] reads them back, bit for bit.
     pub fn park(&mut self, file: &Path) -> Result<bool> {
-        if !matches!(self.moments, Moments::Held { .. }) {
+        if !matches!(self.moments, Moments::Held { .. } | Moments::Host { .. }) {
             return Ok(false);
         }
         let header = crate::source::weights::safetensors_header(file)?;
@@ -102,16 +108,23 @@ impl<B: Backend> AdamW<B> {
         let mut w = crate::source::weights::from_safetensors(std::slice::from_ref(path))?;
         self.check_file(path, |key| w.tensors.get(key).map(|t| &t.shape))?;
         let device = model.embed.val().inner().device();
-        let (mut m, mut v) = (vec![], vec![]);
+        let (mut hm, mut hv) = (vec![], vec![]);
         for name in &self.names {
-            for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
-                let h = w.tensors.remove(&format!("{prefix}.{name}")).expect("checked above");
-                let n = h.data.len();
-                let data = TensorData::new(h.data, [n]).convert::<B::FloatElem>();
-                out.push(Tensor::<B, 1>::from_data(data, &device));
+            for (prefix, out) in [("m", &mut hm), ("v", &mut hv)] {
+                out.push(
+                    w.tensors
+                        .remove(&format!("{prefix}.{name}"))
+                        .expect("checked above")
+                        .data,
+                );
             }
         }
-        self.moments = Moments::Held { m, v };
+        self.moments = if self.offload {
+            Moments::Host { m: hm, v: hv }
+        } else {
+            let up = |x: Vec<Vec<f32>>| x.into_iter().map(|h| upload::<B>(h, &device)).collect();
+            Moments::Held { m: up(hm), v: up(hv) }
+        };
         Ok(())
     }
 
@@ -158,17 +171,19 @@ impl<B: Backend> AdamW<B> {
     ) -> Llama<AB> {
         if matches!(self.moments, Moments::Zero) {
             let device = model.embed.val().inner().device();
-            let zeros = || {
-                self.shapes
-                    .iter()
-                    .map(|s| Tensor::zeros([s.iter().product::<usize>()], &device))
-                    .collect()
+            let sizes = self.shapes.iter().map(|s| s.iter().product::<usize>());
+            self.moments = if self.offload {
+                let zeros = || sizes.clone().map(|n| vec![0f32; n]).collect();
+                Moments::Host { m: zeros(), v: zeros() }
+            } else {
+                let zeros = || sizes.clone().map(|n| Tensor::zeros([n], &device)).collect();
+                Moments::Held { m: zeros(), v: zeros() }
             };
-            self.moments = Moments::Held { m: zeros(), v: zeros() };
         }
-        let Moments::Held { m: ms, v: vs } = &mut self.moments else {
+        let moments = &mut self.moments;
+        if matches!(moments, Moments::InFile(_)) {
             panic!("AdamW::step with parked moments: call AdamW::restore first");
-        };
+        }
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -179,12 +194,13 @@ impl<B: Backend> AdamW<B> {
             i += 1;
             let Some(g) = grads[k].take() else { return theta };
             let device = g.device();
+            let (mk, vk) = take_moments(moments, k, &device);
             if fused::is_cpu::<B>() && fused::hand_written() && theta.dtype() == DType::F32 {
                 // One pass over the parameter, in place (the same arithmetic as below).
                 let mut th = fused::flex(theta.inner());
                 let g = fused::flex(g);
-                let mut m = fused::flex(std::mem::replace(&mut ms[k], Tensor::empty([0], &device)));
-                let mut v = fused::flex(std::mem::replace(&mut vs[k], Tensor::empty([0], &device)));
+                let mut m = fused::flex(mk);
+                let mut v = fused::flex(vk);
                 let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
                 let (sc, bc2, step) = (scale as f32, bc2 as f32, (lr / bc1) as f32);
                 let wd = if self.decay[k] && c.weight_decay > 0.0 {
@@ -198,8 +214,7 @@ impl<B: Backend> AdamW<B> {
                     .zip(fused::values(&g).par_chunks(1 << 14))
                     .zip(mf.par_chunks_mut(1 << 14).zip(vf.par_chunks_mut(1 << 14)))
                     .for_each(|((th, g), (m, v))| adamw_chunk(th, g, m, v, [sc, b1, b2, bc2, eps, step, wd]));
-                ms[k] = fused::unflex(m);
-                vs[k] = fused::unflex(v);
+                put_moments(moments, k, fused::unflex(m), fused::unflex(v));
                 return Tensor::from_inner(fused::unflex(th));
             }
             let g = if scale == 1.0 { g } else { g.mul_scalar(scale) };
@@ -208,14 +223,12 @@ impl<B: Backend> AdamW<B> {
             if self.decay[k] && c.weight_decay > 0.0 {
                 th = th.mul_scalar(1.0 - lr * c.weight_decay);
             }
-            let m = std::mem::replace(&mut ms[k], Tensor::empty([0], &device));
-            let v = std::mem::replace(&mut vs[k], Tensor::empty([0], &device));
+            let (m, v) = (mk, vk);
             let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
             let v = v.mul_scalar(c.beta2) + g.powi_scalar(2).mul_scalar(1.0 - c.beta2);
             let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(c.eps);
             let th = th - m.clone().div(denom).mul_scalar(lr / bc1);
-            ms[k] = m;
-            vs[k] = v;
+            put_moments(moments, k, m, v);
             Tensor::from_inner(th)
         })
     }
@@ -248,6 +261,10 @@ impl<B: Backend> AdamW<B> {
                         let t = if prefix == "m" { &m[k] } else { &v[k] };
                         Lazy::fetch(shape.clone(), move || host(t))
                     }
+                    Moments::Host { m, v } => {
+                        let t = if prefix == "m" { &m[k] } else { &v[k] };
+                        Lazy::fetch(shape.clone(), move || t.clone())
+                    }
                     _ => {
                         let n = shape.iter().product();
                         Lazy::fetch(shape.clone(), move || vec![0.0; n])
@@ -258,6 +275,43 @@ impl<B: Backend> AdamW<B> {
         }
         let meta = [("t".to_string(), self.t.to_string())].into();
         crate::source::weights::write_safetensors(tensors, path, Some(meta), false)
+    }
+}
+
+/// An f32 host vector as a flat device tensor.
+fn upload<B: Backend>(h: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = h.len();
+    Tensor::from_data(TensorData::new(h, [n]).convert::<B::FloatElem>(), device)
+}
+
+/// Parameter `k`'s moments on the device, taken out of `moments` (uploaded when offloaded).
+fn take_moments<B: Backend>(moments: &mut Moments<B>, k: usize, device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    match moments {
+        Moments::Held { m, v } => (
+            std::mem::replace(&mut m[k], Tensor::empty([0], device)),
+            std::mem::replace(&mut v[k], Tensor::empty([0], device)),
+        ),
+        Moments::Host { m, v } => (
+            upload(std::mem::take(&mut m[k]), device),
+            upload(std::mem::take(&mut v[k]), device),
+        ),
+        _ => unreachable!("the moments are allocated or restored before an update"),
+    }
+}
+
+/// Put parameter `k`'s updated moments back (downloaded when offloaded).
+fn put_moments<B: Backend>(moments: &mut Moments<B>, k: usize, mk: Tensor<B, 1>, vk: Tensor<B, 1>) {
+    let down = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 state");
+    match moments {
+        Moments::Held { m, v } => {
+            m[k] = mk;
+            v[k] = vk;
+        }
+        Moments::Host { m, v } => {
+            m[k] = down(mk);
+            v[k] = down(vk);
+        }
+        _ => unreachable!("the moments are allocated or restored before an update"),
     }
 }
 

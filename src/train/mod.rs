@@ -493,7 +493,8 @@ fn tune_run<B: Backend>(
             m.keep_blocks = t.keep_blocks;
             // Only the header is read now: the moments stay in the file until the first step,
             // so the snapshot below runs without them.
-            let o = AdamW::resume(acfg, &m, &d.join("optimizer").join(OPTIMIZER_FILE))?;
+            let mut o = AdamW::resume(acfg, &m, &d.join("optimizer").join(OPTIMIZER_FILE))?;
+            o.offload = t.offload_optimizer;
             if o.t != st.step {
                 bail!(
                     "{}: the optimizer has made {} updates, train_state.json says step {}",
@@ -510,7 +511,8 @@ fn tune_run<B: Backend>(
         None => {
             let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, base_weights, device, r.dtype)?;
             m.keep_blocks = t.keep_blocks;
-            let o = AdamW::new(acfg, &m);
+            let mut o = AdamW::new(acfg, &m);
+            o.offload = t.offload_optimizer;
             let st = TrainState {
                 format: 1,
                 language: lang.into(),
