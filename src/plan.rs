@@ -34,7 +34,11 @@ pub struct Stage {
 
 impl Stage {
     fn new(name: &str, items: Vec<(String, u64)>) -> Self {
-        let items: Vec<Item> = items.into_iter().map(|(what, bytes)| Item { what, bytes }).collect();
+        let items: Vec<Item> = items
+            .into_iter()
+            .filter(|x| x.1 > 0)
+            .map(|(what, bytes)| Item { what, bytes })
+            .collect();
         let total = items.iter().map(|i| i.bytes).sum();
         Self {
             name: name.into(),
@@ -182,8 +186,14 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
 
     let t = &r.train;
     let rows = t.batch.div_ceil(r.devices).min(t.micro_batch);
+    // bf16/f16 weights are tuned through f32 master copies held beside the moments.
+    let master = (
+        "f32 master weights (low-precision tuning)".to_string(),
+        if r.dtype == Dtype::F32 { 0 } else { n * 4 },
+    );
     let mut step = vec![
         weights.clone(),
+        master.clone(),
         moments.clone(),
         ("gradient sum of a step (f32)".into(), n * 4),
         // The tensor-op AdamW allocates a few copies of the largest tensor; the fused one none.
@@ -194,7 +204,7 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
     ];
     step.extend(activations(cfg, rows, t.seq_len, t.keep_blocks, r.dtype, fused));
     // At a checkpoint the step's gradients are gone and a snapshot is scored beside the optimizer.
-    let ckpt: Vec<_> = [weights, moments].into_iter().chain(scoring).collect();
+    let ckpt: Vec<_> = [weights, master, moments].into_iter().chain(scoring).collect();
     Plan {
         params: n,
         dtype: r.dtype,

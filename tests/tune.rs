@@ -828,3 +828,88 @@ fn offloaded_moments_give_the_resident_bits() {
         .unwrap()
     );
 }
+
+/// bf16 weights are tuned through f32 master copies (`w.<name>` in the optimizer file): each
+/// update runs in f32 on the master and is rounded into the bf16 copy. At a learning rate whose
+/// steps are below bf16's precision the bf16 copy barely changes while the master moves, and
+/// the master's steps follow the f32 run's.
+#[test]
+fn bf16_tuning_keeps_f32_master_weights() {
+    let s = setup();
+    let run = |name: &str, dtype: &str, abort: Option<&str>| -> PathBuf {
+        let out = s.root.join(name);
+        let text = format!(
+            "dtype = \"{dtype}\"\n{}",
+            common::tiny_recipe("tiny", &s.gguf, &out, "heldout_tokens = 64\n", "")
+        )
+        .replace("lr = 3e-3", "lr = 2e-5");
+        let p = s.root.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        if let Some(step) = abort {
+            let o = cli(
+                &s,
+                &["tune", p.to_str().unwrap(), "--lang", "toy"],
+                &[("CODESPOT_ABORT_AFTER_CHECKPOINT", step)],
+            );
+            assert!(!o.status.success());
+        }
+        let mut args = vec!["tune", p.to_str().unwrap(), "--lang", "toy"];
+        if abort.is_some() {
+            args.push("--resume");
+        }
+        let o = cli(&s, &args, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out.join("tune/toy/checkpoints/step-000004")
+    };
+    let (b, f) = (run("bf16", "bf16", None), run("f32", "f32", None));
+    // Killed after step 2 and resumed: the master comes back from the optimizer file.
+    let r = run("bf16-resumed", "bf16", Some("2"));
+    for file in ["model.safetensors", "optimizer/adamw.safetensors"] {
+        assert_eq!(
+            std::fs::read(b.join(file)).unwrap(),
+            std::fs::read(r.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let read = |p: PathBuf| codespot::source::weights::from_safetensors(&[p]).unwrap().tensors;
+    let (wb, opt, wf) = (
+        read(b.join("model.safetensors")),
+        read(b.join("optimizer/adamw.safetensors")),
+        read(f.join("model.safetensors")),
+    );
+    let base = codespot::model::load(s.gguf.to_str().unwrap()).unwrap().weights.tensors;
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    let (mut moved_master, mut moved_copy, mut n) = (0usize, 0usize, 0usize);
+    let (mut off_f32, mut step_f32) = (0f64, 0f64);
+    for (name, w) in &wb {
+        let master = &opt[&format!("w.{name}")];
+        assert_eq!(master.shape, w.shape, "{name}");
+        for (((&c, &m), &w0), &w32) in w
+            .data
+            .iter()
+            .zip(&master.data)
+            .zip(&base[name].data)
+            .zip(&wf[name].data)
+        {
+            assert_eq!(
+                c.to_bits(),
+                bf(m).to_bits(),
+                "{name}: the bf16 copy is the rounded master"
+            );
+            n += 1;
+            // The master starts from the bf16 weights the model was loaded as.
+            moved_master += (m != bf(w0)) as usize;
+            moved_copy += (c != bf(w0)) as usize;
+            off_f32 += ((m - bf(w0)) - (w32 - w0)).abs() as f64;
+            step_f32 += (w32 - w0).abs() as f64;
+        }
+    }
+    assert!(moved_master * 10 > n * 9, "the master moves: {moved_master} of {n}");
+    assert!(moved_copy * 4 < n, "the bf16 copy barely does: {moved_copy} of {n}");
+    assert!(
+        off_f32 < 0.25 * step_f32,
+        "the master follows the f32 run: mean |master step − f32 step| {} against mean |f32 step| {}",
+        off_f32 / n as f64,
+        step_f32 / n as f64
+    );
+}

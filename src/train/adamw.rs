@@ -34,6 +34,11 @@ pub struct AdamW<B: Backend> {
     /// Hold the moments in host memory and stream each tensor's to the device around its
     /// update (`train.offload_optimizer`): the device holds one tensor's state at a time.
     pub offload: bool,
+    /// f32 master copies of the parameters held in bf16/f16 (`None` for f32 ones), made from
+    /// the weights at the first update: the update runs on them and is rounded into the
+    /// low-precision copy, so updates below the copy's precision accumulate instead of
+    /// vanishing. Saved as `w.<name>`.
+    master: Vec<Option<Tensor<B, 1>>>,
 }
 
 /// Where the first and second moments are.
@@ -60,6 +65,7 @@ impl<B: Backend> AdamW<B> {
             moments: Moments::Zero,
             t: 0,
             offload: false,
+            master: vec![],
         };
         for (name, p) in model.params() {
             s.decay.push(matches!(p, ParamRef::Matrix(_)));
@@ -108,6 +114,17 @@ impl<B: Backend> AdamW<B> {
         let mut w = crate::source::weights::from_safetensors(std::slice::from_ref(path))?;
         self.check_file(path, |key| w.tensors.get(key).map(|t| &t.shape))?;
         let device = model.embed.val().inner().device();
+        if self.names.iter().any(|n| w.tensors.contains_key(&format!("w.{n}"))) {
+            self.master = self
+                .names
+                .iter()
+                .map(|n| {
+                    w.tensors
+                        .remove(&format!("w.{n}"))
+                        .map(|h| upload::<B>(h.data, &device))
+                })
+                .collect();
+        }
         let (mut hm, mut hv) = (vec![], vec![]);
         for name in &self.names {
             for (prefix, out) in [("m", &mut hm), ("v", &mut hv)] {
@@ -180,6 +197,16 @@ impl<B: Backend> AdamW<B> {
                 Moments::Held { m: zeros(), v: zeros() }
             };
         }
+        if self.master.is_empty() {
+            self.master = model
+                .params()
+                .iter()
+                .map(|(_, p)| {
+                    let f = p.flat().inner();
+                    (f.dtype() != DType::F32).then(|| crate::model::dtype::widen(f))
+                })
+                .collect();
+        }
         let moments = &mut self.moments;
         if matches!(moments, Moments::InFile(_)) {
             panic!("AdamW::step with parked moments: call AdamW::restore first");
@@ -218,8 +245,11 @@ impl<B: Backend> AdamW<B> {
                 return Tensor::from_inner(fused::unflex(th));
             }
             let g = if scale == 1.0 { g } else { g.mul_scalar(scale) };
-            // The update in f32 whatever the weights' dtype (map_params casts back).
-            let mut th = crate::model::dtype::widen(theta.inner());
+            // The update in f32 whatever the weights' dtype: on the master copy of a bf16/f16
+            // parameter (map_params rounds the result into the low-precision copy).
+            let master = self.master[k].take();
+            let keep = master.is_some();
+            let mut th = master.unwrap_or_else(|| crate::model::dtype::widen(theta.inner()));
             if self.decay[k] && c.weight_decay > 0.0 {
                 th = th.mul_scalar(1.0 - lr * c.weight_decay);
             }
@@ -229,6 +259,9 @@ impl<B: Backend> AdamW<B> {
             let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(c.eps);
             let th = th - m.clone().div(denom).mul_scalar(lr / bc1);
             put_moments(moments, k, m, v);
+            if keep {
+                self.master[k] = Some(th.clone());
+            }
             Tensor::from_inner(th)
         })
     }
@@ -271,6 +304,11 @@ impl<B: Backend> AdamW<B> {
                     }
                 };
                 tensors.push((format!("{prefix}.{name}"), t));
+            }
+        }
+        for ((name, shape), w) in self.names.iter().zip(&self.shapes).zip(&self.master) {
+            if let Some(w) = w {
+                tensors.push((format!("w.{name}"), Lazy::fetch(shape.clone(), move || host(w))));
             }
         }
         let meta = [("t".to_string(), self.t.to_string())].into();
