@@ -129,6 +129,12 @@ pub fn tune_hash(loaded: &Loaded) -> String {
         // Only when not the default, so checkpoints made before `dtype` existed still resume.
         v["dtype"] = r.dtype.name().into();
     }
+    // Neither changes the run's bits: replicates are runs of their own beside it (each with its
+    // own seed, so its own hash), and offloaded moments are the resident ones, bit for bit.
+    if let Some(t) = v["train"].as_object_mut() {
+        t.remove("seeds");
+        t.remove("offload_optimizer");
+    }
     crate::util::sha256_bytes(v.to_string().as_bytes())
 }
 

@@ -155,7 +155,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             .and_then(|t| serde_json::from_str::<train::TuneSummary>(&t).ok())
             .is_some_and(|s| s.tune_hash == th)
             // With replicates, the stage ends with their comparison.
-            && (r.train.seeds.is_empty() || dir.join(train::seeds::FILE).is_file());
+            && train::seeds::complete(&dir, &r.train.seeds);
         if !stage(format!("tune {lang}"), done) {
             continue;
         }

@@ -757,6 +757,18 @@ fn an_interrupted_run_checkpoints_where_it_stopped_and_resumes_bit_for_bit() {
         w(&s.root.join("full/tune/toy/checkpoints/step-000004")).tensors,
         w(&d.join("checkpoints/step-000004")).tensors
     );
+    // A stop asked for at the last step is a finished run.
+    let last = write_recipe(&s, "last.toml", &s.root.join("last"));
+    let out = cli(
+        &s,
+        &["tune", last.to_str().unwrap(), "--lang", "toy"],
+        &[("CODESPOT_INTERRUPT_AFTER_STEP", "4")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        losses(&s.root.join("full/tune/toy/tune.json")),
+        losses(&s.root.join("last/tune/toy/tune.json"))
+    );
 }
 
 /// `train.offload_optimizer`: AdamW's moments live in host memory and each tensor's is streamed

@@ -114,7 +114,9 @@ impl<B: Backend> AdamW<B> {
         let mut w = crate::source::weights::from_safetensors(std::slice::from_ref(path))?;
         self.check_file(path, |key| w.tensors.get(key).map(|t| &t.shape))?;
         let device = model.embed.val().inner().device();
-        if self.names.iter().any(|n| w.tensors.contains_key(&format!("w.{n}"))) {
+        // A master already held (moments parked after a checkpoint) is the file's, bit for bit:
+        // keep it rather than hold two copies while reading.
+        if self.master.is_empty() && self.names.iter().any(|n| w.tensors.contains_key(&format!("w.{n}"))) {
             self.master = self
                 .names
                 .iter()

@@ -718,7 +718,12 @@ impl<B: Backend> Tuning<B> {
             };
             processor.process_valid(LearnerEvent::EndEpoch(epoch));
             session.checkpoint(model_ref_of(model), Some(outs), &optim.adamw)?;
-            if interrupter.should_stop() {
+            if SIGINT.load(Ordering::SeqCst) {
+                interrupter.stop(Some("interrupted (SIGINT)"));
+            }
+            // A stop asked for during the checkpoint ends the run there (unless it was the
+            // last: then the run is simply done).
+            if interrupter.should_stop() && i + 1 < self.ends.len() {
                 session.interrupted = true;
                 return Ok(());
             }
@@ -766,12 +771,18 @@ pub(super) fn run<B: Backend>(
     let dir = session.dir.join("learner");
     let mut session = session;
     session.lines = !dashboard;
-    if session.progress {
-        // SAFETY: installing a handler that only stores to an atomic and calls signal(2).
-        unsafe {
-            libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    SIGINT.store(false, Ordering::SeqCst);
+    // SAFETY: installing a handler that only stores to an atomic and calls signal(2); the
+    // previous disposition is put back after the run, and an ignored SIGINT stays ignored.
+    let previous = if session.progress {
+        let old = unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+        if old == libc::SIG_IGN {
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
         }
-    }
+        Some(old)
+    } else {
+        None
+    };
     let shared = Arc::new(Mutex::new(Some(session)));
     let strategy = Tuning::<B> {
         session: shared.clone(),
@@ -804,16 +815,12 @@ pub(super) fn run<B: Backend>(
         training = training.renderer(LineRenderer::new(&label, quiet));
     }
     let LearningResult { model: tuned, .. } = training.launch(Learner::<Components<B>>::new(model, optim, schedule));
-    if session_progress_installed(&shared) {
-        // SAFETY: back to the default action.
+    if let Some(old) = previous {
+        // SAFETY: back to the disposition before the run.
         unsafe {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGINT, old);
         }
     }
     let session = lock(&shared).take().expect("the strategy hands the session back");
     Ok((session, tuned))
-}
-
-fn session_progress_installed(s: &Mutex<Option<Session>>) -> bool {
-    lock(s).as_ref().is_some_and(|s| s.progress)
 }

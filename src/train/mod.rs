@@ -608,7 +608,8 @@ fn tune_run<B: Backend>(
         ..
     } = session;
     if let Some(e) = error {
-        tb.close()?;
+        // The run's error is what to report, not a failure to close the events file after it.
+        let _ = tb.close();
         return Err(e);
     }
     if interrupted {

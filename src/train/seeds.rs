@@ -46,6 +46,16 @@ pub fn read(tune_dir: &Path) -> Result<Option<Vec<SeedMovement>>> {
     ))
 }
 
+/// Whether `seeds.json` in a language's tune directory compares every one of `seeds` (true when
+/// there are none).
+pub fn complete(tune_dir: &Path, seeds: &[u64]) -> bool {
+    seeds.is_empty()
+        || read(tune_dir)
+            .ok()
+            .flatten()
+            .is_some_and(|sm| seeds.iter().all(|s| sm.iter().any(|m| m.seed == *s)))
+}
+
 /// Run (or resume) every replicate of the run in `dir`, then compare each with the main run at
 /// their common checkpoints and write `seeds.json`.
 pub(super) fn replicates<B: Backend>(
