@@ -134,6 +134,7 @@ pub fn tune_hash(loaded: &Loaded) -> String {
     if let Some(t) = v["train"].as_object_mut() {
         t.remove("seeds");
         t.remove("offload_optimizer");
+        t.remove("zero");
     }
     crate::util::sha256_bytes(v.to_string().as_bytes())
 }

@@ -59,6 +59,8 @@ pub struct Plan {
     pub host_checkpoint: u64,
     /// Host RAM holding AdamW's moments (`train.offload_optimizer`), else 0.
     pub host_optimizer: u64,
+    /// ZeRO stage (`train.zero`).
+    pub zero: usize,
 }
 
 /// Bytes a block's autodiff graph keeps for `rows` sequences of `t` tokens.
@@ -153,6 +155,8 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
     let inflight = 2 * vocab_d * 4 + 3 * big * 4;
     let weights = (format!("weights ({} × {n})", r.dtype.name()), n * wb);
     let offload = r.train.offload_optimizer;
+    // ZeRO stage 1: each device holds its shard of the optimizer state.
+    let shards = if r.train.zero > 0 { r.devices.max(1) as u64 } else { 1 };
     let moments = if offload {
         // Streamed per tensor around its update: the largest tensor's two moments at a time.
         (
@@ -160,7 +164,13 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
             2 * big * 4,
         )
     } else {
-        ("AdamW moments (2 × f32)".to_string(), 2 * n * 4)
+        match shards {
+            1 => ("AdamW moments (2 × f32)".to_string(), 2 * n * 4),
+            s => (
+                format!("AdamW moments (2 × f32), this device's 1/{s} shard"),
+                2 * n * 4 / s,
+            ),
+        }
     };
     // Scoring: the weights, the sums, a gradient at a time and one backward's activations.
     // One device sums the two halves of the batches apart (the split-half noise floor); data-
@@ -189,7 +199,7 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
     // bf16/f16 weights are tuned through f32 master copies held beside the moments.
     let master = (
         "f32 master weights (low-precision tuning)".to_string(),
-        if r.dtype == Dtype::F32 { 0 } else { n * 4 },
+        if r.dtype == Dtype::F32 { 0 } else { n * 4 / shards },
     );
     let mut step = vec![
         weights.clone(),
@@ -217,6 +227,7 @@ pub fn plan(cfg: &LlamaConfig, r: &Recipe) -> Plan {
         host_load: n * 4,
         host_checkpoint: n * 4 * 3,
         host_optimizer: if offload { 2 * n * 4 } else { 0 },
+        zero: r.train.zero,
     }
 }
 
@@ -290,10 +301,15 @@ fn gib(b: u64) -> String {
 /// The plan as text: a table per stage and the fit against each device size.
 pub fn text(p: &Plan, memories: &[DeviceMemory]) -> String {
     let mut s = format!(
-        "{:.2} B parameters, weights in {}, {} data-parallel device(s), each holding a full replica.\n",
+        "{:.2} B parameters, weights in {}, {} data-parallel device(s), each holding {}.\n",
         p.params as f64 / 1e9,
         p.dtype.name(),
-        p.devices
+        p.devices,
+        if p.zero > 0 && p.devices > 1 {
+            "the weights and its shard of the optimizer state (ZeRO stage 1)"
+        } else {
+            "a full replica"
+        }
     );
     for st in &p.stages {
         s += &format!("\n{} — per device\n", st.name);

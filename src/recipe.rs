@@ -112,6 +112,10 @@ pub struct TrainSection {
     /// update, so the device holds one tensor's optimizer state at a time (the same bits).
     #[serde(skip_serializing_if = "is_false")]
     pub offload_optimizer: bool,
+    /// ZeRO stage: 0 (every device holds the whole optimizer state) or 1 (AdamW's state is
+    /// sharded over the `devices` data-parallel peers, each updating its shard; the same bits).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zero: usize,
 }
 
 const DEFAULT_HELDOUT_PAIRS: usize = 64;
@@ -292,6 +296,7 @@ impl Default for TrainSection {
             checkpoint_at: vec![],
             seeds: vec![],
             offload_optimizer: false,
+            zero: 0,
         }
     }
 }
@@ -586,6 +591,18 @@ impl Loaded {
                 "train.seeds",
                 format!("seed {s} repeats train.seed or another replicate's seed"),
             ));
+        }
+        if t.zero > 1 {
+            return Err(self.err(
+                "train.zero",
+                format!(
+                    "stage {} is not built: 0 (off) or 1 (optimizer state sharded over the devices)",
+                    t.zero
+                ),
+            ));
+        }
+        if t.zero == 1 && self.recipe.devices < 2 {
+            return Err(self.err("train.zero", "sharding the optimizer state needs devices ≥ 2"));
         }
         if !t.seeds.is_empty() && self.recipe.importance.folds == 0 {
             return Err(self.err(

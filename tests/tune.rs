@@ -925,3 +925,121 @@ fn bf16_tuning_keeps_f32_master_weights() {
         step_f32 / n as f64
     );
 }
+
+/// `train.zero = 1`: AdamW's state sharded over the data-parallel peers (ZeRO stage 1), each
+/// shard a file of its own with about 1/N of the state. Sharded tuning gives the unsharded run's
+/// losses and weights bit for bit with 2 and 4 peers, a killed sharded run resumes on the same
+/// bits, and resuming with another number of shards is refused, naming the files it found.
+#[test]
+fn sharded_optimizer_state_gives_the_unsharded_bits() {
+    let s = setup();
+    let run = |name: &str,
+               devices: usize,
+               zero: bool,
+               env: &[(&str, &str)],
+               extra: &[&str]|
+     -> (PathBuf, std::process::Output) {
+        let out = s.root.join(name);
+        let text = format!(
+            "devices = {devices}\n{}",
+            common::tiny_recipe(
+                "tiny",
+                &s.gguf,
+                &out,
+                &format!("heldout_tokens = 64\n{}", if zero { "zero = 1\n" } else { "" }),
+                "",
+            )
+            .replace("batch = 2\nseq_len = 16\nlr", "batch = 4\nseq_len = 16\nlr")
+            .replace("[importance]\ntokens = 64", "[importance]\ntokens = 128")
+        );
+        let p = s.root.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let mut args = vec!["tune", p.to_str().unwrap(), "--lang", "toy"];
+        args.extend_from_slice(extra);
+        (out.join("tune/toy"), cli(&s, &args, env))
+    };
+    for n in [2, 4] {
+        let (plain, o) = run(&format!("plain{n}"), n, false, &[], &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (sharded, o) = run(&format!("sharded{n}"), n, true, &[], &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ck = |d: &Path| d.join("checkpoints/step-000004");
+        let (la, lb) = (losses(&plain.join("tune.json")), losses(&sharded.join("tune.json")));
+        let read = |d: &Path, f: &str| {
+            codespot::source::weights::from_safetensors(&[ck(d).join(f)])
+                .unwrap()
+                .tensors
+        };
+        if n == 2 {
+            // Two peers' all-reduce is one commutative sum: every bit is fixed.
+            assert_eq!(la, lb, "{n} peers");
+            assert_eq!(
+                std::fs::read(ck(&plain).join("model.safetensors")).unwrap(),
+                std::fs::read(ck(&sharded).join("model.safetensors")).unwrap(),
+                "{n} peers: weights"
+            );
+        } else {
+            // burn-collective adds four peers' gradients in arrival order, so two runs (sharded
+            // or not) agree to f32 summation order only.
+            for ((_, a), (_, b)) in la.iter().zip(&lb) {
+                assert!((a - b).abs() <= 1e-6 * a.abs(), "{n} peers: {la:?} vs {lb:?}");
+            }
+            let (wa, wb) = (read(&plain, "model.safetensors"), read(&sharded, "model.safetensors"));
+            for (name, t) in &wa {
+                let d = t
+                    .data
+                    .iter()
+                    .zip(&wb[name].data)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(d <= 1e-5, "{n} peers: {name} differs by {d}");
+            }
+        }
+        // Each shard file holds about 1/n of the state, and together all of it.
+        let whole =
+            codespot::source::weights::from_safetensors(&[ck(&plain).join("optimizer/adamw.safetensors")]).unwrap();
+        let total: usize = whole.tensors.values().map(|t| t.data.len()).sum();
+        let mut seen = 0;
+        for r in 0..n {
+            let f = ck(&sharded).join(format!("optimizer/adamw-{r}-of-{n}.safetensors"));
+            let part = codespot::source::weights::from_safetensors(&[f]).unwrap();
+            let len: usize = part.tensors.values().map(|t| t.data.len()).sum();
+            assert!(
+                len as f64 > 0.5 * total as f64 / n as f64 && (len as f64) < 1.6 * total as f64 / n as f64,
+                "shard {r} of {n}: {len} of {total}"
+            );
+            for (name, t) in &part.tensors {
+                assert_eq!(t.shape, whole.tensors[name].shape, "{name}");
+                if n == 2 {
+                    assert_eq!(
+                        t.data, whole.tensors[name].data,
+                        "{name}: the shard's state is the unsharded state"
+                    );
+                }
+            }
+            seen += len;
+        }
+        assert_eq!(seen, total);
+    }
+    // Killed after step 2 and resumed: the same bits; another number of shards is refused.
+    let (d, o) = run("kill2", 2, true, &[("CODESPOT_ABORT_AFTER_CHECKPOINT", "2")], &[]);
+    assert!(!o.status.success());
+    let (_, o) = run("kill2", 4, true, &[], &["--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("adamw-0-of-4") && err.contains("adamw-0-of-2.safetensors"),
+        "{err}"
+    );
+    let (_, o) = run("kill2", 2, false, &[], &["--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("adamw.safetensors"), "{err}");
+    let (_, o) = run("kill2", 2, true, &[], &["--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(d.join("checkpoints/step-000004/model.safetensors")).unwrap(),
+        std::fs::read(
+            s.root
+                .join("sharded2/tune/toy/checkpoints/step-000004/model.safetensors")
+        )
+        .unwrap()
+    );
+}

@@ -39,6 +39,11 @@ pub struct AdamW<B: Backend> {
     /// low-precision copy, so updates below the copy's precision accumulate instead of
     /// vanishing. Saved as `w.<name>`.
     master: Vec<Option<Tensor<B, 1>>>,
+    /// The parameters this optimizer updates and holds state for (all of them, or one peer's
+    /// shard: [`Sharded`]); the others get no state, no file entries and no update.
+    owned: Vec<bool>,
+    /// Where the state is allocated (default: the model's device).
+    device: Option<B::Device>,
 }
 
 /// Where the first and second moments are.
@@ -66,11 +71,14 @@ impl<B: Backend> AdamW<B> {
             t: 0,
             offload: false,
             master: vec![],
+            owned: vec![],
+            device: None,
         };
         for (name, p) in model.params() {
             s.decay.push(matches!(p, ParamRef::Matrix(_)));
             s.names.push(name);
             s.shapes.push(p.shape());
+            s.owned.push(true);
         }
         s
     }
@@ -113,7 +121,10 @@ impl<B: Backend> AdamW<B> {
         };
         let mut w = crate::source::weights::from_safetensors(std::slice::from_ref(path))?;
         self.check_file(path, |key| w.tensors.get(key).map(|t| &t.shape))?;
-        let device = model.embed.val().inner().device();
+        let device = self
+            .device
+            .clone()
+            .unwrap_or_else(|| model.embed.val().inner().device());
         // A master already held (moments parked after a checkpoint) is the file's, bit for bit:
         // keep it rather than hold two copies while reading.
         if self.master.is_empty() && self.names.iter().any(|n| w.tensors.contains_key(&format!("w.{n}"))) {
@@ -128,14 +139,17 @@ impl<B: Backend> AdamW<B> {
                 .collect();
         }
         let (mut hm, mut hv) = (vec![], vec![]);
-        for name in &self.names {
+        for (name, &own) in self.names.iter().zip(&self.owned) {
             for (prefix, out) in [("m", &mut hm), ("v", &mut hv)] {
-                out.push(
-                    w.tensors
-                        .remove(&format!("{prefix}.{name}"))
-                        .expect("checked above")
-                        .data,
-                );
+                out.push(match own {
+                    true => {
+                        w.tensors
+                            .remove(&format!("{prefix}.{name}"))
+                            .expect("checked above")
+                            .data
+                    }
+                    false => vec![],
+                });
             }
         }
         self.moments = if self.offload {
@@ -150,7 +164,7 @@ impl<B: Backend> AdamW<B> {
     /// Every `m.<name>` and `v.<name>` of a state file present (`shape_of`) with its
     /// parameter's shape.
     fn check_file<'a>(&self, path: &Path, shape_of: impl Fn(&str) -> Option<&'a Vec<usize>>) -> Result<()> {
-        for (name, shape) in self.names.iter().zip(&self.shapes) {
+        for ((name, shape), _) in self.names.iter().zip(&self.shapes).zip(&self.owned).filter(|x| *x.1) {
             for prefix in ["m", "v"] {
                 let key = format!("{prefix}.{name}");
                 let found =
@@ -189,8 +203,15 @@ impl<B: Backend> AdamW<B> {
         scale: f64,
     ) -> Llama<AB> {
         if matches!(self.moments, Moments::Zero) {
-            let device = model.embed.val().inner().device();
-            let sizes = self.shapes.iter().map(|s| s.iter().product::<usize>());
+            let device = self
+                .device
+                .clone()
+                .unwrap_or_else(|| model.embed.val().inner().device());
+            let sizes = self
+                .shapes
+                .iter()
+                .zip(&self.owned)
+                .map(|(s, &own)| if own { s.iter().product::<usize>() } else { 0 });
             self.moments = if self.offload {
                 let zeros = || sizes.clone().map(|n| vec![0f32; n]).collect();
                 Moments::Host { m: zeros(), v: zeros() }
@@ -203,9 +224,10 @@ impl<B: Backend> AdamW<B> {
             self.master = model
                 .params()
                 .iter()
-                .map(|(_, p)| {
+                .zip(&self.owned)
+                .map(|((_, p), &own)| {
                     let f = p.flat().inner();
-                    (f.dtype() != DType::F32).then(|| crate::model::dtype::widen(f))
+                    (own && f.dtype() != DType::F32).then(|| crate::model::dtype::widen(f))
                 })
                 .collect();
         }
@@ -221,7 +243,11 @@ impl<B: Backend> AdamW<B> {
         model.map_params(|_, theta| {
             let k = i;
             i += 1;
-            let Some(g) = grads[k].take() else { return theta };
+            // No gradient here (frozen, or another shard's): the same values, as a fresh leaf
+            // (`theta` is a reshaped view of the tracked parameter).
+            let Some(g) = grads[k].take() else {
+                return Tensor::from_inner(theta.inner());
+            };
             let device = g.device();
             let (mk, vk) = take_moments(moments, k, &device);
             if fused::is_cpu::<B>() && fused::hand_written() && theta.dtype() == DType::F32 {
@@ -251,7 +277,12 @@ impl<B: Backend> AdamW<B> {
             // parameter (map_params rounds the result into the low-precision copy).
             let master = self.master[k].take();
             let keep = master.is_some();
-            let mut th = master.unwrap_or_else(|| crate::model::dtype::widen(theta.inner()));
+            let theta = theta.inner();
+            let home = theta.device();
+            // The state's device (a peer's, for a shard): the update runs there.
+            let at = mk.device();
+            let g = g.to_device(&at);
+            let mut th = master.unwrap_or_else(|| crate::model::dtype::widen(theta).to_device(&at));
             if self.decay[k] && c.weight_decay > 0.0 {
                 th = th.mul_scalar(1.0 - lr * c.weight_decay);
             }
@@ -264,7 +295,7 @@ impl<B: Backend> AdamW<B> {
             if keep {
                 self.master[k] = Some(th.clone());
             }
-            Tensor::from_inner(th)
+            Tensor::from_inner(th.to_device(&home))
         })
     }
 
@@ -290,6 +321,9 @@ impl<B: Backend> AdamW<B> {
         };
         let mut tensors = vec![];
         for (k, (name, shape)) in self.names.iter().zip(&self.shapes).enumerate() {
+            if !self.owned[k] {
+                continue;
+            }
             for prefix in ["m", "v"] {
                 let t = match &self.moments {
                     Moments::Held { m, v } => {
@@ -376,5 +410,175 @@ fused::simd_fn! {
             *v = *v * b2 + g * g * (1.0 - b2);
             *th = *th * wd - *m / ((*v / bc2).sqrt() + eps) * step;
         }
+    }
+}
+
+/// AdamW with its state sharded over data-parallel peers (`train.zero = 1`, ZeRO stage 1): peer
+/// `r` holds the moments (and masters) of a contiguous run of parameters, about 1/N of the
+/// elements, on its own device, and updates them there; the updated weights go back to the
+/// model every peer reads. One shard is the plain optimizer with its one file. Each parameter is
+/// updated once, with the same arithmetic, so N shards give the unsharded bits.
+pub struct Sharded<B: Backend> {
+    shards: Vec<AdamW<B>>,
+    /// Parameter index → the shard that owns it.
+    owner: Vec<usize>,
+}
+
+impl<B: Backend> Sharded<B> {
+    /// The state file of shard `r` of `n` in a checkpoint's `optimizer/` directory.
+    pub fn file(dir: &Path, r: usize, n: usize) -> PathBuf {
+        if n == 1 {
+            dir.join("adamw.safetensors")
+        } else {
+            dir.join(format!("adamw-{r}-of-{n}.safetensors"))
+        }
+    }
+
+    /// Contiguous runs of parameters, one per shard, each about 1/n of the elements.
+    fn owners(shapes: &[Vec<usize>], n: usize) -> Vec<usize> {
+        let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        let total: usize = sizes.iter().sum();
+        let mut before = 0usize;
+        sizes
+            .iter()
+            .map(|&len| {
+                // The shard holding this parameter's middle element.
+                let r = ((before + len / 2) * n / total.max(1)).min(n - 1);
+                before += len;
+                r
+            })
+            .collect()
+    }
+
+    fn split(mut shards: Vec<AdamW<B>>, devices: &[B::Device]) -> Self {
+        let n = shards.len();
+        let owner = Self::owners(&shards[0].shapes, n);
+        for (r, s) in shards.iter_mut().enumerate() {
+            s.owned = owner.iter().map(|&o| o == r).collect();
+            s.device = devices.get(r).cloned();
+        }
+        Self { shards, owner }
+    }
+
+    /// Zero state over `devices.len().max(1)` shards (the first device is the model's).
+    pub fn new<AB: AutodiffBackend<InnerBackend = B>>(
+        cfg: AdamWConfig,
+        model: &Llama<AB>,
+        devices: &[B::Device],
+    ) -> Self {
+        let n = devices.len().max(1);
+        Self::split((0..n).map(|_| AdamW::new(cfg, model)).collect(), devices)
+    }
+
+    /// The state in a checkpoint's `optimizer/` directory, written by [`Sharded::save`] over as
+    /// many shards as `devices`; state written over another number is refused, naming it.
+    pub fn resume<AB: AutodiffBackend<InnerBackend = B>>(
+        cfg: AdamWConfig,
+        model: &Llama<AB>,
+        dir: &Path,
+        devices: &[B::Device],
+    ) -> Result<Self> {
+        let n = devices.len().max(1);
+        if let Some(r) = (0..n).find(|&r| !Self::file(dir, r, n).is_file()) {
+            let found: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with("adamw"))
+                .collect();
+            anyhow::bail!(
+                "{}: no {} (this run's optimizer state is sharded over {n}: train.zero and devices); the checkpoint holds {}: resume with the sharding it was written with, or --force",
+                dir.display(),
+                Self::file(dir, r, n).file_name().unwrap_or_default().to_string_lossy(),
+                if found.is_empty() { "none".to_string() } else { found.join(", ") }
+            );
+        }
+        // A shard file of another split would hold other tensors: check that none is left over.
+        let shards = Self::split((0..n).map(|_| AdamW::new(cfg, model)).collect(), devices);
+        let mut out = vec![];
+        for (r, s) in shards.shards.into_iter().enumerate() {
+            let owned = s.owned.clone();
+            let device = s.device.clone();
+            let mut a = AdamW::new(cfg, model);
+            a.owned = owned;
+            a.device = device;
+            let path = Self::file(dir, r, n);
+            let header = crate::source::weights::safetensors_header(&path)?;
+            a.check_file(&path, |key| header.shapes.get(key))?;
+            a.t = saved_updates(&path, &header)?;
+            a.moments = Moments::InFile(path);
+            out.push(a);
+        }
+        Ok(Self {
+            shards: out,
+            owner: shards.owner,
+        })
+    }
+
+    /// Updates made (every shard makes each one).
+    pub fn t(&self) -> usize {
+        self.shards[0].t
+    }
+
+    pub fn set_offload(&mut self, offload: bool) {
+        self.shards.iter_mut().for_each(|s| s.offload = offload);
+    }
+
+    /// Each shard updates its parameters with their gradients (the others pass through).
+    pub fn step<AB: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        mut model: Llama<AB>,
+        grads: Vec<Option<Tensor<B, 1>>>,
+        lr: f64,
+        scale: f64,
+    ) -> Llama<AB> {
+        let n = self.shards.len();
+        let len = grads.len();
+        let mut per: Vec<Vec<Option<Tensor<B, 1>>>> = (0..n).map(|_| (0..len).map(|_| None).collect()).collect();
+        for (k, g) in grads.into_iter().enumerate() {
+            per[self.owner[k]][k] = g;
+        }
+        for (s, g) in self.shards.iter_mut().zip(per) {
+            model = s.step(model, g, lr, scale);
+        }
+        model
+    }
+
+    pub fn restore<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>) -> Result<()> {
+        self.shards.iter_mut().try_for_each(|s| s.restore(model))
+    }
+
+    /// Write every shard's file into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let n = self.shards.len();
+        self.shards
+            .iter()
+            .enumerate()
+            .try_for_each(|(r, s)| s.save(&Self::file(dir, r, n)))
+    }
+
+    /// Park every shard in its file in `dir` (see [`AdamW::park`]).
+    pub fn park(&mut self, dir: &Path) -> Result<()> {
+        let n = self.shards.len();
+        for (r, s) in self.shards.iter_mut().enumerate() {
+            s.park(&Self::file(dir, r, n))?;
+        }
+        Ok(())
+    }
+
+    /// Elements of state each shard owns (its share of the moments).
+    pub fn owned_elements(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.shapes
+                    .iter()
+                    .zip(&s.owned)
+                    .filter(|x| *x.1)
+                    .map(|(sh, _)| sh.iter().product::<usize>())
+                    .sum()
+            })
+            .collect()
     }
 }

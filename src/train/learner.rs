@@ -18,7 +18,7 @@
 //!   resumed run sees exactly the batches an uninterrupted one would.
 
 use super::metrics::{HeldoutOut, LineRenderer, Scalar, Stepped};
-use super::{AdamW, HeldoutLog, SnapCtx, StepLog, TrainData, TrainState};
+use super::{AdamW, HeldoutLog, Sharded, SnapCtx, StepLog, TrainData, TrainState};
 use crate::backend::Ad;
 use crate::model::{Checkpoint, Llama};
 use crate::recipe::{Loaded, TrainSection};
@@ -208,7 +208,7 @@ pub(crate) fn evaluate<B: Backend>(model: &Llama<B>, sets: &[HeldoutBatch]) -> V
 /// record is empty.
 #[derive(Clone)]
 pub struct TuneOptimizer<B: Backend> {
-    pub(crate) adamw: Arc<Mutex<AdamW<B>>>,
+    pub(crate) adamw: Arc<Mutex<Sharded<B>>>,
     avg: f64,
     clip: f64,
     /// The last step's gradient norm (after averaging, before clipping).
@@ -216,7 +216,7 @@ pub struct TuneOptimizer<B: Backend> {
 }
 
 impl<B: Backend> TuneOptimizer<B> {
-    pub fn new(adamw: AdamW<B>, t: &TrainSection) -> Self {
+    pub fn new(adamw: Sharded<B>, t: &TrainSection) -> Self {
         TuneOptimizer {
             adamw: Arc::new(Mutex::new(adamw)),
             avg: 1.0 / t.grad_accum as f64,
@@ -501,7 +501,7 @@ impl Session {
         &mut self,
         model: &Llama<Ad<B>>,
         outs: Option<Vec<HeldoutOut>>,
-        opt: &Mutex<AdamW<B>>,
+        opt: &Mutex<Sharded<B>>,
     ) -> Result<()> {
         let step = self.state.step;
         let t = self.train().clone();
@@ -546,7 +546,7 @@ impl Session {
         if t.checkpoints_at(step) {
             // The checkpoint holds the moments now: free them while the snapshot runs (the next
             // step reads them back, the same bits), so the two never share memory.
-            lock(opt).park(&here.join("optimizer").join(super::OPTIMIZER_FILE))?;
+            lock(opt).park(&here.join("optimizer"))?;
             let snap_dir = self.dir.join("snapshots");
             let ctx = SnapCtx {
                 loaded: &self.loaded,
@@ -742,7 +742,7 @@ fn model_ref_of<M>(m: &Option<M>) -> &M {
 pub(super) fn run<B: Backend>(
     session: Session,
     model: Llama<Ad<B>>,
-    adamw: AdamW<B>,
+    adamw: Sharded<B>,
     data: TrainData,
     heldout: Vec<HeldoutBatch>,
     devices: Vec<burn::tensor::Device<Ad<B>>>,

@@ -23,7 +23,7 @@ pub use crate::layout::{step_name, tune_dir, tune_hash};
 use crate::model::{self, Checkpoint, Llama};
 use crate::recipe::{Loaded, Schedule, TrainSection};
 use crate::track::{self, Tb};
-use adamw::{AdamW, AdamWConfig};
+use adamw::{AdamW, AdamWConfig, Sharded};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
@@ -475,6 +475,12 @@ fn tune_run<B: Backend>(
     let held_pairs = heldout_pairs(loaded, corpora, &ck)?;
 
     // The model takes the base weights over (a resumed run reads its own instead).
+    // ZeRO stage 1: the optimizer state sharded over the data-parallel peers' devices.
+    let shard_devices = if t.zero > 0 {
+        crate::collective::peer_devices::<B>(r.devices)
+    } else {
+        vec![]
+    };
     let base_weights = std::mem::take(&mut ck.weights);
     let (model, opt, mut state) = match latest {
         Some(step) => {
@@ -493,13 +499,13 @@ fn tune_run<B: Backend>(
             m.keep_blocks = t.keep_blocks;
             // Only the header is read now: the moments stay in the file until the first step,
             // so the snapshot below runs without them.
-            let mut o = AdamW::resume(acfg, &m, &d.join("optimizer").join(OPTIMIZER_FILE))?;
-            o.offload = t.offload_optimizer;
-            if o.t != st.step {
+            let mut o = Sharded::resume(acfg, &m, &d.join("optimizer"), &shard_devices)?;
+            o.set_offload(t.offload_optimizer);
+            if o.t() != st.step {
                 bail!(
                     "{}: the optimizer has made {} updates, train_state.json says step {}",
                     d.display(),
-                    o.t,
+                    o.t(),
                     st.step
                 );
             }
@@ -511,8 +517,8 @@ fn tune_run<B: Backend>(
         None => {
             let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, base_weights, device, r.dtype)?;
             m.keep_blocks = t.keep_blocks;
-            let mut o = AdamW::new(acfg, &m);
-            o.offload = t.offload_optimizer;
+            let mut o = Sharded::new(acfg, &m, &shard_devices);
+            o.set_offload(t.offload_optimizer);
             let st = TrainState {
                 format: 1,
                 language: lang.into(),
@@ -690,7 +696,7 @@ fn write_checkpoint<AB: AutodiffBackend>(
     out: &Path,
     ck: &Checkpoint,
     model: &Llama<AB>,
-    opt: &AdamW<AB::InnerBackend>,
+    opt: &Sharded<AB::InnerBackend>,
     state: &TrainState,
 ) -> Result<()> {
     crate::util::write_dir_atomic(out, true, |tmp| {
@@ -699,14 +705,11 @@ fn write_checkpoint<AB: AutodiffBackend>(
         model::export::write_hf_files_with(&ck.config, &ck.tokenizer, tmp, |name| weights.remove(name))?;
         let od = tmp.join("optimizer");
         std::fs::create_dir_all(&od)?;
-        opt.save(&od.join(OPTIMIZER_FILE))?;
+        opt.save(&od)?;
         std::fs::write(tmp.join("train_state.json"), serde_json::to_string_pretty(state)?)?;
         Ok(())
     })
 }
-
-/// The optimizer's state in a checkpoint, under `optimizer/`.
-const OPTIMIZER_FILE: &str = "adamw.safetensors";
 
 /// Keep the newest `keep` checkpoints.
 fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
