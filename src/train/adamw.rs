@@ -23,6 +23,17 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl From<&crate::recipe::TrainSection> for AdamWConfig {
+    fn from(t: &crate::recipe::TrainSection) -> Self {
+        AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        }
+    }
+}
+
 pub struct AdamW<B: Backend> {
     pub cfg: AdamWConfig,
     names: Vec<String>,
@@ -494,26 +505,15 @@ impl<B: Backend> Sharded<B> {
                 if found.is_empty() { "none".to_string() } else { found.join(", ") }
             );
         }
-        // A shard file of another split would hold other tensors: check that none is left over.
-        let shards = Self::split((0..n).map(|_| AdamW::new(cfg, model)).collect(), devices);
-        let mut out = vec![];
-        for (r, s) in shards.shards.into_iter().enumerate() {
-            let owned = s.owned.clone();
-            let device = s.device.clone();
-            let mut a = AdamW::new(cfg, model);
-            a.owned = owned;
-            a.device = device;
+        let mut sharded = Self::split((0..n).map(|_| AdamW::new(cfg, model)).collect(), devices);
+        for (r, a) in sharded.shards.iter_mut().enumerate() {
             let path = Self::file(dir, r, n);
             let header = crate::source::weights::safetensors_header(&path)?;
             a.check_file(&path, |key| header.shapes.get(key))?;
             a.t = saved_updates(&path, &header)?;
             a.moments = Moments::InFile(path);
-            out.push(a);
         }
-        Ok(Self {
-            shards: out,
-            owner: shards.owner,
-        })
+        Ok(sharded)
     }
 
     /// Updates made (every shard makes each one).

@@ -183,7 +183,8 @@ impl LineRenderer {
         }
     }
 
-    fn record(&self, into: &mut BTreeMap<String, String>, state: MetricState) {
+    /// A metric's name and its value as the line shows it; `None` while nothing is reported.
+    fn entry(&self, state: MetricState) -> Option<(String, String)> {
         let (entry, value) = match state {
             MetricState::Generic(e) => (e, None),
             MetricState::Numeric(e, v) => (e, Some(v)),
@@ -191,12 +192,12 @@ impl LineRenderer {
         let name = self.name_of(&entry.metric_id);
         let text = match value.map(|v| v.current()) {
             // Nothing reported yet (a raw held-out set has no pair loss).
-            Some(v) if v.is_nan() => return,
+            Some(v) if v.is_nan() => return None,
             Some(v) if v != 0.0 && v.abs() < 1e-3 => format!("{v:.3e}"),
             Some(v) => format!("{v:.4}"),
             None => entry.serialized_entry.formatted,
         };
-        into.insert(name, text);
+        Some((name, text))
     }
 
     fn name_of(&self, id: &MetricId) -> String {
@@ -227,15 +228,11 @@ impl LineRenderer {
 
 impl MetricsRendererTraining for LineRenderer {
     fn update_train(&mut self, state: MetricState) {
-        let mut m = std::mem::take(&mut self.train);
-        self.record(&mut m, state);
-        self.train = m;
+        self.train.extend(self.entry(state));
     }
 
     fn update_valid(&mut self, state: MetricState) {
-        let mut m = std::mem::take(&mut self.valid);
-        self.record(&mut m, state);
-        self.valid = m;
+        self.valid.extend(self.entry(state));
     }
 
     fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {

@@ -463,12 +463,7 @@ fn tune_run<B: Backend>(
     ensure_corpora(loaded, corpora, &ck)?;
     let base_sha = model::load::source_hash(&ck.location)?;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
-    let acfg = AdamWConfig {
-        beta1: t.beta1,
-        beta2: t.beta2,
-        eps: t.eps,
-        weight_decay: t.weight_decay,
-    };
+    let acfg = AdamWConfig::from(t);
 
     let data = train_data(loaded, corpora, &ck, lang, eos)?;
     let heldout = heldout_blocks(loaded, corpora, &ck, eos)?;
