@@ -24,6 +24,10 @@ pub struct Manifest {
     /// default the language's own name, when it has one.
     #[serde(default)]
     pub pairs: Option<String>,
+    /// Running text, whose paragraphs are single long lines: the filter that drops minified
+    /// code (very long lines) is off.
+    #[serde(default)]
+    pub prose: bool,
 }
 
 /// Split files at lines equal to `separator`, then pack consecutive pieces into documents of
@@ -31,8 +35,14 @@ pub struct Manifest {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Chunk {
+    /// An empty separator cuts at blank lines (paragraphs).
     pub separator: String,
     pub bytes: usize,
+    /// Keep the pieces of one file in one split (by the file's content hash), so held-out
+    /// documents never share a file with calibration or training ones. Off: each piece is
+    /// split by its own hash (independent pieces, such as fortunes).
+    #[serde(default)]
+    pub split_by_file: bool,
 }
 
 impl Chunk {
@@ -93,6 +103,16 @@ pub enum SourceSpec {
         #[serde(default)]
         exclude: Vec<String>,
     },
+    /// A package from the npm registry, fetched once with the machine's `npm pack` into
+    /// codespot's cache (`npm/`; offline mode reads only the cache); `include` and `exclude`
+    /// match paths inside the tarball (`package/…`).
+    Npm {
+        package: String,
+        version: String,
+        include: Vec<String>,
+        #[serde(default)]
+        exclude: Vec<String>,
+    },
     /// An HF dataset (JSON lines files) through hf-hub.
     HfDataset {
         repo: String,
@@ -142,6 +162,21 @@ pub struct Doc {
     pub path: String,
     pub sha256: String,
     pub text: String,
+    /// The SHA-256 of the file this document was cut from, when the manifest keeps a file's
+    /// pieces in one split (`chunk.split_by_file`): the split is then the file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_sha256: Option<String>,
+}
+
+impl Doc {
+    /// The document's split: 80 / 10 / 10 by its content hash, or its file's.
+    pub fn split(&self) -> Split {
+        Split::of_hash(self.split_key())
+    }
+
+    fn split_key(&self) -> u64 {
+        hash64(self.file_sha256.as_deref().unwrap_or(&self.sha256))
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -345,7 +380,8 @@ fn walk(root: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// Why a file is left out, or None to keep it.
-pub fn reject_reason(text: &str) -> Option<&'static str> {
+/// `prose`: running text, whose long lines are paragraphs, not minified code.
+pub fn reject_reason(text: &str, prose: bool) -> Option<&'static str> {
     if text.len() < 200 {
         return Some("too_small");
     }
@@ -354,7 +390,7 @@ pub fn reject_reason(text: &str) -> Option<&'static str> {
     }
     let lines: Vec<&str> = text.lines().collect();
     let max = lines.iter().map(|l| l.len()).max().unwrap_or(0);
-    if max > 1000 || text.len() / lines.len().max(1) > 200 {
+    if !prose && (max > 1000 || text.len() / lines.len().max(1) > 200) {
         return Some("minified");
     }
     let head = lines
@@ -383,7 +419,14 @@ fn hash64(sha_hex: &str) -> u64 {
 }
 
 /// Raw documents of a manifest (before filtering), as (path, bytes).
-fn gather(m: &Manifest, manifest_name: &str, corpora: &Corpora, install: bool) -> Result<Vec<(String, Vec<u8>)>> {
+/// Each document is `(path, bytes, the SHA-256 of its file when chunk.split_by_file)`.
+#[allow(clippy::type_complexity)]
+fn gather(
+    m: &Manifest,
+    manifest_name: &str,
+    corpora: &Corpora,
+    install: bool,
+) -> Result<Vec<(String, Vec<u8>, Option<String>)>> {
     let mut docs = Vec::new();
     for (i, s) in m.sources.iter().enumerate() {
         let ctx = format!("{manifest_name}: sources[{i}]");
@@ -425,6 +468,19 @@ fn gather(m: &Manifest, manifest_name: &str, corpora: &Corpora, install: bool) -
                     read_tree(&root, &inc, &exc, &mut docs);
                 }
             }
+            SourceSpec::Npm {
+                package,
+                version,
+                include,
+                exclude,
+            } => {
+                let tgz = npm_tarball(package, version).with_context(|| ctx.clone())?;
+                let (inc, exc) = (patterns(include, &ctx)?, patterns(exclude, &ctx)?);
+                let stem = tgz.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                let to = corpora.dir.join("build").join(".extract").join(format!("npm-{stem}"));
+                read_archive(&tgz, &inc, &exc, &to, &mut docs)
+                    .with_context(|| format!("{ctx}: reading {}", tgz.display()))?;
+            }
             SourceSpec::HfDataset {
                 repo,
                 files,
@@ -447,13 +503,16 @@ fn gather(m: &Manifest, manifest_name: &str, corpora: &Corpora, install: bool) -
         }
     }
     if let Some(c) = &m.chunk {
-        anyhow::ensure!(
-            c.bytes > 0 && !c.separator.is_empty(),
-            "{manifest_name}: chunk: 'bytes' must be positive and 'separator' not empty"
-        );
-        docs = docs.into_iter().flat_map(|(p, t)| c.split(&p, &t)).collect();
+        anyhow::ensure!(c.bytes > 0, "{manifest_name}: chunk: 'bytes' must be positive");
+        return Ok(docs
+            .into_iter()
+            .flat_map(|(p, t)| {
+                let file = c.split_by_file.then(|| util::sha256_bytes(&t));
+                c.split(&p, &t).into_iter().map(move |(p, t)| (p, t, file.clone()))
+            })
+            .collect());
     }
-    Ok(docs)
+    Ok(docs.into_iter().map(|(p, t)| (p, t, None)).collect())
 }
 
 fn read_tree(root: &Path, inc: &[glob::Pattern], exc: &[glob::Pattern], docs: &mut Vec<(String, Vec<u8>)>) {
@@ -540,6 +599,60 @@ fn ensure_debian(package: &str, install: bool) -> Result<()> {
         bail!("apt-get install {package} failed ({st})");
     }
     Ok(())
+}
+
+/// The tarball of an npm package version in codespot's cache (`npm/NAME-VERSION.tgz`, as
+/// `npm pack` names it), fetched with `npm pack` when absent and the network is allowed.
+fn npm_tarball(package: &str, version: &str) -> Result<PathBuf> {
+    let valid = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "@/._-".contains(c)) && !s.contains("..")
+    };
+    anyhow::ensure!(
+        valid(package),
+        "npm package name '{package}' is not a plain package name"
+    );
+    anyhow::ensure!(
+        valid(version) && !version.contains('/'),
+        "npm version '{version}' is not a plain version"
+    );
+    let dir = util::cache_dir().join("npm");
+    let name = format!("{}-{version}.tgz", package.trim_start_matches('@').replace('/', "-"));
+    let path = dir.join(&name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    if util::offline() {
+        bail!(
+            "npm package {package}@{version}: {} is not in the cache and offline mode is on",
+            path.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::tempdir_in(&dir)?;
+    let out = std::process::Command::new("npm")
+        .args([
+            "pack",
+            &format!("{package}@{version}"),
+            "--silent",
+            "--pack-destination",
+        ])
+        .arg(tmp.path())
+        .output()
+        .with_context(|| format!("npm package {package}@{version}: running `npm pack` (is npm installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "npm package {package}@{version}: `npm pack` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let got = tmp.path().join(&name);
+    anyhow::ensure!(
+        got.is_file(),
+        "npm package {package}@{version}: `npm pack` did not write {name}"
+    );
+    std::fs::rename(&got, &path).with_context(|| format!("moving the tarball to {}", path.display()))?;
+    Ok(path)
 }
 
 fn is_root() -> bool {
@@ -633,12 +746,12 @@ pub fn build(
     stats.manifest_sha256 = util::sha256_bytes(&std::fs::read(&mpath)?);
     let mut seen = HashSet::new();
     let mut docs: Vec<Doc> = Vec::new();
-    for (path, bytes) in raw {
+    for (path, bytes, file_sha256) in raw {
         let Ok(text) = String::from_utf8(bytes) else {
             *stats.skipped.entry("not_utf8".into()).or_default() += 1;
             continue;
         };
-        if let Some(r) = reject_reason(&text) {
+        if let Some(r) = reject_reason(&text, m.prose) {
             *stats.skipped.entry(r.into()).or_default() += 1;
             continue;
         }
@@ -651,6 +764,7 @@ pub fn build(
             path,
             sha256: sha,
             text,
+            file_sha256,
         });
     }
     if docs.is_empty() {
@@ -660,7 +774,7 @@ pub fn build(
         );
     }
     // A stable pseudo-random order; the cap keeps a prefix of it.
-    docs.sort_by_key(|d| hash64(&d.sha256));
+    docs.sort_by_key(|d| d.split_key());
     let cap = (max_mb * 1024.0 * 1024.0) as usize;
     let mut total = 0;
     let keep = docs
@@ -681,7 +795,7 @@ pub fn build(
             writers.push(std::io::BufWriter::new(f));
         }
         for d in &docs {
-            let s = Split::of_hash(hash64(&d.sha256));
+            let s = d.split();
             let st = stats.split_mut(s);
             st.files += 1;
             st.bytes += d.text.len();
@@ -701,7 +815,7 @@ pub fn build(
                 (Split::Train, &mut stats.pairs),
                 (Split::Heldout, &mut stats.heldout_pairs),
             ] {
-                let of = docs.iter().filter(|d| Split::of_hash(hash64(&d.sha256)) == split);
+                let of = docs.iter().filter(|d| d.split() == split);
                 *field = Some(write_pairs(scanner, of, tok, &tmp.join(pairs_file(split)), &mut seen)?);
             }
         } else if let Some(s) = &m.pairs {
@@ -856,6 +970,7 @@ pub fn corpus_list(corpora: &Corpora) -> Vec<CorpusRow> {
                     .map(|s| match s {
                         SourceSpec::Dir { roots, .. } => format!("dir {}", roots.first().cloned().unwrap_or_default()),
                         SourceSpec::Debian { package, .. } => format!("debian {package}"),
+                        SourceSpec::Npm { package, version, .. } => format!("npm {package}@{version}"),
                         SourceSpec::HfDataset { repo, .. } => format!("hf-dataset {repo}"),
                     })
                     .collect::<Vec<_>>()

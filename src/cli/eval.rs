@@ -38,6 +38,10 @@ pub struct EvalArgs {
     temperature: f32,
     #[arg(long, default_value_t = 384)]
     max_tokens: usize,
+    /// Prompts decoded together by the generation tasks (HumanEval, HumanEval-X); 1 decodes
+    /// one at a time.
+    #[arg(long, default_value_t = 16)]
+    gen_batch: usize,
     /// Tokens per document for the bits-per-byte tasks (longer documents are cut).
     #[arg(long, default_value_t = 1024)]
     max_bpb_tokens: usize,
@@ -69,6 +73,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         temperature: a.temperature,
         max_tokens: a.max_tokens,
         max_bpb_tokens: a.max_bpb_tokens,
+        gen_batch: a.gen_batch.max(1),
         ..Default::default()
     };
     let controls: Vec<String> = a.controls.into_iter().filter(|c| c != "none").collect();

@@ -2,7 +2,7 @@
 
 use super::datasets::CodeProblem;
 use super::sandbox::{run_python, Limits, Outcome};
-use crate::model::generate::{generate, GenOptions};
+use crate::model::generate::{generate, GenOptions, GenOutput, GenRequest};
 use crate::model::{Llama, Message, Tok};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
@@ -45,20 +45,35 @@ pub fn completion_from_chat(p: &CodeProblem, answer: &str) -> String {
     }
 }
 
+/// What [`complete`] decodes for `p`: the chat prompt when `chat` and the tokenizer has a
+/// template (no stop strings: the answer's code block is taken afterwards), else the raw prompt
+/// cut at [`STOP`].
+pub fn request(tok: &Tok, p: &CodeProblem, chat: bool, opts: &GenOptions) -> Result<GenRequest> {
+    let mut o = opts.clone();
+    let prompt = if chat && tok.chat_template.is_some() {
+        let msg = format!("Complete the following Python function. Answer with the whole function in one ```python code block.\n\n```python\n{}```", p.prompt);
+        tok.encode(&tok.apply_chat(&[Message::user(&msg)], true)?, false)?
+    } else {
+        o.stop = STOP.iter().map(|s| s.to_string()).collect();
+        tok.encode(&p.prompt, true)?
+    };
+    Ok(GenRequest { prompt, opts: o })
+}
+
+/// The completion of `p.prompt` from what [`request`] decoded.
+pub fn completion(tok: &Tok, p: &CodeProblem, chat: bool, out: &GenOutput) -> String {
+    if chat && tok.chat_template.is_some() {
+        completion_from_chat(p, &out.text)
+    } else {
+        out.text.clone()
+    }
+}
+
 /// Generate one completion (greedy when `opts.temperature` is 0).
 pub fn complete<B: Backend>(m: &Llama<B>, tok: &Tok, p: &CodeProblem, chat: bool, opts: &GenOptions) -> Result<String> {
-    if chat && tok.chat_template.is_some() {
-        let msg = format!("Complete the following Python function. Answer with the whole function in one ```python code block.\n\n```python\n{}```", p.prompt);
-        let text = tok.apply_chat(&[Message::user(&msg)], true)?;
-        let ids = tok.encode(&text, false)?;
-        let out = generate(m, tok, &ids, opts, |_| {})?;
-        Ok(completion_from_chat(p, &out.text))
-    } else {
-        let ids = tok.encode(&p.prompt, true)?;
-        let mut o = opts.clone();
-        o.stop = STOP.iter().map(|s| s.to_string()).collect();
-        Ok(generate(m, tok, &ids, &o, |_| {})?.text)
-    }
+    let r = request(tok, p, chat, opts)?;
+    let out = generate(m, tok, &r.prompt, &r.opts, |_| {})?;
+    Ok(completion(tok, p, chat, &out))
 }
 
 /// HumanEval-X: the files, steps (compile, run) and failure marker for one language.
@@ -147,6 +162,29 @@ pub fn x_passes(lang: &str, p: &CodeProblem, completion: &str, limits: &Limits) 
     Ok(super::sandbox::run_steps(&files, &steps, marker)? == Outcome::Passed)
 }
 
+/// What [`x_complete`] decodes: the raw prompt, stopped where the function ends.
+pub fn x_request(tok: &Tok, lang: &str, p: &CodeProblem, opts: &GenOptions) -> Result<GenRequest> {
+    let mut o = opts.clone();
+    o.stop = match lang {
+        "python" => STOP.iter().map(|s| s.to_string()).collect(),
+        _ => vec!["\n}".to_string()],
+    };
+    Ok(GenRequest {
+        prompt: tok.encode(&p.prompt, true)?,
+        opts: o,
+    })
+}
+
+/// The completion from what [`x_request`] decoded: a brace-language function gets back the
+/// closing brace its stop string cut.
+pub fn x_completion(lang: &str, out: &GenOutput) -> String {
+    if lang == "python" || out.finish != "stop" {
+        out.text.clone()
+    } else {
+        format!("{}\n}}\n", out.text)
+    }
+}
+
 /// A raw continuation of a HumanEval-X prompt, cut where the function ends.
 pub fn x_complete<B: Backend>(
     m: &Llama<B>,
@@ -155,16 +193,6 @@ pub fn x_complete<B: Backend>(
     p: &CodeProblem,
     opts: &GenOptions,
 ) -> Result<String> {
-    let ids = tok.encode(&p.prompt, true)?;
-    let mut o = opts.clone();
-    o.stop = match lang {
-        "python" => STOP.iter().map(|s| s.to_string()).collect(),
-        _ => vec!["\n}".to_string()],
-    };
-    let out = generate(m, tok, &ids, &o, |_| {})?;
-    Ok(if lang == "python" || out.finish != "stop" {
-        out.text
-    } else {
-        format!("{}\n}}\n", out.text)
-    })
+    let r = x_request(tok, lang, p, opts)?;
+    Ok(x_completion(lang, &generate(m, tok, &r.prompt, &r.opts, |_| {})?))
 }

@@ -11,6 +11,7 @@ pub mod mc;
 pub mod paired;
 pub mod sandbox;
 
+use crate::model::generate::generate_many;
 use crate::model::{Llama, Tok};
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
@@ -31,9 +32,10 @@ pub enum Task {
     /// the same 500 problems in each of [`MT_MBPP_LANGS`].
     MtMbpp(String),
     CodeBpb(String),
-    /// Bits per byte on the held-out split of the English prose corpus `text` (the
-    /// natural-language control of code bits per byte).
-    TextBpb,
+    /// Bits per byte on the held-out split of an English prose corpus (`text-bpb` reads
+    /// [`TEXT_CORPUS`], `text-bpb:CORPUS` another): the natural-language control of code bits
+    /// per byte.
+    TextBpb(String),
     Mc(String),
 }
 
@@ -68,16 +70,17 @@ impl Task {
             Some(("humaneval-x", l)) => Task::HumanEvalX(l.into()),
             Some(("humaneval-x-bpb", l)) => Task::HumanEvalXBpb(l.into()),
             Some(("code-bpb", l)) => Task::CodeBpb(l.into()),
+            Some(("text-bpb", c)) => Task::TextBpb(c.into()),
             Some(("mt-mbpp", l)) if MT_MBPP_LANGS.contains(&l) => Task::MtMbpp(l.into()),
             Some(("mt-mbpp", l)) => bail!("unknown task 'mt-mbpp:{l}': its languages are {}", MT_MBPP_LANGS.join(", ")),
             _ => match s {
                 "humaneval" => Task::HumanEval,
-                "text-bpb" => Task::TextBpb,
+                "text-bpb" => Task::TextBpb(TEXT_CORPUS.into()),
                 "humaneval-bpb" => Task::HumanEvalBpb,
                 "mbpp" => Task::Mbpp,
                 t if MC_TASKS.contains(&t) => Task::Mc(t.into()),
                 other => bail!(
-                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, mt-mbpp:LANG, code-bpb:LANG, text-bpb, {})",
+                    "unknown task '{other}' (humaneval, humaneval-x:LANG, humaneval-x-bpb:LANG, humaneval-bpb, mbpp, mt-mbpp:LANG, code-bpb:LANG, text-bpb[:CORPUS], {})",
                     MC_TASKS.join(", ")
                 ),
             },
@@ -92,7 +95,8 @@ impl Task {
             Task::Mbpp => "mbpp".into(),
             Task::MtMbpp(l) => format!("mt-mbpp:{l}"),
             Task::CodeBpb(l) => format!("code-bpb:{l}"),
-            Task::TextBpb => "text-bpb".into(),
+            Task::TextBpb(c) if c == TEXT_CORPUS => "text-bpb".into(),
+            Task::TextBpb(c) => format!("text-bpb:{c}"),
             Task::Mc(t) => t.clone(),
         }
     }
@@ -105,7 +109,7 @@ impl Task {
                 | Task::Mbpp
                 | Task::MtMbpp(_)
                 | Task::CodeBpb(_)
-                | Task::TextBpb
+                | Task::TextBpb(_)
         )
     }
 }
@@ -122,6 +126,8 @@ pub struct EvalOptions {
     pub corpora: crate::data::Corpora,
     pub humaneval_x_root: PathBuf,
     pub max_bpb_tokens: usize,
+    /// Prompts decoded together by the generation tasks (1: one at a time).
+    pub gen_batch: usize,
 }
 
 impl Default for EvalOptions {
@@ -137,6 +143,7 @@ impl Default for EvalOptions {
             corpora: crate::data::Corpora::from_env(),
             humaneval_x_root: PathBuf::from("../shared/data/humaneval-x"),
             max_bpb_tokens: 1024,
+            gen_batch: 16,
         }
     }
 }
@@ -313,13 +320,23 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             let limits = sandbox::Limits::default();
             let mut items = Vec::new();
             let k = o.samples.max(1);
-            for i in sample_indices(probs.len(), o.limit, o.seed) {
-                let mut c = 0;
-                let mut samples = vec![];
+            let picked = sample_indices(probs.len(), o.limit, o.seed);
+            // Every sample of every problem, decoded in batches (a problem's samples share
+            // its prompt's prefill).
+            let mut reqs = Vec::with_capacity(picked.len() * k);
+            for &i in &picked {
                 for s in 0..k {
                     let mut op = opts.clone();
                     op.seed = o.seed + s as u64;
-                    let comp = humaneval::complete(m, tok, &probs[i], chat, &op)?;
+                    reqs.push(humaneval::request(tok, &probs[i], chat, &op)?);
+                }
+            }
+            let outs = generate_many(m, tok, &reqs, o.gen_batch, |_| {})?;
+            for (j, &i) in picked.iter().enumerate() {
+                let mut c = 0;
+                let mut samples = vec![];
+                for out in &outs[j * k..(j + 1) * k] {
+                    let comp = humaneval::completion(tok, &probs[i], chat, out);
                     let passed = humaneval::passes(&probs[i], &comp, &limits)?;
                     c += passed as usize;
                     samples.push(serde_json::json!({"completion": comp, "passed": passed}));
@@ -359,8 +376,14 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             let opts = o.gen_options();
             let limits = sandbox::Limits::default();
             let mut items = Vec::new();
-            for i in sample_indices(probs.len(), o.limit, o.seed) {
-                let comp = humaneval::x_complete(m, tok, lang, &probs[i], &opts)?;
+            let picked = sample_indices(probs.len(), o.limit, o.seed);
+            let reqs: Vec<_> = picked
+                .iter()
+                .map(|&i| humaneval::x_request(tok, lang, &probs[i], &opts))
+                .collect::<Result<_>>()?;
+            let outs = generate_many(m, tok, &reqs, o.gen_batch, |_| {})?;
+            for (&i, out) in picked.iter().zip(&outs) {
+                let comp = humaneval::x_completion(lang, out);
                 let passed = humaneval::x_passes(lang, &probs[i], &comp, &limits)?;
                 let detail = serde_json::json!({"completion": comp, "passed": passed});
                 items.push(Item::new(&probs[i].task_id, passed as u8 as f64, 1.0, detail));
@@ -426,11 +449,7 @@ pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOption
             .into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
-        Task::CodeBpb(_) | Task::TextBpb => {
-            let lang = match task {
-                Task::CodeBpb(l) => l.as_str(),
-                _ => TEXT_CORPUS,
-            };
+        Task::CodeBpb(lang) | Task::TextBpb(lang) => {
             let path = o.corpora.split_path(lang, crate::data::Split::Heldout)?;
             let docs: Vec<crate::data::Doc> = crate::data::read_split(&path)?.collect::<Result<_>>()?;
             if docs.is_empty() {

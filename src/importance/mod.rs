@@ -202,11 +202,15 @@ impl<B: Backend> Accumulator<B> {
         use crate::model::names::ModuleKind as K;
         let Some(ga) = &mut self.groups else { return };
         let Some((l, kind)) = ga.roles[i] else { return };
-        let [r, c] = [self.shapes[i][0], self.shapes[i][1]];
-        let prod = (flat_value(p) * g.clone()).reshape([r, c]);
-        // q, gate, up: one sum per output row; o, down: one per input column.
+        let prod = flat_value(p) * g.clone();
+        // q, gate, up: one sum per output row; o, down: one per input column; a q bias's
+        // element is its row's.
         let by_row = matches!(kind, K::Q | K::Gate | K::Up);
-        let sums = if by_row { prod.sum_dim(1) } else { prod.sum_dim(0) };
+        let sums = match self.shapes[i].as_slice() {
+            [r, c] if by_row => prod.reshape([*r, *c]).sum_dim(1).flatten::<1>(0, 1),
+            [r, c] => prod.reshape([*r, *c]).sum_dim(0).flatten::<1>(0, 1),
+            _ => prod,
+        };
         let sums: Vec<f32> = sums.into_data().convert::<f32>().into_vec().expect("f32 sums");
         let hd = ga.head_dim;
         match kind {

@@ -135,7 +135,7 @@ pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
         if let Some(hs) = names::head_slicing(pn.kind, cfg) {
             let mut m = vec![0.0f64; hs.heads];
             for (i, &x) in t.data.iter().enumerate() {
-                m[hs.head_of(i, cols)] += x as f64;
+                m[hs.head_of(i, &t.shape)] += x as f64;
             }
             let per = (t.numel() / hs.heads.max(1)).max(1) as f64;
             for (h, &mass) in m.iter().enumerate() {

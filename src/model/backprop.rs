@@ -21,20 +21,32 @@ use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
 
 pub use super::llama::DEFAULT_KEEP_BLOCKS;
 
-/// Hand block `l`'s parameter gradients in `grads` to `sink`.
+/// Hand block `l`'s parameter gradients in `grads` to `sink` (its biases' at their indices
+/// after every other parameter's, [`crate::model::LlamaConfig::bias_index`]).
 fn block_grads<B: AutodiffBackend>(
+    cfg: &crate::model::LlamaConfig,
     blk: &Block<B>,
     l: usize,
     grads: &mut B::Gradients,
     sink: &mut impl FnMut(usize, Tensor<B::InnerBackend, 1>),
 ) {
-    for (j, p) in blk.param_refs().into_iter().enumerate() {
+    let weights = blk
+        .param_refs()
+        .into_iter()
+        .enumerate()
+        .map(|(j, p)| (1 + BLOCK_TENSORS.len() * l + j, p));
+    let biases = blk
+        .bias_refs()
+        .into_iter()
+        .enumerate()
+        .map(|(j, p)| (cfg.bias_index(l, j), p));
+    for (i, p) in weights.chain(biases) {
         let g = match p {
             ParamRef::Vector(p) => p.val().grad_remove(grads),
             ParamRef::Matrix(p) => p.val().grad_remove(grads).map(|g| g.flatten(0, 1)),
         };
         if let Some(g) = g {
-            sink(1 + BLOCK_TENSORS.len() * l + j, widen(g));
+            sink(i, widen(g));
         }
     }
 }
@@ -174,7 +186,7 @@ impl<B: AutodiffBackend> Llama<B> {
             sink(norm_index, widen(g));
         }
         for l in layers - keep..layers {
-            block_grads(&self.layers[l], l, &mut grads, &mut sink);
+            block_grads(cfg, &self.layers[l], l, &mut grads, &mut sink);
         }
         let mut dy = top_in
             .grad_remove(&mut grads)
@@ -186,7 +198,7 @@ impl<B: AutodiffBackend> Llama<B> {
             let x = Tensor::<B, 2>::from_inner(saved.pop().expect("one input per block")).require_grad();
             let y = self.layers[l].forward(cfg, x.clone(), &ctx, None);
             let mut grads = (y * Tensor::from_inner(dy)).sum().backward();
-            block_grads(&self.layers[l], l, &mut grads, &mut sink);
+            block_grads(cfg, &self.layers[l], l, &mut grads, &mut sink);
             dy = x.grad_remove(&mut grads).expect("gradient of a block's input");
         }
 

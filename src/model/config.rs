@@ -127,10 +127,11 @@ fn rope_of(v: &serde_json::Value) -> Result<(f64, Option<RopeScaling>)> {
 
 /// Config keys that change the arithmetic in ways codespot does not implement: an error names
 /// the key rather than computing another model than the one the checkpoint describes.
-fn refuse_unsupported(v: &serde_json::Value) -> Result<()> {
+fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
+    // Qwen2's q/k/v biases are its architecture's, not a key's.
     for k in ["attention_bias", "mlp_bias"] {
         if v.get(k).and_then(|x| x.as_bool()) == Some(true) {
-            bail!("config field '{k}' is true: projection biases are not implemented for the Llama architecture");
+            bail!("config field '{k}' is true: these projection biases are not implemented (Qwen2's q/k/v biases are)");
         }
     }
     for k in ["hidden_act", "hidden_activation"] {
@@ -145,12 +146,21 @@ fn refuse_unsupported(v: &serde_json::Value) -> Result<()> {
             bail!("config field 'partial_rotary_factor' = {p}: partial rotary embeddings are not implemented");
         }
     }
+    if let Some(types) = v.get("layer_types").and_then(|x| x.as_array()) {
+        if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+            bail!("config field 'layer_types' has a {t} layer: only full attention is implemented");
+        }
+    }
     if let Some(w) = v.get("sliding_window").and_then(|x| x.as_u64()) {
         let max = v
             .get("max_position_embeddings")
             .and_then(|x| x.as_u64())
             .unwrap_or(4096);
-        let used = v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(true);
+        // Qwen2 configs carry a window that `use_sliding_window` (default false) leaves off.
+        let used = v
+            .get("use_sliding_window")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(arch != Arch::Qwen2);
         if used && w < max {
             bail!(
                 "config field 'sliding_window' = {w} (below max_position_embeddings {max}): sliding-window attention is not implemented"
@@ -158,6 +168,25 @@ fn refuse_unsupported(v: &serde_json::Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model families codespot computes: Llama's block, and Qwen2's, which adds biases to the
+/// q, k and v projections (Mistral's block is Llama's, so a Mistral config reads as `Llama`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    #[default]
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    /// The `model_type`s codespot reads, for error messages.
+    pub const MODEL_TYPES: &str = "llama, mistral, qwen2";
+
+    fn is_llama(&self) -> bool {
+        *self == Arch::Llama
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +206,12 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The family, as `config.json`'s `model_type` says (Llama unless stated).
+    #[serde(default, skip_serializing_if = "Arch::is_llama")]
+    pub arch: Arch,
+    /// The q, k and v projections have biases (Qwen2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qkv_bias: bool,
 }
 
 impl LlamaConfig {
@@ -198,6 +233,17 @@ impl LlamaConfig {
             max_position_embeddings: 512,
             bos_token_id: None,
             eos_token_ids: vec![],
+            arch: Arch::Llama,
+            qkv_bias: false,
+        }
+    }
+
+    /// [`LlamaConfig::tiny`] with Qwen2's block (q, k and v biases).
+    pub fn tiny_qwen2(vocab_size: usize) -> Self {
+        Self {
+            arch: Arch::Qwen2,
+            qkv_bias: true,
+            ..Self::tiny(vocab_size)
         }
     }
 
@@ -241,7 +287,8 @@ impl LlamaConfig {
         let d = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d;
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d + bias;
         let emb = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_hidden_layers * layer + emb + d
     }
@@ -255,9 +302,14 @@ impl LlamaConfig {
     pub fn from_hf_str(text: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text).context("invalid JSON")?;
         let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        if !mt.is_empty() && mt != "llama" && mt != "mistral" {
-            bail!("field 'model_type' is '{mt}': only the Llama architecture is supported");
-        }
+        let arch = match mt {
+            "" | "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            _ => bail!(
+                "field 'model_type' is '{mt}': the supported architectures are {}",
+                Arch::MODEL_TYPES
+            ),
+        };
         let req = |k: &str| -> Result<usize> {
             v.get(k)
                 .with_context(|| format!("missing config field '{k}'"))?
@@ -283,7 +335,7 @@ impl LlamaConfig {
             None | Some(serde_json::Value::Null) => hidden / heads.max(1),
             Some(_) => req("head_dim")?,
         };
-        refuse_unsupported(&v)?;
+        refuse_unsupported(&v, arch)?;
         let (rope_theta, rope_scaling) = rope_of(&v)?;
         let ids = |k: &str| -> Vec<u32> {
             match v.get(k) {
@@ -311,6 +363,8 @@ impl LlamaConfig {
                 .unwrap_or(4096) as usize,
             bos_token_id: ids("bos_token_id").first().copied(),
             eos_token_ids: ids("eos_token_id"),
+            arch,
+            qkv_bias: arch == Arch::Qwen2,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -318,9 +372,13 @@ impl LlamaConfig {
 
     /// The HF `config.json` for this architecture (what `export` writes).
     pub fn to_hf_json(&self) -> serde_json::Value {
+        let (arch, model_type) = match self.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        };
         let mut v = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [arch],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -333,10 +391,18 @@ impl LlamaConfig {
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
             "torch_dtype": "float32",
         });
+        match self.arch {
+            Arch::Llama => {
+                v["attention_bias"] = false.into();
+                v["mlp_bias"] = false.into();
+            }
+            Arch::Qwen2 => {
+                v["use_sliding_window"] = false.into();
+                v["max_window_layers"] = self.num_hidden_layers.into();
+            }
+        }
         if let Some(b) = self.bos_token_id {
             v["bos_token_id"] = b.into();
         }
@@ -412,6 +478,8 @@ impl LlamaConfig {
             max_position_embeddings: g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
             bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tok_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            arch: Arch::Llama,
+            qkv_bias: false,
         };
         cfg.validate().with_context(|| format!("{}", g.path.display()))?;
         Ok(cfg)
@@ -467,6 +535,46 @@ mod tests {
 
     fn cfg(extra: &str) -> Result<LlamaConfig> {
         LlamaConfig::from_hf_str(&format!("{{{BASE}{extra}}}"))
+    }
+
+    #[test]
+    fn qwen2_reads_with_qkv_biases_and_other_architectures_are_refused() {
+        let q = LlamaConfig::from_hf_str(&format!(
+            "{{{}, \"use_sliding_window\": false, \"sliding_window\": 4096, \"max_window_layers\": 28, \"max_position_embeddings\": 32768}}",
+            BASE.replace("\"llama\"", "\"qwen2\"")
+        ))
+        .unwrap();
+        assert_eq!((q.arch, q.qkv_bias), (Arch::Qwen2, true));
+        // Three biases a layer: q (4 heads × 8) and k, v (2 × 8).
+        assert_eq!(
+            q.num_params()
+                - LlamaConfig {
+                    arch: Arch::Llama,
+                    qkv_bias: false,
+                    ..q.clone()
+                }
+                .num_params(),
+            2 * (32 + 16 + 16)
+        );
+        assert_eq!(q.to_hf_json()["model_type"], "qwen2");
+        assert!(q
+            .tensor_shapes()
+            .iter()
+            .any(|(n, s)| n == "model.layers.1.self_attn.v_proj.bias" && *s == vec![16]));
+        // Mistral's block is Llama's.
+        let m = LlamaConfig::from_hf_str(&format!("{{{}}}", BASE.replace("\"llama\"", "\"mistral\""))).unwrap();
+        assert_eq!((m.arch, m.qkv_bias), (Arch::Llama, false));
+        for mt in ["gemma2", "phi3"] {
+            let e = LlamaConfig::from_hf_str(&format!("{{{}}}", BASE.replace("\"llama\"", &format!("\"{mt}\""))))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(mt) && e.contains("llama, mistral, qwen2"), "{e}");
+        }
+        // A sliding layer is refused by name.
+        let e = cfg(r#", "layer_types": ["full_attention", "sliding_attention"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer_types") && e.contains("sliding_attention"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct Block<B: Backend> {
     pub gate: Param<Tensor<B, 2>>,
     pub up: Param<Tensor<B, 2>>,
     pub down: Param<Tensor<B, 2>>,
+    /// The q, k and v projections' biases (Qwen2), in [`BIAS_TENSORS`] order.
+    pub q_bias: Option<Param<Tensor<B, 1>>>,
+    pub k_bias: Option<Param<Tensor<B, 1>>>,
+    pub v_bias: Option<Param<Tensor<B, 1>>>,
 }
 
 /// A Llama causal language model.
@@ -62,6 +66,10 @@ pub struct KvCache<B: Backend> {
     layers: Vec<KvSlot<B>>,
     /// Number of positions already cached.
     pub len: usize,
+    /// Left padding of each row of a batch of prompts of different lengths: row `r`'s first
+    /// `pads[r]` positions are padding, masked from every query, and its token at position `j`
+    /// takes RoPE position `j − pads[r]`, as alone. Empty: no row is padded.
+    pads: Vec<usize>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -69,6 +77,32 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: (0..n_layers).map(|_| None).collect(),
             len: 0,
+            pads: Vec::new(),
+        }
+    }
+
+    /// An empty cache for a batch whose row `r` is left-padded with `pads[r]` tokens.
+    pub fn padded(n_layers: usize, pads: Vec<usize>) -> Self {
+        Self {
+            pads,
+            ..Self::new(n_layers)
+        }
+    }
+
+    /// Keep (or repeat) the batch rows `rows`, in that order: finished rows leave a batch, and
+    /// one prompt's cache serves several samples.
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        if !self.pads.is_empty() {
+            self.pads = rows.iter().map(|&r| self.pads[r]).collect();
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let idx = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()])
+                    .convert::<B::IntElem>(),
+                &k.device(),
+            );
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
         }
     }
 }
@@ -128,6 +162,15 @@ pub const BLOCK_TENSORS: [&str; 9] = [
     "mlp.down_proj.weight",
 ];
 
+/// Canonical HF names of a block's biases, where the config has them (`qkv_bias`). They come
+/// after every other tensor in [`Llama::params`] (all layers' in layer order), so the index
+/// of every other parameter is the same with or without them.
+pub const BIAS_TENSORS: [&str; 3] = [
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+];
+
 impl LlamaConfig {
     /// Expected shape of every canonical tensor, in a stable order.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -155,7 +198,20 @@ impl LlamaConfig {
         if !self.tie_word_embeddings {
             v.push(("lm_head.weight".into(), vec![self.vocab_size, d]));
         }
+        if self.qkv_bias {
+            for l in 0..self.num_hidden_layers {
+                for (n, s) in BIAS_TENSORS.iter().zip([q, kv, kv]) {
+                    v.push((format!("model.layers.{l}.{n}"), vec![s]));
+                }
+            }
+        }
         v
+    }
+
+    /// Index in [`Llama::params`] of layer `l`'s bias `j` (in [`BIAS_TENSORS`] order).
+    pub fn bias_index(&self, l: usize, j: usize) -> usize {
+        let before = 1 + BLOCK_TENSORS.len() * self.num_hidden_layers + 1 + usize::from(!self.tie_word_embeddings);
+        before + BIAS_TENSORS.len() * l + j
     }
 }
 
@@ -213,6 +269,9 @@ impl<B: Backend> Llama<B> {
                 gate: param(take()?, device, dtype),
                 up: param(take()?, device, dtype),
                 down: param(take()?, device, dtype),
+                q_bias: None,
+                k_bias: None,
+                v_bias: None,
             });
         }
         let norm = param(take()?, device, dtype);
@@ -221,6 +280,13 @@ impl<B: Backend> Llama<B> {
         } else {
             Some(param(take()?, device, dtype))
         };
+        if config.qkv_bias {
+            for blk in &mut layers {
+                blk.q_bias = Some(param(take()?, device, dtype));
+                blk.k_bias = Some(param(take()?, device, dtype));
+                blk.v_bias = Some(param(take()?, device, dtype));
+            }
+        }
         Ok(Self {
             embed,
             layers,
@@ -244,6 +310,11 @@ impl<B: Backend> Llama<B> {
         v.push(("model.norm.weight".into(), ParamRef::Vector(&self.norm)));
         if let Some(h) = &self.lm_head {
             v.push(("lm_head.weight".into(), ParamRef::Matrix(h)));
+        }
+        for (l, b) in self.layers.iter().enumerate() {
+            for (n, r) in BIAS_TENSORS.iter().zip(b.bias_refs()) {
+                v.push((format!("model.layers.{l}.{n}"), r));
+            }
         }
         v
     }
@@ -280,8 +351,9 @@ impl<B: Backend> Llama<B> {
             })
         }
         let n = |l: usize, i: usize| format!("model.layers.{l}.{}", BLOCK_TENSORS[i]);
+        let nb = |l: usize, i: usize| format!("model.layers.{l}.{}", BIAS_TENSORS[i]);
         let embed = m2(self.embed, "model.embed_tokens.weight", &mut f);
-        let layers = self
+        let layers: Vec<Block<B>> = self
             .layers
             .into_iter()
             .enumerate()
@@ -295,10 +367,24 @@ impl<B: Backend> Llama<B> {
                 gate: m2(b.gate, &n(l, 6), &mut f),
                 up: m2(b.up, &n(l, 7), &mut f),
                 down: m2(b.down, &n(l, 8), &mut f),
+                q_bias: b.q_bias,
+                k_bias: b.k_bias,
+                v_bias: b.v_bias,
             })
             .collect();
         let norm = m1(self.norm, "model.norm.weight", &mut f);
         let lm_head = self.lm_head.map(|h| m2(h, "lm_head.weight", &mut f));
+        // The biases last, as in [`Llama::params`].
+        let layers = layers
+            .into_iter()
+            .enumerate()
+            .map(|(l, b)| Block {
+                q_bias: b.q_bias.map(|p| m1(p, &nb(l, 0), &mut f)),
+                k_bias: b.k_bias.map(|p| m1(p, &nb(l, 1), &mut f)),
+                v_bias: b.v_bias.map(|p| m1(p, &nb(l, 2), &mut f)),
+                ..b
+            })
+            .collect();
         Self {
             embed,
             layers,
@@ -345,31 +431,37 @@ impl<B: Backend> Llama<B> {
     /// to `[1, len·heads·head_dim]` (so they broadcast over the batch as one shared row, the
     /// fast broadcast of CPU backends), each scaled by `scale` (the attention's 1/√d is folded
     /// into the query's tables).
+    ///
+    /// One row per entry of `shifts`: row `r`'s position `p` takes the angle of `p − shifts[r]`
+    /// (left-padded batches; a padding position's angle is position 0's, and it is masked).
     fn rope_tables(
         &self,
         start: usize,
         len: usize,
         heads: usize,
         scale: f64,
+        shifts: &[usize],
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let hd = self.config.head_dim;
         let freqs = self.config.rope_dim_freqs();
-        let mut cos = Vec::with_capacity(len * heads * hd);
-        let mut sin = Vec::with_capacity(len * heads * hd);
-        for p in start..start + len {
-            for _ in 0..heads {
-                for &f in &freqs {
-                    let a = p as f64 * f;
-                    cos.push((a.cos() * scale) as f32);
-                    sin.push((a.sin() * scale) as f32);
+        let n = len * heads * hd;
+        let mut cos = Vec::with_capacity(shifts.len() * n);
+        let mut sin = Vec::with_capacity(shifts.len() * n);
+        for &shift in shifts {
+            for p in start..start + len {
+                for _ in 0..heads {
+                    for &f in &freqs {
+                        let a = p.saturating_sub(shift) as f64 * f;
+                        cos.push((a.cos() * scale) as f32);
+                        sin.push((a.sin() * scale) as f32);
+                    }
                 }
             }
         }
         let mk = |v: Vec<f32>| {
-            let n = v.len();
             self.dtype.apply(Tensor::<B, 2>::from_data(
-                TensorData::new(v, [1, n]).convert::<B::FloatElem>(),
+                TensorData::new(v, [shifts.len(), n]).convert::<B::FloatElem>(),
                 device,
             ))
         };
@@ -406,20 +498,41 @@ impl<B: Backend> Llama<B> {
 
     /// The per-call constants of the blocks for `b` rows of `t` new tokens after `past` cached ones.
     pub fn block_context(&self, b: usize, t: usize, past: usize, device: &B::Device) -> BlockContext<B> {
+        self.block_context_padded(b, t, past, &[], device)
+    }
+
+    /// [`Llama::block_context`] for a batch whose row `r` starts with `pads[r]` padding
+    /// positions (empty: none): the mask is then one row per batch row, hiding the padding
+    /// keys as well as the future, and the RoPE tables are shifted per row.
+    fn block_context_padded(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        pads: &[usize],
+        device: &B::Device,
+    ) -> BlockContext<B> {
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let total = past + t;
-        let (cos, sin) = self.rope_tables(past, t, nkv, 1.0, device);
-        let (cos_q, sin_q) = self.rope_tables(past, t, nh, 1.0 / (hd as f64).sqrt(), device);
-        let mask = (t > 1).then(|| {
-            let mut m = vec![0f32; t * total];
-            for i in 0..t {
-                for j in (past + i + 1)..total {
-                    m[i * total + j] = -1e9;
+        let padded = pads.iter().any(|&p| p > 0);
+        let shifts = if padded { pads } else { &[0] };
+        let (cos, sin) = self.rope_tables(past, t, nkv, 1.0, shifts, device);
+        let (cos_q, sin_q) = self.rope_tables(past, t, nh, 1.0 / (hd as f64).sqrt(), shifts, device);
+        let mask = (t > 1 || padded).then(|| {
+            let mut m = vec![0f32; shifts.len() * t * total];
+            for (r, &pad) in shifts.iter().enumerate() {
+                for i in 0..t {
+                    let row = &mut m[(r * t + i) * total..(r * t + i + 1) * total];
+                    for (j, x) in row.iter_mut().enumerate() {
+                        if j < pad || j > past + i {
+                            *x = -1e9;
+                        }
+                    }
                 }
             }
             self.dtype.apply(Tensor::<B, 2>::from_data(
-                TensorData::new(m, [1, t * total]).convert::<B::FloatElem>(),
+                TensorData::new(m, [shifts.len(), t * total]).convert::<B::FloatElem>(),
                 device,
             ))
         });
@@ -454,7 +567,12 @@ impl<B: Backend> Llama<B> {
         let device = tokens.device();
         let [b, t] = tokens.dims();
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
-        let ctx = self.block_context(b, t, past, &device);
+        let pads = cache.as_ref().map(|c| c.pads.clone()).unwrap_or_default();
+        assert!(
+            pads.is_empty() || pads.len() == b,
+            "a padded cache has one pad count per row"
+        );
+        let ctx = self.block_context_padded(b, t, past, &pads, &device);
         let mut x = self.embed_tokens(tokens);
         for (l, blk) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
@@ -470,7 +588,8 @@ impl<B: Backend> Llama<B> {
     /// through the hand-written f32 CPU block: `fused` is on, the weights are f32 and `C` is the
     /// CPU backend.
     pub(crate) fn fused_on<C: Backend>(&self) -> bool {
-        self.fused && self.dtype == Dtype::F32 && fused::is_cpu::<C>() && fused::hand_written()
+        // The hand-written block has no biases: Qwen2 takes burn's path.
+        self.fused && self.dtype == Dtype::F32 && !self.config.qkv_bias && fused::is_cpu::<C>() && fused::hand_written()
     }
 
     /// [`Llama::hidden`] without a cache through the hand-written f32 CPU block
@@ -584,6 +703,13 @@ impl<B: Backend> Llama<B> {
         if self.lm_head.is_some() {
             out.push(colsq(&self.rms_norm(x, &self.norm)));
         }
+        // A bias's input is 1 at every token: Σ_t 1² = the token count, for each element.
+        for blk in &self.layers {
+            for r in blk.bias_refs() {
+                let len = r.shape()[0];
+                out.push(Tensor::full([len], (b * t) as f32, &device));
+            }
+        }
         out
     }
 }
@@ -618,8 +744,53 @@ pub enum Site {
     DownInput,
 }
 
-/// One layer's cached keys and values.
-pub type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+/// One layer's cached keys and values, in the layout attention reads them,
+/// `[batch, kv_heads, 1, capacity, head_dim]`: positions `0..len` hold data, the rest is room
+/// to grow into, so a decoding step writes its token in place instead of copying the cache.
+pub type KvSlot<B> = Option<(Tensor<B, 5>, Tensor<B, 5>)>;
+
+/// Positions a KV buffer is rounded up to when it is made or grows.
+const KV_CHUNK: usize = 256;
+
+/// Write `k`, `v` (`[b, t, kv_heads, head_dim]`, positions `past..past+t`) into `slot`'s
+/// buffers, growing them (doubling) when full, and return views of positions `0..past+t`,
+/// `[b, kv_heads, 1, past+t, head_dim]`. The buffers are written in place when nothing else
+/// holds them (burn-flex copies on write otherwise, so a cloned cache never changes its source).
+fn kv_append<B: Backend>(
+    slot: &mut KvSlot<B>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    past: usize,
+) -> (Tensor<B, 5>, Tensor<B, 5>) {
+    let [b, t, nkv, hd] = k.dims();
+    let total = past + t;
+    let layout = |x: Tensor<B, 4>| x.permute([0, 2, 1, 3]).reshape([b, nkv, 1, t, hd]);
+    let (k, v) = (layout(k), layout(v));
+    let device = k.device();
+    let room = |cap: usize| total.max(cap).div_ceil(KV_CHUNK) * KV_CHUNK;
+    let (kb, vb) = match slot.take() {
+        Some((kb, vb)) if kb.dims()[3] >= total => (kb, vb),
+        old => {
+            let cap = room(old.as_ref().map_or(0, |(kb, _)| 2 * kb.dims()[3]));
+            let fresh = || Tensor::<B, 5>::zeros([b, nkv, 1, cap, hd], (&device, k.dtype()));
+            match old {
+                Some((kb, vb)) if past > 0 => {
+                    let keep = |x: Tensor<B, 5>| x.narrow(3, 0, past);
+                    let at = [0..b, 0..nkv, 0..1, 0..past, 0..hd];
+                    (
+                        fresh().slice_assign(at.clone(), keep(kb)),
+                        fresh().slice_assign(at, keep(vb)),
+                    )
+                }
+                _ => (fresh(), fresh()),
+            }
+        }
+    };
+    let at = [0..b, 0..nkv, 0..1, past..total, 0..hd];
+    let (kb, vb) = (kb.slice_assign(at.clone(), k), vb.slice_assign(at, v));
+    *slot = Some((kb.clone(), vb.clone()));
+    (kb.narrow(3, 0, total), vb.narrow(3, 0, total))
+}
 
 impl<B: Backend> Block<B> {
     /// The block's parameters' storage on the f32 CPU backend, in [`BLOCK_TENSORS`] order
@@ -641,6 +812,15 @@ impl<B: Backend> Block<B> {
             ParamRef::Matrix(&self.up),
             ParamRef::Matrix(&self.down),
         ]
+    }
+
+    /// The block's biases in [`BIAS_TENSORS`] order (none without `qkv_bias`).
+    pub fn bias_refs(&self) -> Vec<ParamRef<'_, B>> {
+        [&self.q_bias, &self.k_bias, &self.v_bias]
+            .into_iter()
+            .flatten()
+            .map(ParamRef::Vector)
+            .collect()
     }
 
     /// The block on `x: [batch·seq, hidden]` (residual stream in, residual stream out).
@@ -671,26 +851,32 @@ impl<B: Backend> Block<B> {
         obs(Site::AttnResidual, &x);
         let h = rms_norm(x.clone(), &self.attn_norm, eps);
         obs(Site::AttnInput, &h);
-        let q = linear(h.clone(), &self.q).reshape([b, t, nh, hd]);
-        let k = linear(h.clone(), &self.k).reshape([b, t, nkv, hd]);
-        let mut v = linear(h, &self.v).reshape([b, t, nkv, hd]);
+        let q = biased(linear(h.clone(), &self.q), &self.q_bias).reshape([b, t, nh, hd]);
+        let k = biased(linear(h.clone(), &self.k), &self.k_bias).reshape([b, t, nkv, hd]);
+        let v = biased(linear(h, &self.v), &self.v_bias).reshape([b, t, nkv, hd]);
         let q = rope(q, &ctx.rot, &ctx.cos_q, &ctx.sin_q);
-        let mut k = rope(k, &ctx.rot, &ctx.cos, &ctx.sin);
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 1);
-                v = Tensor::cat(vec![pv, v], 1);
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
+        let k = rope(k, &ctx.rot, &ctx.cos, &ctx.sin);
         // [b, kv head, group member, t, hd] against [b, kv head, 1, ·, ·].
         let q = q.reshape([b, t, nkv, rep, hd]).permute([0, 2, 3, 1, 4]);
-        let kt = k.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 4, 1]);
-        let v = v.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 1, 4]);
+        let (kt, v) = match cache {
+            Some(slot) => {
+                let (k, v) = kv_append(slot, k, v, ctx.past);
+                (k.swap_dims(3, 4), v)
+            }
+            None => (
+                k.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 4, 1]),
+                v.reshape([b, total, nkv, 1, hd]).permute([0, 2, 3, 1, 4]),
+            ),
+        };
         let mut s = q.matmul(kt);
         if let Some(m) = &ctx.mask {
-            // One shared row of t·total per (batch, head): the backends' fast broadcast.
-            s = (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total]);
+            s = if m.dims()[0] == 1 {
+                // One shared row of t·total per (batch, head): the backends' fast broadcast.
+                (s.reshape([b * nh, t * total]) + m.clone()).reshape([b, nkv, rep, t, total])
+            } else {
+                // A left-padded batch: one row per batch row, shared by its heads.
+                (s.reshape([b, nh, t * total]) + m.clone().reshape([b, 1, t * total])).reshape([b, nkv, rep, t, total])
+            };
         }
         let a = like(softmax(widen(s), 4), &v)
             .matmul(v)
@@ -745,6 +931,14 @@ fn linear<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> 
     x.matmul(w.val().transpose())
 }
 
+/// `y + bias` on every row, when there is a bias.
+fn biased<B: Backend>(y: Tensor<B, 2>, bias: &Option<Param<Tensor<B, 1>>>) -> Tensor<B, 2> {
+    match bias {
+        Some(b) => y + b.val().unsqueeze_dim(0),
+        None => y,
+    }
+}
+
 /// Set on a token of a training row whose prediction is not in the loss: the token is still
 /// an input (a prompt token when `train.train_on_input = false`, or padding). Vocabularies are
 /// far below 2³¹, so the flag never collides with an id.
@@ -789,7 +983,9 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Weights {
     let mut w = Weights::default();
     for (name, shape) in cfg.tensor_shapes() {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 {
+        let data: Vec<f32> = if name.ends_with(".bias") {
+            (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect()
+        } else if shape.len() == 1 {
             (0..n).map(|_| 1.0 + rng.random_range(-0.1f32..0.1)).collect()
         } else {
             let s = 1.0 / (shape[1] as f32).sqrt();

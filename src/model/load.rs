@@ -54,14 +54,32 @@ pub fn load(source: &str) -> Result<Checkpoint> {
     }
 }
 
-/// Every tensor the config needs is present with the right shape.
+/// Every tensor the config needs is present with the right shape, and no other tensor is: a
+/// weight the config does not describe (a bias under a Llama config, say) would otherwise be
+/// dropped without a word. RoPE's cached `inv_freq` buffers (derived from the config) and a
+/// tied model's saved copy of its embedding as `lm_head.weight` are allowed.
 fn check_complete(cfg: &LlamaConfig, w: &Weights) -> Result<()> {
-    for (name, shape) in cfg.tensor_shapes() {
-        let t = w.get(&name).with_context(|| format!("missing tensor '{name}'"))?;
+    let shapes = cfg.tensor_shapes();
+    for (name, shape) in &shapes {
+        let t = w.get(name).with_context(|| format!("missing tensor '{name}'"))?;
         anyhow::ensure!(
-            t.shape == shape,
+            t.shape == *shape,
             "tensor '{name}' has shape {:?}, expected {shape:?}",
             t.shape
+        );
+    }
+    let known: std::collections::HashSet<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, t) in &w.tensors {
+        let tied_copy = name == "lm_head.weight"
+            && cfg.tie_word_embeddings
+            && w.get("model.embed_tokens.weight").is_some_and(|e| e.data == t.data);
+        if known.contains(name.as_str()) || name.ends_with("rotary_emb.inv_freq") || tied_copy {
+            continue;
+        }
+        anyhow::bail!(
+            "tensor '{name}' is not part of the {:?} architecture the config describes (codespot would ignore it; supported model types: {})",
+            cfg.arch,
+            super::config::Arch::MODEL_TYPES
         );
     }
     Ok(())

@@ -12,7 +12,7 @@ pub mod load;
 pub mod names;
 pub mod tokenizer;
 
-pub use config::{LlamaConfig, RopeLayout};
+pub use config::{Arch, LlamaConfig, RopeLayout};
 pub use dtype::Dtype;
 pub use llama::{loss_targets, strip, tokens_tensor, KvCache, Llama, ParamRef, NO_LOSS};
 pub use load::{load, Checkpoint};

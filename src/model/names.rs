@@ -79,9 +79,10 @@ pub fn parse(name: &str) -> Option<ParamName> {
     let rest = name.strip_prefix("model.layers.")?;
     let (l, leaf) = rest.split_once('.')?;
     let kind = match leaf {
-        "self_attn.q_proj.weight" => ModuleKind::Q,
-        "self_attn.k_proj.weight" => ModuleKind::K,
-        "self_attn.v_proj.weight" => ModuleKind::V,
+        // A projection's bias is of its projection's kind (Qwen2's q/k/v biases).
+        "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => ModuleKind::Q,
+        "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => ModuleKind::K,
+        "self_attn.v_proj.weight" | "self_attn.v_proj.bias" => ModuleKind::V,
         "self_attn.o_proj.weight" => ModuleKind::O,
         "mlp.gate_proj.weight" => ModuleKind::Gate,
         "mlp.up_proj.weight" => ModuleKind::Up,
@@ -109,8 +110,10 @@ pub struct HeadSlicing {
 }
 
 impl HeadSlicing {
-    /// Head of the element at flat index `i` of a tensor with `cols` columns.
-    pub fn head_of(&self, i: usize, cols: usize) -> usize {
+    /// Head of the element at flat index `i` of a tensor of `shape` (a bias, 1-D, is one
+    /// column: its element `i` is row `i`).
+    pub fn head_of(&self, i: usize, shape: &[usize]) -> usize {
+        let cols = if shape.len() >= 2 { shape[shape.len() - 1] } else { 1 };
         let (r, c) = (i / cols, i % cols);
         if self.along_rows {
             r / self.head_dim

@@ -96,9 +96,8 @@ pub fn shares(masks: &BTreeMap<String, Mask>, shapes: &BTreeMap<String, Vec<usiz
             .entry(p.kind.short().into())
             .or_default() += c;
         if let (Some(hs), Some(shape)) = (names::head_slicing(p.kind, cfg), shapes.get(n)) {
-            let cols = *shape.last().unwrap_or(&1);
             for i in m.indices() {
-                let h = hs.head_of(i, cols);
+                let h = hs.head_of(i, shape);
                 for q in hs.query_heads(h) {
                     s.head[l][q] += 1.0 / norm / hs.group as f64;
                 }

@@ -316,10 +316,17 @@ pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Chec
     // The spot's languages, the prose corpus of the text controls, and the one `text-bpb` reads.
     let r = &loaded.recipe;
     let mut needed: Vec<&String> = r.languages.iter().chain(&r.spot.text).collect();
-    let text = crate::eval::TEXT_CORPUS.to_string();
-    if r.eval.tasks.iter().any(|t| t.trim() == "text-bpb") {
-        needed.push(&text);
-    }
+    // The corpora that `text-bpb[:CORPUS]` and `code-bpb:LANG` read.
+    let read: Vec<String> = r
+        .eval
+        .tasks
+        .iter()
+        .filter_map(|t| match crate::eval::Task::parse(t) {
+            Ok(crate::eval::Task::TextBpb(c) | crate::eval::Task::CodeBpb(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    needed.extend(read.iter().filter(|c| !needed.contains(c)).collect::<Vec<_>>());
     let pairs = r.train.steps > 0 && r.train.format == crate::recipe::TrainFormat::Pairs;
     for lang in needed {
         // A corpus built before held-out pairs existed is built again (the same files).
