@@ -518,26 +518,32 @@ fn golden_f64(path: &std::path::Path) -> std::collections::BTreeMap<String, (Vec
         .collect()
 }
 
-/// Qwen2 (q/k/v biases; tied and untied heads) against transformers' own `Qwen2ForCausalLM`:
-/// tiny random models saved by `save_pretrained`, with transformers' float64 logits, loss and
-/// every parameter's gradient (`tools/reference_qwen2.py`, in `tests/golden/qwen2_tiny_*`),
-/// read back through codespot's HF loader; gradients through codespot's block-at-a-time
-/// backward, in f64 and on the f32 CPU backend.
+/// Qwen2 (q/k/v biases; tied and untied heads) and Gemma ((1 + w) norms, GeGLU, scaled
+/// embeddings) against transformers' own `Qwen2ForCausalLM` and `GemmaForCausalLM`: tiny
+/// random models saved by `save_pretrained`, with transformers' float64 logits, loss and every
+/// parameter's gradient (`tools/reference_models.py`, in `tests/golden/`), read back through
+/// codespot's HF loader; gradients through codespot's block-at-a-time backward, in f64 and on
+/// the f32 CPU backend.
 #[test]
-fn qwen2_matches_transformers_logits_and_gradients() {
+fn qwen2_and_gemma_match_transformers_logits_and_gradients() {
     type Cpu = codespot::backend::Cpu;
     let rows: Vec<Vec<u32>> = vec![
         vec![5, 9, 2, 40, 33, 7, 1, 60, 12, 3],
         vec![12, 3, 8, 8, 61, 4, 0, 19, 27, 50],
     ];
-    for (dir, tied) in [("qwen2_tiny_tied", true), ("qwen2_tiny_untied", false)] {
+    let cases = [
+        ("qwen2_tiny_tied", model::Arch::Qwen2, true),
+        ("qwen2_tiny_untied", model::Arch::Qwen2, false),
+        ("gemma_tiny", model::Arch::Gemma, true),
+    ];
+    for (dir, arch, tied) in cases {
         let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden")
             .join(dir);
         let cfg = LlamaConfig::from_hf_json(&d.join("config.json")).unwrap();
         assert_eq!(
             (cfg.arch, cfg.qkv_bias, cfg.tie_word_embeddings),
-            (model::Arch::Qwen2, true, tied)
+            (arch, arch == model::Arch::Qwen2, tied)
         );
         let w = codespot::source::weights::from_safetensors(&[d.join("model.safetensors")]).unwrap();
         let want = golden_f64(&d.join("expected.safetensors"));
@@ -555,17 +561,21 @@ fn qwen2_matches_transformers_logits_and_gradients() {
             max > 0.5 && diff <= 1e-6 * max,
             "{dir}: logits max {max}, diff {diff:e}"
         );
-        // Without the biases the model is another one: the check can fail.
+        // Read as Llama's block (biases zeroed), the model is another one: the check can fail.
         let mut no_bias = w.clone();
         for (n, t) in no_bias.tensors.iter_mut() {
             if n.ends_with(".bias") {
                 t.data.iter_mut().for_each(|x| *x = 0.0);
             }
         }
-        let nb = Llama::<F64>::from_weights(&cfg, &no_bias, &dev).unwrap();
+        let as_llama = LlamaConfig {
+            arch: model::Arch::Llama,
+            ..cfg.clone()
+        };
+        let nb = Llama::<F64>::from_weights(&as_llama, &no_bias, &dev).unwrap();
         assert!(
             max_abs_diff(&logits(&nb, &rows), exp) > 1e-3 * max,
-            "{dir}: the biases matter"
+            "{dir}: the architecture matters"
         );
         // Loss and every gradient, in f64 and in f32 (the CPU backend).
         let check = |grads: Vec<(String, Vec<f64>)>, loss: f64, rel: f64, what: &str| {
@@ -600,7 +610,7 @@ fn qwen2_matches_transformers_logits_and_gradients() {
             .collect();
         check(grads, loss, 5e-6, "f64");
         let cpu = Llama::<Autodiff<Cpu>>::from_weights(&cfg, &w, &Default::default()).unwrap();
-        assert!(!cpu.uses_fused(), "Qwen2 takes burn's path");
+        assert!(!cpu.uses_fused(), "{dir} takes burn's path");
         let mut grads = vec![None; names.len()];
         let loss = cpu.loss_backward(&rows, 1.0, |i, g| {
             grads[i] = Some(g.into_data().convert::<f64>().into_vec::<f64>().unwrap());

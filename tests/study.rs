@@ -293,84 +293,105 @@ fn base_only_run_with_baselines_matrix_and_matched_damage() {
     }
 }
 
-/// A tiny random Qwen2 (q/k/v biases) as an HF directory: the tiny GGUF's tokenizer, Qwen2's
-/// config and random weights.
-fn tiny_qwen2_dir(root: &Path) -> std::path::PathBuf {
+/// A tiny random model of `cfg`'s architecture as an HF directory, with the tiny GGUF's
+/// tokenizer.
+fn tiny_hf_dir(root: &Path, make: fn(usize) -> codespot::model::LlamaConfig, tied: bool) -> std::path::PathBuf {
     let (gguf, _) = common::tiny_gguf(root, 6, true);
     let ck = codespot::model::load(gguf.to_str().unwrap()).unwrap();
-    let mut cfg = codespot::model::LlamaConfig::tiny_qwen2(ck.config.vocab_size);
-    cfg.tie_word_embeddings = false;
+    let mut cfg = make(ck.config.vocab_size);
+    cfg.tie_word_embeddings = tied;
     (cfg.bos_token_id, cfg.eos_token_ids) = (ck.config.bos_token_id, ck.config.eos_token_ids.clone());
     let w = codespot::model::llama::random_weights(&cfg, 8);
-    let out = root.join("qwen2");
+    let out = root.join("model");
     codespot::model::export::export_hf_dir(&cfg, &w, &ck.tokenizer, &out, false).unwrap();
     out
 }
 
-/// Every stage on a Qwen2 model: scoring (Taylor and Wanda), tuning, selection, evaluation of
-/// the base and tuned models with the spot ablated, and `ablate --export` to an HF directory
-/// that reloads as Qwen2 with the spot's elements zero, biases included.
+/// Every stage on Qwen2 and Gemma models: scoring (Taylor and Wanda), tuning, selection,
+/// evaluation of the base and tuned models with the spot ablated, and `ablate --export` to an
+/// HF directory that reloads as the same architecture with the spot's elements zero.
 #[test]
-fn qwen2_runs_every_stage_and_exports() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let (gguf, _) = common::tiny_gguf(root, 5, true);
-    let corpora = common::two_language_corpora(root, &gguf);
-    let model = tiny_qwen2_dir(root);
-    let out = root.join("run");
-    let rp = root.join("qwen2.toml");
-    let text = common::tiny_recipe(
-        "tiny-qwen2",
+fn qwen2_and_gemma_run_every_stage_and_export() {
+    use codespot::model::{Arch, LlamaConfig};
+    type Make = fn(usize) -> LlamaConfig;
+    let cases: [(Arch, Make, bool, &str); 2] = [
+        (Arch::Qwen2, LlamaConfig::tiny_qwen2, false, "qwen2"),
+        (Arch::Gemma, LlamaConfig::tiny_gemma, true, "gemma"),
+    ];
+    for (arch, make, tied, model_type) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (gguf, _) = common::tiny_gguf(root, 5, true);
+        let corpora = common::two_language_corpora(root, &gguf);
+        let model = tiny_hf_dir(root, make, tied);
+        let out = root.join("run");
+        let rp = root.join("arch.toml");
+        let text = common::tiny_recipe(
+        "tiny-arch",
         &model,
         &out,
         "heldout_tokens = 32\n",
         "\n[spot]\nk = [5.0]\ncontrols = [\"random\"]\ncriteria = [\"wanda\"]\n\n[eval]\ntasks = [\"code-bpb\", \"arc-easy\"]\nlimit = 3\nmax_bpb_tokens = 64\ntuned_k = [5.0]\n",
     );
-    std::fs::write(&rp, text).unwrap();
-    let (ok, stdout, err) = run(&corpora.dir, &["run", rp.to_str().unwrap()], &[]);
-    assert!(ok, "{err}");
-    assert!(stdout.contains("report.md"), "{stdout}");
-    // The biases were scored, by both criteria.
-    let scores = codespot::source::weights::from_safetensors(&[out.join("base/toy/scores.safetensors")]).unwrap();
-    let b = &scores.tensors["model.layers.1.self_attn.k_proj.bias"];
-    assert!(b.data.iter().any(|&x| x > 0.0), "Taylor scores of a bias");
-    assert!(out.join("spots/tuned/spot.safetensors").is_file());
-    // Export the base model with the spot ablated; it reloads as Qwen2, spot elements zero.
-    let exp = root.join("ablated");
-    let (ok, _, err) = run(
-        &corpora.dir,
-        &[
-            "ablate",
-            "--model",
-            model.to_str().unwrap(),
-            "--spot",
-            out.join("spots/base").to_str().unwrap(),
-            "--k",
-            "5",
-            "--export",
-            exp.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(ok, "{err}");
-    let back = codespot::model::load(exp.to_str().unwrap()).unwrap();
-    assert_eq!(back.config.arch, codespot::model::Arch::Qwen2);
-    let orig = codespot::model::load(model.to_str().unwrap()).unwrap();
-    let zeroed: usize = back
-        .weights
-        .tensors
-        .iter()
-        .map(|(n, t)| {
-            t.data
-                .iter()
-                .zip(&orig.weights.tensors[n].data)
-                .filter(|(a, b)| **a == 0.0 && **b != 0.0)
-                .count()
-        })
-        .sum();
-    assert!(zeroed > 0, "the spot was zeroed in the export");
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(exp.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["model_type"], "qwen2");
-    assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
+        std::fs::write(&rp, text).unwrap();
+        let (ok, stdout, err) = run(&corpora.dir, &["run", rp.to_str().unwrap()], &[]);
+        assert!(ok, "{model_type}: {err}");
+        assert!(stdout.contains("report.md"), "{stdout}");
+        assert!(out.join("spots/tuned/spot.safetensors").is_file());
+        // Every tensor was scored by both criteria (Qwen2's biases among them).
+        let taylor = codespot::source::weights::from_safetensors(&[out.join("base/toy/scores.safetensors")]).unwrap();
+        let wanda =
+            codespot::source::weights::from_safetensors(&[out.join("base-wanda/toy/scores.safetensors")]).unwrap();
+        let n = codespot::model::load(model.to_str().unwrap())
+            .unwrap()
+            .config
+            .tensor_shapes()
+            .len();
+        assert_eq!((taylor.tensors.len(), wanda.tensors.len()), (n, n));
+        for s in [&taylor, &wanda] {
+            for (name, t) in &s.tensors {
+                assert!(t.data.iter().any(|&x| x > 0.0), "{model_type}: {name} has no score");
+            }
+        }
+        if arch == Arch::Qwen2 {
+            assert!(taylor.tensors.contains_key("model.layers.1.self_attn.k_proj.bias"));
+        }
+        // Export the base model with the spot ablated; it reloads as Qwen2, spot elements zero.
+        let exp = root.join("ablated");
+        let (ok, _, err) = run(
+            &corpora.dir,
+            &[
+                "ablate",
+                "--model",
+                model.to_str().unwrap(),
+                "--spot",
+                out.join("spots/base").to_str().unwrap(),
+                "--k",
+                "5",
+                "--export",
+                exp.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(ok, "{err}");
+        let back = codespot::model::load(exp.to_str().unwrap()).unwrap();
+        assert_eq!(back.config.arch, arch);
+        let orig = codespot::model::load(model.to_str().unwrap()).unwrap();
+        let zeroed: usize = back
+            .weights
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                t.data
+                    .iter()
+                    .zip(&orig.weights.tensors[n].data)
+                    .filter(|(a, b)| **a == 0.0 && **b != 0.0)
+                    .count()
+            })
+            .sum();
+        assert!(zeroed > 0, "the spot was zeroed in the export");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(exp.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["model_type"], model_type);
+    }
 }

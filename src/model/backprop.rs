@@ -205,10 +205,15 @@ impl<B: AutodiffBackend> Llama<B> {
         // Embedding rows (a scatter-add), and the head's share.
         let embed = if self.embed.val().is_require_grad() {
             let [vocab, d] = self.embed.val().dims();
+            // Rows scaled on the way in (Gemma) get the scaled gradient.
+            let dy = match cfg.embed_scale() {
+                Some(s) => widen(dy) * s,
+                None => widen(dy),
+            };
             let g = Tensor::<B::InnerBackend, 2>::zeros([vocab, d], &idev).select_assign(
                 0,
                 inputs.reshape([n]),
-                widen(dy),
+                dy,
                 IndexingUpdateOp::Add,
             );
             Some(g)

@@ -136,10 +136,23 @@ fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
     }
     for k in ["hidden_act", "hidden_activation"] {
         if let Some(a) = v.get(k).and_then(|x| x.as_str()) {
-            if a != "silu" && a != "swish" {
-                bail!("config field '{k}' is '{a}': only silu (SwiGLU) is implemented");
+            // Gemma's "gelu" means the tanh approximation (transformers rewrites it so).
+            let ok = match arch {
+                Arch::Gemma => ["gelu", "gelu_pytorch_tanh", "gelu_new"].contains(&a),
+                _ => a == "silu" || a == "swish",
+            };
+            if !ok {
+                let want = if arch == Arch::Gemma {
+                    "gelu_pytorch_tanh (GeGLU)"
+                } else {
+                    "silu (SwiGLU)"
+                };
+                bail!("config field '{k}' is '{a}': only {want} is implemented for {arch:?}");
             }
         }
+    }
+    if v.get("use_bidirectional_attention").and_then(|x| x.as_bool()) == Some(true) {
+        bail!("config field 'use_bidirectional_attention' is true: only causal attention is implemented");
     }
     if let Some(p) = v.get("partial_rotary_factor").and_then(|x| x.as_f64()) {
         if p != 1.0 {
@@ -170,22 +183,35 @@ fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
     Ok(())
 }
 
-/// The model families codespot computes: Llama's block, and Qwen2's, which adds biases to the
-/// q, k and v projections (Mistral's block is Llama's, so a Mistral config reads as `Llama`).
+/// The model families codespot computes: Llama's block; Qwen2's, which adds biases to the q,
+/// k and v projections; Gemma's, with (1 + w) norms, a tanh-approximated GeGLU MLP and
+/// embeddings scaled by √hidden (Mistral's block is Llama's, so a Mistral config reads as
+/// `Llama`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     #[default]
     Llama,
     Qwen2,
+    Gemma,
 }
 
 impl Arch {
     /// The `model_type`s codespot reads, for error messages.
-    pub const MODEL_TYPES: &str = "llama, mistral, qwen2";
+    pub const MODEL_TYPES: &str = "llama, mistral, qwen2, gemma";
 
     fn is_llama(&self) -> bool {
         *self == Arch::Llama
+    }
+
+    /// RMSNorm scales by `1 + w` (Gemma) rather than `w`.
+    pub fn norm_plus_one(self) -> bool {
+        self == Arch::Gemma
+    }
+
+    /// The MLP's gate activation: GELU's tanh approximation (Gemma) or SiLU.
+    pub fn gelu_gate(self) -> bool {
+        self == Arch::Gemma
     }
 }
 
@@ -236,6 +262,21 @@ impl LlamaConfig {
             arch: Arch::Llama,
             qkv_bias: false,
         }
+    }
+
+    /// [`LlamaConfig::tiny`] with Gemma's block.
+    pub fn tiny_gemma(vocab_size: usize) -> Self {
+        Self {
+            arch: Arch::Gemma,
+            ..Self::tiny(vocab_size)
+        }
+    }
+
+    /// The factor the embedding rows are multiplied by on the way in: √hidden for Gemma (in
+    /// the weights' dtype, as transformers), else 1.
+    pub fn embed_scale(&self) -> Option<f64> {
+        // transformers keeps it in a float32 buffer.
+        (self.arch == Arch::Gemma).then(|| (self.hidden_size as f64).sqrt() as f32 as f64)
     }
 
     /// [`LlamaConfig::tiny`] with Qwen2's block (q, k and v biases).
@@ -305,6 +346,7 @@ impl LlamaConfig {
         let arch = match mt {
             "" | "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "gemma" => Arch::Gemma,
             _ => bail!(
                 "field 'model_type' is '{mt}': the supported architectures are {}",
                 Arch::MODEL_TYPES
@@ -375,6 +417,7 @@ impl LlamaConfig {
         let (arch, model_type) = match self.arch {
             Arch::Llama => ("LlamaForCausalLM", "llama"),
             Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Arch::Gemma => ("GemmaForCausalLM", "gemma"),
         };
         let mut v = serde_json::json!({
             "architectures": [arch],
@@ -390,7 +433,7 @@ impl LlamaConfig {
             "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": if self.arch.gelu_gate() { "gelu_pytorch_tanh" } else { "silu" },
             "torch_dtype": "float32",
         });
         match self.arch {
@@ -402,6 +445,7 @@ impl LlamaConfig {
                 v["use_sliding_window"] = false.into();
                 v["max_window_layers"] = self.num_hidden_layers.into();
             }
+            Arch::Gemma => v["attention_bias"] = false.into(),
         }
         if let Some(b) = self.bos_token_id {
             v["bos_token_id"] = b.into();
@@ -561,6 +605,17 @@ mod tests {
             .tensor_shapes()
             .iter()
             .any(|(n, s)| n == "model.layers.1.self_attn.v_proj.bias" && *s == vec![16]));
+        // Gemma: GeGLU (its legacy "gelu" means the tanh form), (1 + w) norms, scaled embeddings.
+        let g = LlamaConfig::from_hf_str(&format!(
+            "{{{}, \"hidden_act\": \"gelu\", \"head_dim\": 8}}",
+            BASE.replace("\"llama\"", "\"gemma\"")
+        ))
+        .unwrap();
+        assert!(g.arch == Arch::Gemma && g.arch.norm_plus_one() && g.arch.gelu_gate());
+        assert_eq!(g.embed_scale(), Some((32f64).sqrt() as f32 as f64));
+        assert_eq!(g.to_hf_json()["hidden_act"], "gelu_pytorch_tanh");
+        let e = cfg(r#", "hidden_act": "gelu""#).unwrap_err().to_string();
+        assert!(e.contains("hidden_act") && e.contains("silu"), "{e}");
         // Mistral's block is Llama's.
         let m = LlamaConfig::from_hf_str(&format!("{{{}}}", BASE.replace("\"llama\"", "\"mistral\""))).unwrap();
         assert_eq!((m.arch, m.qkv_bias), (Arch::Llama, false));
@@ -568,7 +623,7 @@ mod tests {
             let e = LlamaConfig::from_hf_str(&format!("{{{}}}", BASE.replace("\"llama\"", &format!("\"{mt}\""))))
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains(mt) && e.contains("llama, mistral, qwen2"), "{e}");
+            assert!(e.contains(mt) && e.contains("llama, mistral, qwen2, gemma"), "{e}");
         }
         // A sliding layer is refused by name.
         let e = cfg(r#", "layer_types": ["full_attention", "sliding_attention"]"#)

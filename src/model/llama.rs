@@ -493,7 +493,7 @@ impl<B: Backend> Llama<B> {
 
     /// RMSNorm over the last dimension of `[tokens, hidden]`.
     pub fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
-        rms_norm(x, w, self.config.rms_norm_eps)
+        rms_norm(x, w, self.config.rms_norm_eps, self.config.arch.norm_plus_one())
     }
 
     /// The per-call constants of the blocks for `b` rows of `t` new tokens after `past` cached ones.
@@ -552,7 +552,11 @@ impl<B: Backend> Llama<B> {
     /// Embeddings of `tokens` as `[batch·seq, hidden]`.
     pub fn embed_tokens(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let [b, t] = tokens.dims();
-        self.embed.val().select(0, tokens.reshape([b * t]))
+        let x = self.embed.val().select(0, tokens.reshape([b * t]));
+        match self.config.embed_scale() {
+            Some(s) => x * s,
+            None => x,
+        }
     }
 
     /// Hidden states after the final norm: `[batch, seq, hidden]`.
@@ -588,8 +592,13 @@ impl<B: Backend> Llama<B> {
     /// through the hand-written f32 CPU block: `fused` is on, the weights are f32 and `C` is the
     /// CPU backend.
     pub(crate) fn fused_on<C: Backend>(&self) -> bool {
-        // The hand-written block has no biases: Qwen2 takes burn's path.
-        self.fused && self.dtype == Dtype::F32 && !self.config.qkv_bias && fused::is_cpu::<C>() && fused::hand_written()
+        // The hand-written block is Llama's: Qwen2 (biases) and Gemma take burn's path.
+        self.fused
+            && self.dtype == Dtype::F32
+            && self.config.arch == super::config::Arch::Llama
+            && !self.config.qkv_bias
+            && fused::is_cpu::<C>()
+            && fused::hand_written()
     }
 
     /// [`Llama::hidden`] without a cache through the hand-written f32 CPU block
@@ -658,9 +667,11 @@ impl<B: Backend> Llama<B> {
             x * (ms + eps).sqrt().recip()
         };
         let ids: Vec<i64> = tokens.to_data().convert::<i64>().into_vec().expect("token ids");
+        // A row's input is one-hot, times the embedding scale where there is one.
+        let s2 = cfg.embed_scale().map_or(1.0, |s| (s * s) as f32);
         let mut counts = vec![0f32; cfg.vocab_size];
         for &i in &ids {
-            counts[i as usize] += 1.0;
+            counts[i as usize] += s2;
         }
         let mut out = vec![Tensor::<B, 1>::from_data(
             TensorData::new(counts, [cfg.vocab_size]),
@@ -847,9 +858,9 @@ impl<B: Backend> Block<B> {
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let (b, t) = (ctx.b, ctx.t);
         let (n, rep, total) = (b * t, nh / nkv, ctx.past + t);
-        let eps = cfg.rms_norm_eps;
+        let (eps, plus_one) = (cfg.rms_norm_eps, cfg.arch.norm_plus_one());
         obs(Site::AttnResidual, &x);
-        let h = rms_norm(x.clone(), &self.attn_norm, eps);
+        let h = rms_norm(x.clone(), &self.attn_norm, eps, plus_one);
         obs(Site::AttnInput, &h);
         let q = biased(linear(h.clone(), &self.q), &self.q_bias).reshape([b, t, nh, hd]);
         let k = biased(linear(h.clone(), &self.k), &self.k_bias).reshape([b, t, nkv, hd]);
@@ -885,21 +896,41 @@ impl<B: Backend> Block<B> {
         obs(Site::OInput, &a);
         let x = x + linear(a, &self.o);
         obs(Site::MlpResidual, &x);
-        let h = rms_norm(x.clone(), &self.mlp_norm, eps);
+        let h = rms_norm(x.clone(), &self.mlp_norm, eps, plus_one);
         obs(Site::MlpInput, &h);
-        let g = silu(linear(h.clone(), &self.gate)) * linear(h, &self.up);
+        let gate = linear(h.clone(), &self.gate);
+        let gate = if cfg.arch.gelu_gate() {
+            gelu_tanh(gate)
+        } else {
+            silu(gate)
+        };
+        let g = gate * linear(h, &self.up);
         obs(Site::DownInput, &g);
         x + linear(g, &self.down)
     }
 }
 
-/// RMSNorm over the last dimension of `[tokens, hidden]`.
+/// RMSNorm over the last dimension of `[tokens, hidden]`, scaled by `w` (or by `1 + w`:
+/// Gemma, whose product is taken in f32 before the cast back, as transformers does).
 /// The statistics in f32 whatever the weights' dtype (as transformers does).
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>, eps: f64) -> Tensor<B, 2> {
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>, eps: f64, plus_one: bool) -> Tensor<B, 2> {
     let w = w.val();
     let x = widen(x);
     let ms = x.clone().powi_scalar(2).mean_dim(1);
-    like(x * (ms + eps).sqrt().recip(), &w) * w.unsqueeze_dim(0)
+    let xn = x * (ms + eps).sqrt().recip();
+    if plus_one {
+        like(xn * (widen(w.clone()) + 1.0).unsqueeze_dim(0), &w)
+    } else {
+        like(xn, &w) * w.unsqueeze_dim(0)
+    }
+}
+
+/// GELU's tanh approximation, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (transformers'
+/// `gelu_pytorch_tanh`), in f32 or wider.
+fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let w = widen(x.clone());
+    let inner = (w.clone() + w.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+    like((inner.tanh() + 1.0) * w * 0.5, &x)
 }
 
 /// RoPE on `[batch, seq, heads, head_dim]`, with tables from `Llama::rope_tables`.

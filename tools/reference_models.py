@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""Golden files for codespot's Qwen2 parity test (tests/model_tiny.rs).
+"""Golden files for codespot's architecture parity test (tests/model_tiny.rs).
 
-Builds tiny random Qwen2 models with transformers' own Qwen2ForCausalLM (tied and untied
-output embedding), gives their q/k/v biases and norm weights random values (transformers
-initialises them to 0 and 1, which would hide a missing bias), saves each with
+Builds tiny random models with transformers' own classes: Qwen2ForCausalLM (tied and untied
+output embedding) and GemmaForCausalLM (tied, as Gemma always is); gives biases and norm
+weights random values (transformers initialises them to 0 and 1 or 0, which would hide a
+missing bias or a wrong norm form), saves each with
 `save_pretrained` (config.json + model.safetensors, float32), then runs transformers' forward
 and backward in float64 on those same float32 weights and writes, beside them, expected.safetensors:
   logits           [rows, len, vocab]   of TOKENS
   loss             [1]                  mean next-token cross-entropy of TOKENS
   grad.<name>      the loss's gradient for every parameter (HF names)
 
-Usage: target/torch-venv/bin/python tools/reference_qwen2.py tests/golden
+Usage: target/torch-venv/bin/python tools/reference_models.py tests/golden
 Needs: torch, transformers (scripts/bench-vs-torch.sh makes target/torch-venv with both).
 """
 import os
@@ -18,14 +19,13 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 TOKENS = [[5, 9, 2, 40, 33, 7, 1, 60, 12, 3], [12, 3, 8, 8, 61, 4, 0, 19, 27, 50]]
 
 
-def build(out, tied, seed):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
+def qwen2(tied):
+    return Qwen2ForCausalLM(Qwen2Config(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
@@ -39,14 +39,41 @@ def build(out, tied, seed):
         use_sliding_window=False,
         bos_token_id=0,
         eos_token_id=1,
-    )
-    m = Qwen2ForCausalLM(cfg).float()
+    ))
+
+
+def gemma(tied):
+    assert tied
+    return GemmaForCausalLM(GemmaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        hidden_act="gelu_pytorch_tanh",
+        # No padding index: nn.Embedding would withhold its row's input gradient, a training
+        # detail of transformers' that codespot's loss (padding flagged out of the loss) lacks.
+        pad_token_id=None,
+        bos_token_id=0,
+        eos_token_id=1,
+    ))
+
+
+def build(out, make, tied, seed):
+    torch.manual_seed(seed)
+    m = make(tied).float()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(".bias"):
                 p.uniform_(-0.5, 0.5)
             elif "norm" in name:
-                p.uniform_(0.9, 1.1)
+                # Gemma scales by 1 + w (stored near 0), the others by w (near 1).
+                p.uniform_(-0.1, 0.1) if isinstance(m, GemmaForCausalLM) else p.uniform_(0.9, 1.1)
             else:
                 p.normal_(0.0, 0.2)
     os.makedirs(out, exist_ok=True)
@@ -67,5 +94,6 @@ def build(out, tied, seed):
 
 if __name__ == "__main__":
     root = sys.argv[1]
-    build(os.path.join(root, "qwen2_tiny_tied"), True, 1)
-    build(os.path.join(root, "qwen2_tiny_untied"), False, 2)
+    build(os.path.join(root, "qwen2_tiny_tied"), qwen2, True, 1)
+    build(os.path.join(root, "qwen2_tiny_untied"), qwen2, False, 2)
+    build(os.path.join(root, "gemma_tiny"), gemma, True, 3)
