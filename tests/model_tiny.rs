@@ -500,6 +500,25 @@ fn fused_forward_gives_burns_logits() {
     }
 }
 
+/// Every parameter's gradient of the mean next-token loss of `rows` (by name), and the loss.
+fn named_grads<B: burn::tensor::backend::AutodiffBackend>(
+    m: &Llama<B>,
+    rows: &[Vec<u32>],
+) -> (Vec<(String, Vec<f64>)>, f64) {
+    let names: Vec<String> = m.params().into_iter().map(|(n, _)| n).collect();
+    let mut grads = vec![None; names.len()];
+    let loss = m.loss_backward(rows, 1.0, |i, g| {
+        grads[i] = Some(g.into_data().convert::<f64>().into_vec::<f64>().unwrap());
+    });
+    (
+        names
+            .into_iter()
+            .zip(grads.into_iter().map(|g| g.expect("a gradient")))
+            .collect(),
+        loss,
+    )
+}
+
 /// The float64 tensors of a golden safetensors file, by name.
 fn golden_f64(path: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -598,28 +617,11 @@ fn qwen2_and_gemma_match_transformers_logits_and_gradients() {
             }
         };
         let ad = Llama::<F64Ad>::from_weights(&cfg, &w, &dev).unwrap();
-        let names: Vec<String> = ad.params().into_iter().map(|(n, _)| n).collect();
-        let mut grads = vec![None; names.len()];
-        let loss = ad.loss_backward(&rows, 1.0, |i, g| {
-            grads[i] = Some(g.into_data().convert::<f64>().into_vec::<f64>().unwrap());
-        });
-        let grads = names
-            .iter()
-            .cloned()
-            .zip(grads.into_iter().map(Option::unwrap))
-            .collect();
+        let (grads, loss) = named_grads(&ad, &rows);
         check(grads, loss, 5e-6, "f64");
         let cpu = Llama::<Autodiff<Cpu>>::from_weights(&cfg, &w, &Default::default()).unwrap();
         assert!(!cpu.uses_fused(), "{dir} takes burn's path");
-        let mut grads = vec![None; names.len()];
-        let loss = cpu.loss_backward(&rows, 1.0, |i, g| {
-            grads[i] = Some(g.into_data().convert::<f64>().into_vec::<f64>().unwrap());
-        });
-        let grads = names
-            .iter()
-            .cloned()
-            .zip(grads.into_iter().map(Option::unwrap))
-            .collect();
+        let (grads, loss) = named_grads(&cpu, &rows);
         check(grads, loss, 2e-5, "f32");
     }
 }

@@ -24,44 +24,31 @@ from transformers import GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCau
 TOKENS = [[5, 9, 2, 40, 33, 7, 1, 60, 12, 3], [12, 3, 8, 8, 61, 4, 0, 19, 27, 50]]
 
 
+# The shape every tiny model shares (head_dim 8).
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
 def qwen2(tied):
-    return Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tied,
-        use_sliding_window=False,
-        bos_token_id=0,
-        eos_token_id=1,
-    ))
+    return Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=tied, use_sliding_window=False))
 
 
 def gemma(tied):
     assert tied
-    return GemmaForCausalLM(GemmaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        hidden_act="gelu_pytorch_tanh",
-        # No padding index: nn.Embedding would withhold its row's input gradient, a training
-        # detail of transformers' that codespot's loss (padding flagged out of the loss) lacks.
-        pad_token_id=None,
-        bos_token_id=0,
-        eos_token_id=1,
-    ))
+    # No padding index: nn.Embedding would withhold its row's input gradient, a training
+    # detail of transformers' that codespot's loss (padding flagged out of the loss) lacks.
+    return GemmaForCausalLM(GemmaConfig(**TINY, head_dim=8, hidden_act="gelu_pytorch_tanh", pad_token_id=None))
 
 
 def build(out, make, tied, seed):

@@ -201,51 +201,38 @@ fn decode_batch<B: Backend>(
     loop {
         for (row, &r) in live.iter().enumerate() {
             let (opts, st) = (&reqs[r].opts, &mut state[r]);
+            let mut finish = None;
             if opts.max_tokens == 0 {
-                st.done = Some(GenOutput {
-                    ids: vec![],
-                    text: String::new(),
-                    finish: "length",
-                });
-                continue;
-            }
-            let next = sample(&logits[row], opts, &mut st.rng);
-            if stop_ids.contains(&next) {
-                let text = tok.decode_clean(&st.ids)?;
-                if r == 0 && text.len() > st.printed && text.is_char_boundary(st.printed) {
-                    on_text(&text[st.printed..]);
+                finish = Some("length");
+            } else {
+                let next = sample(&logits[row], opts, &mut st.rng);
+                if stop_ids.contains(&next) {
+                    finish = Some("eos");
+                } else {
+                    st.ids.push(next);
                 }
-                st.done = Some(GenOutput {
-                    ids: std::mem::take(&mut st.ids),
-                    text,
-                    finish: "eos",
-                });
-                continue;
             }
-            st.ids.push(next);
-            let text = tok.decode_clean(&st.ids)?;
-            if let Some(pos) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                let text = text[..pos].to_string();
-                st.done = Some(GenOutput {
-                    ids: std::mem::take(&mut st.ids),
-                    text,
-                    finish: "stop",
-                });
-                continue;
+            let mut text = tok.decode_clean(&st.ids)?;
+            if finish.is_none() {
+                if let Some(pos) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(pos);
+                    finish = Some("stop");
+                } else if st.ids.len() >= opts.max_tokens {
+                    finish = Some("length");
+                }
             }
-            // Print only complete UTF-8 (a multi-byte char may span tokens).
-            if r == 0 && !text.ends_with('\u{FFFD}') && text.len() > st.printed && text.is_char_boundary(st.printed) {
+            // Row 0 streams: complete UTF-8 only while decoding (a character may span tokens),
+            // the rest at the end.
+            let whole = finish.is_some() || !text.ends_with('\u{FFFD}');
+            if r == 0 && whole && text.len() > st.printed && text.is_char_boundary(st.printed) {
                 on_text(&text[st.printed..]);
                 st.printed = text.len();
             }
-            if st.ids.len() >= opts.max_tokens {
-                if r == 0 && text.len() > st.printed && text.is_char_boundary(st.printed) {
-                    on_text(&text[st.printed..]);
-                }
+            if let Some(finish) = finish {
                 st.done = Some(GenOutput {
                     ids: std::mem::take(&mut st.ids),
                     text,
-                    finish: "length",
+                    finish,
                 });
             }
         }
