@@ -26,10 +26,14 @@ arc=$(find "${CODESPOT_CACHE:-$HOME/.cache/codespot}" -path '*ai2_arc/ARC-Easy/v
 
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 for what in taylor adamw forward; do
-  echo "torch: $what …" >&2
+  echo "torch: $what (f32, bf16 autocast) …" >&2
   "$venv/bin/python" tools/torch_bench.py --model "$out/model" --what "$what" --steps "$steps" \
     >"$out/torch_$what.json"
+  "$venv/bin/python" tools/torch_bench.py --model "$out/model" --what "$what" --steps "$steps" \
+    --autocast-bf16 >"$out/torchbf16_$what.json"
 done
+echo "torch: generate …" >&2
+"$venv/bin/python" tools/torch_bench.py --model "$out/model" --what generate >"$out/torch_generate.json"
 # lm-evaluation-harness's own arc_easy task (prompt, choices, target, acc/acc_norm), pointed at the
 # local Arrow file instead of the hub.
 mkdir -p "$out/lm-eval-tasks"
@@ -59,6 +63,8 @@ echo "codespot: score, tune, forward …" >&2
 "$bin" bench score --steps "$steps" --json >"$out/codespot_taylor.json"
 "$bin" bench tune --steps "$steps" --json >"$out/codespot_adamw.json"
 "$bin" bench forward --json >"$out/codespot_forward.json"
+"$bin" bench generate --batch 1 --json >"$out/codespot_generate1.json"
+"$bin" bench generate --batch 16 --json >"$out/codespot_generate16.json"
 echo "codespot: eval arc-easy …" >&2
 /usr/bin/env time -f '{"seconds": %e, "peak_rss_kib": %M}' -o "$out/codespot_mc_time.json" \
   "$bin" eval --model default --tasks arc-easy --out "$out/codespot_eval" --force >"$out/codespot_mc.txt"
@@ -67,7 +73,8 @@ echo "codespot: eval arc-easy …" >&2
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
 j = lambda n: json.loads((d / n).read_text())
-t, c = {k: j(f"torch_{k}.json") for k in ["taylor", "adamw", "forward"]}, {}
+t, c = {k: j(f"torch_{k}.json") for k in ["taylor", "adamw", "forward", "generate"]}, {}
+tb = {k: j(f"torchbf16_{k}.json") for k in ["taylor", "adamw", "forward"]}
 t["mc"] = j("torch_mc_time.json")
 t["mc"]["peak_rss_bytes"] = t["mc"]["peak_rss_kib"] * 1024
 lm = json.loads(sorted((d / "lm_eval").rglob("results_*.json"))[-1].read_text())["results"]["arc_easy_local"]
@@ -75,20 +82,26 @@ t["mc"]["acc"], t["mc"]["acc_norm"] = lm["acc,none"], lm["acc_norm,none"]
 c["taylor"] = j("codespot_taylor.json")
 c["adamw"] = j("codespot_adamw.json")
 c["forward"] = j("codespot_forward.json")
+c["gen1"], c["gen16"] = j("codespot_generate1.json"), j("codespot_generate16.json")
 c["mc"] = j("codespot_mc_time.json")
 c["mc"]["peak_rss_bytes"] = c["mc"]["peak_rss_kib"] * 1024
 res = json.loads((d / "codespot_eval" / "results.json").read_text())
 acc = {r["metric"]: r["value"] for cond in res for r in cond["results"] if r["task"] == "arc-easy"}
+nan = float("nan")
+g = lambda x: x["median_tokens_per_s"]
 rows = [
-    ("Taylor pass (fwd+bwd+Σ|θg|, 4×256), tokens/s", t["taylor"]["median_tokens_per_s"], c["taylor"]["median_batch_tokens_per_s"], True),
-    ("AdamW step (4×256), tokens/s", t["adamw"]["median_tokens_per_s"], c["adamw"]["median_tokens_per_s"], True),
-    ("forward (1×256), tokens/s", t["forward"]["median_tokens_per_s"], c["forward"]["tokens_per_s"], True),
-    ("ARC-Easy, all 570 items, seconds (lm-evaluation-harness, batch 8)", t["mc"]["seconds"], c["mc"]["seconds"], False),
+    ("Taylor pass (fwd+bwd+Σ|θg|, 4×256), tokens/s", g(t["taylor"]), g(tb["taylor"]), c["taylor"]["median_batch_tokens_per_s"], True),
+    ("AdamW step (4×256), tokens/s", g(t["adamw"]), g(tb["adamw"]), c["adamw"]["median_tokens_per_s"], True),
+    ("forward (1×256), tokens/s", g(t["forward"]), g(tb["forward"]), c["forward"]["tokens_per_s"], True),
+    ("greedy generation, 16 prompts × 128 + 64 new, new tokens/s (codespot one at a time)", g(t["generate"]), nan, c["gen1"]["tokens_per_s"], True),
+    ("the same, codespot 16 prompts at a time", g(t["generate"]), nan, c["gen16"]["tokens_per_s"], True),
+    ("ARC-Easy, all 570 items, seconds (lm-evaluation-harness, batch 8)", t["mc"]["seconds"], nan, c["mc"]["seconds"], False),
 ]
-print("| work | PyTorch | codespot | codespot speed ÷ PyTorch's |")
-print("|---|---:|---:|---:|")
-for name, a, b, higher in rows:
-    print(f"| {name} | {a:.1f} | {b:.1f} | {(b / a if higher else a / b):.2f}× |")
+print("| work | PyTorch f32 | PyTorch bf16 autocast | codespot f32 | codespot ÷ PyTorch f32 | codespot ÷ PyTorch bf16 |")
+print("|---|---:|---:|---:|---:|---:|")
+ratio = lambda a, b, higher: (b / a if higher else a / b)
+for name, a, abf, b, higher in rows:
+    print(f"| {name} | {a:.1f} | {abf:.1f} | {b:.1f} | {ratio(a, b, higher):.2f}× | {ratio(abf, b, higher):.2f}× |")
 mib = lambda x: x / 1048576
 print("| peak RSS, MiB: Taylor / AdamW / ARC | "
       f"{mib(t['taylor']['peak_rss_bytes']):.0f} / {mib(t['adamw']['peak_rss_bytes']):.0f} / {mib(t['mc']['peak_rss_bytes']):.0f} | "

@@ -1,5 +1,5 @@
-//! Benchmarks of the hot paths on synthetic tokens: a forward pass, an importance (Taylor)
-//! pass, and a tuning step (the tune loop's own gradient and AdamW code). Each returns what it
+//! Benchmarks of the hot paths on synthetic tokens: a forward pass, greedy generation, an
+//! importance (Taylor) pass, and a tuning step (the tune loop's own gradient and AdamW code). Each returns what it
 //! measured; `codespot bench …` prints it, `scripts/bench-vs-torch.sh` compares it with PyTorch.
 
 use crate::model::{self, Checkpoint, Dtype, Llama};
@@ -89,6 +89,65 @@ pub fn forward<B: Backend>(
         batch,
         seq_len,
         runs,
+        peak_rss_bytes: crate::util::peak_rss_bytes().unwrap_or(0),
+    })
+}
+
+/// `bench generate`: greedy decoding speed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generate {
+    /// New tokens per second over the whole run (prefill included).
+    pub tokens_per_s: f64,
+    pub new_tokens: usize,
+    pub seconds: f64,
+    pub prompts: usize,
+    pub prompt_len: usize,
+    pub max_new_tokens: usize,
+    /// Prompts decoded together.
+    pub batch: usize,
+    pub peak_rss_bytes: u64,
+}
+
+/// Greedy decoding of `prompts` synthetic prompts of `prompt_len` tokens, `max_new` new tokens
+/// each (fewer where one draws an end-of-sequence token), `batch` at a time.
+pub fn generate<B: Backend>(
+    source: &str,
+    prompts: usize,
+    prompt_len: usize,
+    max_new: usize,
+    batch: usize,
+    device: &B::Device,
+) -> Result<Generate> {
+    anyhow::ensure!(
+        prompts > 0 && prompt_len > 0 && max_new > 0 && batch > 0,
+        "bench generate: prompts, prompt-len, new-tokens and batch must be positive"
+    );
+    let ck = model::load(source)?;
+    let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+    let opts = model::generate::GenOptions {
+        max_tokens: max_new,
+        ..Default::default()
+    };
+    let reqs: Vec<model::generate::GenRequest> =
+        model::llama::synthetic_tokens(ck.config.vocab_size, prompts, prompt_len)
+            .into_iter()
+            .map(|prompt| model::generate::GenRequest {
+                prompt,
+                opts: opts.clone(),
+            })
+            .collect();
+    let t0 = std::time::Instant::now();
+    let outs = model::generate::generate_many(&m, &ck.tokenizer, &reqs, batch, |_| {})?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let new_tokens = outs.iter().map(|o| o.ids.len()).sum::<usize>();
+    Ok(Generate {
+        tokens_per_s: new_tokens as f64 / seconds,
+        new_tokens,
+        seconds,
+        prompts,
+        prompt_len,
+        max_new_tokens: max_new,
+        batch,
         peak_rss_bytes: crate::util::peak_rss_bytes().unwrap_or(0),
     })
 }

@@ -57,6 +57,23 @@ pub enum BenchCmd {
         #[command(flatten)]
         shape: StepShape,
     },
+    /// New tokens/s of greedy decoding (synthetic prompts, `--batch` decoded together).
+    Generate {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 16)]
+        prompts: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
     /// Tokens/s of a forward pass (median of several runs) and peak RSS.
     Forward {
         #[arg(long, default_value = "default")]
@@ -79,7 +96,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    use crate::bench::{forward, score, tune};
+    use crate::bench::{forward, generate, score, tune};
     match cmd {
         BenchCmd::Score { shape: a } => {
             let s = a.shape();
@@ -129,6 +146,31 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 r.path,
                 r.steps,
                 r.dtype,
+                mib(r.peak_rss_bytes)
+            );
+        }
+        BenchCmd::Generate {
+            model,
+            prompts,
+            prompt_len,
+            new_tokens,
+            batch,
+            json,
+            device,
+        } => {
+            let r = on_device!(device, generate(&model, prompts, prompt_len, new_tokens, batch))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            println!(
+                "generate: {:.1} new tokens/s ({} tokens in {:.1} s; {} prompts of {} tokens, {} at a time); peak RSS {:.0} MiB",
+                r.tokens_per_s,
+                r.new_tokens,
+                r.seconds,
+                r.prompts,
+                r.prompt_len,
+                r.batch,
                 mib(r.peak_rss_bytes)
             );
         }
