@@ -101,11 +101,14 @@ print("| work | PyTorch f32 | PyTorch bf16 autocast | codespot f32 | codespot ÷
 print("|---|---:|---:|---:|---:|---:|")
 ratio = lambda a, b, higher: (b / a if higher else a / b)
 for name, a, abf, b, higher in rows:
-    print(f"| {name} | {a:.1f} | {abf:.1f} | {b:.1f} | {ratio(a, b, higher):.2f}× | {ratio(abf, b, higher):.2f}× |")
+    cell = lambda x: "–" if x != x else f"{x:.1f}"
+    rb = "–" if abf != abf else f"{ratio(abf, b, higher):.2f}×"
+    print(f"| {name} | {a:.1f} | {cell(abf)} | {b:.1f} | {ratio(a, b, higher):.2f}× | {rb} |")
 mib = lambda x: x / 1048576
 print("| peak RSS, MiB: Taylor / AdamW / ARC | "
       f"{mib(t['taylor']['peak_rss_bytes']):.0f} / {mib(t['adamw']['peak_rss_bytes']):.0f} / {mib(t['mc']['peak_rss_bytes']):.0f} | "
-      f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | |")
+      f"{mib(tb['taylor']['peak_rss_bytes']):.0f} / {mib(tb['adamw']['peak_rss_bytes']):.0f} / – | "
+      f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | | |")
 print(f"\nARC-Easy accuracy: lm-evaluation-harness acc {t['mc']['acc']:.4f} acc_norm {t['mc']['acc_norm']:.4f}; "
       f"codespot acc {acc.get('acc', float('nan')):.4f} acc_norm {acc.get('acc_norm', float('nan')):.4f}")
 PY
