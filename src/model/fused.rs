@@ -113,6 +113,57 @@ pub fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 storage")
 }
 
+/// Products with at most this many rows (a decoding step's tokens) go through
+/// [`few_rows_matmul`] instead of gemm.
+pub const FEW_ROWS: usize = 16;
+
+simd_fn! {
+    /// `Σ_i a[i]·b[i]`, in 16 lanes summed at the end (the same order for every row, whatever
+    /// the number of rows beside it).
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for l in 0..16 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s = 0f32;
+        for (x, y) in ar.iter().zip(br) {
+            s += x * y;
+        }
+        acc.iter().sum::<f32>() + s
+    }
+}
+
+/// `x · Wᵀ` for a few rows `x: [rows, k]` and an HF-layout `W: [n, k]`, as `[rows, n]`: each
+/// weight row is read from memory once and dotted with every row of `x` while it is in cache,
+/// with no packing (gemm packs the whole weight matrix on every call, which dominates a
+/// decoding step's product of a handful of rows). Parallel over weight rows. A row's result
+/// does not depend on how many rows are beside it.
+pub fn few_rows_matmul(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    debug_assert!(x.len() == rows * k && w.len() == n * k);
+    // Output transposed, `[n, rows]`, so each task owns a contiguous run of it.
+    let per = 64usize;
+    let mut yt = vec![0f32; n * rows];
+    yt.par_chunks_mut(per * rows).enumerate().for_each(|(c, out)| {
+        for (j, o) in out.chunks_exact_mut(rows).enumerate() {
+            let wr = &w[(c * per + j) * k..(c * per + j + 1) * k];
+            for (r, y) in o.iter_mut().enumerate() {
+                *y = dot(&x[r * k..(r + 1) * k], wr);
+            }
+        }
+    });
+    let mut y = vec![0f32; rows * n];
+    for (o, col) in yt.chunks_exact(rows).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            y[r * n + o] = *v;
+        }
+    }
+    y
+}
+
 /// Rows `ids` of a `[rows, d]` table (an embedding lookup), as `[ids.len(), d]`.
 pub fn rows_of(table: &[f32], ids: &[u32], d: usize) -> Vec<f32> {
     ids.iter()
@@ -1091,6 +1142,15 @@ mod tests {
         let n = 1003;
         let (g, u, x) = (inputs(n, 1), inputs(n, 2), inputs(n, 3));
 
+        // The few-row product's dot: 16 lanes, then the tail.
+        let mut lanes = [0f32; 16];
+        let cut = n / 16 * 16;
+        for i in 0..cut {
+            lanes[i % 16] += g[i] * u[i];
+        }
+        let tail = (cut..n).fold(0f32, |s, i| s + g[i] * u[i]);
+        assert_eq!(dot(&g, &u).to_bits(), (lanes.iter().sum::<f32>() + tail).to_bits());
+
         let mut o = vec![0f32; n];
         swiglu_chunk(&mut o, &g, &u);
         let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + exp(-g)) * u).collect();
@@ -1159,5 +1219,32 @@ mod tests {
             worst = worst.max(((a - b) / b).abs());
         }
         assert!(worst < 2.5e-7, "max relative error {worst:e}");
+    }
+
+    /// The few-row product (a decoding step's) against an f64 dot product, for 1 to 16 rows,
+    /// a weight count that is not a multiple of a task's 64 rows and a width with a tail after
+    /// the 16 lanes; and each row's bits do not depend on the rows beside it.
+    #[test]
+    fn few_rows_matmul_is_the_product_and_rows_are_independent() {
+        let (n, k) = (200, 75);
+        let w = inputs(n * k, 3);
+        let x = inputs(FEW_ROWS * k, 9);
+        let alone: Vec<Vec<f32>> = (0..FEW_ROWS)
+            .map(|r| few_rows_matmul(&x[r * k..(r + 1) * k], 1, &w, n, k))
+            .collect();
+        for rows in [1, 3, FEW_ROWS] {
+            let y = few_rows_matmul(&x[..rows * k], rows, &w, n, k);
+            for r in 0..rows {
+                for o in 0..n {
+                    let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum();
+                    let got = y[r * n + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "rows {rows} [{r}, {o}]: {got} vs {want}"
+                    );
+                }
+                assert_eq!(bits(&y[r * n..(r + 1) * n]), bits(&alone[r]), "rows {rows}, row {r}");
+            }
+        }
     }
 }

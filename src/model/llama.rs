@@ -959,6 +959,20 @@ fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// `x · Wᵀ` for `x: [tokens, in]` and HF-layout `W: [out, in]`: the transpose is a strided
 /// view that the matmul reads in place, and the output is contiguous.
 fn linear<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> {
+    let [rows, k] = x.dims();
+    // A decoding step's few rows on the f32 CPU backend: no gemm packing of the weights.
+    if rows <= fused::FEW_ROWS
+        && fused::is_cpu::<B>()
+        && fused::hand_written()
+        && x.dtype() == burn::tensor::DType::F32
+        && w.val().dtype() == burn::tensor::DType::F32
+    {
+        let device = x.device();
+        let n = w.val().dims()[0];
+        let (xs, ws) = (fused::flex(x), fused::flex(w.val()));
+        let y = fused::few_rows_matmul(fused::values(&xs), rows, fused::values(&ws), n, k);
+        return Tensor::from_data(TensorData::new(y, [rows, n]), &device);
+    }
     x.matmul(w.val().transpose())
 }
 
