@@ -247,6 +247,25 @@ fn left_padded_batch_decodes_each_row_as_alone() {
                 );
             }
         }
+        // In f16 (where the mask's −1e9 is −inf) a padded batch stays finite: a padding query
+        // sees itself, never an all-masked row.
+        let half = Llama::<codespot::backend::Cpu>::from_weights_as(
+            &cfg,
+            &w,
+            &Default::default(),
+            codespot::model::Dtype::F16,
+        )
+        .unwrap();
+        let mut hc = KvCache::padded(
+            cfg.num_hidden_layers,
+            prompts.iter().map(|p| longest - p.len()).collect(),
+        );
+        let l = half.forward(tokens_tensor(&rows, &Default::default()), Some(&mut hc));
+        let v: Vec<f32> = l.into_data().convert::<f32>().into_vec().unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{layout:?}: f16 padded logits are finite"
+        );
         // Without the mask the padding would be attended to: the test can fail.
         let mut unmasked = KvCache::new(cfg.num_hidden_layers);
         let wrong = step_logits(&m, &rows[1..2], &mut unmasked);

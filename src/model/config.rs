@@ -136,9 +136,11 @@ fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
     }
     for k in ["hidden_act", "hidden_activation"] {
         if let Some(a) = v.get(k).and_then(|x| x.as_str()) {
-            // Gemma's "gelu" means the tanh approximation (transformers rewrites it so).
+            // Gemma's `hidden_act` "gelu" means the tanh approximation (transformers rewrites
+            // it so); an explicit `hidden_activation` "gelu" asks for the exact (erf) one.
             let ok = match arch {
-                Arch::Gemma => ["gelu", "gelu_pytorch_tanh", "gelu_new"].contains(&a),
+                Arch::Gemma if k == "hidden_act" => ["gelu", "gelu_pytorch_tanh", "gelu_new"].contains(&a),
+                Arch::Gemma => ["gelu_pytorch_tanh", "gelu_new"].contains(&a),
                 _ => a == "silu" || a == "swish",
             };
             if !ok {
@@ -398,7 +400,11 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             rope_layout: RopeLayout::Half,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
+            // transformers' own default: Gemma ties, the others do not.
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(|t| t.as_bool())
+                .unwrap_or(arch == Arch::Gemma),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(|x| x.as_u64())
@@ -616,6 +622,18 @@ mod tests {
         assert_eq!(g.to_hf_json()["hidden_act"], "gelu_pytorch_tanh");
         let e = cfg(r#", "hidden_act": "gelu""#).unwrap_err().to_string();
         assert!(e.contains("hidden_act") && e.contains("silu"), "{e}");
+        // Gemma ties by default; an exact-GELU `hidden_activation` is refused by name.
+        assert!(g.tie_word_embeddings);
+        let e = LlamaConfig::from_hf_str(&format!(
+            "{{{}, \"hidden_activation\": \"gelu\"}}",
+            BASE.replace("\"llama\"", "\"gemma\"")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("hidden_activation") && e.contains("gelu_pytorch_tanh"),
+            "{e}"
+        );
         // Mistral's block is Llama's.
         let m = LlamaConfig::from_hf_str(&format!("{{{}}}", BASE.replace("\"llama\"", "\"mistral\""))).unwrap();
         assert_eq!((m.arch, m.qkv_bias), (Arch::Llama, false));

@@ -524,8 +524,10 @@ impl<B: Backend> Llama<B> {
             for (r, &pad) in shifts.iter().enumerate() {
                 for i in 0..t {
                     let row = &mut m[(r * t + i) * total..(r * t + i + 1) * total];
+                    // A padding query sees only itself: a row with every key masked would be
+                    // −inf throughout in f16 (−1e9 overflows) and softmax would make NaN.
                     for (j, x) in row.iter_mut().enumerate() {
-                        if j < pad || j > past + i {
+                        if (j < pad && j != past + i) || j > past + i {
                             *x = -1e9;
                         }
                     }
@@ -961,7 +963,7 @@ fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 fn linear<B: Backend>(x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> {
     let [rows, k] = x.dims();
     // A decoding step's few rows on the f32 CPU backend: no gemm packing of the weights.
-    if rows <= fused::FEW_ROWS
+    if (1..=fused::FEW_ROWS).contains(&rows)
         && fused::is_cpu::<B>()
         && fused::hand_written()
         && x.dtype() == burn::tensor::DType::F32
