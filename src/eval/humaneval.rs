@@ -2,10 +2,9 @@
 
 use super::datasets::CodeProblem;
 use super::sandbox::{run_python, Limits, Outcome};
-use crate::model::generate::{generate, GenOptions, GenOutput, GenRequest};
-use crate::model::{Llama, Message, Tok};
+use crate::model::generate::{GenOptions, GenOutput, GenRequest};
+use crate::model::{Message, Tok};
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 
 /// The program HumanEval's harness runs: prompt + completion + tests + `check(entry_point)`.
 pub fn program(p: &CodeProblem, completion: &str) -> String {
@@ -45,9 +44,9 @@ pub fn completion_from_chat(p: &CodeProblem, answer: &str) -> String {
     }
 }
 
-/// What [`complete`] decodes for `p`: the chat prompt when `chat` and the tokenizer has a
-/// template (no stop strings: the answer's code block is taken afterwards), else the raw prompt
-/// cut at [`STOP`].
+/// What a HumanEval completion of `p` decodes (`generate_many` runs many at once): the chat
+/// prompt when `chat` and the tokenizer has a template (no stop strings: the answer's code
+/// block is taken afterwards), else the raw prompt cut at [`STOP`].
 pub fn request(tok: &Tok, p: &CodeProblem, chat: bool, opts: &GenOptions) -> Result<GenRequest> {
     let mut o = opts.clone();
     let prompt = if chat && tok.chat_template.is_some() {
@@ -67,13 +66,6 @@ pub fn completion(tok: &Tok, p: &CodeProblem, chat: bool, out: &GenOutput) -> St
     } else {
         out.text.clone()
     }
-}
-
-/// Generate one completion (greedy when `opts.temperature` is 0).
-pub fn complete<B: Backend>(m: &Llama<B>, tok: &Tok, p: &CodeProblem, chat: bool, opts: &GenOptions) -> Result<String> {
-    let r = request(tok, p, chat, opts)?;
-    let out = generate(m, tok, &r.prompt, &r.opts, |_| {})?;
-    Ok(completion(tok, p, chat, &out))
 }
 
 /// HumanEval-X: the files, steps (compile, run) and failure marker for one language.
@@ -162,7 +154,7 @@ pub fn x_passes(lang: &str, p: &CodeProblem, completion: &str, limits: &Limits) 
     Ok(super::sandbox::run_steps(&files, &steps, marker)? == Outcome::Passed)
 }
 
-/// What [`x_complete`] decodes: the raw prompt, stopped where the function ends.
+/// What a HumanEval-X completion decodes: the raw prompt, stopped where the function ends.
 pub fn x_request(tok: &Tok, lang: &str, p: &CodeProblem, opts: &GenOptions) -> Result<GenRequest> {
     let mut o = opts.clone();
     o.stop = match lang {
@@ -183,16 +175,4 @@ pub fn x_completion(lang: &str, out: &GenOutput) -> String {
     } else {
         format!("{}\n}}\n", out.text)
     }
-}
-
-/// A raw continuation of a HumanEval-X prompt, cut where the function ends.
-pub fn x_complete<B: Backend>(
-    m: &Llama<B>,
-    tok: &Tok,
-    lang: &str,
-    p: &CodeProblem,
-    opts: &GenOptions,
-) -> Result<String> {
-    let r = x_request(tok, lang, p, opts)?;
-    Ok(x_completion(lang, &generate(m, tok, &r.prompt, &r.opts, |_| {})?))
 }

@@ -103,11 +103,18 @@ impl<B: Backend> AdamW<B> {
         path: &Path,
     ) -> Result<Self> {
         let mut s = Self::new(cfg, model);
-        let header = crate::source::weights::safetensors_header(path)?;
-        s.check_file(path, |key| header.shapes.get(key))?;
-        s.t = saved_updates(path, &header)?;
-        s.moments = Moments::InFile(path.to_path_buf());
+        s.attach(path)?;
         Ok(s)
+    }
+
+    /// Check `path` against this optimizer's parameters and take its update count, leaving
+    /// the moments in the file until [`AdamW::restore`].
+    fn attach(&mut self, path: &Path) -> Result<()> {
+        let header = crate::source::weights::safetensors_header(path)?;
+        self.check_file(path, |key| header.shapes.get(key))?;
+        self.t = saved_updates(path, &header)?;
+        self.moments = Moments::InFile(path.to_path_buf());
+        Ok(())
     }
 
     /// Free the moments when `file` (written by [`AdamW::save`]) holds them, i.e. was saved
@@ -213,11 +220,13 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         scale: f64,
     ) -> Llama<AB> {
+        // Where this optimizer's state lives (a peer's device, for a shard), whether fresh,
+        // resumed or uploaded from the host: every update runs there.
+        let device = self
+            .device
+            .clone()
+            .unwrap_or_else(|| model.embed.val().inner().device());
         if matches!(self.moments, Moments::Zero) {
-            let device = self
-                .device
-                .clone()
-                .unwrap_or_else(|| model.embed.val().inner().device());
             let sizes = self
                 .shapes
                 .iter()
@@ -238,7 +247,7 @@ impl<B: Backend> AdamW<B> {
                 .zip(&self.owned)
                 .map(|((_, p), &own)| {
                     let f = p.flat().inner();
-                    (own && f.dtype() != DType::F32).then(|| crate::model::dtype::widen(f))
+                    (own && f.dtype() != DType::F32).then(|| crate::model::dtype::widen(f).to_device(&device))
                 })
                 .collect();
         }
@@ -259,7 +268,6 @@ impl<B: Backend> AdamW<B> {
             let Some(g) = grads[k].take() else {
                 return Tensor::from_inner(theta.inner());
             };
-            let device = g.device();
             let (mk, vk) = take_moments(moments, k, &device);
             if fused::is_cpu::<B>() && fused::hand_written() && theta.dtype() == DType::F32 {
                 // One pass over the parameter, in place (the same arithmetic as below).
@@ -507,11 +515,7 @@ impl<B: Backend> Sharded<B> {
         }
         let mut sharded = Self::split((0..n).map(|_| AdamW::new(cfg, model)).collect(), devices);
         for (r, a) in sharded.shards.iter_mut().enumerate() {
-            let path = Self::file(dir, r, n);
-            let header = crate::source::weights::safetensors_header(&path)?;
-            a.check_file(&path, |key| header.shapes.get(key))?;
-            a.t = saved_updates(&path, &header)?;
-            a.moments = Moments::InFile(path);
+            a.attach(&Self::file(dir, r, n))?;
         }
         Ok(sharded)
     }
@@ -565,20 +569,5 @@ impl<B: Backend> Sharded<B> {
             s.park(&Self::file(dir, r, n))?;
         }
         Ok(())
-    }
-
-    /// Elements of state each shard owns (its share of the moments).
-    pub fn owned_elements(&self) -> Vec<usize> {
-        self.shards
-            .iter()
-            .map(|s| {
-                s.shapes
-                    .iter()
-                    .zip(&s.owned)
-                    .filter(|x| *x.1)
-                    .map(|(sh, _)| sh.iter().product::<usize>())
-                    .sum()
-            })
-            .collect()
     }
 }

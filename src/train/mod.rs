@@ -315,20 +315,17 @@ impl BlockOrder {
 pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Checkpoint) -> Result<()> {
     // The spot's languages, the prose corpus of the text controls, and the one `text-bpb` reads.
     let r = &loaded.recipe;
-    let mut needed: Vec<&String> = r.languages.iter().chain(&r.spot.text).collect();
-    // The corpora that `text-bpb[:CORPUS]` and `code-bpb:LANG` read.
-    let read: Vec<String> = r
-        .eval
-        .tasks
-        .iter()
-        .filter_map(|t| match crate::eval::Task::parse(t) {
-            Ok(crate::eval::Task::TextBpb(c) | crate::eval::Task::CodeBpb(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
-    needed.extend(read.iter().filter(|c| !needed.contains(c)).collect::<Vec<_>>());
+    // Then the corpora that the recipe's `text-bpb[:CORPUS]` and `code-bpb[:LANG]` read, each once.
+    let mut needed: Vec<String> = r.languages.iter().chain(&r.spot.text).cloned().collect();
+    for t in loaded.tasks()? {
+        if let crate::eval::Task::TextBpb(c) | crate::eval::Task::CodeBpb(c) = t {
+            if !needed.contains(&c) {
+                needed.push(c);
+            }
+        }
+    }
     let pairs = r.train.steps > 0 && r.train.format == crate::recipe::TrainFormat::Pairs;
-    for lang in needed {
+    for lang in &needed {
         // A corpus built before held-out pairs existed is built again (the same files).
         let stale = pairs
             && r.languages.contains(lang)
