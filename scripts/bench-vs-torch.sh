@@ -63,11 +63,18 @@ echo "codespot: score, tune, forward …" >&2
 "$bin" bench score --steps "$steps" --json >"$out/codespot_taylor.json"
 "$bin" bench tune --steps "$steps" --json >"$out/codespot_adamw.json"
 "$bin" bench forward --json >"$out/codespot_forward.json"
+echo "codespot: the same with bf16 autocast …" >&2
+"$bin" bench score --steps "$steps" --autocast bf16 --json >"$out/codespotbf16_taylor.json"
+"$bin" bench tune --steps "$steps" --autocast bf16 --json >"$out/codespotbf16_adamw.json"
+"$bin" bench forward --autocast bf16 --json >"$out/codespotbf16_forward.json"
 "$bin" bench generate --batch 1 --json >"$out/codespot_generate1.json"
 "$bin" bench generate --batch 16 --json >"$out/codespot_generate16.json"
 echo "codespot: eval arc-easy …" >&2
 /usr/bin/env time -f '{"seconds": %e, "peak_rss_kib": %M}' -o "$out/codespot_mc_time.json" \
   "$bin" eval --model default --tasks arc-easy --out "$out/codespot_eval" --force >"$out/codespot_mc.txt"
+/usr/bin/env time -f '{"seconds": %e, "peak_rss_kib": %M}' -o "$out/codespotbf16_mc_time.json" \
+  "$bin" eval --model default --tasks arc-easy --autocast bf16 --out "$out/codespotbf16_eval" --force \
+  >"$out/codespotbf16_mc.txt"
 
 "$venv/bin/python" - "$out" <<'PY'
 import json, sys, pathlib
@@ -85,30 +92,36 @@ c["forward"] = j("codespot_forward.json")
 c["gen1"], c["gen16"] = j("codespot_generate1.json"), j("codespot_generate16.json")
 c["mc"] = j("codespot_mc_time.json")
 c["mc"]["peak_rss_bytes"] = c["mc"]["peak_rss_kib"] * 1024
-res = json.loads((d / "codespot_eval" / "results.json").read_text())
-acc = {r["metric"]: r["value"] for cond in res for r in cond["results"] if r["task"] == "arc-easy"}
+cb = {k: j(f"codespotbf16_{k}.json") for k in ["taylor", "adamw", "forward", "mc_time"]}
+cb["mc"] = cb.pop("mc_time")
+cb["mc"]["peak_rss_bytes"] = cb["mc"]["peak_rss_kib"] * 1024
+arc = lambda e: {r["metric"]: r["value"] for cond in json.loads((d / e / "results.json").read_text()) for r in cond["results"] if r["task"] == "arc-easy"}
+acc, accb = arc("codespot_eval"), arc("codespotbf16_eval")
 nan = float("nan")
 g = lambda x: x["median_tokens_per_s"]
 rows = [
-    ("Taylor pass (fwd+bwd+Σ|θg|, 4×256), tokens/s", g(t["taylor"]), g(tb["taylor"]), c["taylor"]["median_batch_tokens_per_s"], True),
-    ("AdamW step (4×256), tokens/s", g(t["adamw"]), g(tb["adamw"]), c["adamw"]["median_tokens_per_s"], True),
-    ("forward (1×256), tokens/s", g(t["forward"]), g(tb["forward"]), c["forward"]["tokens_per_s"], True),
-    ("greedy generation, 16 prompts × 128 + 64 new, new tokens/s (codespot one at a time)", g(t["generate"]), nan, c["gen1"]["tokens_per_s"], True),
-    ("the same, codespot 16 prompts at a time", g(t["generate"]), nan, c["gen16"]["tokens_per_s"], True),
-    ("ARC-Easy, all 570 items, seconds (lm-evaluation-harness, batch 8)", t["mc"]["seconds"], nan, c["mc"]["seconds"], False),
+    ("Taylor pass (fwd+bwd+Σ|θg|, 4×256), tokens/s", g(t["taylor"]), g(tb["taylor"]), c["taylor"]["median_batch_tokens_per_s"], cb["taylor"]["median_batch_tokens_per_s"], True),
+    ("AdamW step (4×256), tokens/s", g(t["adamw"]), g(tb["adamw"]), c["adamw"]["median_tokens_per_s"], cb["adamw"]["median_tokens_per_s"], True),
+    ("forward (1×256), tokens/s", g(t["forward"]), g(tb["forward"]), c["forward"]["tokens_per_s"], cb["forward"]["tokens_per_s"], True),
+    ("greedy generation, 16 prompts × 128 + 64 new, new tokens/s (codespot one at a time)", g(t["generate"]), nan, c["gen1"]["tokens_per_s"], nan, True),
+    ("the same, codespot 16 prompts at a time", g(t["generate"]), nan, c["gen16"]["tokens_per_s"], nan, True),
+    ("ARC-Easy, all 570 items, seconds (lm-evaluation-harness, batch 8)", t["mc"]["seconds"], nan, c["mc"]["seconds"], cb["mc"]["seconds"], False),
 ]
-print("| work | PyTorch f32 | PyTorch bf16 autocast | codespot f32 | codespot ÷ PyTorch f32 | codespot ÷ PyTorch bf16 |")
-print("|---|---:|---:|---:|---:|---:|")
+print(f"codespot bf16 autocast ran as: {cb['taylor']['path']}\n")
+print("| work | PyTorch f32 | PyTorch bf16 autocast | codespot f32 | codespot bf16 autocast | codespot f32 ÷ PyTorch f32 | codespot bf16 ÷ PyTorch bf16 |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 ratio = lambda a, b, higher: (b / a if higher else a / b)
-for name, a, abf, b, higher in rows:
-    cell = lambda x: "–" if x != x else f"{x:.1f}"
-    rb = "–" if abf != abf else f"{ratio(abf, b, higher):.2f}×"
-    print(f"| {name} | {a:.1f} | {cell(abf)} | {b:.1f} | {ratio(a, b, higher):.2f}× | {rb} |")
+cell = lambda x: "–" if x != x else f"{x:.1f}"
+for name, a, abf, b, bbf, higher in rows:
+    rb = "–" if abf != abf or bbf != bbf else f"{ratio(abf, bbf, higher):.2f}×"
+    print(f"| {name} | {a:.1f} | {cell(abf)} | {b:.1f} | {cell(bbf)} | {ratio(a, b, higher):.2f}× | {rb} |")
 mib = lambda x: x / 1048576
 print("| peak RSS, MiB: Taylor / AdamW / ARC | "
       f"{mib(t['taylor']['peak_rss_bytes']):.0f} / {mib(t['adamw']['peak_rss_bytes']):.0f} / {mib(t['mc']['peak_rss_bytes']):.0f} | "
       f"{mib(tb['taylor']['peak_rss_bytes']):.0f} / {mib(tb['adamw']['peak_rss_bytes']):.0f} / – | "
-      f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | | |")
+      f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | "
+      f"{mib(cb['taylor']['peak_rss_bytes']):.0f} / {mib(cb['adamw']['peak_rss_bytes']):.0f} / {mib(cb['mc']['peak_rss_bytes']):.0f} | | |")
 print(f"\nARC-Easy accuracy: lm-evaluation-harness acc {t['mc']['acc']:.4f} acc_norm {t['mc']['acc_norm']:.4f}; "
-      f"codespot acc {acc.get('acc', float('nan')):.4f} acc_norm {acc.get('acc_norm', float('nan')):.4f}")
+      f"codespot acc {acc.get('acc', float('nan')):.4f} acc_norm {acc.get('acc_norm', float('nan')):.4f}; "
+      f"codespot bf16 autocast acc {accb.get('acc', float('nan')):.4f} acc_norm {accb.get('acc_norm', float('nan')):.4f}")
 PY

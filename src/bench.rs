@@ -2,7 +2,7 @@
 //! importance (Taylor) pass, and a tuning step (the tune loop's own gradient and AdamW code). Each returns what it
 //! measured; `codespot bench …` prints it, `scripts/bench-vs-torch.sh` compares it with PyTorch.
 
-use crate::model::{self, Checkpoint, Dtype, Llama};
+use crate::model::{self, Autocast, Checkpoint, Dtype, Llama};
 use anyhow::Result;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::Serialize;
@@ -19,6 +19,7 @@ pub struct StepShape {
     /// Timed batches (after one warm-up batch).
     pub steps: usize,
     pub dtype: Dtype,
+    pub autocast: Autocast,
 }
 
 /// A benchmark's checkpoint, its model under autodiff, and its synthetic rows.
@@ -36,6 +37,7 @@ impl StepShape {
         let w = std::mem::take(&mut ck.weights);
         let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, self.dtype)?;
         m.keep_blocks = self.keep_blocks;
+        m.set_autocast(self.autocast)?;
         let rows = self.batch * (self.steps + 1);
         let blocks = model::llama::synthetic_tokens(ck.config.vocab_size, rows, self.seq_len + 1);
         Ok((ck, m, blocks))
@@ -54,6 +56,8 @@ pub struct Forward {
     pub batch: usize,
     pub seq_len: usize,
     pub runs: usize,
+    /// How the products ran (the hand-written block in f32, bf16 on a unit, or burn's ops).
+    pub path: String,
     pub peak_rss_bytes: u64,
 }
 
@@ -63,6 +67,7 @@ pub fn forward<B: Backend>(
     batch: usize,
     seq_len: usize,
     runs: usize,
+    autocast: Autocast,
     device: &B::Device,
 ) -> Result<Forward> {
     anyhow::ensure!(
@@ -70,7 +75,8 @@ pub fn forward<B: Backend>(
         "bench forward: batch, seq-len and runs must be positive"
     );
     let ck = model::load(source)?;
-    let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+    let mut m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+    m.set_autocast(autocast)?;
     let rows = model::llama::synthetic_tokens(ck.config.vocab_size, batch, seq_len);
     let mut times = Vec::new();
     for r in 0..runs + 1 {
@@ -89,6 +95,11 @@ pub fn forward<B: Backend>(
         batch,
         seq_len,
         runs,
+        path: if m.uses_fused_forward() {
+            m.products().into()
+        } else {
+            "burn ops".into()
+        },
         peak_rss_bytes: crate::util::peak_rss_bytes().unwrap_or(0),
     })
 }
@@ -172,7 +183,7 @@ pub struct Tune {
 /// The backward pass a model takes, in words.
 fn path<B: AutodiffBackend>(m: &Llama<B>) -> String {
     if m.uses_fused() {
-        "fused f32 CPU block".into()
+        m.products().into()
     } else {
         format!("burn autodiff, {} blocks kept", m.keep_blocks)
     }

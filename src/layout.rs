@@ -63,6 +63,9 @@ impl Plan {
                 // Only when not the default, so runs made before `dtype` existed still match.
                 v["dtype"] = r.dtype.name().into();
             }
+            if r.autocast != crate::model::Autocast::Off {
+                v["autocast"] = r.autocast.name().into();
+            }
             (l.clone(), out.join("base").join(l), hash_of(v))
         };
         let base_snap: Vec<(String, PathBuf, String)> = r.languages.iter().map(snap).collect();
@@ -129,6 +132,9 @@ pub fn tune_hash(loaded: &Loaded) -> String {
         // Only when not the default, so checkpoints made before `dtype` existed still resume.
         v["dtype"] = r.dtype.name().into();
     }
+    if r.autocast != crate::model::Autocast::Off {
+        v["autocast"] = r.autocast.name().into();
+    }
     // Neither changes the run's bits: replicates are runs of their own beside it (each with its
     // own seed, so its own hash), and offloaded moments are the resident ones, bit for bit.
     if let Some(t) = v["train"].as_object_mut() {
@@ -148,6 +154,7 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     req.batch = i.batch;
     req.micro_batch = i.micro_batch;
     req.keep_blocks = i.keep_blocks;
+    req.autocast = loaded.recipe.autocast;
     req.method = i.method;
     req.seed = i.seed;
     req.half = i.half;

@@ -30,6 +30,11 @@ pub struct Recipe {
     /// moments stay f32).
     #[serde(default)]
     pub dtype: crate::model::Dtype,
+    /// `bf16`: matrix products in bf16 with f32 sums around f32 weights (PyTorch's CPU
+    /// autocast; AMX or AVX512-BF16, f32 on a CPU with neither), for scoring, tuning and
+    /// evaluation on the CPU. `off` (default): f32.
+    #[serde(default)]
+    pub autocast: crate::model::Autocast,
     #[serde(default)]
     pub corpus: CorpusSection,
     #[serde(default)]

@@ -327,6 +327,7 @@ pub fn eval_options(loaded: &Loaded, corpora: &crate::data::Corpora) -> crate::e
         max_tokens: e.max_tokens,
         max_bpb_tokens: e.max_bpb_tokens,
         corpora: corpora.clone(),
+        autocast: loaded.recipe.autocast,
         ..Default::default()
     }
 }

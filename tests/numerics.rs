@@ -71,3 +71,79 @@ fn taylor_scores_in_f32_match_the_f64_reference_on_the_default_model() {
     assert!(e_fused[0].0 <= 1.5e-4, "hand-written f32: {:?}", &e_fused[..3]);
     assert!(e_fused[1].0 <= 1e-4, "hand-written f32: {:?}", &e_fused[..3]);
 }
+
+/// Issue #25's guard for bf16 autocast (matrix products in bf16 on AMX tiles or AVX512-BF16,
+/// f32 sums) against the hand-written f32 path, on the same tokens of the real default model:
+/// the per-tensor top-1 % sets agree (pooled Jaccard ≥ 0.95) and the scores' ranks too. The
+/// issue asks Spearman ≥ 0.999 on the calibration tokens; on the recipe's 16384 Python tokens
+/// `codespot compare` measures 0.99997 (Jaccard 0.985). Here, on 512 tokens, the small scores'
+/// bf16 noise has fewer tokens to average over: measured 0.9987 (Jaccard 0.973), so the bound
+/// is 0.998. On a CPU with neither unit autocast is f32, bit for bit.
+#[test]
+fn bf16_autocast_taylor_scores_agree_with_f32_on_the_default_model() {
+    let ck = model::load(common::default_gguf().to_str().unwrap()).unwrap();
+    let rows = rows(&ck);
+    let mut m = Llama::<codespot::backend::CpuAd>::from_weights(&ck.config, &ck.weights, &Default::default()).unwrap();
+    let f32s = scores(&m, &rows);
+    m.set_autocast(model::Autocast::Bf16).unwrap();
+    let bf16s = scores(&m, &rows);
+    let Some(unit) = model::bf16::unit() else {
+        assert!(bf16s == f32s, "without a bf16 unit autocast must be f32");
+        return;
+    };
+    // Pooled Jaccard of each tensor's top 1 %.
+    let (mut inter, mut union) = (0usize, 0usize);
+    for ((name, a), (_, b)) in f32s.iter().zip(&bf16s) {
+        let k = (a.len() / 100).max(1);
+        let top = |v: &[f64]| {
+            let mut idx: Vec<usize> = (0..v.len()).collect();
+            idx.select_nth_unstable_by(k - 1, |&i, &j| v[j].total_cmp(&v[i]));
+            idx.truncate(k);
+            idx.sort_unstable();
+            idx
+        };
+        let (ta, tb) = (top(a), top(b));
+        let common = ta.iter().filter(|i| tb.binary_search(i).is_ok()).count();
+        assert!(common > 0 || k < 10, "{name}: no common top-1 % element");
+        inter += common;
+        union += 2 * k - common;
+    }
+    let jaccard = inter as f64 / union as f64;
+    // Spearman on every 97th element of the concatenated scores.
+    let sample =
+        |s: &[(String, Vec<f64>)]| -> Vec<f64> { s.iter().flat_map(|(_, v)| v.iter().copied()).step_by(97).collect() };
+    let rank = |v: Vec<f64>| -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0f64; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for &x in &idx[i..=j] {
+                r[x] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    };
+    let (ra, rb) = (rank(sample(&f32s)), rank(sample(&bf16s)));
+    let n = ra.len() as f64;
+    let mean = (n - 1.0) / 2.0;
+    let (mut sab, mut saa, mut sbb) = (0f64, 0f64, 0f64);
+    for (x, y) in ra.iter().zip(&rb) {
+        sab += (x - mean) * (y - mean);
+        saa += (x - mean) * (x - mean);
+        sbb += (y - mean) * (y - mean);
+    }
+    let spearman = sab / (saa * sbb).sqrt();
+    eprintln!("bf16 autocast on {unit:?}: top-1 % Jaccard {jaccard:.4}, Spearman {spearman:.6}");
+    assert!(
+        bf16s != f32s,
+        "autocast on {unit:?} gave f32's bits: the bf16 products did not run"
+    );
+    assert!(jaccard >= 0.95, "top-1 % Jaccard {jaccard}");
+    assert!(spearman >= 0.998, "Spearman {spearman}");
+}

@@ -25,6 +25,9 @@ pub struct StepShape {
     /// Weights' dtype (scores, gradients and AdamW moments stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: crate::model::Dtype,
+    /// Matrix products in bf16 around f32 weights (PyTorch's CPU autocast; AMX or AVX512-BF16).
+    #[arg(long, value_enum, default_value = "off")]
+    autocast: crate::model::Autocast,
     #[arg(long)]
     json: bool,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -41,6 +44,7 @@ impl StepShape {
             seq_len: self.seq_len,
             steps: self.steps,
             dtype: self.dtype,
+            autocast: self.autocast,
         }
     }
 }
@@ -84,6 +88,9 @@ pub enum BenchCmd {
         seq_len: usize,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Matrix products in bf16 around f32 weights (PyTorch's CPU autocast).
+        #[arg(long, value_enum, default_value = "off")]
+        autocast: crate::model::Autocast,
         #[arg(long)]
         json: bool,
         #[arg(long, value_enum, default_value = "cpu")]
@@ -179,21 +186,23 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             batch,
             seq_len,
             runs,
+            autocast,
             json,
             device,
         } => {
-            let r = on_device!(device, forward(&model, batch, seq_len, runs))?;
+            let r = on_device!(device, forward(&model, batch, seq_len, runs, autocast))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
                 return Ok(());
             }
             println!(
-                "forward: {:.0} tokens/s (median {:.3} s of {} runs, batch {} × {}); peak RSS {:.0} MiB",
+                "forward: {:.0} tokens/s (median {:.3} s of {} runs, batch {} × {}, {}); peak RSS {:.0} MiB",
                 r.tokens_per_s,
                 r.median_s,
                 r.runs,
                 r.batch,
                 r.seq_len,
+                r.path,
                 mib(r.peak_rss_bytes)
             );
         }

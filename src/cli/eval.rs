@@ -45,6 +45,10 @@ pub struct EvalArgs {
     /// Tokens per document for the bits-per-byte tasks (longer documents are cut).
     #[arg(long, default_value_t = 1024)]
     max_bpb_tokens: usize,
+    /// Matrix products of the scoring passes (bits per byte, multiple choice) in bf16 with f32
+    /// sums around the f32 weights (PyTorch's CPU autocast); generation stays f32.
+    #[arg(long, value_enum, default_value = "off")]
+    autocast: crate::model::Autocast,
     /// Write results.json and table.md here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -74,6 +78,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         max_bpb_tokens: a.max_bpb_tokens,
         gen_batch: a.gen_batch.max(1),
+        autocast: a.autocast,
         ..Default::default()
     };
     let controls: Vec<String> = a.controls.into_iter().filter(|c| c != "none").collect();

@@ -27,6 +27,10 @@ pub struct ScoreArgs {
     /// (~80 MB each at 4 × 256 on the default model; more is faster).
     #[arg(long, default_value_t = crate::model::backprop::DEFAULT_KEEP_BLOCKS)]
     keep_blocks: usize,
+    /// Matrix products in bf16 with f32 sums around the f32 weights (PyTorch's CPU autocast),
+    /// on AMX tiles or AVX512-BF16; f32 on a CPU with neither.
+    #[arg(long, value_enum, default_value = "off")]
+    autocast: crate::model::Autocast,
     #[arg(long, value_enum, default_value = "taylor")]
     method: crate::importance::Method,
     /// 0 = corpus order; otherwise documents are shuffled with this seed.
@@ -143,6 +147,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         batch: a.batch,
         micro_batch: a.micro_batch,
         keep_blocks: a.keep_blocks,
+        autocast: a.autocast,
         method: a.method,
         seed: a.seed,
         half: a.half,

@@ -128,6 +128,9 @@ pub struct EvalOptions {
     pub max_bpb_tokens: usize,
     /// Prompts decoded together by the generation tasks (1: one at a time).
     pub gen_batch: usize,
+    /// Matrix products of scoring passes (bits per byte, multiple choice) in bf16 around the
+    /// f32 weights ([`crate::model::Autocast`]); generation decodes in f32 either way.
+    pub autocast: crate::model::Autocast,
 }
 
 impl Default for EvalOptions {
@@ -144,6 +147,7 @@ impl Default for EvalOptions {
             humaneval_x_root: PathBuf::from("../shared/data/humaneval-x"),
             max_bpb_tokens: 1024,
             gen_batch: 16,
+            autocast: crate::model::Autocast::Off,
         }
     }
 }
@@ -611,7 +615,8 @@ pub fn evaluate<B: Backend>(
             None => None,
         };
         let zeroed = saved.as_ref().map(|s| s.count()).unwrap_or(0);
-        let m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+        let mut m = Llama::<B>::from_weights(&ck.config, &ck.weights, device)?;
+        m.set_autocast(opts.autocast)?;
         if let Some(s) = saved {
             crate::ablate::restore(&mut ck.weights, s);
         }

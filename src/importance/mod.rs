@@ -758,6 +758,8 @@ pub struct ScoreRequest {
     pub micro_batch: usize,
     /// Top blocks whose activations a backward pass keeps ([`Llama::keep_blocks`]).
     pub keep_blocks: usize,
+    /// Matrix products in bf16 around the f32 weights ([`crate::model::Autocast`]).
+    pub autocast: crate::model::Autocast,
     pub method: Method,
     pub seed: u64,
     pub half: bool,
@@ -821,6 +823,7 @@ impl ScoreRequest {
             batch: 4,
             micro_batch: 4,
             keep_blocks: crate::model::backprop::DEFAULT_KEEP_BLOCKS,
+            autocast: crate::model::Autocast::Off,
             method: Method::Taylor,
             seed: 0,
             half: false,
@@ -940,6 +943,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
     req.validate()?;
     let mut model = model.clone(); // shares the weights
     model.keep_blocks = req.keep_blocks;
+    model.set_autocast(req.autocast)?;
     let model = &model;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
     // With folds, each fold's blocks apart (A's folds, then B's); the run reads them in order.
@@ -1164,6 +1168,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
         merged_from: vec![],
         devices: req.devices,
         dtype: model.dtype.name().into(),
+        autocast: model.autocast.name().into(),
         agreement,
     };
     match halves {
@@ -1274,6 +1279,7 @@ pub fn merge_shards(
         differs("seed", first.seed.to_string(), m.seed.to_string())?;
         differs("step", format!("{:?}", first.step), format!("{:?}", m.step))?;
         differs("dtype", first.dtype.clone(), m.dtype.clone())?;
+        differs("autocast", first.autocast.clone(), m.autocast.clone())?;
         differs(
             "corpus_manifest_sha256",
             first.corpus_manifest_sha256.clone(),

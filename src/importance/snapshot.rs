@@ -43,6 +43,9 @@ pub struct SnapshotManifest {
     /// always accumulated in f32.
     #[serde(default = "f32_name", skip_serializing_if = "is_f32")]
     pub dtype: String,
+    /// Matrix products in bf16 around the f32 weights (`bf16`; `off` when absent).
+    #[serde(default = "off_name", skip_serializing_if = "is_off")]
+    pub autocast: String,
     /// Split-half agreement (the noise floor) and convergence of the top-k sets; absent for
     /// shards, merged and data-parallel snapshots, and passes of one batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +63,12 @@ fn f32_name() -> String {
 }
 fn is_f32(s: &str) -> bool {
     s == "f32"
+}
+fn off_name() -> String {
+    "off".into()
+}
+fn is_off(s: &str) -> bool {
+    s == "off"
 }
 
 /// Which slice of the calibration batches a shard scored.

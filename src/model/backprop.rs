@@ -254,10 +254,10 @@ impl<B: AutodiffBackend> Llama<B> {
         let (n, d, layers) = (b * t, cfg.hidden_size, cfg.num_hidden_layers);
         let inputs: Vec<u32> = rows.iter().flat_map(|r| r[..t].iter().map(|&x| strip(x))).collect();
         let loss_at = LossAt::of(rows);
-        let dm = Dims::new(cfg, b, t);
+        let dm = Dims::new(cfg, b, t).autocast(self.autocast);
         let rope = Rope::new(cfg, t);
         let blocks: Vec<[FlexTensor; 9]> = inner.layers.iter().map(|blk| blk.storage()).collect();
-        let weights = |l: usize| BlockWeights::of(&blocks[l]);
+        let weights = |l: usize| BlockWeights::packed(&blocks[l], &dm, &self.packs);
         let embed = flex(inner.embed.val());
         let norm = flex(inner.norm.val());
         let head = inner.lm_head.as_ref().map(|h| flex(h.val()));
@@ -279,13 +279,16 @@ impl<B: AutodiffBackend> Llama<B> {
             Some(h) => h.val().is_require_grad(),
             None => embed_trains,
         };
-        let head_w = values(head.as_ref().unwrap_or(&embed));
+        let head_t = head.as_ref().unwrap_or(&embed);
+        let head_w = values(head_t);
+        let head_p = dm.bf16.map(|u| (u, self.packs.of(head_t, head_w.len() / d, d)));
+        let head_p = head_p.as_ref().map(|(u, p)| (*u, &**p));
         let (nll, dh, mut head_dw) = match &loss_at.kept {
-            None => fused::head(&h, head_w, &loss_at.targets, scale as f32, head_trains),
+            None => fused::head(&h, head_w, &loss_at.targets, scale as f32, head_trains, head_p),
             // Only the counted rows go through the head; the others get zero gradient.
             Some(kept) => {
                 let hk: Vec<f32> = kept.iter().flat_map(|&i| &h[i * d..(i + 1) * d]).copied().collect();
-                let (nll, dhk, dw) = fused::head(&hk, head_w, &loss_at.targets, scale as f32, head_trains);
+                let (nll, dhk, dw) = fused::head(&hk, head_w, &loss_at.targets, scale as f32, head_trains, head_p);
                 let mut dh = vec![0f32; n * d];
                 for (&i, row) in kept.iter().zip(dhk.chunks_exact(d)) {
                     dh[i * d..(i + 1) * d].copy_from_slice(row);

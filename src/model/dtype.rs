@@ -50,6 +50,26 @@ impl Dtype {
     }
 }
 
+/// Matrix products in bf16 with f32 sums, around f32 weights (PyTorch's CPU autocast): on the
+/// hand-written CPU path (`model::fused`), on AMX tiles or AVX512-BF16 (`model::bf16`), f32
+/// where the CPU has neither. Weights, gradients, Taylor sums and AdamW moments stay f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    #[default]
+    Off,
+    Bf16,
+}
+
+impl Autocast {
+    pub fn name(self) -> &'static str {
+        match self {
+            Autocast::Off => "off",
+            Autocast::Bf16 => "bf16",
+        }
+    }
+}
+
 /// A half-precision tensor as f32; any other unchanged (no graph node, no copy).
 pub fn widen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     match t.dtype() {

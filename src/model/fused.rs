@@ -21,13 +21,17 @@
 //! `model::backprop` uses this for the f32 CPU backend; the tests compare it with burn's
 //! autodiff on the same weights (`tests/importance.rs`) and with the f64 reference.
 
+use super::bf16;
 use super::config::{LlamaConfig, RopeLayout};
+use super::dtype::Autocast;
 pub use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Whether this CPU runs the AVX-512 copies that [`simd_fn!`] makes (checked once).
 pub fn avx512() -> bool {
@@ -78,6 +82,11 @@ pub(crate) use simd_fn;
 /// Whether `B` is the f32 CPU backend, whose tensors' storage this module reads and writes.
 pub fn is_cpu<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<crate::backend::Cpu>()
+}
+
+/// Whether `B` is the f32 CPU backend, with or without autodiff around it.
+pub fn cpu_or_autodiff_cpu<B: Backend>() -> bool {
+    is_cpu::<B>() || TypeId::of::<B>() == TypeId::of::<crate::backend::Ad<crate::backend::Cpu>>()
 }
 
 /// Set (to anything) to run the generic path on the CPU: burn's ops for the forward, backward
@@ -183,6 +192,8 @@ pub struct Dims {
     pub hd: usize,
     pub ff: usize,
     pub eps: f32,
+    /// The unit the block's matrix products run on in bf16 (autocast), or None: f32 gemm.
+    pub bf16: Option<bf16::Unit>,
 }
 
 impl Dims {
@@ -196,8 +207,32 @@ impl Dims {
             hd: cfg.head_dim,
             ff: cfg.intermediate_size,
             eps: cfg.rms_norm_eps as f32,
+            bf16: None,
         }
     }
+
+    /// These shapes with the products under `autocast` (bf16 when this CPU has a unit for it,
+    /// [`bf16::unit`]; f32 otherwise).
+    pub fn autocast(mut self, autocast: Autocast) -> Self {
+        self.bf16 = match autocast {
+            Autocast::Off => None,
+            Autocast::Bf16 => bf16::unit(),
+        };
+        self
+    }
+
+    /// `[out, in]` of the block's weight `j` (a matrix).
+    fn shape(&self, j: usize) -> (usize, usize) {
+        match j {
+            WQ => (self.qw(), self.d),
+            WK | WV => (self.kw(), self.d),
+            WO => (self.d, self.qw()),
+            WG | WU => (self.ff, self.d),
+            WD => (self.d, self.ff),
+            _ => unreachable!("not a matrix: {j}"),
+        }
+    }
+
     fn n(&self) -> usize {
         self.b * self.t
     }
@@ -213,6 +248,118 @@ impl Dims {
 /// borrowed from the backend's storage.
 pub struct BlockWeights<'a> {
     pub w: [&'a [f32]; 9],
+    /// The matrices' bf16 packed copies when the products run in bf16.
+    packs: [Option<Arc<WeightPacks>>; 9],
+}
+
+/// A weight `w: [rows, cols]`'s bf16 packed copy as the right operand of `x · wᵀ` (a
+/// projection), made when first needed. The copy for `dy · w` (its input gradient) is made
+/// afresh by each backward pass and dropped after ([`WeightPacks::nn`]): keeping it too would
+/// cost another 2 bytes a weight of resident memory for about 5 % of a Taylor pass's time.
+pub struct WeightPacks {
+    rows: usize,
+    cols: usize,
+    nt: OnceLock<bf16::Packed>,
+}
+
+impl WeightPacks {
+    fn new(rows: usize, cols: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            nt: OnceLock::new(),
+        }
+    }
+    /// `wᵀ: [cols, rows]` packed (`w` the weight's values).
+    fn nt(&self, w: &[f32]) -> &bf16::Packed {
+        self.nt
+            .get_or_init(|| bf16::pack_rhs(w, (1, self.cols), self.cols, self.rows))
+    }
+    /// `w: [rows, cols]` packed, afresh.
+    fn nn(&self, w: &[f32]) -> bf16::Packed {
+        bf16::pack_rhs(w, (self.cols, 1), self.rows, self.cols)
+    }
+}
+
+/// Weights' bf16 packed copies, kept across calls (scoring and evaluation pack each weight
+/// once) and made again only when a weight changes. An entry holds the weight's storage (a
+/// shared handle, not a copy): while it does, that buffer is neither freed nor written in
+/// place (burn-flex copies a shared buffer before writing), so the same address means the same
+/// values. An optimizer step empties the cache first, so its in-place update needs no copy.
+#[derive(Clone, Default)]
+pub struct PackCache(Arc<Mutex<PackMap>>);
+
+/// A weight's data address → its storage (held) and its packed copies.
+type PackMap = HashMap<usize, (FlexTensor, Arc<WeightPacks>)>;
+
+impl std::fmt::Debug for PackCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackCache({} weights)", self.lock().len())
+    }
+}
+
+impl PackCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PackMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The packed copies of weight `t: [rows, cols]`.
+    pub fn of(&self, t: &FlexTensor, rows: usize, cols: usize) -> Arc<WeightPacks> {
+        let v = values(t);
+        assert_eq!(v.len(), rows * cols, "packed weight shape");
+        let key = v.as_ptr() as usize;
+        let mut map = self.lock();
+        match map.get(&key) {
+            Some((held, p)) if values(held).len() == v.len() && p.rows == rows => p.clone(),
+            _ => {
+                let p = Arc::new(WeightPacks::new(rows, cols));
+                map.insert(key, (t.clone(), p.clone()));
+                p
+            }
+        }
+    }
+
+    /// Drops every packed copy (before the weights are updated in place).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Bytes held in packed copies.
+    pub fn bytes(&self) -> usize {
+        let map = self.lock();
+        let b = |o: &OnceLock<bf16::Packed>| o.get().map_or(0, |p| p.bytes());
+        map.values().map(|(_, p)| b(&p.nt)).sum()
+    }
+}
+
+/// `x: [m, k]` packed as a left operand when the products run in bf16.
+fn lhs(dm: &Dims, x: &[f32], m: usize) -> Option<bf16::Packed> {
+    dm.bf16.map(|_| bf16::pack_lhs(x, (x.len() / m, 1), m, x.len() / m))
+}
+
+/// `c[m, n] (+)= a · b` in bf16 on `unit`.
+fn bf16_into(unit: bf16::Unit, c: &mut [f32], a: &bf16::Packed, b: &bf16::Packed, acc: bool) {
+    bf16::matmul(unit, c, a, b, acc)
+}
+
+/// A new `a · b` in bf16 on `unit`.
+fn bf16_new(unit: bf16::Unit, a: &bf16::Packed, b: &bf16::Packed) -> Vec<f32> {
+    bf16::matmul_new(unit, a, b)
+}
+
+/// `b: [k, n]` packed as the right operand of weight gradients ([`tn`]) when the products run
+/// in bf16 (one packing for every gradient that shares `b`).
+fn rhs(dm: &Dims, b: &[f32], k: usize) -> Option<bf16::Packed> {
+    dm.bf16.map(|_| bf16::pack_rhs(b, (b.len() / k, 1), k, b.len() / k))
+}
+
+/// A new `aᵀ · b`, `a: [k,m]`, `b: [k,n]` (a projection's weight gradient), in bf16 when `dm`
+/// says so (`bp`: `b` packed by [`rhs`]).
+fn tn(dm: &Dims, a: &[f32], b: &[f32], bp: Option<&bf16::Packed>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    match (dm.bf16, bp) {
+        (Some(u), Some(bp)) => bf16_new(u, &bf16::pack_lhs(a, (1, m), m, k), bp),
+        _ => mm_tn(a, b, m, n, k),
+    }
 }
 
 const AN: usize = 0;
@@ -592,6 +739,12 @@ fn mm_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc:
     mm_into(c, a, (k, 1), b, (n, 1), m, n, k, acc)
 }
 
+/// `c[m,n] = a[m,k] · b[k,n]` as the block computes it (for `examples/bf16_shapes.rs`).
+#[doc(hidden)]
+pub fn bench_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize) {
+    mm_nn(c, a, b, m, n, k, false)
+}
+
 /// A new `a[m,k] · b[k,n]`.
 fn nn_new(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     mm_new(a, (k, 1), b, (n, 1), m, n, k)
@@ -921,34 +1074,88 @@ impl<'a> BlockWeights<'a> {
     pub fn of(storage: &'a [FlexTensor; 9]) -> Self {
         Self {
             w: std::array::from_fn(|j| values(&storage[j])),
+            packs: Default::default(),
+        }
+    }
+
+    /// The weights in `storage`, with their packed copies from `cache` when `dm`'s products run
+    /// in bf16.
+    pub fn packed(storage: &'a [FlexTensor; 9], dm: &Dims, cache: &PackCache) -> Self {
+        let mut s = Self::of(storage);
+        if dm.bf16.is_some() {
+            for j in [WQ, WK, WV, WO, WG, WU, WD] {
+                let (r, c) = dm.shape(j);
+                s.packs[j] = Some(cache.of(&storage[j], r, c));
+            }
+        }
+        s
+    }
+
+    /// `c (+)= x · w[j]ᵀ` (`x: [n, in]` and, in bf16, `xp` it packed).
+    fn proj_into(&self, dm: &Dims, c: &mut [f32], x: &[f32], xp: Option<&bf16::Packed>, j: usize, acc: bool) {
+        let (out, inp) = dm.shape(j);
+        match (dm.bf16, xp, &self.packs[j]) {
+            (Some(u), Some(xp), Some(p)) => bf16_into(u, c, xp, p.nt(self.w[j]), acc),
+            _ => mm_nt(c, x, self.w[j], dm.n(), out, inp, acc),
+        }
+    }
+
+    /// A new `x · w[j]ᵀ`.
+    fn proj(&self, dm: &Dims, x: &[f32], xp: Option<&bf16::Packed>, j: usize) -> Vec<f32> {
+        let (out, inp) = dm.shape(j);
+        match (dm.bf16, xp, &self.packs[j]) {
+            (Some(u), Some(xp), Some(p)) => bf16_new(u, xp, p.nt(self.w[j])),
+            _ => nt_new(x, self.w[j], dm.n(), out, inp),
+        }
+    }
+
+    /// `c (+)= dy · w[j]` (`dy: [n, out]` and, in bf16, `dyp` it packed).
+    fn back_into(&self, dm: &Dims, c: &mut [f32], dy: &[f32], dyp: Option<&bf16::Packed>, j: usize, acc: bool) {
+        let (out, inp) = dm.shape(j);
+        match (dm.bf16, dyp, &self.packs[j]) {
+            (Some(u), Some(dyp), Some(p)) => bf16_into(u, c, dyp, &p.nn(self.w[j]), acc),
+            _ => mm_nn(c, dy, self.w[j], dm.n(), inp, out, acc),
+        }
+    }
+
+    /// A new `dy · w[j]`.
+    fn back(&self, dm: &Dims, dy: &[f32], dyp: Option<&bf16::Packed>, j: usize) -> Vec<f32> {
+        let (out, inp) = dm.shape(j);
+        match (dm.bf16, dyp, &self.packs[j]) {
+            (Some(u), Some(dyp), Some(p)) => bf16_new(u, dyp, &p.nn(self.w[j])),
+            _ => nn_new(dy, self.w[j], dm.n(), inp, out),
         }
     }
 
     /// The block on `x: [b·t, d]`; returns its output and what its backward pass needs.
     pub fn forward(&self, dm: &Dims, rope: &Rope, x: Vec<f32>) -> (Vec<f32>, Saved) {
         let w = &self.w;
-        let (n, d, ff, qw, kw) = (dm.n(), dm.d, dm.ff, dm.qw(), dm.kw());
+        let (n, d, ff, qw) = (dm.n(), dm.d, dm.ff, dm.qw());
         let mut h = vec![0f32; n * d];
         let mut rstd1 = vec![0f32; n];
         rms_fwd(&x, w[AN], dm.eps, &mut h, &mut rstd1);
-        let mut q = nt_new(&h, w[WQ], n, qw, d);
-        let mut k = nt_new(&h, w[WK], n, kw, d);
-        let v = nt_new(&h, w[WV], n, kw, d);
+        let hp = lhs(dm, &h, n);
+        let mut q = self.proj(dm, &h, hp.as_ref(), WQ);
+        let mut k = self.proj(dm, &h, hp.as_ref(), WK);
+        let v = self.proj(dm, &h, hp.as_ref(), WV);
+        drop(hp);
         rope.apply(&mut q, qw, dm.t, false);
-        rope.apply(&mut k, kw, dm.t, false);
+        rope.apply(&mut k, dm.kw(), dm.t, false);
         let mut a = vec![0f32; n * qw];
         let mut lse = vec![0f64; dm.b * dm.nh * dm.t];
         attn_fwd(dm, &q, &k, &v, &mut a, &mut lse);
         let mut x2 = x.clone();
-        mm_nt(&mut x2, &a, w[WO], n, d, qw, true);
+        self.proj_into(dm, &mut x2, &a, lhs(dm, &a, n).as_ref(), WO, true);
         let mut rstd2 = vec![0f32; n];
         rms_fwd(&x2, w[MN], dm.eps, &mut h, &mut rstd2);
-        let gate = nt_new(&h, w[WG], n, ff, d);
-        let up = nt_new(&h, w[WU], n, ff, d);
+        let hp = lhs(dm, &h, n);
+        let gate = self.proj(dm, &h, hp.as_ref(), WG);
+        let up = self.proj(dm, &h, hp.as_ref(), WU);
+        drop(hp);
         let mut gs = vec![0f32; n * ff];
         swiglu(&gate, &up, &mut gs);
         let mut y = x2.clone();
-        mm_nt(&mut y, &gs, w[WD], n, d, ff, true);
+        self.proj_into(dm, &mut y, &gs, lhs(dm, &gs, n).as_ref(), WD, true);
         let saved = Saved {
             x,
             rstd1,
@@ -983,9 +1190,9 @@ impl<'a> BlockWeights<'a> {
         if need[WD] {
             let mut gs = vec![0f32; n * ff];
             swiglu(&s.gate, &s.up, &mut gs);
-            grads[WD] = Some(mm_tn(dy, &gs, d, ff, n));
+            grads[WD] = Some(tn(dm, dy, &gs, rhs(dm, &gs, n).as_ref(), d, ff, n));
         }
-        let mut buf = nn_new(dy, w[WD], n, ff, d); // ∂L/∂(SiLU(g)·u)
+        let mut buf = self.back(dm, dy, lhs(dm, dy, n).as_ref(), WD); // ∂L/∂(SiLU(g)·u)
         let mut dup = vec![0f32; n * ff];
         {
             let c = chunk_rows(n * ff);
@@ -1000,14 +1207,16 @@ impl<'a> BlockWeights<'a> {
         drop(s.up);
         let mut h = vec![0f32; n * d];
         rms_apply(&s.x2, &s.rstd2, w[MN], &mut h);
+        let hp = if need[WG] || need[WU] { rhs(dm, &h, n) } else { None };
         if need[WG] {
-            grads[WG] = Some(mm_tn(&dgate, &h, ff, d, n));
+            grads[WG] = Some(tn(dm, &dgate, &h, hp.as_ref(), ff, d, n));
         }
         if need[WU] {
-            grads[WU] = Some(mm_tn(&dup, &h, ff, d, n));
+            grads[WU] = Some(tn(dm, &dup, &h, hp.as_ref(), ff, d, n));
         }
-        let mut dh = nn_new(&dgate, w[WG], n, d, ff);
-        mm_nn(&mut dh, &dup, w[WU], n, d, ff, true);
+        drop(hp);
+        let mut dh = self.back(dm, &dgate, lhs(dm, &dgate, n).as_ref(), WG);
+        self.back_into(dm, &mut dh, &dup, lhs(dm, &dup, n).as_ref(), WU, true);
         drop(dgate);
         drop(dup);
         let mut dx2 = dy.to_vec();
@@ -1018,26 +1227,32 @@ impl<'a> BlockWeights<'a> {
 
         // Attention: x2 = x + a · W_oᵀ.
         if need[WO] {
-            grads[WO] = Some(mm_tn(&dx2, &s.a, d, qw, n));
+            grads[WO] = Some(tn(dm, &dx2, &s.a, rhs(dm, &s.a, n).as_ref(), d, qw, n));
         }
-        let da = nn_new(&dx2, w[WO], n, qw, d);
+        let da = self.back(dm, &dx2, lhs(dm, &dx2, n).as_ref(), WO);
         let (mut dq, mut dk, dv) = attn_bwd(dm, &s.q, &s.k, &s.v, &s.a, &s.lse, &da);
         drop(da);
         rope.apply(&mut dq, qw, dm.t, true);
         rope.apply(&mut dk, kw, dm.t, true);
         rms_apply(&s.x, &s.rstd1, w[AN], &mut h);
+        let hp = if need[WQ] || need[WK] || need[WV] {
+            rhs(dm, &h, n)
+        } else {
+            None
+        };
         if need[WQ] {
-            grads[WQ] = Some(mm_tn(&dq, &h, qw, d, n));
+            grads[WQ] = Some(tn(dm, &dq, &h, hp.as_ref(), qw, d, n));
         }
         if need[WK] {
-            grads[WK] = Some(mm_tn(&dk, &h, kw, d, n));
+            grads[WK] = Some(tn(dm, &dk, &h, hp.as_ref(), kw, d, n));
         }
         if need[WV] {
-            grads[WV] = Some(mm_tn(&dv, &h, kw, d, n));
+            grads[WV] = Some(tn(dm, &dv, &h, hp.as_ref(), kw, d, n));
         }
-        mm_nn(&mut dh, &dq, w[WQ], n, d, qw, false);
-        mm_nn(&mut dh, &dk, w[WK], n, d, kw, true);
-        mm_nn(&mut dh, &dv, w[WV], n, d, kw, true);
+        drop(hp);
+        self.back_into(dm, &mut dh, &dq, lhs(dm, &dq, n).as_ref(), WQ, false);
+        self.back_into(dm, &mut dh, &dk, lhs(dm, &dk, n).as_ref(), WK, true);
+        self.back_into(dm, &mut dh, &dv, lhs(dm, &dv, n).as_ref(), WV, true);
         let mut dx = dx2;
         let dan = rms_bwd(&dh, &s.x, &s.rstd1, w[AN], &mut dx);
         if need[AN] {
@@ -1069,7 +1284,14 @@ const HEAD_CHUNK_ELEMS: usize = 1 << 24;
 /// `w: [vocab, d]`) a few hundred tokens at a time, the softmax and `∂L/∂logits = softmax −
 /// onehot` in one pass over each row, then `∂L/∂h` and `∂L/∂W` by two matmuls. Returns
 /// Σ nll (natural log), `∂(scale · Σ nll)/∂h` and, when `want_dw`, `∂(scale · Σ nll)/∂W`.
-pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, want_dw: bool) -> (f64, Vec<f32>, Option<Vec<f32>>) {
+pub fn head(
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    scale: f32,
+    want_dw: bool,
+    bf16: Option<(bf16::Unit, &WeightPacks)>,
+) -> (f64, Vec<f32>, Option<Vec<f32>>) {
     let n = targets.len();
     let d = h.len() / n;
     let vocab = w.len() / d;
@@ -1077,11 +1299,23 @@ pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, want_dw: bool) ->
     let chunk = (HEAD_CHUNK_ELEMS / vocab).clamp(1, n);
     let mut dh: Vec<f32> = Vec::with_capacity(n * d);
     let mut dw: Vec<f32> = Vec::with_capacity(if want_dw { vocab * d } else { 0 });
+    if bf16.is_some() {
+        // The bf16 products write into initialised memory.
+        dh.resize(n * d, 0.0);
+        if want_dw {
+            dw.resize(vocab * d, 0.0);
+        }
+    }
+    // `dh = ∂L/∂logits · W`'s packed `W`, once for every chunk.
+    let wn = bf16.map(|(_, p)| p.nn(w));
     let mut nll = 0f64;
     for start in (0..n).step_by(chunk) {
         let c = chunk.min(n - start);
         let hc = &h[start * d..(start + c) * d];
-        let mut lc = nt_new(hc, w, c, vocab, d);
+        let mut lc = match bf16 {
+            Some((u, p)) => bf16_new(u, &bf16::pack_lhs(hc, (d, 1), c, d), p.nt(w)),
+            None => nt_new(hc, w, c, vocab, d),
+        };
         nll += lc
             .par_chunks_mut(vocab)
             .zip(&targets[start..start + c])
@@ -1089,6 +1323,15 @@ pub fn head(h: &[f32], w: &[f32], targets: &[u32], scale: f32, want_dw: bool) ->
             .collect::<Vec<f64>>()
             .iter()
             .sum::<f64>();
+        if let (Some((u, _)), Some(wn)) = (bf16, &wn) {
+            let dhc = &mut dh[start * d..(start + c) * d];
+            bf16_into(u, dhc, &bf16::pack_lhs(&lc, (vocab, 1), c, vocab), wn, false);
+            if want_dw {
+                let a = bf16::pack_lhs(&lc, (1, vocab), vocab, c);
+                bf16_into(u, &mut dw, &a, &bf16::pack_rhs(hc, (d, 1), c, d), start > 0);
+            }
+            continue;
+        }
         // SAFETY: rows start..start + c of `dh` (inside its capacity) are written, not read;
         // the first chunk writes all of `dw` and the later ones add to it.
         unsafe {

@@ -5,7 +5,7 @@
 //! slicing and export stay one-to-one with `transformers`.
 
 use super::config::{LlamaConfig, RopeLayout};
-use super::dtype::{like, widen, Dtype};
+use super::dtype::{like, widen, Autocast, Dtype};
 use super::fused;
 use crate::source::{HostTensor, Weights};
 use anyhow::{bail, Result};
@@ -58,6 +58,13 @@ pub struct Llama<B: Backend> {
     /// The dtype the weights are held and computed in.
     #[module(skip)]
     pub dtype: Dtype,
+    /// Matrix products in bf16 around the f32 weights on the hand-written CPU path
+    /// ([`Autocast`]).
+    #[module(skip)]
+    pub autocast: Autocast,
+    /// The weights' bf16 packed copies under autocast (`fused::PackCache`).
+    #[module(skip)]
+    pub packs: fused::PackCache,
 }
 
 /// Keys and values of past positions, per layer (`[batch, past, kv_heads, head_dim]`).
@@ -296,6 +303,8 @@ impl<B: Backend> Llama<B> {
             keep_blocks: DEFAULT_KEEP_BLOCKS,
             fused: true,
             dtype,
+            autocast: Autocast::Off,
+            packs: Default::default(),
         })
     }
 
@@ -394,6 +403,8 @@ impl<B: Backend> Llama<B> {
             keep_blocks: self.keep_blocks,
             fused: self.fused,
             dtype: self.dtype,
+            autocast: self.autocast,
+            packs: self.packs,
         }
     }
 
@@ -594,13 +605,51 @@ impl<B: Backend> Llama<B> {
     /// through the hand-written f32 CPU block: `fused` is on, the weights are f32 and `C` is the
     /// CPU backend.
     pub(crate) fn fused_on<C: Backend>(&self) -> bool {
-        // The hand-written block is Llama's: Qwen2 (biases) and Gemma take burn's path.
+        self.fused_arch() && fused::is_cpu::<C>()
+    }
+
+    /// [`Llama::fused_on`] but for the backend: the hand-written block is Llama's (Qwen2's
+    /// biases and Gemma take burn's path), in f32, and not turned off.
+    fn fused_arch(&self) -> bool {
         self.fused
             && self.dtype == Dtype::F32
             && self.config.arch == super::config::Arch::Llama
             && !self.config.qkv_bias
-            && fused::is_cpu::<C>()
             && fused::hand_written()
+    }
+
+    /// Runs the matrix products under `autocast`. bf16 autocast is the hand-written CPU path's
+    /// (Llama and Mistral, f32 weights, the CPU backend); elsewhere it is an error that says
+    /// what to use instead.
+    pub fn set_autocast(&mut self, autocast: Autocast) -> anyhow::Result<()> {
+        if autocast != Autocast::Off && !(self.fused_arch() && fused::cpu_or_autodiff_cpu::<B>()) {
+            anyhow::bail!(
+                "autocast = \"{}\" runs on the hand-written CPU path only (Llama or Mistral weights in f32 on the CPU backend); \
+                 this model is {:?} with {} weights on another path: on a GPU hold the weights in bf16 (dtype = \"bf16\") instead",
+                autocast.name(),
+                self.config.arch,
+                self.dtype.name()
+            );
+        }
+        self.autocast = autocast;
+        Ok(())
+    }
+
+    /// Whether a forward pass without a cache takes the hand-written CPU block.
+    pub fn uses_fused_forward(&self) -> bool {
+        self.fused_on::<B>()
+    }
+
+    /// How the hand-written path computes its matrix products, in words.
+    pub fn products(&self) -> &'static str {
+        match (self.autocast, super::bf16::unit()) {
+            (Autocast::Off, _) => "fused f32 CPU block",
+            (Autocast::Bf16, Some(super::bf16::Unit::Amx)) => "fused CPU block, bf16 products on AMX tiles",
+            (Autocast::Bf16, Some(super::bf16::Unit::Avx512Bf16)) => "fused CPU block, bf16 products on AVX512-BF16",
+            (Autocast::Bf16, None) => {
+                "fused f32 CPU block (autocast bf16 asked, but this CPU has neither AMX nor AVX512-BF16)"
+            }
+        }
     }
 
     /// [`Llama::hidden`] without a cache through the hand-written f32 CPU block
@@ -611,12 +660,15 @@ impl<B: Backend> Llama<B> {
         let ids: Vec<i64> = tokens.into_data().convert::<i64>().into_vec().expect("token ids");
         let cfg = &self.config;
         let d = cfg.hidden_size;
-        let dm = fused::Dims::new(cfg, b, t);
+        let dm = fused::Dims::new(cfg, b, t).autocast(self.autocast);
         let rope = fused::Rope::new(cfg, t);
         let ids: Vec<u32> = ids.into_iter().map(|t| t as u32).collect();
         let mut x = fused::rows_of(fused::values(&fused::flex(self.embed.val())), &ids, d);
         for blk in &self.layers {
-            x = fused::BlockWeights::of(&blk.storage()).forward(&dm, &rope, x).0;
+            let storage = blk.storage();
+            x = fused::BlockWeights::packed(&storage, &dm, &self.packs)
+                .forward(&dm, &rope, x)
+                .0;
         }
         let (h, _) = fused::final_norm(&x, fused::values(&fused::flex(self.norm.val())), dm.eps);
         Tensor::<B, 1>::from_data(TensorData::new(h, [b * t * d]), &device).reshape([b, t, d])

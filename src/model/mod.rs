@@ -1,6 +1,7 @@
 //! The model layer: config → weights → burn module, tokenizer, generation, export.
 
 pub mod backprop;
+pub mod bf16;
 pub mod config;
 pub mod dtype;
 pub mod export;
@@ -13,7 +14,7 @@ pub mod names;
 pub mod tokenizer;
 
 pub use config::{Arch, LlamaConfig, RopeLayout};
-pub use dtype::Dtype;
+pub use dtype::{Autocast, Dtype};
 pub use llama::{loss_targets, strip, tokens_tensor, KvCache, Llama, ParamRef, NO_LOSS};
 pub use load::{load, Checkpoint};
 pub use tokenizer::{Message, Tok};

@@ -220,6 +220,8 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         scale: f64,
     ) -> Llama<AB> {
+        // Packed bf16 copies would keep the old weights shared, and the in-place update copy them.
+        model.packs.clear();
         // Where this optimizer's state lives (a peer's device, for a shard), whether fresh,
         // resumed or uploaded from the host: every update runs there.
         let device = self

@@ -496,6 +496,7 @@ fn tune_run<B: Backend>(
             let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, r.dtype)
                 .with_context(|| format!("{}: model.safetensors", d.display()))?;
             m.keep_blocks = t.keep_blocks;
+            m.set_autocast(r.autocast)?;
             // Only the header is read now: the moments stay in the file until the first step,
             // so the snapshot below runs without them.
             let mut o = Sharded::resume(acfg, &m, &d.join("optimizer"), &shard_devices)?;
@@ -516,6 +517,7 @@ fn tune_run<B: Backend>(
         None => {
             let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, base_weights, device, r.dtype)?;
             m.keep_blocks = t.keep_blocks;
+            m.set_autocast(r.autocast)?;
             let mut o = Sharded::new(acfg, &m, &shard_devices);
             o.set_offload(t.offload_optimizer);
             let st = TrainState {

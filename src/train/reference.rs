@@ -31,6 +31,7 @@ pub fn run<B: Backend>(
     let w = std::mem::take(&mut ck.weights);
     let mut model = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, r.dtype)?;
     model.keep_blocks = t.keep_blocks;
+    model.set_autocast(r.autocast)?;
     let mut opt = AdamW::new(AdamWConfig::from(t), &model);
     let devices = vec![device.clone()];
     let mut pos = 0;
