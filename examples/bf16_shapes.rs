@@ -33,6 +33,10 @@ fn main() {
     if bf16::unit() == Some(Unit::Amx) {
         units.push(Unit::Amx);
     }
+    if bf16::unit().is_none() {
+        println!("this CPU has neither AMX nor AVX512-BF16 (or CODESPOT_BF16_UNIT=none): f32 gemm only");
+        units.clear();
+    }
     println!(
         "m x n x k | f32 gemm | {}",
         units

@@ -63,8 +63,8 @@ impl Plan {
                 // Only when not the default, so runs made before `dtype` existed still match.
                 v["dtype"] = r.dtype.name().into();
             }
-            if r.autocast != crate::model::Autocast::Off {
-                v["autocast"] = r.autocast.name().into();
+            if r.autocast.effective() != "off" {
+                v["autocast"] = r.autocast.effective().into();
             }
             (l.clone(), out.join("base").join(l), hash_of(v))
         };
@@ -132,8 +132,9 @@ pub fn tune_hash(loaded: &Loaded) -> String {
         // Only when not the default, so checkpoints made before `dtype` existed still resume.
         v["dtype"] = r.dtype.name().into();
     }
-    if r.autocast != crate::model::Autocast::Off {
-        v["autocast"] = r.autocast.name().into();
+    if r.autocast.effective() != "off" {
+        // What runs, not what was asked: AMX and AVX512-BF16 round differently.
+        v["autocast"] = r.autocast.effective().into();
     }
     // Neither changes the run's bits: replicates are runs of their own beside it (each with its
     // own seed, so its own hash), and offloaded moments are the resident ones, bit for bit.

@@ -125,7 +125,11 @@ fn fused_block_gives_burn_autodiffs_gradients() {
     let long: Vec<Vec<u32>> = (0..2)
         .map(|r| (0..151).map(|i| ((i * 13 + r * 7 + 1) % 64) as u32).collect())
         .collect();
-    for (c, cfg) in common::fused_variants().into_iter().enumerate() {
+    for (c, cfg) in common::fused_variants()
+        .into_iter()
+        .chain(common::other_archs())
+        .enumerate()
+    {
         let rows = if c == 0 { long.clone() } else { blocks() };
         let w = model::llama::random_weights(&cfg, 5 + c as u64);
         let fused = Llama::<Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();
@@ -161,7 +165,11 @@ fn fused_block_gives_burn_autodiffs_gradients() {
 #[test]
 fn bf16_autocast_gives_f32s_gradients_within_bf16_rounding() {
     type Ad = codespot::backend::CpuAd;
-    for (c, cfg) in common::fused_variants().into_iter().enumerate() {
+    for (c, cfg) in common::fused_variants()
+        .into_iter()
+        .chain(common::other_archs())
+        .enumerate()
+    {
         let rows = blocks();
         let w = model::llama::random_weights(&cfg, 5 + c as u64);
         let f32m = Llama::<Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();
@@ -189,6 +197,27 @@ fn bf16_autocast_gives_f32s_gradients_within_bf16_rounding() {
         if unit.is_some() {
             assert!(worst > 0.0, "config {c}: the bf16 products did not run");
             assert!((la - lb).abs() <= 1e-2 * lb.abs(), "config {c}: loss {la} vs {lb}");
+        }
+        // The forward-only path (evaluation's): logits within bf16 rounding, f32 without a unit.
+        type Cpu = codespot::backend::Cpu;
+        let plain = Llama::<Cpu>::from_weights(&cfg, &w, &Default::default()).unwrap();
+        let mut cast = plain.clone();
+        cast.set_autocast(model::Autocast::Bf16).unwrap();
+        let logits = |m: &Llama<Cpu>| -> Vec<f32> {
+            m.forward(tokens_tensor::<Cpu>(&rows, &Default::default()), None)
+                .into_data()
+                .into_vec()
+                .unwrap()
+        };
+        let (x, y) = (logits(&cast), logits(&plain));
+        let max = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        match unit {
+            None => assert!(x == y, "config {c}: forward autocast without a unit must be f32"),
+            Some(_) => assert!(
+                diff > 0.0 && diff <= 2e-2 * max,
+                "config {c}: logits max {max}, diff {diff:e}"
+            ),
         }
         eprintln!("config {c}: loss {la} vs f32 {lb}, worst gradient difference {worst:e} of the tensor's largest");
     }
@@ -218,10 +247,17 @@ fn bf16_packed_weights_follow_every_change_of_the_weights() {
     };
     let mut opt = AdamW::new(cfg_opt, &m);
     let mut losses = vec![];
+    let unit = model::bf16::unit();
     for _ in 0..2 {
         let (loss, grads) = importance::batch_loss_grads(&m, &rows, 2, true);
         losses.push(loss);
+        // The packed copies are kept across passes, and the same weights reuse them.
+        let held = m.packs.bytes();
+        assert_eq!(held > 0, unit.is_some(), "packed copies held: {held}");
+        importance::batch_loss_grads(&m, &rows, 2, true);
+        assert_eq!(m.packs.bytes(), held, "a second pass packs nothing new");
         m = opt.step(m, grads, 1e-2, 1.0);
+        assert_eq!(m.packs.bytes(), 0, "an optimizer step drops the packed copies");
         assert_eq!(
             importance::batch_loss_grads(&m, &rows, 2, true).0,
             fresh(&m),

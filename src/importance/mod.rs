@@ -1168,7 +1168,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
         merged_from: vec![],
         devices: req.devices,
         dtype: model.dtype.name().into(),
-        autocast: model.autocast.name().into(),
+        autocast: model.autocast.effective().into(),
         agreement,
     };
     match halves {

@@ -43,7 +43,8 @@ pub struct SnapshotManifest {
     /// always accumulated in f32.
     #[serde(default = "f32_name", skip_serializing_if = "is_f32")]
     pub dtype: String,
-    /// Matrix products in bf16 around the f32 weights (`bf16`; `off` when absent).
+    /// Matrix products in bf16 around the f32 weights, as they ran: `bf16-amx` or
+    /// `bf16-avx512bf16` (`off` when absent, or when the CPU had neither unit).
     #[serde(default = "off_name", skip_serializing_if = "is_off")]
     pub autocast: String,
     /// Split-half agreement (the noise floor) and convergence of the top-k sets; absent for

@@ -257,19 +257,22 @@ impl<B: AutodiffBackend> Llama<B> {
         let dm = Dims::new(cfg, b, t).autocast(self.autocast);
         let rope = Rope::new(cfg, t);
         let blocks: Vec<[FlexTensor; 9]> = inner.layers.iter().map(|blk| blk.storage()).collect();
-        let weights = |l: usize| BlockWeights::packed(&blocks[l], &dm, &self.packs);
+        let biases: Vec<Option<[FlexTensor; 3]>> = inner.layers.iter().map(|blk| blk.bias_storage()).collect();
+        let weights = |l: usize| BlockWeights::packed(&blocks[l], &dm, &self.packs).with(&dm, biases[l].as_ref());
         let embed = flex(inner.embed.val());
         let norm = flex(inner.norm.val());
+        let norm_w = fused::norm_scale(values(&norm), dm.plus_one);
         let head = inner.lm_head.as_ref().map(|h| flex(h.val()));
+        let embed_scale = cfg.embed_scale();
 
-        let mut x = fused::rows_of(values(&embed), &inputs, d);
+        let mut x = fused::embed_rows(values(&embed), &inputs, d, embed_scale);
         let mut saved = Vec::with_capacity(layers);
         for l in 0..layers {
             let (y, s) = weights(l).forward(&dm, &rope, x);
             saved.push(s);
             x = y;
         }
-        let (h, rstd) = fused::final_norm(&x, values(&norm), dm.eps);
+        let (h, rstd) = fused::final_norm(&x, &norm_w, dm.eps);
 
         // The head; with tied embeddings its weight gradient is the embedding's, to which the
         // embedding rows' share is added below.
@@ -297,7 +300,7 @@ impl<B: AutodiffBackend> Llama<B> {
             }
         };
         drop(h);
-        let (mut dy, dnorm) = fused::final_norm_bwd(&dh, &x, &rstd, values(&norm));
+        let (mut dy, dnorm) = fused::final_norm_bwd(&dh, &x, &rstd, &norm_w);
         drop((x, dh, rstd));
         let norm_index = 1 + BLOCK_TENSORS.len() * layers;
         if self.norm.val().is_require_grad() {
@@ -305,12 +308,21 @@ impl<B: AutodiffBackend> Llama<B> {
         }
         for l in (0..layers).rev() {
             let need = self.layers[l].param_refs().map(|p| trains(&p));
+            let lb = &self.layers[l];
+            let need_bias =
+                [&lb.q_bias, &lb.k_bias, &lb.v_bias].map(|b| b.as_ref().is_some_and(|b| b.val().is_require_grad()));
             let s = saved.pop().expect("one saved state per block");
-            let (dx, grads) = weights(l).backward(&dm, &rope, s, &dy, need);
+            let (dx, grads, bias_grads) = weights(l).backward(&dm, &rope, s, &dy, need, need_bias);
             for (j, g) in grads.into_iter().enumerate() {
                 if let Some(g) = g {
                     let len = g.len();
                     sink(1 + BLOCK_TENSORS.len() * l + j, device(g, [len], &idev));
+                }
+            }
+            for (j, g) in bias_grads.into_iter().enumerate() {
+                if let Some(g) = g {
+                    let len = g.len();
+                    sink(cfg.bias_index(l, j), device(g, [len], &idev));
                 }
             }
             dy = dx;
@@ -320,9 +332,14 @@ impl<B: AutodiffBackend> Llama<B> {
         if embed_trains {
             let tied = if self.lm_head.is_none() { head_dw.take() } else { None };
             let mut g = tied.unwrap_or_else(|| vec![0f32; values(&embed).len()]);
+            // With an embedding scale `s` (Gemma), the rows' gradient is `s · ∂L/∂x`.
+            let s = embed_scale.map(|s| s as f32);
             for (&tok, row) in inputs.iter().zip(dy.chunks_exact(d)) {
                 let at = &mut g[tok as usize * d..(tok as usize + 1) * d];
-                at.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                match s {
+                    Some(s) => at.iter_mut().zip(row).for_each(|(a, b)| *a += s * b),
+                    None => at.iter_mut().zip(row).for_each(|(a, b)| *a += b),
+                }
             }
             let len = g.len();
             sink(0, device(g, [len], &idev));

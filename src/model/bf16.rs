@@ -310,6 +310,14 @@ unsafe fn matmul_to(unit: Unit, c: *mut f32, a: &Packed, b: &Packed, acc: bool) 
     if m == 0 || n == 0 {
         return;
     }
+    if a.kb == 0 {
+        // An empty sum: zeros, or `c` unchanged.
+        if !acc {
+            // SAFETY: the caller's promise: `c` holds `m · n` elements.
+            unsafe { std::ptr::write_bytes(c, 0, m * n) };
+        }
+        return;
+    }
     let full = if n % BLOCK == 0 { m / BLOCK } else { 0 };
     if full > 0 {
         // SAFETY: the caller's promise; these row bands are whole blocks of `c`.
@@ -602,7 +610,18 @@ mod tests {
             units.push(Unit::Amx);
         }
         eprintln!("bf16 units on this CPU: {units:?}");
-        for &(m, n, k) in &[(1, 1, 1), (37, 70, 45), (64, 32, 96), (100, 3, 130), (64, 64, 600)] {
+        if units.is_empty() {
+            // Packing needs a unit; autocast is f32 here (tested in tests/importance.rs).
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (37, 70, 45),
+            (64, 32, 96),
+            (100, 3, 130),
+            (64, 64, 600),
+            (33, 64, 0),
+        ] {
             let a = inputs(m * k, 1);
             let b = inputs(k * n, 2);
             let want = |i: usize, j: usize| (0..k).map(|kk| bf16(a[i * k + kk]) * bf16(b[kk * n + j])).sum::<f64>();
@@ -610,9 +629,14 @@ mod tests {
             // the transpose of an [n, k] matrix.
             let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            // And both read through strides other than 1 (every other element of a copy with
+            // zeros between): the packing's general branch.
+            let spread = |v: &[f32]| -> Vec<f32> { v.iter().flat_map(|&x| [x, 0.0]).collect() };
+            let (a2, b2) = (spread(&a), spread(&b));
             let pairs = [
                 (pack_lhs(&a, (k, 1), m, k), pack_rhs(&b, (n, 1), k, n)),
                 (pack_lhs(&at, (1, m), m, k), pack_rhs(&bt, (1, k), k, n)),
+                (pack_lhs(&a2, (2 * k, 2), m, k), pack_rhs(&b2, (2 * n, 2), k, n)),
             ];
             for &u in &units {
                 for (pa, pb) in &pairs {
@@ -633,6 +657,7 @@ mod tests {
                         .iter()
                         .zip(&c)
                         .all(|(x, y)| (x + 1.0 - y).abs() <= 1e-6 * (1.0 + y.abs())));
+                    assert_eq!(matmul_new(u, pa, pb), c2, "{u:?} {m}x{n}x{k}: a new product");
                 }
             }
         }

@@ -68,6 +68,17 @@ impl Autocast {
             Autocast::Bf16 => "bf16",
         }
     }
+
+    /// What runs on this CPU: `off`, or bf16 on its unit (`bf16-amx`, `bf16-avx512bf16`). The
+    /// two units round differently, and a CPU with neither runs f32: snapshots and run hashes
+    /// record this, so shards or a resume from another kind of CPU are told apart.
+    pub fn effective(self) -> &'static str {
+        match (self, super::bf16::unit()) {
+            (Autocast::Off, _) | (Autocast::Bf16, None) => "off",
+            (Autocast::Bf16, Some(super::bf16::Unit::Amx)) => "bf16-amx",
+            (Autocast::Bf16, Some(super::bf16::Unit::Avx512Bf16)) => "bf16-avx512bf16",
+        }
+    }
 }
 
 /// A half-precision tensor as f32; any other unchanged (no graph node, no copy).

@@ -173,6 +173,18 @@ pub fn few_rows_matmul(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) ->
     y
 }
 
+/// Rows `ids` of an embedding table, times `scale` when there is one (Gemma's √hidden, as an
+/// f32 constant like transformers' buffer).
+pub fn embed_rows(table: &[f32], ids: &[u32], d: usize, scale: Option<f64>) -> Vec<f32> {
+    let mut x = rows_of(table, ids, d);
+    if let Some(s) = scale {
+        let s = s as f32;
+        x.par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    }
+    x
+}
+
 /// Rows `ids` of a `[rows, d]` table (an embedding lookup), as `[ids.len(), d]`.
 pub fn rows_of(table: &[f32], ids: &[u32], d: usize) -> Vec<f32> {
     ids.iter()
@@ -194,6 +206,10 @@ pub struct Dims {
     pub eps: f32,
     /// The unit the block's matrix products run on in bf16 (autocast), or None: f32 gemm.
     pub bf16: Option<bf16::Unit>,
+    /// The MLP's gate activation is GELU's tanh approximation (Gemma), not SiLU.
+    pub gelu: bool,
+    /// RMSNorm scales by `1 + w` (Gemma), not `w`.
+    pub plus_one: bool,
 }
 
 impl Dims {
@@ -208,6 +224,8 @@ impl Dims {
             ff: cfg.intermediate_size,
             eps: cfg.rms_norm_eps as f32,
             bf16: None,
+            gelu: cfg.arch.gelu_gate(),
+            plus_one: cfg.arch.norm_plus_one(),
         }
     }
 
@@ -250,6 +268,37 @@ pub struct BlockWeights<'a> {
     pub w: [&'a [f32]; 9],
     /// The matrices' bf16 packed copies when the products run in bf16.
     packs: [Option<Arc<WeightPacks>>; 9],
+    /// The q, k and v biases (Qwen2), in `BIAS_TENSORS` (llama.rs) order.
+    bias: Option<[&'a [f32]; 3]>,
+    /// `1 + w` of the two norms (Gemma), else None: the norms scale by `w`.
+    norms: Option<[Vec<f32>; 2]>,
+}
+
+/// A norm's scale: `1 + w` when `plus_one` (Gemma), else `w` itself.
+pub fn norm_scale(w: &[f32], plus_one: bool) -> std::borrow::Cow<'_, [f32]> {
+    if plus_one {
+        std::borrow::Cow::Owned(w.iter().map(|w| w + 1.0).collect())
+    } else {
+        std::borrow::Cow::Borrowed(w)
+    }
+}
+
+/// Adds `b` to every row of `x` (`[rows, b.len()]`).
+fn add_bias(x: &mut [f32], b: &[f32]) {
+    x.par_chunks_mut(b.len() * 64).for_each(|rows| {
+        for row in rows.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
+    });
+}
+
+/// Σ over the rows of `g: [rows, width]` (a bias's gradient), summed in f64.
+fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
+    let mut s = vec![0f64; width];
+    for row in g.chunks_exact(width) {
+        s.iter_mut().zip(row).for_each(|(s, g)| *s += *g as f64);
+    }
+    s.into_iter().map(|v| v as f32).collect()
 }
 
 /// A weight `w: [rows, cols]`'s bf16 packed copy as the right operand of `x · wᵀ` (a
@@ -371,6 +420,10 @@ const MN: usize = 5;
 const WG: usize = 6;
 const WU: usize = 7;
 const WD: usize = 8;
+
+/// A block's backward pass's results: `∂L/∂x`, its nine tensors' gradients and its three
+/// biases'.
+pub type BlockGrads = (Vec<f32>, [Option<Vec<f32>>; 9], [Option<Vec<f32>>; 3]);
 
 /// What a block's backward pass needs of its forward pass.
 pub struct Saved {
@@ -1069,12 +1122,75 @@ simd_fn! {
     }
 }
 
+/// `√(2/π)`, GELU's tanh approximation's scale.
+const GELU_C: f32 = 0.797_884_6;
+/// The cubic term's coefficient of GELU's tanh approximation.
+const GELU_A: f32 = 0.044_715;
+
+simd_fn! {
+    /// `o = GELU_tanh(g) · u`, with `GELU_tanh(g) = g/2 · (1 + tanh(z)) = g · σ(2z)`,
+    /// `z = √(2/π) · (g + 0.044715 g³)` (transformers' `gelu_pytorch_tanh`).
+    fn geglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let z = GELU_C * (g + GELU_A * g * g * g);
+            *o = g / (1.0 + exp(-2.0 * z)) * u;
+        }
+    }
+}
+
+simd_fn! {
+    /// The backward pass of [`geglu_chunk`], as [`swiglu_bwd_chunk`]'s:
+    /// `d/dg [g·σ(2z)] = σ(2z) + g · σ(2z)·(1 − σ(2z)) · 2z'`, `z' = √(2/π)·(1 + 3·0.044715 g²)`.
+    fn geglu_bwd_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32]) {
+        for (((dg, du), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u) {
+            let z = GELU_C * (g + GELU_A * g * g * g);
+            let s = 1.0 / (1.0 + exp(-2.0 * z));
+            let dz = GELU_C * (1.0 + 3.0 * GELU_A * g * g);
+            let ds = *dg;
+            *du = ds * g * s;
+            *dg = ds * u * (s + g * s * (1.0 - s) * 2.0 * dz);
+        }
+    }
+}
+
+/// The gated MLP's inner product `act(gate) · up` (SiLU, or GELU's tanh form when `dm.gelu`).
+fn glu(dm: &Dims, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    if dm.gelu {
+        let c = chunk_rows(out.len());
+        out.par_chunks_mut(c)
+            .zip(gate.par_chunks(c))
+            .zip(up.par_chunks(c))
+            .for_each(|((o, g), u)| geglu_chunk(o, g, u));
+    } else {
+        swiglu(gate, up, out)
+    }
+}
+
 impl<'a> BlockWeights<'a> {
     /// The weights in `storage` (`Block::storage` in llama.rs).
     pub fn of(storage: &'a [FlexTensor; 9]) -> Self {
         Self {
             w: std::array::from_fn(|j| values(&storage[j])),
             packs: Default::default(),
+            bias: None,
+            norms: None,
+        }
+    }
+
+    /// With the block's q, k and v biases (Qwen2) and its norm form (`dm.plus_one`: Gemma).
+    pub fn with(mut self, dm: &Dims, bias: Option<&'a [FlexTensor; 3]>) -> Self {
+        self.bias = bias.map(|b| std::array::from_fn(|j| values(&b[j])));
+        if dm.plus_one {
+            self.norms = Some([AN, MN].map(|j| norm_scale(self.w[j], true).into_owned()));
+        }
+        self
+    }
+
+    /// The scale of norm `j` (`AN` or `MN`): `1 + w` or `w`.
+    fn norm(&self, j: usize) -> &[f32] {
+        match &self.norms {
+            Some(n) => &n[usize::from(j == MN)],
+            None => self.w[j],
         }
     }
 
@@ -1129,16 +1245,20 @@ impl<'a> BlockWeights<'a> {
 
     /// The block on `x: [b·t, d]`; returns its output and what its backward pass needs.
     pub fn forward(&self, dm: &Dims, rope: &Rope, x: Vec<f32>) -> (Vec<f32>, Saved) {
-        let w = &self.w;
         let (n, d, ff, qw) = (dm.n(), dm.d, dm.ff, dm.qw());
         let mut h = vec![0f32; n * d];
         let mut rstd1 = vec![0f32; n];
-        rms_fwd(&x, w[AN], dm.eps, &mut h, &mut rstd1);
+        rms_fwd(&x, self.norm(AN), dm.eps, &mut h, &mut rstd1);
         let hp = lhs(dm, &h, n);
         let mut q = self.proj(dm, &h, hp.as_ref(), WQ);
         let mut k = self.proj(dm, &h, hp.as_ref(), WK);
-        let v = self.proj(dm, &h, hp.as_ref(), WV);
+        let mut v = self.proj(dm, &h, hp.as_ref(), WV);
         drop(hp);
+        if let Some([bq, bk, bv]) = self.bias {
+            add_bias(&mut q, bq);
+            add_bias(&mut k, bk);
+            add_bias(&mut v, bv);
+        }
         rope.apply(&mut q, qw, dm.t, false);
         rope.apply(&mut k, dm.kw(), dm.t, false);
         let mut a = vec![0f32; n * qw];
@@ -1147,13 +1267,13 @@ impl<'a> BlockWeights<'a> {
         let mut x2 = x.clone();
         self.proj_into(dm, &mut x2, &a, lhs(dm, &a, n).as_ref(), WO, true);
         let mut rstd2 = vec![0f32; n];
-        rms_fwd(&x2, w[MN], dm.eps, &mut h, &mut rstd2);
+        rms_fwd(&x2, self.norm(MN), dm.eps, &mut h, &mut rstd2);
         let hp = lhs(dm, &h, n);
         let gate = self.proj(dm, &h, hp.as_ref(), WG);
         let up = self.proj(dm, &h, hp.as_ref(), WU);
         drop(hp);
         let mut gs = vec![0f32; n * ff];
-        swiglu(&gate, &up, &mut gs);
+        glu(dm, &gate, &up, &mut gs);
         let mut y = x2.clone();
         self.proj_into(dm, &mut y, &gs, lhs(dm, &gs, n).as_ref(), WD, true);
         let saved = Saved {
@@ -1172,8 +1292,9 @@ impl<'a> BlockWeights<'a> {
         (y, saved)
     }
 
-    /// The backward pass from `dy = ∂L/∂y`: `∂L/∂x`, and each parameter's gradient where
-    /// `need[j]` (in `BLOCK_TENSORS` (llama.rs) order).
+    /// The backward pass from `dy = ∂L/∂y`: `∂L/∂x`, each parameter's gradient where
+    /// `need[j]` (in `BLOCK_TENSORS` (llama.rs) order), and each bias's where `need_bias[j]`
+    /// (`BIAS_TENSORS` order; a block without biases gives none).
     pub fn backward(
         &self,
         dm: &Dims,
@@ -1181,15 +1302,16 @@ impl<'a> BlockWeights<'a> {
         s: Saved,
         dy: &[f32],
         need: [bool; 9],
-    ) -> (Vec<f32>, [Option<Vec<f32>>; 9]) {
-        let w = &self.w;
+        need_bias: [bool; 3],
+    ) -> BlockGrads {
+        let mut bias_grads: [Option<Vec<f32>>; 3] = Default::default();
         let (n, d, ff, qw, kw) = (dm.n(), dm.d, dm.ff, dm.qw(), dm.kw());
         let mut grads: [Option<Vec<f32>>; 9] = Default::default();
 
         // MLP: y = x2 + (SiLU(gate) · up) · W_dᵀ.
         if need[WD] {
             let mut gs = vec![0f32; n * ff];
-            swiglu(&s.gate, &s.up, &mut gs);
+            glu(dm, &s.gate, &s.up, &mut gs);
             grads[WD] = Some(tn(dm, dy, &gs, rhs(dm, &gs, n).as_ref(), d, ff, n));
         }
         let mut buf = self.back(dm, dy, lhs(dm, dy, n).as_ref(), WD); // ∂L/∂(SiLU(g)·u)
@@ -1200,13 +1322,19 @@ impl<'a> BlockWeights<'a> {
                 .zip(dup.par_chunks_mut(c))
                 .zip(s.gate.par_chunks(c))
                 .zip(s.up.par_chunks(c))
-                .for_each(|(((dg, du), g), u)| swiglu_bwd_chunk(dg, du, g, u));
+                .for_each(|(((dg, du), g), u)| {
+                    if dm.gelu {
+                        geglu_bwd_chunk(dg, du, g, u)
+                    } else {
+                        swiglu_bwd_chunk(dg, du, g, u)
+                    }
+                });
         }
         let dgate = buf;
         drop(s.gate);
         drop(s.up);
         let mut h = vec![0f32; n * d];
-        rms_apply(&s.x2, &s.rstd2, w[MN], &mut h);
+        rms_apply(&s.x2, &s.rstd2, self.norm(MN), &mut h);
         let hp = if need[WG] || need[WU] { rhs(dm, &h, n) } else { None };
         if need[WG] {
             grads[WG] = Some(tn(dm, &dgate, &h, hp.as_ref(), ff, d, n));
@@ -1220,7 +1348,7 @@ impl<'a> BlockWeights<'a> {
         drop(dgate);
         drop(dup);
         let mut dx2 = dy.to_vec();
-        let dmn = rms_bwd(&dh, &s.x2, &s.rstd2, w[MN], &mut dx2);
+        let dmn = rms_bwd(&dh, &s.x2, &s.rstd2, self.norm(MN), &mut dx2);
         if need[MN] {
             grads[MN] = Some(dmn);
         }
@@ -1234,7 +1362,14 @@ impl<'a> BlockWeights<'a> {
         drop(da);
         rope.apply(&mut dq, qw, dm.t, true);
         rope.apply(&mut dk, kw, dm.t, true);
-        rms_apply(&s.x, &s.rstd1, w[AN], &mut h);
+        if self.bias.is_some() {
+            for (j, (g, width)) in [(&dq, qw), (&dk, kw), (&dv, kw)].into_iter().enumerate() {
+                if need_bias[j] {
+                    bias_grads[j] = Some(column_sums(g, width));
+                }
+            }
+        }
+        rms_apply(&s.x, &s.rstd1, self.norm(AN), &mut h);
         let hp = if need[WQ] || need[WK] || need[WV] {
             rhs(dm, &h, n)
         } else {
@@ -1254,11 +1389,11 @@ impl<'a> BlockWeights<'a> {
         self.back_into(dm, &mut dh, &dk, lhs(dm, &dk, n).as_ref(), WK, true);
         self.back_into(dm, &mut dh, &dv, lhs(dm, &dv, n).as_ref(), WV, true);
         let mut dx = dx2;
-        let dan = rms_bwd(&dh, &s.x, &s.rstd1, w[AN], &mut dx);
+        let dan = rms_bwd(&dh, &s.x, &s.rstd1, self.norm(AN), &mut dx);
         if need[AN] {
             grads[AN] = Some(dan);
         }
-        (dx, grads)
+        (dx, grads, bias_grads)
     }
 }
 
@@ -1275,6 +1410,14 @@ pub fn final_norm_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32]) -> (Vec<f3
     let mut dx = vec![0f32; x.len()];
     let dw = rms_bwd(dh, x, rstd, w, &mut dx);
     (dx, dw)
+}
+
+/// Logits `h · Wᵀ` (`h: [n, d]`, `w: [vocab, d]`) in bf16 on `unit`, with `w`'s packed copy
+/// from `cache`.
+pub fn head_logits(unit: bf16::Unit, h: &[f32], w: &FlexTensor, cache: &PackCache, d: usize) -> Vec<f32> {
+    let wv = values(w);
+    let p = cache.of(w, wv.len() / d, d);
+    bf16_new(unit, &bf16::pack_lhs(h, (d, 1), h.len() / d, d), p.nt(wv))
 }
 
 /// Logit elements computed at once in [`head`] (64 MB): 341 tokens of a 49152 vocabulary.

@@ -608,23 +608,27 @@ impl<B: Backend> Llama<B> {
         self.fused_arch() && fused::is_cpu::<C>()
     }
 
-    /// [`Llama::fused_on`] but for the backend: the hand-written block is Llama's (Qwen2's
-    /// biases and Gemma take burn's path), in f32, and not turned off.
+    /// [`Llama::fused_on`] but for the backend: the hand-written block (every supported
+    /// architecture: Qwen2's biases, Gemma's norms, GELU and embedding scale), in f32, and not
+    /// turned off.
     fn fused_arch(&self) -> bool {
-        self.fused
-            && self.dtype == Dtype::F32
-            && self.config.arch == super::config::Arch::Llama
-            && !self.config.qkv_bias
-            && fused::hand_written()
+        self.fused && self.dtype == Dtype::F32 && fused::hand_written()
     }
 
     /// Runs the matrix products under `autocast`. bf16 autocast is the hand-written CPU path's
     /// (Llama and Mistral, f32 weights, the CPU backend); elsewhere it is an error that says
     /// what to use instead.
     pub fn set_autocast(&mut self, autocast: Autocast) -> anyhow::Result<()> {
+        if autocast != Autocast::Off && self.dtype != Dtype::F32 {
+            anyhow::bail!(
+                "autocast = \"{}\" keeps the weights in f32 and rounds the products' inputs; these weights are {} (dtype): use dtype = \"f32\" with autocast, or dtype alone",
+                autocast.name(),
+                self.dtype.name()
+            );
+        }
         if autocast != Autocast::Off && !(self.fused_arch() && fused::cpu_or_autodiff_cpu::<B>()) {
             anyhow::bail!(
-                "autocast = \"{}\" runs on the hand-written CPU path only (Llama or Mistral weights in f32 on the CPU backend); \
+                "autocast = \"{}\" runs on the hand-written CPU path only (weights in f32 on the CPU backend); \
                  this model is {:?} with {} weights on another path: on a GPU hold the weights in bf16 (dtype = \"bf16\") instead",
                 autocast.name(),
                 self.config.arch,
@@ -663,14 +667,19 @@ impl<B: Backend> Llama<B> {
         let dm = fused::Dims::new(cfg, b, t).autocast(self.autocast);
         let rope = fused::Rope::new(cfg, t);
         let ids: Vec<u32> = ids.into_iter().map(|t| t as u32).collect();
-        let mut x = fused::rows_of(fused::values(&fused::flex(self.embed.val())), &ids, d);
+        let mut x = fused::embed_rows(
+            fused::values(&fused::flex(self.embed.val())),
+            &ids,
+            d,
+            cfg.embed_scale(),
+        );
         for blk in &self.layers {
-            let storage = blk.storage();
-            x = fused::BlockWeights::packed(&storage, &dm, &self.packs)
-                .forward(&dm, &rope, x)
-                .0;
+            let (storage, bias) = (blk.storage(), blk.bias_storage());
+            let w = fused::BlockWeights::packed(&storage, &dm, &self.packs).with(&dm, bias.as_ref());
+            x = w.forward(&dm, &rope, x).0;
         }
-        let (h, _) = fused::final_norm(&x, fused::values(&fused::flex(self.norm.val())), dm.eps);
+        let norm = fused::flex(self.norm.val());
+        let (h, _) = fused::final_norm(&x, &fused::norm_scale(fused::values(&norm), dm.plus_one), dm.eps);
         Tensor::<B, 1>::from_data(TensorData::new(h, [b * t * d]), &device).reshape([b, t, d])
     }
 
@@ -678,6 +687,15 @@ impl<B: Backend> Llama<B> {
     pub fn logits_of(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = h.dims();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if let (Autocast::Bf16, Some(unit), true) = (self.autocast, super::bf16::unit(), self.fused_on::<B>()) {
+            // The head's product in bf16 too, on its packed copy (kept across calls).
+            let device = h.device();
+            let hv = fused::flex(h.reshape([b * t, d]));
+            let w = fused::flex(head.val());
+            let logits = fused::head_logits(unit, fused::values(&hv), &w, &self.packs, d);
+            let v = logits.len() / (b * t);
+            return Tensor::<B, 1>::from_data(TensorData::new(logits, [b * t * v]), &device).reshape([b, t, v]);
+        }
         // Log-probabilities are taken in f32 whatever the weights' dtype.
         let logits = widen(linear(h.reshape([b * t, d]), head));
         let v = logits.dims()[1];
@@ -862,6 +880,14 @@ impl<B: Backend> Block<B> {
     /// (shared, not copied; for [`fused::BlockWeights::of`]).
     pub fn storage(&self) -> [fused::FlexTensor; 9] {
         self.param_refs().map(|p| fused::flex(p.flat()))
+    }
+
+    /// The block's q, k and v biases' storage on the f32 CPU backend (None without biases).
+    pub fn bias_storage(&self) -> Option<[fused::FlexTensor; 3]> {
+        match (&self.q_bias, &self.k_bias, &self.v_bias) {
+            (Some(q), Some(k), Some(v)) => Some([q, k, v].map(|p| fused::flex(p.val()))),
+            _ => None,
+        }
     }
 
     /// The block's parameters in [`BLOCK_TENSORS`] order.

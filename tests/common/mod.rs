@@ -228,6 +228,14 @@ pub fn read_tensorboard(dir: &Path) -> serde_json::Value {
 /// Tiny configs that exercise the fused CPU path's cases: tied heads and half RoPE, untied heads
 /// and interleaved RoPE, query groups of 3 with a 16-wide head.
 #[allow(dead_code)]
+/// Tiny Qwen2 (q, k, v biases, untied head) and Gemma (`1 + w` norms, GELU, scaled
+/// embeddings) configs, which the hand-written block also runs.
+pub fn other_archs() -> [LlamaConfig; 2] {
+    let mut qwen2 = LlamaConfig::tiny_qwen2(64);
+    qwen2.tie_word_embeddings = false;
+    [qwen2, LlamaConfig::tiny_gemma(64)]
+}
+
 pub fn fused_variants() -> [LlamaConfig; 3] {
     let mut untied = LlamaConfig::tiny(64);
     untied.tie_word_embeddings = false;
