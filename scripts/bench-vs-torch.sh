@@ -121,6 +121,7 @@ print("| peak RSS, MiB: Taylor / AdamW / ARC | "
       f"{mib(tb['taylor']['peak_rss_bytes']):.0f} / {mib(tb['adamw']['peak_rss_bytes']):.0f} / – | "
       f"{mib(c['taylor']['peak_rss_bytes']):.0f} / {mib(c['adamw']['peak_rss_bytes']):.0f} / {mib(c['mc']['peak_rss_bytes']):.0f} | "
       f"{mib(cb['taylor']['peak_rss_bytes']):.0f} / {mib(cb['adamw']['peak_rss_bytes']):.0f} / {mib(cb['mc']['peak_rss_bytes']):.0f} | | |")
+print(f"\nARC-Easy time: codespot bf16 autocast {t['mc']['seconds'] / cb['mc']['seconds']:.2f}× lm-evaluation-harness (f32; it has no bf16 run here)")
 print(f"\nARC-Easy accuracy: lm-evaluation-harness acc {t['mc']['acc']:.4f} acc_norm {t['mc']['acc_norm']:.4f}; "
       f"codespot acc {acc.get('acc', float('nan')):.4f} acc_norm {acc.get('acc_norm', float('nan')):.4f}; "
       f"codespot bf16 autocast acc {accb.get('acc', float('nan')):.4f} acc_norm {accb.get('acc_norm', float('nan')):.4f}")
