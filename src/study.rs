@@ -14,7 +14,7 @@
 //! 7. `report.md` with PNG plots in `report/`.
 
 use crate::importance;
-pub use crate::layout::{final_snapshot, snapshot_request, stage_done, Plan};
+use crate::layout::{final_snapshot, snapshot_request, stage_done, Plan};
 use crate::layout::{hash_of, mark};
 use crate::recipe::Loaded;
 use crate::train::{self, TuneOptions};
@@ -146,10 +146,10 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     }
 
     // 3. Tuning, one language at a time.
-    let th = train::tune_hash(loaded);
+    let th = crate::layout::tune_hash(loaded);
     let tuning = r.train.steps > 0;
     for lang in r.languages.iter().filter(|_| tuning) {
-        let dir = train::tune_dir(loaded, lang);
+        let dir = crate::layout::tune_dir(loaded, lang);
         let done = std::fs::read_to_string(dir.join("tune.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<train::TuneSummary>(&t).ok())
@@ -232,9 +232,9 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         bh.clone(),
     )];
     for lang in r.languages.iter().filter(|_| tuning) {
-        let ckpt = train::tune_dir(loaded, lang)
+        let ckpt = crate::layout::tune_dir(loaded, lang)
             .join("checkpoints")
-            .join(train::step_name(r.train.steps));
+            .join(crate::layout::step_name(r.train.steps));
         evals.push((
             format!("tuned-{lang}"),
             ckpt.display().to_string(),

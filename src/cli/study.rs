@@ -128,7 +128,7 @@ fn tune_on<B: Backend>(
         s.first_loss,
         s.last_loss,
         s.snapshots.len(),
-        crate::train::tune_dir(loaded, &s.language).display()
+        crate::layout::tune_dir(loaded, &s.language).display()
     );
     Ok(())
 }

@@ -19,7 +19,7 @@ pub mod reference;
 pub mod seeds;
 
 use crate::importance::{self, snapshot};
-pub use crate::layout::{step_name, tune_dir, tune_hash};
+use crate::layout::{step_name, tune_dir, tune_hash};
 use crate::model::{self, Checkpoint, Llama};
 use crate::recipe::{Loaded, Schedule, TrainSection};
 use crate::track::{self, Tb};
