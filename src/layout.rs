@@ -121,6 +121,16 @@ pub fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
     loaded.out_dir().join("tune").join(lang)
 }
 
+/// A tuning run's checkpoints (`<tune dir>/checkpoints`, one `step_name` directory each).
+pub fn checkpoints_dir(tune_dir: &Path) -> PathBuf {
+    tune_dir.join("checkpoints")
+}
+
+/// A tuning run's importance snapshots (`<tune dir>/snapshots`, one `step_name` directory each).
+pub fn snapshots_dir(tune_dir: &Path) -> PathBuf {
+    tune_dir.join("snapshots")
+}
+
 /// Hash of what shapes a tune run; a checkpoint from another hash is not resumed.
 pub fn tune_hash(loaded: &Loaded) -> String {
     let r = &loaded.recipe;
@@ -188,7 +198,5 @@ pub fn eval_dir(loaded: &Loaded, name: &str) -> PathBuf {
 
 /// The snapshot at the last step of a language's tuning.
 pub fn final_snapshot(loaded: &Loaded, lang: &str) -> PathBuf {
-    tune_dir(loaded, lang)
-        .join("snapshots")
-        .join(step_name(loaded.recipe.train.steps))
+    snapshots_dir(&tune_dir(loaded, lang)).join(step_name(loaded.recipe.train.steps))
 }

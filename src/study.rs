@@ -232,8 +232,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         bh.clone(),
     )];
     for lang in r.languages.iter().filter(|_| tuning) {
-        let ckpt = crate::layout::tune_dir(loaded, lang)
-            .join("checkpoints")
+        let ckpt = crate::layout::checkpoints_dir(&crate::layout::tune_dir(loaded, lang))
             .join(crate::layout::step_name(r.train.steps));
         evals.push((
             format!("tuned-{lang}"),

@@ -22,7 +22,7 @@ fn series(name: String, points: Vec<(f64, f64)>, dashed: bool, bars: Vec<(f64, f
 pub(super) fn refresh(loaded: &crate::recipe::Loaded, tunes: &mut [(String, TuneSummary)]) -> Result<()> {
     use crate::importance::null;
     for (l, t) in tunes.iter_mut() {
-        let snaps = crate::layout::tune_dir(loaded, l).join("snapshots");
+        let snaps = crate::layout::snapshots_dir(&crate::layout::tune_dir(loaded, l));
         let base = snaps.join(crate::layout::step_name(0)).join(null::FILE);
         if !base.is_file() {
             continue;

@@ -167,7 +167,12 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
     evolution::refresh(loaded, &mut tunes)?;
     let evals: Vec<(String, Vec<ConditionResults>)> = std::iter::once("base".to_string())
         .chain(r.languages.iter().map(|l| format!("tuned-{l}")))
-        .filter_map(|n| Some((n.clone(), read_json(&out.join("eval").join(&n).join("results.json"))?)))
+        .filter_map(|n| {
+            Some((
+                n.clone(),
+                read_json(&crate::layout::eval_dir(loaded, &n).join("results.json"))?,
+            ))
+        })
         .collect();
     let base_dirs: Vec<PathBuf> = r.languages.iter().map(|l| out.join("base").join(l)).collect();
     let final_dirs: Vec<PathBuf> = r

@@ -505,7 +505,7 @@ impl Session {
     ) -> Result<()> {
         let step = self.state.step;
         let t = self.train().clone();
-        let ckpt_dir = self.dir.join("checkpoints");
+        let ckpt_dir = crate::layout::checkpoints_dir(&self.dir);
         if let Some(outs) = outs {
             let base = self.state.heldout.iter().find(|h| h.step == 0);
             let h = heldout_log(step, outs, base);
@@ -547,7 +547,7 @@ impl Session {
             // The checkpoint holds the moments now: free them while the snapshot runs (the next
             // step reads them back, the same bits), so the two never share memory.
             lock(opt).park(&here.join("optimizer"))?;
-            let snap_dir = self.dir.join("snapshots");
+            let snap_dir = crate::layout::snapshots_dir(&self.dir);
             let ctx = SnapCtx {
                 loaded: &self.loaded,
                 ck: &self.ck,

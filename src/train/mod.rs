@@ -107,7 +107,7 @@ pub struct TuneOptions {
 /// Whether the run in `dir` has a checkpoint made with tune hash `hash` (so `--resume` can
 /// continue it).
 pub fn resumable(dir: &Path, hash: &str) -> bool {
-    let ck = dir.join("checkpoints");
+    let ck = crate::layout::checkpoints_dir(dir);
     steps_in(&ck)
         .into_iter()
         .rev()
@@ -445,8 +445,8 @@ fn tune_run<B: Backend>(
     let t = &r.train;
     let lang = opts.lang.as_str();
     let dir = dir.to_path_buf();
-    let ckpt_dir = dir.join("checkpoints");
-    let snap_dir = dir.join("snapshots");
+    let ckpt_dir = crate::layout::checkpoints_dir(&dir);
+    let snap_dir = crate::layout::snapshots_dir(&dir);
     let hash = tune_hash(loaded);
     if dir.exists() && !opts.resume {
         if !opts.force {

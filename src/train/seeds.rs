@@ -66,13 +66,13 @@ pub(super) fn replicates<B: Backend>(
     dir: &Path,
 ) -> Result<Vec<SeedMovement>> {
     let t = &loaded.recipe.train;
-    let base = dir.join("snapshots").join(step_name(0));
+    let base = crate::layout::snapshots_dir(dir).join(step_name(0));
     for &seed in &t.seeds {
         let mut l = loaded.clone();
         l.recipe.train.seed = seed;
         l.recipe.train.seeds = vec![];
         let rdir = replicate_dir(dir, seed);
-        let rbase = rdir.join("snapshots").join(step_name(0));
+        let rbase = crate::layout::snapshots_dir(&rdir).join(step_name(0));
         if !rbase.join("track.json").is_file() {
             std::fs::create_dir_all(rbase.parent().expect("a snapshots directory"))
                 .with_context(|| format!("creating {}", rdir.display()))?;
@@ -101,7 +101,7 @@ pub(super) fn replicates<B: Backend>(
     let done = read(dir)?.unwrap_or_default();
     for &seed in &t.seeds {
         let rdir = replicate_dir(dir, seed);
-        let (main_snaps, rep_snaps) = (dir.join("snapshots"), rdir.join("snapshots"));
+        let (main_snaps, rep_snaps) = (crate::layout::snapshots_dir(dir), crate::layout::snapshots_dir(&rdir));
         let rep_steps = steps_in(&rep_snaps);
         for step in steps_in(&main_snaps)
             .into_iter()
@@ -140,7 +140,7 @@ pub(super) fn replicates<B: Backend>(
             out.push(SeedMovement { seed, step, movement });
         }
         // The replicate finished: its last checkpoint is the run's last step.
-        let last = rdir.join("checkpoints").join(step_name(t.steps));
+        let last = crate::layout::checkpoints_dir(&rdir).join(step_name(t.steps));
         read_state(&last).with_context(|| format!("replicate seed {seed}: no final checkpoint"))?;
     }
     crate::util::write_atomic(&dir.join(FILE), serde_json::to_string_pretty(&out)?.as_bytes())?;
