@@ -365,18 +365,38 @@ unsafe fn blocks(unit: Unit, c: *mut f32, ldc: usize, a: &Packed, b: &Packed, ac
             for ib in ibs.clone() {
                 for jb in t * band..((t + 1) * band).min(nb) {
                     // SAFETY: tasks write disjoint column bands of `c`; the block is inside it.
-                    let cb = unsafe { out.0.add((ib - ibs.start) * BLOCK * ldc + jb * BLOCK) };
+                    let c = unsafe { out.0.add((ib - ibs.start) * BLOCK * ldc + jb * BLOCK) };
+                    let job = Job {
+                        ib,
+                        jb,
+                        ks: ks.clone(),
+                        c,
+                        ldc,
+                        load,
+                    };
                     match unit {
                         // SAFETY: the tiles are configured (`guard`).
-                        Unit::Amx => unsafe { amx_block(a, b, ib, jb, ks.clone(), cb, ldc, load) },
+                        Unit::Amx => unsafe { amx_block(a, b, job) },
                         // SAFETY: `unit()` said the CPU has AVX512-BF16.
-                        Unit::Avx512Bf16 => unsafe { avx_block(a, b, ib, jb, ks.clone(), cb, ldc, load) },
+                        Unit::Avx512Bf16 => unsafe { avx_block(a, b, job) },
                     }
                 }
             }
         }
         drop(guard);
     });
+}
+
+/// One 32 × 32 block of a product: row band `ib` of `a`, column band `jb` of `b`, summed over
+/// `k` blocks `ks` into the block at `c` (row stride `ldc`), added to it when `load`, else
+/// written there.
+struct Job {
+    ib: usize,
+    jb: usize,
+    ks: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
 }
 
 /// A pointer the tasks write disjoint parts through.
@@ -420,29 +440,20 @@ impl Drop for Tiles {
     }
 }
 
-/// Block `(ib, jb)` of `a · b` (32 × 32) over `k` blocks `ks`, added to the block at `c` (row
-/// stride `ldc`) when `load`, else written there, on AMX: tmm0–3 hold the four 16 × 16
+/// A [`Job`]'s block of `a · b`, on AMX: tmm0–3 hold the four 16 × 16
 /// quarters, tmm4–5 `a`'s two row tiles and tmm6–7 `b`'s two column tiles of each `k` block.
 ///
 /// # Safety
-/// The tiles are configured as [`Tiles::start`] does, on a CPU with AMX-BF16; `c` is valid
-/// for the block.
+/// The tiles are configured as [`Tiles::start`] does, on a CPU with AMX-BF16; the job's `c`
+/// is valid for its block.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn amx_block(
-    a: &Packed,
-    b: &Packed,
-    ib: usize,
-    jb: usize,
-    ks: std::ops::Range<usize>,
-    c: *mut f32,
-    ldc: usize,
-    load: bool,
-) {
+unsafe fn amx_block(a: &Packed, b: &Packed, job: Job) {
     use std::arch::asm;
+    let (ib, jb, c, ldc, load, ks) = (job.ib, job.jb, job.c, job.ldc, job.load, job.ks);
     let s = 64usize;
-    let r = ldc * 4; // bytes per row of `c`
-                     // SAFETY: the caller's promises; every tile read is inside its packed operand.
+    // Bytes per row of `c`.
+    let r = ldc * 4;
+    // SAFETY: the caller's promises; every tile read is inside its packed operand.
     unsafe {
         let (c0, c1, c2, c3) = (c, c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
         if load {
@@ -491,17 +502,7 @@ unsafe fn amx_block(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn amx_block(
-    _: &Packed,
-    _: &Packed,
-    _: usize,
-    _: usize,
-    _: std::ops::Range<usize>,
-    _: *mut f32,
-    _: usize,
-    _: bool,
-) {
+unsafe fn amx_block(_: &Packed, _: &Packed, _: Job) {
     unreachable!("AMX is x86-64 only")
 }
 
@@ -509,21 +510,12 @@ unsafe fn amx_block(
 /// accumulators.
 ///
 /// # Safety
-/// The CPU has AVX512-BF16; `c` is valid for the block.
+/// The CPU has AVX512-BF16; the job's `c` is valid for its block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx_block(
-    a: &Packed,
-    b: &Packed,
-    ib: usize,
-    jb: usize,
-    ks: std::ops::Range<usize>,
-    c: *mut f32,
-    ldc: usize,
-    load: bool,
-) {
+unsafe fn avx_block(a: &Packed, b: &Packed, job: Job) {
     use std::arch::x86_64::*;
+    let (ib, jb, c, ldc, load, ks) = (job.ib, job.jb, job.c, job.ldc, job.load, job.ks);
     for half in 0..4 {
         // Rows 8·half .. +8 of the block: tile row band `2·ib + half / 2`, rows `8·(half % 2)`.
         let (band, r0) = (2 * ib + half / 2, 8 * (half % 2));
@@ -559,17 +551,7 @@ unsafe fn avx_block(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx_block(
-    _: &Packed,
-    _: &Packed,
-    _: usize,
-    _: usize,
-    _: std::ops::Range<usize>,
-    _: *mut f32,
-    _: usize,
-    _: bool,
-) {
+unsafe fn avx_block(_: &Packed, _: &Packed, _: Job) {
     unreachable!("AVX512-BF16 is x86-64 only")
 }
 
