@@ -3,7 +3,7 @@
 //! (operands packed beforehand, as a cached weight is) and with the activation packed per
 //! call. `cargo run --release --example bf16_shapes`.
 
-use codespot::model::bf16::{self, Unit};
+use codespot::model::bf16;
 use std::time::Instant;
 
 fn rate(flop: f64, mut f: impl FnMut()) -> f64 {
@@ -26,13 +26,7 @@ fn main() {
         (256, 576, 576),
         (341, 49152, 576),
     ];
-    let mut units = vec![];
-    if bf16::avx512_bf16() {
-        units.push(Unit::Avx512Bf16);
-    }
-    if bf16::unit() == Some(Unit::Amx) {
-        units.push(Unit::Amx);
-    }
+    let mut units = bf16::available_units();
     if bf16::unit().is_none() {
         println!("this CPU has neither AMX nor AVX512-BF16 (or CODESPOT_BF16_UNIT=none): f32 gemm only");
         units.clear();

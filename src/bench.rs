@@ -96,7 +96,7 @@ pub fn forward<B: Backend>(
         seq_len,
         runs,
         path: if m.uses_fused_forward() {
-            m.products().into()
+            m.products()
         } else {
             "burn ops".into()
         },
@@ -183,7 +183,7 @@ pub struct Tune {
 /// The backward pass a model takes, in words.
 fn path<B: AutodiffBackend>(m: &Llama<B>) -> String {
     if m.uses_fused() {
-        m.products().into()
+        m.products()
     } else {
         format!("burn autodiff, {} blocks kept", m.keep_blocks)
     }

@@ -49,7 +49,8 @@ pub const UNIT_ENV: &str = "CODESPOT_BF16_UNIT";
 pub fn unit() -> Option<Unit> {
     static UNIT: OnceLock<Option<Unit>> = OnceLock::new();
     *UNIT.get_or_init(|| {
-        let (amx, avx) = (amx_usable(), avx512_bf16());
+        let units = available_units();
+        let (amx, avx) = (units.contains(&Unit::Amx), units.contains(&Unit::Avx512Bf16));
         match std::env::var(UNIT_ENV).ok().as_deref() {
             Some("none") => None,
             Some("avx512") => avx.then_some(Unit::Avx512Bf16),
@@ -58,6 +59,19 @@ pub fn unit() -> Option<Unit> {
             _ => avx.then_some(Unit::Avx512Bf16),
         }
     })
+}
+
+/// Every unit this CPU has and this process may use, AVX512-BF16 first (the kernel test and
+/// `examples/bf16_shapes.rs` time or check each; [`unit`] picks one).
+pub fn available_units() -> Vec<Unit> {
+    let mut units = vec![];
+    if avx512_bf16() {
+        units.push(Unit::Avx512Bf16);
+    }
+    if amx_usable() {
+        units.push(Unit::Amx);
+    }
+    units
 }
 
 /// Whether the CPU has AVX512-BF16 (and the AVX-512 it builds on).
@@ -584,13 +598,7 @@ mod tests {
     /// tails in every dimension and both operand layouts; `acc` adds.
     #[test]
     fn every_unit_gives_the_product_of_the_rounded_inputs() {
-        let mut units = vec![];
-        if avx512_bf16() {
-            units.push(Unit::Avx512Bf16);
-        }
-        if amx_usable() {
-            units.push(Unit::Amx);
-        }
+        let units = available_units();
         eprintln!("bf16 units on this CPU: {units:?}");
         if units.is_empty() {
             // Packing needs a unit; autocast is f32 here (tested in tests/importance.rs).

@@ -386,16 +386,6 @@ fn lhs(dm: &Dims, x: &[f32], m: usize) -> Option<bf16::Packed> {
     dm.bf16.map(|_| bf16::pack_lhs(x, (x.len() / m, 1), m, x.len() / m))
 }
 
-/// `c[m, n] (+)= a · b` in bf16 on `unit`.
-fn bf16_into(unit: bf16::Unit, c: &mut [f32], a: &bf16::Packed, b: &bf16::Packed, acc: bool) {
-    bf16::matmul(unit, c, a, b, acc)
-}
-
-/// A new `a · b` in bf16 on `unit`.
-fn bf16_new(unit: bf16::Unit, a: &bf16::Packed, b: &bf16::Packed) -> Vec<f32> {
-    bf16::matmul_new(unit, a, b)
-}
-
 /// `b: [k, n]` packed as the right operand of weight gradients ([`tn`]) when the products run
 /// in bf16 (one packing for every gradient that shares `b`).
 fn rhs(dm: &Dims, b: &[f32], k: usize) -> Option<bf16::Packed> {
@@ -406,7 +396,7 @@ fn rhs(dm: &Dims, b: &[f32], k: usize) -> Option<bf16::Packed> {
 /// says so (`bp`: `b` packed by [`rhs`]).
 fn tn(dm: &Dims, a: &[f32], b: &[f32], bp: Option<&bf16::Packed>, m: usize, n: usize, k: usize) -> Vec<f32> {
     match (dm.bf16, bp) {
-        (Some(u), Some(bp)) => bf16_new(u, &bf16::pack_lhs(a, (1, m), m, k), bp),
+        (Some(u), Some(bp)) => bf16::matmul_new(u, &bf16::pack_lhs(a, (1, m), m, k), bp),
         _ => mm_tn(a, b, m, n, k),
     }
 }
@@ -1100,15 +1090,6 @@ simd_fn! {
     }
 }
 
-/// `y = x2 + (SiLU(gate) · up) · W_downᵀ`'s inner product, fused: `SiLU(g) · u`.
-fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    let c = chunk_rows(out.len());
-    out.par_chunks_mut(c)
-        .zip(gate.par_chunks(c))
-        .zip(up.par_chunks(c))
-        .for_each(|((o, g), u)| swiglu_chunk(o, g, u));
-}
-
 simd_fn! {
     /// The backward pass of [`swiglu_chunk`]: `dg` holds `∂L/∂(SiLU(g)·u)` on entry and
     /// `∂L/∂g` on return; `du ← ∂L/∂u`.
@@ -1155,15 +1136,12 @@ simd_fn! {
 
 /// The gated MLP's inner product `act(gate) · up` (SiLU, or GELU's tanh form when `dm.gelu`).
 fn glu(dm: &Dims, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    if dm.gelu {
-        let c = chunk_rows(out.len());
-        out.par_chunks_mut(c)
-            .zip(gate.par_chunks(c))
-            .zip(up.par_chunks(c))
-            .for_each(|((o, g), u)| geglu_chunk(o, g, u));
-    } else {
-        swiglu(gate, up, out)
-    }
+    let kernel = if dm.gelu { geglu_chunk } else { swiglu_chunk };
+    let c = chunk_rows(out.len());
+    out.par_chunks_mut(c)
+        .zip(gate.par_chunks(c))
+        .zip(up.par_chunks(c))
+        .for_each(|((o, g), u)| kernel(o, g, u));
 }
 
 impl<'a> BlockWeights<'a> {
@@ -1211,7 +1189,7 @@ impl<'a> BlockWeights<'a> {
     fn proj_into(&self, dm: &Dims, c: &mut [f32], x: &[f32], xp: Option<&bf16::Packed>, j: usize, acc: bool) {
         let (out, inp) = dm.shape(j);
         match (dm.bf16, xp, &self.packs[j]) {
-            (Some(u), Some(xp), Some(p)) => bf16_into(u, c, xp, p.nt(self.w[j]), acc),
+            (Some(u), Some(xp), Some(p)) => bf16::matmul(u, c, xp, p.nt(self.w[j]), acc),
             _ => mm_nt(c, x, self.w[j], dm.n(), out, inp, acc),
         }
     }
@@ -1220,7 +1198,7 @@ impl<'a> BlockWeights<'a> {
     fn proj(&self, dm: &Dims, x: &[f32], xp: Option<&bf16::Packed>, j: usize) -> Vec<f32> {
         let (out, inp) = dm.shape(j);
         match (dm.bf16, xp, &self.packs[j]) {
-            (Some(u), Some(xp), Some(p)) => bf16_new(u, xp, p.nt(self.w[j])),
+            (Some(u), Some(xp), Some(p)) => bf16::matmul_new(u, xp, p.nt(self.w[j])),
             _ => nt_new(x, self.w[j], dm.n(), out, inp),
         }
     }
@@ -1229,7 +1207,7 @@ impl<'a> BlockWeights<'a> {
     fn back_into(&self, dm: &Dims, c: &mut [f32], dy: &[f32], dyp: Option<&bf16::Packed>, j: usize, acc: bool) {
         let (out, inp) = dm.shape(j);
         match (dm.bf16, dyp, &self.packs[j]) {
-            (Some(u), Some(dyp), Some(p)) => bf16_into(u, c, dyp, &p.nn(self.w[j]), acc),
+            (Some(u), Some(dyp), Some(p)) => bf16::matmul(u, c, dyp, &p.nn(self.w[j]), acc),
             _ => mm_nn(c, dy, self.w[j], dm.n(), inp, out, acc),
         }
     }
@@ -1238,7 +1216,7 @@ impl<'a> BlockWeights<'a> {
     fn back(&self, dm: &Dims, dy: &[f32], dyp: Option<&bf16::Packed>, j: usize) -> Vec<f32> {
         let (out, inp) = dm.shape(j);
         match (dm.bf16, dyp, &self.packs[j]) {
-            (Some(u), Some(dyp), Some(p)) => bf16_new(u, dyp, &p.nn(self.w[j])),
+            (Some(u), Some(dyp), Some(p)) => bf16::matmul_new(u, dyp, &p.nn(self.w[j])),
             _ => nn_new(dy, self.w[j], dm.n(), inp, out),
         }
     }
@@ -1317,18 +1295,13 @@ impl<'a> BlockWeights<'a> {
         let mut buf = self.back(dm, dy, lhs(dm, dy, n).as_ref(), WD); // ∂L/∂(SiLU(g)·u)
         let mut dup = vec![0f32; n * ff];
         {
+            let kernel = if dm.gelu { geglu_bwd_chunk } else { swiglu_bwd_chunk };
             let c = chunk_rows(n * ff);
             buf.par_chunks_mut(c)
                 .zip(dup.par_chunks_mut(c))
                 .zip(s.gate.par_chunks(c))
                 .zip(s.up.par_chunks(c))
-                .for_each(|(((dg, du), g), u)| {
-                    if dm.gelu {
-                        geglu_bwd_chunk(dg, du, g, u)
-                    } else {
-                        swiglu_bwd_chunk(dg, du, g, u)
-                    }
-                });
+                .for_each(|(((dg, du), g), u)| kernel(dg, du, g, u));
         }
         let dgate = buf;
         drop(s.gate);
@@ -1417,7 +1390,7 @@ pub fn final_norm_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32]) -> (Vec<f3
 pub fn head_logits(unit: bf16::Unit, h: &[f32], w: &FlexTensor, cache: &PackCache, d: usize) -> Vec<f32> {
     let wv = values(w);
     let p = cache.of(w, wv.len() / d, d);
-    bf16_new(unit, &bf16::pack_lhs(h, (d, 1), h.len() / d, d), p.nt(wv))
+    bf16::matmul_new(unit, &bf16::pack_lhs(h, (d, 1), h.len() / d, d), p.nt(wv))
 }
 
 /// Logit elements computed at once in [`head`] (64 MB): 341 tokens of a 49152 vocabulary.
@@ -1456,7 +1429,7 @@ pub fn head(
         let c = chunk.min(n - start);
         let hc = &h[start * d..(start + c) * d];
         let mut lc = match bf16 {
-            Some((u, p)) => bf16_new(u, &bf16::pack_lhs(hc, (d, 1), c, d), p.nt(w)),
+            Some((u, p)) => bf16::matmul_new(u, &bf16::pack_lhs(hc, (d, 1), c, d), p.nt(w)),
             None => nt_new(hc, w, c, vocab, d),
         };
         nll += lc
@@ -1468,10 +1441,10 @@ pub fn head(
             .sum::<f64>();
         if let (Some((u, _)), Some(wn)) = (bf16, &wn) {
             let dhc = &mut dh[start * d..(start + c) * d];
-            bf16_into(u, dhc, &bf16::pack_lhs(&lc, (vocab, 1), c, vocab), wn, false);
+            bf16::matmul(u, dhc, &bf16::pack_lhs(&lc, (vocab, 1), c, vocab), wn, false);
             if want_dw {
                 let a = bf16::pack_lhs(&lc, (1, vocab), vocab, c);
-                bf16_into(u, &mut dw, &a, &bf16::pack_rhs(hc, (d, 1), c, d), start > 0);
+                bf16::matmul(u, &mut dw, &a, &bf16::pack_rhs(hc, (d, 1), c, d), start > 0);
             }
             continue;
         }

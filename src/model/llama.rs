@@ -645,13 +645,12 @@ impl<B: Backend> Llama<B> {
     }
 
     /// How the hand-written path computes its matrix products, in words.
-    pub fn products(&self) -> &'static str {
+    pub fn products(&self) -> String {
         match (self.autocast, super::bf16::unit()) {
-            (Autocast::Off, _) => "fused f32 CPU block",
-            (Autocast::Bf16, Some(super::bf16::Unit::Amx)) => "fused CPU block, bf16 products on AMX tiles",
-            (Autocast::Bf16, Some(super::bf16::Unit::Avx512Bf16)) => "fused CPU block, bf16 products on AVX512-BF16",
+            (Autocast::Off, _) => "fused f32 CPU block".into(),
+            (Autocast::Bf16, Some(u)) => format!("fused CPU block, bf16 products on {}", u.name()),
             (Autocast::Bf16, None) => {
-                "fused f32 CPU block (autocast bf16 asked, but this CPU has neither AMX nor AVX512-BF16)"
+                "fused f32 CPU block (autocast bf16 asked, but this CPU has neither AMX nor AVX512-BF16)".into()
             }
         }
     }
