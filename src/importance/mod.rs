@@ -116,7 +116,7 @@ impl GroupScores {
 #[derive(Clone)]
 struct GroupAcc {
     /// Per parameter index: its layer and kind, for the kinds that belong to a group.
-    roles: Vec<Option<(usize, crate::model::names::ModuleKind)>>,
+    roles: Vec<Option<(usize, crate::model::arch::Groups)>>,
     head_dim: usize,
     cur: GroupScores,
     total: GroupScores,
@@ -163,13 +163,17 @@ impl<B: Backend> Accumulator<B> {
 
     /// Also sum group Taylor importance of heads and neurons ([`GroupScores`]).
     pub fn with_groups<AB: AutodiffBackend<InnerBackend = B>>(mut self, model: &Llama<AB>) -> Self {
-        use crate::model::names::{self, ModuleKind as K};
+        use crate::model::arch::{self, Groups as G};
         let roles = self
             .names
             .iter()
             .map(|n| {
-                let p = names::parse(n)?;
-                matches!(p.kind, K::Q | K::O | K::Gate | K::Up | K::Down).then_some((p.layer?, p.kind))
+                let (l, s) = arch::slot_of(n)?;
+                let summed = matches!(
+                    s.groups,
+                    G::QueryHeadRows | G::QueryHeadCols | G::NeuronRows | G::NeuronCols
+                );
+                summed.then_some((l?, s.groups))
             })
             .collect();
         self.groups = Some(GroupAcc {
@@ -199,22 +203,21 @@ impl<B: Backend> Accumulator<B> {
 
     /// This batch's signed group sums of parameter `i` (θ · g summed over rows or columns).
     fn add_groups<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: &Tensor<B, 1>) {
-        use crate::model::names::ModuleKind as K;
+        use crate::model::arch::Groups as G;
         let Some(ga) = &mut self.groups else { return };
-        let Some((l, kind)) = ga.roles[i] else { return };
+        let Some((l, groups)) = ga.roles[i] else { return };
         let prod = flat_value(p) * g.clone();
         // q, gate, up: one sum per output row; o, down: one per input column; a q bias's
         // element is its row's.
-        let by_row = matches!(kind, K::Q | K::Gate | K::Up);
         let sums = match self.shapes[i].as_slice() {
-            [r, c] if by_row => prod.reshape([*r, *c]).sum_dim(1).flatten::<1>(0, 1),
+            [r, c] if groups.along_rows() => prod.reshape([*r, *c]).sum_dim(1).flatten::<1>(0, 1),
             [r, c] => prod.reshape([*r, *c]).sum_dim(0).flatten::<1>(0, 1),
             _ => prod,
         };
         let sums: Vec<f32> = sums.into_data().convert::<f32>().into_vec().expect("f32 sums");
         let hd = ga.head_dim;
-        match kind {
-            K::Q | K::O => sums
+        match groups {
+            G::QueryHeadRows | G::QueryHeadCols => sums
                 .iter()
                 .enumerate()
                 .for_each(|(j, s)| ga.cur.heads[l][j / hd] += *s as f64),
@@ -266,7 +269,7 @@ impl<B: Backend> Accumulator<B> {
         for (i, ((name, p), x)) in model.params().into_iter().zip(sq).enumerate() {
             let th2 = flat_value(&p).powi_scalar(2);
             let c = match p.shape().as_slice() {
-                [r, c] if name == "model.embed_tokens.weight" => {
+                [r, c] if name == crate::model::arch::EMBED.hf => {
                     (th2.reshape([*r, *c]) * x.reshape([*r, 1])).flatten(0, 1)
                 }
                 [r, c] => (th2.reshape([*r, *c]) * x.reshape([1, *c])).flatten(0, 1),

@@ -2,7 +2,8 @@
 //! (GQA-aware), per MLP neuron, and top-1% membership per layer × module.
 
 use super::Scores;
-use crate::model::names::{self, ModuleKind};
+use crate::model::arch::{self, Groups, ModuleKind};
+use crate::model::names;
 use crate::model::LlamaConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -153,13 +154,13 @@ pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
                 });
             }
         }
-        match pn.kind {
-            ModuleKind::Gate | ModuleKind::Up => {
+        match arch::slot_of(name).map(|(_, s)| s.groups) {
+            Some(Groups::NeuronRows) => {
                 for (i, row) in t.data.chunks(cols).enumerate() {
                     neuron_mass[l][i] += row.iter().map(|&x| x as f64).sum::<f64>();
                 }
             }
-            ModuleKind::Down => {
+            Some(Groups::NeuronCols) => {
                 for row in t.data.chunks(cols) {
                     for (i, &x) in row.iter().enumerate() {
                         neuron_mass[l][i] += x as f64;

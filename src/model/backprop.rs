@@ -11,10 +11,11 @@
 //! forward pass already and keep their graphs (memory traded for their second forward pass);
 //! the rest cost one block's graph at a time and one more forward pass each.
 
+use super::arch;
 use super::dtype::{like, widen};
 use super::fused::{self, flex, values, BlockWeights, Dims, FlexTensor, Rope};
 use super::head::head_grads;
-use super::llama::{strip, tokens_tensor, Block, Llama, ParamRef, BLOCK_TENSORS, NO_LOSS};
+use super::llama::{strip, tokens_tensor, Block, Llama, ParamRef, NO_LOSS};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
@@ -34,12 +35,11 @@ fn block_grads<B: AutodiffBackend>(
         .param_refs()
         .into_iter()
         .enumerate()
-        .map(|(j, p)| (1 + BLOCK_TENSORS.len() * l + j, p));
+        .map(|(j, p)| (cfg.block_index(l, j), p));
     let biases = blk
         .bias_refs()
         .into_iter()
-        .enumerate()
-        .map(|(j, p)| (cfg.bias_index(l, j), p));
+        .map(|(s, p)| (cfg.bias_index(l, arch::bias_slot(s.kind)), p));
     for (i, p) in weights.chain(biases) {
         let g = match p {
             ParamRef::Vector(p) => p.val().grad_remove(grads),
@@ -181,7 +181,7 @@ impl<B: AutodiffBackend> Llama<B> {
         };
         let dh = like(out.dh, &h.clone().inner());
         let mut grads = (h * Tensor::from_inner(dh)).sum().backward();
-        let norm_index = 1 + BLOCK_TENSORS.len() * layers;
+        let norm_index = cfg.final_norm_index();
         if let Some(g) = self.norm.val().grad_remove(&mut grads) {
             sink(norm_index, widen(g));
         }
@@ -302,7 +302,7 @@ impl<B: AutodiffBackend> Llama<B> {
         drop(h);
         let (mut dy, dnorm) = fused::final_norm_bwd(&dh, &x, &rstd, &norm_w);
         drop((x, dh, rstd));
-        let norm_index = 1 + BLOCK_TENSORS.len() * layers;
+        let norm_index = cfg.final_norm_index();
         if self.norm.val().is_require_grad() {
             sink(norm_index, device(dnorm, [d], &idev));
         }
@@ -316,7 +316,7 @@ impl<B: AutodiffBackend> Llama<B> {
             for (j, g) in grads.into_iter().enumerate() {
                 if let Some(g) = g {
                     let len = g.len();
-                    sink(1 + BLOCK_TENSORS.len() * l + j, device(g, [len], &idev));
+                    sink(cfg.block_index(l, j), device(g, [len], &idev));
                 }
             }
             for (j, g) in bias_grads.into_iter().enumerate() {

@@ -1,5 +1,6 @@
 //! Llama architecture configuration, read from HF `config.json` or GGUF metadata.
 
+use super::arch::{self, Arch, Dim, Slot};
 use crate::source::gguf::Gguf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -136,20 +137,12 @@ fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
     }
     for k in ["hidden_act", "hidden_activation"] {
         if let Some(a) = v.get(k).and_then(|x| x.as_str()) {
-            // Gemma's `hidden_act` "gelu" means the tanh approximation (transformers rewrites
-            // it so); an explicit `hidden_activation` "gelu" asks for the exact (erf) one.
-            let ok = match arch {
-                Arch::Gemma if k == "hidden_act" => ["gelu", "gelu_pytorch_tanh", "gelu_new"].contains(&a),
-                Arch::Gemma => ["gelu_pytorch_tanh", "gelu_new"].contains(&a),
-                _ => a == "silu" || a == "swish",
-            };
-            if !ok {
-                let want = if arch == Arch::Gemma {
-                    "gelu_pytorch_tanh (GeGLU)"
-                } else {
-                    "silu (SwiGLU)"
-                };
-                bail!("config field '{k}' is '{a}': only {want} is implemented for {arch:?}");
+            let act = arch.spec().activation;
+            if !act.accepts(k, a) {
+                bail!(
+                    "config field '{k}' is '{a}': only {} is implemented for {arch:?}",
+                    act.describe()
+                );
             }
         }
     }
@@ -175,7 +168,7 @@ fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
         let used = v
             .get("use_sliding_window")
             .and_then(|x| x.as_bool())
-            .unwrap_or(arch != Arch::Qwen2);
+            .unwrap_or(arch.spec().sliding_window_by_default);
         if used && w < max {
             bail!(
                 "config field 'sliding_window' = {w} (below max_position_embeddings {max}): sliding-window attention is not implemented"
@@ -183,38 +176,6 @@ fn refuse_unsupported(v: &serde_json::Value, arch: Arch) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The model families codespot computes: Llama's block; Qwen2's, which adds biases to the q,
-/// k and v projections; Gemma's, with (1 + w) norms, a tanh-approximated GeGLU MLP and
-/// embeddings scaled by √hidden (Mistral's block is Llama's, so a Mistral config reads as
-/// `Llama`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    #[default]
-    Llama,
-    Qwen2,
-    Gemma,
-}
-
-impl Arch {
-    /// The `model_type`s codespot reads, for error messages.
-    pub const MODEL_TYPES: &str = "llama, mistral, qwen2, gemma";
-
-    fn is_llama(&self) -> bool {
-        *self == Arch::Llama
-    }
-
-    /// RMSNorm scales by `1 + w` (Gemma) rather than `w`.
-    pub fn norm_plus_one(self) -> bool {
-        self == Arch::Gemma
-    }
-
-    /// The MLP's gate activation: GELU's tanh approximation (Gemma) or SiLU.
-    pub fn gelu_gate(self) -> bool {
-        self == Arch::Gemma
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,14 +239,17 @@ impl LlamaConfig {
     /// the weights' dtype, as transformers), else 1.
     pub fn embed_scale(&self) -> Option<f64> {
         // transformers keeps it in a float32 buffer.
-        (self.arch == Arch::Gemma).then(|| (self.hidden_size as f64).sqrt() as f32 as f64)
+        self.arch
+            .spec()
+            .embed_scale
+            .then(|| (self.hidden_size as f64).sqrt() as f32 as f64)
     }
 
     /// [`LlamaConfig::tiny`] with Qwen2's block (q, k and v biases).
     pub fn tiny_qwen2(vocab_size: usize) -> Self {
         Self {
             arch: Arch::Qwen2,
-            qkv_bias: true,
+            qkv_bias: Arch::Qwen2.spec().qkv_bias,
             ..Self::tiny(vocab_size)
         }
     }
@@ -327,13 +291,63 @@ impl LlamaConfig {
 
     /// Parameter count implied by the config.
     pub fn num_params(&self) -> usize {
-        let d = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d + bias;
-        let emb = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
-        self.num_hidden_layers * layer + emb + d
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// The length of dimension `d` in this config.
+    pub fn dim(&self, d: Dim) -> usize {
+        match d {
+            Dim::Vocab => self.vocab_size,
+            Dim::Hidden => self.hidden_size,
+            Dim::Inner => self.intermediate_size,
+            Dim::QueryWidth => self.num_attention_heads * self.head_dim,
+            Dim::KvWidth => self.num_key_value_heads * self.head_dim,
+        }
+    }
+
+    /// The shape of slot `s` in this config.
+    pub fn shape_of(&self, s: &Slot) -> Vec<usize> {
+        s.shape.iter().map(|&d| self.dim(d)).collect()
+    }
+
+    /// Every canonical tensor with its expected shape, in `Llama::params` order: the embedding,
+    /// each layer's [`arch::BLOCK`], the final norm, the untied head, then each layer's
+    /// [`arch::BIASES`] where the family has them.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let layers = 0..self.num_hidden_layers;
+        let mut v = vec![(arch::EMBED.hf.to_string(), self.shape_of(&arch::EMBED))];
+        for l in layers.clone() {
+            v.extend(arch::BLOCK.iter().map(|s| (arch::layer_name(l, s), self.shape_of(s))));
+        }
+        v.push((arch::FINAL_NORM.hf.into(), self.shape_of(&arch::FINAL_NORM)));
+        if !self.tie_word_embeddings {
+            v.push((arch::LM_HEAD.hf.into(), self.shape_of(&arch::LM_HEAD)));
+        }
+        if self.qkv_bias {
+            for l in layers {
+                v.extend(arch::BIASES.iter().map(|s| (arch::layer_name(l, s), self.shape_of(s))));
+            }
+        }
+        v
+    }
+
+    /// Index in `Llama::params` of layer `l`'s block slot `j` (in [`arch::BLOCK`] order).
+    pub fn block_index(&self, l: usize, j: usize) -> usize {
+        1 + arch::BLOCK.len() * l + j
+    }
+
+    /// Index in `Llama::params` of the final norm.
+    pub fn final_norm_index(&self) -> usize {
+        self.block_index(self.num_hidden_layers, 0)
+    }
+
+    /// Index in `Llama::params` of layer `l`'s bias `j` (in [`arch::BIASES`] order).
+    pub fn bias_index(&self, l: usize, j: usize) -> usize {
+        let before = self.final_norm_index() + 1 + usize::from(!self.tie_word_embeddings);
+        before + arch::BIASES.len() * l + j
     }
 
     /// Read an HF `config.json`.
@@ -345,14 +359,11 @@ impl LlamaConfig {
     pub fn from_hf_str(text: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text).context("invalid JSON")?;
         let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        let arch = match mt {
-            "" | "llama" | "mistral" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "gemma" => Arch::Gemma,
-            _ => bail!(
+        let Some(arch) = Arch::from_model_type(mt) else {
+            bail!(
                 "field 'model_type' is '{mt}': the supported architectures are {}",
-                Arch::MODEL_TYPES
-            ),
+                Arch::model_types()
+            );
         };
         let req = |k: &str| -> Result<usize> {
             v.get(k)
@@ -404,7 +415,7 @@ impl LlamaConfig {
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(|t| t.as_bool())
-                .unwrap_or(arch == Arch::Gemma),
+                .unwrap_or(arch.spec().tied_by_default),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(|x| x.as_u64())
@@ -412,7 +423,7 @@ impl LlamaConfig {
             bos_token_id: ids("bos_token_id").first().copied(),
             eos_token_ids: ids("eos_token_id"),
             arch,
-            qkv_bias: arch == Arch::Qwen2,
+            qkv_bias: arch.spec().qkv_bias,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -420,14 +431,9 @@ impl LlamaConfig {
 
     /// The HF `config.json` for this architecture (what `export` writes).
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let (arch, model_type) = match self.arch {
-            Arch::Llama => ("LlamaForCausalLM", "llama"),
-            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-            Arch::Gemma => ("GemmaForCausalLM", "gemma"),
-        };
         let mut v = serde_json::json!({
-            "architectures": [arch],
-            "model_type": model_type,
+            "architectures": [self.arch.spec().hf_class],
+            "model_type": self.arch.model_type(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -439,7 +445,7 @@ impl LlamaConfig {
             "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": if self.arch.gelu_gate() { "gelu_pytorch_tanh" } else { "silu" },
+            "hidden_act": self.arch.spec().activation.hf_name(),
             "torch_dtype": "float32",
         });
         match self.arch {

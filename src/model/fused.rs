@@ -21,6 +21,7 @@
 //! `model::backprop` uses this for the f32 CPU backend; the tests compare it with burn's
 //! autodiff on the same weights (`tests/importance.rs`) and with the f64 reference.
 
+use super::arch::{self, Dim, ModuleKind};
 use super::bf16;
 use super::config::{LlamaConfig, RopeLayout};
 use super::dtype::Autocast;
@@ -239,14 +240,17 @@ impl Dims {
         self
     }
 
-    /// `[out, in]` of the block's weight `j` (a matrix).
+    /// `[out, in]` of the block's weight `j` (a matrix), from its slot in `arch::BLOCK`.
     fn shape(&self, j: usize) -> (usize, usize) {
-        match j {
-            WQ => (self.qw(), self.d),
-            WK | WV => (self.kw(), self.d),
-            WO => (self.d, self.qw()),
-            WG | WU => (self.ff, self.d),
-            WD => (self.d, self.ff),
+        let dim = |d: &Dim| match d {
+            Dim::Hidden => self.d,
+            Dim::Inner => self.ff,
+            Dim::QueryWidth => self.qw(),
+            Dim::KvWidth => self.kw(),
+            Dim::Vocab => unreachable!("no block slot spans the vocabulary"),
+        };
+        match arch::BLOCK[j].shape {
+            [out, inp] => (dim(out), dim(inp)),
             _ => unreachable!("not a matrix: {j}"),
         }
     }
@@ -262,13 +266,13 @@ impl Dims {
     }
 }
 
-/// One block's weights, HF layout (`[out, in]`), in `BLOCK_TENSORS` (llama.rs) order,
+/// One block's weights, HF layout (`[out, in]`), in `arch::BLOCK` order,
 /// borrowed from the backend's storage.
 pub struct BlockWeights<'a> {
     pub w: [&'a [f32]; 9],
     /// The matrices' bf16 packed copies when the products run in bf16.
     packs: [Option<Arc<WeightPacks>>; 9],
-    /// The q, k and v biases (Qwen2), in `BIAS_TENSORS` (llama.rs) order.
+    /// The q, k and v biases (Qwen2), in `arch::BIASES` order.
     bias: Option<[&'a [f32]; 3]>,
     /// `1 + w` of the two norms (Gemma), else None: the norms scale by `w`.
     norms: Option<[Vec<f32>; 2]>,
@@ -401,15 +405,16 @@ fn tn(dm: &Dims, a: &[f32], b: &[f32], bp: Option<&bf16::Packed>, m: usize, n: u
     }
 }
 
-const AN: usize = 0;
-const WQ: usize = 1;
-const WK: usize = 2;
-const WV: usize = 3;
-const WO: usize = 4;
-const MN: usize = 5;
-const WG: usize = 6;
-const WU: usize = 7;
-const WD: usize = 8;
+// The block's slots, by index in `arch::BLOCK`.
+const AN: usize = arch::block_slot(ModuleKind::AttnNorm);
+const WQ: usize = arch::block_slot(ModuleKind::Q);
+const WK: usize = arch::block_slot(ModuleKind::K);
+const WV: usize = arch::block_slot(ModuleKind::V);
+const WO: usize = arch::block_slot(ModuleKind::O);
+const MN: usize = arch::block_slot(ModuleKind::MlpNorm);
+const WG: usize = arch::block_slot(ModuleKind::Gate);
+const WU: usize = arch::block_slot(ModuleKind::Up);
+const WD: usize = arch::block_slot(ModuleKind::Down);
 
 /// A block's backward pass's results: `∂L/∂x`, its nine tensors' gradients and its three
 /// biases'.
@@ -1271,8 +1276,8 @@ impl<'a> BlockWeights<'a> {
     }
 
     /// The backward pass from `dy = ∂L/∂y`: `∂L/∂x`, each parameter's gradient where
-    /// `need[j]` (in `BLOCK_TENSORS` (llama.rs) order), and each bias's where `need_bias[j]`
-    /// (`BIAS_TENSORS` order; a block without biases gives none).
+    /// `need[j]` (in `arch::BLOCK` order), and each bias's where `need_bias[j]`
+    /// (`arch::BIASES` order; a block without biases gives none).
     pub fn backward(
         &self,
         dm: &Dims,

@@ -4,6 +4,7 @@
 //! Weights keep the HF layout (`[out, in]` for projections) so canonical names, per-head
 //! slicing and export stay one-to-one with `transformers`.
 
+use super::arch::{self, ModuleKind, ModuleKind as K};
 use super::config::{LlamaConfig, RopeLayout};
 use super::dtype::{like, widen, Autocast, Dtype};
 use super::fused;
@@ -31,7 +32,7 @@ pub struct Block<B: Backend> {
     pub gate: Param<Tensor<B, 2>>,
     pub up: Param<Tensor<B, 2>>,
     pub down: Param<Tensor<B, 2>>,
-    /// The q, k and v projections' biases (Qwen2), in [`BIAS_TENSORS`] order.
+    /// The q, k and v projections' biases (Qwen2).
     pub q_bias: Option<Param<Tensor<B, 1>>>,
     pub k_bias: Option<Param<Tensor<B, 1>>>,
     pub v_bias: Option<Param<Tensor<B, 1>>>,
@@ -156,72 +157,6 @@ fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device, dtype
     Param::from_tensor(dtype.apply(Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device)))
 }
 
-/// Canonical HF names of a block's tensors, in field order.
-pub const BLOCK_TENSORS: [&str; 9] = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-];
-
-/// Canonical HF names of a block's biases, where the config has them (`qkv_bias`). They come
-/// after every other tensor in [`Llama::params`] (all layers' in layer order), so the index
-/// of every other parameter is the same with or without them.
-pub const BIAS_TENSORS: [&str; 3] = [
-    "self_attn.q_proj.bias",
-    "self_attn.k_proj.bias",
-    "self_attn.v_proj.bias",
-];
-
-impl LlamaConfig {
-    /// Expected shape of every canonical tensor, in a stable order.
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, ff) = (self.hidden_size, self.intermediate_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
-        for l in 0..self.num_hidden_layers {
-            let shapes = [
-                vec![d],
-                vec![q, d],
-                vec![kv, d],
-                vec![kv, d],
-                vec![d, q],
-                vec![d],
-                vec![ff, d],
-                vec![ff, d],
-                vec![d, ff],
-            ];
-            for (n, s) in BLOCK_TENSORS.iter().zip(shapes) {
-                v.push((format!("model.layers.{l}.{n}"), s));
-            }
-        }
-        v.push(("model.norm.weight".into(), vec![d]));
-        if !self.tie_word_embeddings {
-            v.push(("lm_head.weight".into(), vec![self.vocab_size, d]));
-        }
-        if self.qkv_bias {
-            for l in 0..self.num_hidden_layers {
-                for (n, s) in BIAS_TENSORS.iter().zip([q, kv, kv]) {
-                    v.push((format!("model.layers.{l}.{n}"), vec![s]));
-                }
-            }
-        }
-        v
-    }
-
-    /// Index in [`Llama::params`] of layer `l`'s bias `j` (in [`BIAS_TENSORS`] order).
-    pub fn bias_index(&self, l: usize, j: usize) -> usize {
-        let before = 1 + BLOCK_TENSORS.len() * self.num_hidden_layers + 1 + usize::from(!self.tie_word_embeddings);
-        before + BIAS_TENSORS.len() * l + j
-    }
-}
-
 impl<B: Backend> Llama<B> {
     /// Build from canonical host weights, checking every name and shape.
     pub fn from_weights(config: &LlamaConfig, w: &Weights, device: &B::Device) -> Result<Self> {
@@ -250,12 +185,10 @@ impl<B: Backend> Llama<B> {
         mut get: impl FnMut(&str) -> Option<(Vec<usize>, Vec<f32>)>,
     ) -> Result<Self> {
         config.validate()?;
-        let shapes = config.tensor_shapes();
-        let mut it = shapes.iter();
-        // Walk the expected-shape list in its order: embed, layers, norm, lm_head.
-        let mut take = || -> Result<TensorData> {
-            let (name, shape) = it.next().expect("shape list");
-            let Some((s, data)) = get(name) else {
+        let shapes: std::collections::HashMap<String, Vec<usize>> = config.tensor_shapes().into_iter().collect();
+        let mut take = |name: String| -> Result<TensorData> {
+            let shape = &shapes[&name];
+            let Some((s, data)) = get(&name) else {
                 bail!("missing tensor '{name}'");
             };
             if s != *shape {
@@ -263,35 +196,37 @@ impl<B: Backend> Llama<B> {
             }
             Ok(TensorData::new(data, s))
         };
-        let embed = param::<B, 2>(take()?, device, dtype);
+        let embed = param::<B, 2>(take(arch::EMBED.hf.into())?, device, dtype);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for _ in 0..config.num_hidden_layers {
+        for l in 0..config.num_hidden_layers {
+            let mut t = |kind: K| take(arch::layer_name(l, &arch::BLOCK[arch::block_slot(kind)]));
             layers.push(Block {
-                attn_norm: param(take()?, device, dtype),
-                q: param(take()?, device, dtype),
-                k: param(take()?, device, dtype),
-                v: param(take()?, device, dtype),
-                o: param(take()?, device, dtype),
-                mlp_norm: param(take()?, device, dtype),
-                gate: param(take()?, device, dtype),
-                up: param(take()?, device, dtype),
-                down: param(take()?, device, dtype),
+                attn_norm: param(t(K::AttnNorm)?, device, dtype),
+                q: param(t(K::Q)?, device, dtype),
+                k: param(t(K::K)?, device, dtype),
+                v: param(t(K::V)?, device, dtype),
+                o: param(t(K::O)?, device, dtype),
+                mlp_norm: param(t(K::MlpNorm)?, device, dtype),
+                gate: param(t(K::Gate)?, device, dtype),
+                up: param(t(K::Up)?, device, dtype),
+                down: param(t(K::Down)?, device, dtype),
                 q_bias: None,
                 k_bias: None,
                 v_bias: None,
             });
         }
-        let norm = param(take()?, device, dtype);
+        let norm = param(take(arch::FINAL_NORM.hf.into())?, device, dtype);
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(param(take()?, device, dtype))
+            Some(param(take(arch::LM_HEAD.hf.into())?, device, dtype))
         };
         if config.qkv_bias {
-            for blk in &mut layers {
-                blk.q_bias = Some(param(take()?, device, dtype));
-                blk.k_bias = Some(param(take()?, device, dtype));
-                blk.v_bias = Some(param(take()?, device, dtype));
+            for (l, blk) in layers.iter_mut().enumerate() {
+                let mut t = |kind: K| take(arch::layer_name(l, &arch::BIASES[arch::bias_slot(kind)]));
+                blk.q_bias = Some(param(t(K::Q)?, device, dtype));
+                blk.k_bias = Some(param(t(K::K)?, device, dtype));
+                blk.v_bias = Some(param(t(K::V)?, device, dtype));
             }
         }
         Ok(Self {
@@ -310,19 +245,19 @@ impl<B: Backend> Llama<B> {
 
     /// Every parameter with its canonical name, in a stable order.
     pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), ParamRef::Matrix(&self.embed))];
+        let mut v = vec![(arch::EMBED.hf.to_string(), ParamRef::Matrix(&self.embed))];
         for (l, b) in self.layers.iter().enumerate() {
-            for (n, r) in BLOCK_TENSORS.iter().zip(b.param_refs()) {
-                v.push((format!("model.layers.{l}.{n}"), r));
+            for (s, r) in arch::BLOCK.iter().zip(b.param_refs()) {
+                v.push((arch::layer_name(l, s), r));
             }
         }
-        v.push(("model.norm.weight".into(), ParamRef::Vector(&self.norm)));
+        v.push((arch::FINAL_NORM.hf.into(), ParamRef::Vector(&self.norm)));
         if let Some(h) = &self.lm_head {
-            v.push(("lm_head.weight".into(), ParamRef::Matrix(h)));
+            v.push((arch::LM_HEAD.hf.into(), ParamRef::Matrix(h)));
         }
         for (l, b) in self.layers.iter().enumerate() {
-            for (n, r) in BIAS_TENSORS.iter().zip(b.bias_refs()) {
-                v.push((format!("model.layers.{l}.{n}"), r));
+            for (s, r) in b.bias_refs() {
+                v.push((arch::layer_name(l, s), r));
             }
         }
         v
@@ -359,38 +294,38 @@ impl<B: Backend> Llama<B> {
                 out.reshape([r, c]).set_require_grad(req)
             })
         }
-        let n = |l: usize, i: usize| format!("model.layers.{l}.{}", BLOCK_TENSORS[i]);
-        let nb = |l: usize, i: usize| format!("model.layers.{l}.{}", BIAS_TENSORS[i]);
-        let embed = m2(self.embed, "model.embed_tokens.weight", &mut f);
+        let n = |l: usize, kind: K| arch::layer_name(l, &arch::BLOCK[arch::block_slot(kind)]);
+        let nb = |l: usize, kind: K| arch::layer_name(l, &arch::BIASES[arch::bias_slot(kind)]);
+        let embed = m2(self.embed, arch::EMBED.hf, &mut f);
         let layers: Vec<Block<B>> = self
             .layers
             .into_iter()
             .enumerate()
             .map(|(l, b)| Block {
-                attn_norm: m1(b.attn_norm, &n(l, 0), &mut f),
-                q: m2(b.q, &n(l, 1), &mut f),
-                k: m2(b.k, &n(l, 2), &mut f),
-                v: m2(b.v, &n(l, 3), &mut f),
-                o: m2(b.o, &n(l, 4), &mut f),
-                mlp_norm: m1(b.mlp_norm, &n(l, 5), &mut f),
-                gate: m2(b.gate, &n(l, 6), &mut f),
-                up: m2(b.up, &n(l, 7), &mut f),
-                down: m2(b.down, &n(l, 8), &mut f),
+                attn_norm: m1(b.attn_norm, &n(l, K::AttnNorm), &mut f),
+                q: m2(b.q, &n(l, K::Q), &mut f),
+                k: m2(b.k, &n(l, K::K), &mut f),
+                v: m2(b.v, &n(l, K::V), &mut f),
+                o: m2(b.o, &n(l, K::O), &mut f),
+                mlp_norm: m1(b.mlp_norm, &n(l, K::MlpNorm), &mut f),
+                gate: m2(b.gate, &n(l, K::Gate), &mut f),
+                up: m2(b.up, &n(l, K::Up), &mut f),
+                down: m2(b.down, &n(l, K::Down), &mut f),
                 q_bias: b.q_bias,
                 k_bias: b.k_bias,
                 v_bias: b.v_bias,
             })
             .collect();
-        let norm = m1(self.norm, "model.norm.weight", &mut f);
-        let lm_head = self.lm_head.map(|h| m2(h, "lm_head.weight", &mut f));
+        let norm = m1(self.norm, arch::FINAL_NORM.hf, &mut f);
+        let lm_head = self.lm_head.map(|h| m2(h, arch::LM_HEAD.hf, &mut f));
         // The biases last, as in [`Llama::params`].
         let layers = layers
             .into_iter()
             .enumerate()
             .map(|(l, b)| Block {
-                q_bias: b.q_bias.map(|p| m1(p, &nb(l, 0), &mut f)),
-                k_bias: b.k_bias.map(|p| m1(p, &nb(l, 1), &mut f)),
-                v_bias: b.v_bias.map(|p| m1(p, &nb(l, 2), &mut f)),
+                q_bias: b.q_bias.map(|p| m1(p, &nb(l, K::Q), &mut f)),
+                k_bias: b.k_bias.map(|p| m1(p, &nb(l, K::K), &mut f)),
+                v_bias: b.v_bias.map(|p| m1(p, &nb(l, K::V), &mut f)),
                 ..b
             })
             .collect();
@@ -766,20 +701,7 @@ impl<B: Backend> Llama<B> {
                     .1
                     .clone()
             };
-            let attn_in = at(Site::AttnInput);
-            let mlp_in = at(Site::MlpInput);
-            // BLOCK_TENSORS order.
-            out.extend([
-                at(Site::AttnResidual),
-                attn_in.clone(),
-                attn_in.clone(),
-                attn_in,
-                at(Site::OInput),
-                at(Site::MlpResidual),
-                mlp_in.clone(),
-                mlp_in,
-                at(Site::DownInput),
-            ]);
+            out.extend(ModuleKind::LAYER_KINDS.map(|k| at(Site::input_of(k))));
         }
         out.push(colsq(&normed(&x)));
         if self.lm_head.is_some() {
@@ -787,7 +709,7 @@ impl<B: Backend> Llama<B> {
         }
         // A bias's input is 1 at every token: Σ_t 1² = the token count, for each element.
         for blk in &self.layers {
-            for r in blk.bias_refs() {
+            for (_, r) in blk.bias_refs() {
                 let len = r.shape()[0];
                 out.push(Tensor::full([len], (b * t) as f32, &device));
             }
@@ -824,6 +746,23 @@ pub enum Site {
     MlpInput,
     /// silu(gate) · up: the input of down.
     DownInput,
+}
+
+impl Site {
+    /// What a block slot of `kind` multiplies: a projection's input, a norm's residual stream.
+    pub fn input_of(kind: ModuleKind) -> Site {
+        match kind {
+            ModuleKind::AttnNorm => Site::AttnResidual,
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V => Site::AttnInput,
+            ModuleKind::O => Site::OInput,
+            ModuleKind::MlpNorm => Site::MlpResidual,
+            ModuleKind::Gate | ModuleKind::Up => Site::MlpInput,
+            ModuleKind::Down => Site::DownInput,
+            ModuleKind::Embed | ModuleKind::FinalNorm | ModuleKind::LmHead => {
+                unreachable!("{kind:?} is not a block slot")
+            }
+        }
+    }
 }
 
 /// One layer's cached keys and values, in the layout attention reads them,
@@ -875,7 +814,7 @@ fn kv_append<B: Backend>(
 }
 
 impl<B: Backend> Block<B> {
-    /// The block's parameters' storage on the f32 CPU backend, in [`BLOCK_TENSORS`] order
+    /// The block's parameters' storage on the f32 CPU backend, in [`arch::BLOCK`] order
     /// (shared, not copied; for [`fused::BlockWeights::of`]).
     pub fn storage(&self) -> [fused::FlexTensor; 9] {
         self.param_refs().map(|p| fused::flex(p.flat()))
@@ -889,27 +828,38 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    /// The block's parameters in [`BLOCK_TENSORS`] order.
-    pub fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
-        [
-            ParamRef::Vector(&self.attn_norm),
-            ParamRef::Matrix(&self.q),
-            ParamRef::Matrix(&self.k),
-            ParamRef::Matrix(&self.v),
-            ParamRef::Matrix(&self.o),
-            ParamRef::Vector(&self.mlp_norm),
-            ParamRef::Matrix(&self.gate),
-            ParamRef::Matrix(&self.up),
-            ParamRef::Matrix(&self.down),
-        ]
+    /// The parameter of the slot of `kind`: the one place that pairs `Block`'s fields with
+    /// the slots of [`arch::BLOCK`] and [`arch::BIASES`] (`bias`: the projection's bias, None
+    /// where the block has none).
+    pub fn slot(&self, kind: K, bias: bool) -> Option<ParamRef<'_, B>> {
+        let p = match (kind, bias) {
+            (K::AttnNorm, false) => ParamRef::Vector(&self.attn_norm),
+            (K::Q, false) => ParamRef::Matrix(&self.q),
+            (K::K, false) => ParamRef::Matrix(&self.k),
+            (K::V, false) => ParamRef::Matrix(&self.v),
+            (K::O, false) => ParamRef::Matrix(&self.o),
+            (K::MlpNorm, false) => ParamRef::Vector(&self.mlp_norm),
+            (K::Gate, false) => ParamRef::Matrix(&self.gate),
+            (K::Up, false) => ParamRef::Matrix(&self.up),
+            (K::Down, false) => ParamRef::Matrix(&self.down),
+            (K::Q, true) => ParamRef::Vector(self.q_bias.as_ref()?),
+            (K::K, true) => ParamRef::Vector(self.k_bias.as_ref()?),
+            (K::V, true) => ParamRef::Vector(self.v_bias.as_ref()?),
+            _ => return None,
+        };
+        Some(p)
     }
 
-    /// The block's biases in [`BIAS_TENSORS`] order (none without `qkv_bias`).
-    pub fn bias_refs(&self) -> Vec<ParamRef<'_, B>> {
-        [&self.q_bias, &self.k_bias, &self.v_bias]
-            .into_iter()
-            .flatten()
-            .map(ParamRef::Vector)
+    /// The block's parameters in [`arch::BLOCK`] order.
+    pub fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
+        ModuleKind::LAYER_KINDS.map(|k| self.slot(k, false).expect("every block slot is a field"))
+    }
+
+    /// The block's biases with their slots, in [`arch::BIASES`] order (none without `qkv_bias`).
+    pub fn bias_refs(&self) -> Vec<(&'static arch::Slot, ParamRef<'_, B>)> {
+        arch::BIASES
+            .iter()
+            .filter_map(|s| Some((s, self.slot(s.kind, true)?)))
             .collect()
     }
 

@@ -1,9 +1,13 @@
 //! Load a checkpoint (config + weights + tokenizer) from any model source.
 
+use super::arch::{self, Arch, ModuleKind};
 use super::config::LlamaConfig;
+use super::names;
 use super::tokenizer::Tok;
-use crate::source::{self, gguf::Gguf, hfdir, Resolved, Source, Weights};
-use anyhow::{Context, Result};
+use crate::source::gguf::{GgmlType, Gguf};
+use crate::source::weights::unpermute_rows;
+use crate::source::{self, hfdir, HostTensor, Resolved, Source, Weights};
+use anyhow::{bail, Context, Result};
 
 /// Everything read from a model source, on the host.
 pub struct Checkpoint {
@@ -23,7 +27,7 @@ pub fn load(source: &str) -> Result<Checkpoint> {
         Resolved::Gguf(path) => {
             let g = Gguf::open(&path)?;
             let config = LlamaConfig::from_gguf(&g)?;
-            let weights = source::weights::from_gguf(&g, config.num_attention_heads, config.num_key_value_heads)?;
+            let weights = gguf_weights(&g, &config)?;
             let tokenizer = Tok::from_gguf(&g)?;
             check_complete(&config, &weights).with_context(|| format!("{}", path.display()))?;
             Ok(Checkpoint {
@@ -70,19 +74,53 @@ fn check_complete(cfg: &LlamaConfig, w: &Weights) -> Result<()> {
     }
     let known: std::collections::HashSet<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
     for (name, t) in &w.tensors {
-        let tied_copy = name == "lm_head.weight"
+        let tied_copy = name == arch::LM_HEAD.hf
             && cfg.tie_word_embeddings
-            && w.get("model.embed_tokens.weight").is_some_and(|e| e.data == t.data);
+            && w.get(arch::EMBED.hf).is_some_and(|e| e.data == t.data);
         if known.contains(name.as_str()) || name.ends_with("rotary_emb.inv_freq") || tied_copy {
             continue;
         }
         anyhow::bail!(
             "tensor '{name}' is not part of the {:?} architecture the config describes (codespot would ignore it; supported model types: {})",
             cfg.arch,
-            super::config::Arch::MODEL_TYPES
+            Arch::model_types()
         );
     }
     Ok(())
+}
+
+/// Read every tensor of a GGUF into canonical HF names (Q/K rows un-permuted).
+fn gguf_weights(g: &Gguf, cfg: &LlamaConfig) -> Result<Weights> {
+    let mut w = Weights::default();
+    for t in &g.tensors {
+        let Some(name) = arch::gguf_to_hf(&t.name) else {
+            continue;
+        };
+        let kind = names::parse(&name).map(|p| p.kind);
+        let shape = t.shape();
+        let mut data = g.read_f32(t);
+        // llama.cpp permutes the rows of the q and k weights for its interleaved RoPE.
+        if matches!(kind, Some(ModuleKind::Q | ModuleKind::K)) && name.ends_with(".weight") {
+            let heads = if kind == Some(ModuleKind::Q) {
+                cfg.num_attention_heads
+            } else {
+                cfg.num_key_value_heads
+            };
+            if shape.len() != 2 || shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0 {
+                bail!(
+                    "{}: tensor '{}' has shape {shape:?}, not [heads*head_dim, d]",
+                    g.path.display(),
+                    t.name
+                );
+            }
+            data = unpermute_rows(&data, shape[0], shape[1], heads);
+        }
+        if t.ty == GgmlType::F32 && data.iter().any(|x| !x.is_finite()) {
+            bail!("{}: tensor '{}' holds NaN or infinite values", g.path.display(), t.name);
+        }
+        w.insert(name, HostTensor::new(shape, data));
+    }
+    Ok(w)
 }
 
 /// A content hash of a model location: the file's SHA-256, or for a directory the SHA-256 of

@@ -1,5 +1,6 @@
 //! The model layer: config → weights → burn module, tokenizer, generation, export.
 
+pub mod arch;
 pub mod backprop;
 pub mod bf16;
 pub mod config;
@@ -13,7 +14,8 @@ pub mod load;
 pub mod names;
 pub mod tokenizer;
 
-pub use config::{Arch, LlamaConfig, RopeLayout};
+pub use arch::Arch;
+pub use config::{LlamaConfig, RopeLayout};
 pub use dtype::{Autocast, Dtype};
 pub use llama::{loss_targets, strip, tokens_tensor, KvCache, Llama, ParamRef, NO_LOSS};
 pub use load::{load, Checkpoint};

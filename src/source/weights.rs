@@ -1,6 +1,5 @@
 //! Host-side weights under canonical HF names, loaded from GGUF or safetensors.
 
-use super::gguf::{GgmlType, Gguf};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,35 +39,6 @@ impl Weights {
     }
 }
 
-/// GGUF tensor name → canonical HF name (None for tensors codespot does not use).
-pub fn gguf_to_hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, leaf) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match leaf {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
-}
-
 /// Undo llama.cpp's Q/K row permutation (for interleaved RoPE) to get the HF layout.
 ///
 /// llama.cpp's converter does `w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2)`, so GGUF row
@@ -101,38 +71,6 @@ fn permute_impl(data: &[f32], rows: usize, cols: usize, heads: usize, to_gguf: b
         }
     }
     out
-}
-
-/// Read every tensor of a GGUF into canonical HF names (Q/K rows un-permuted).
-pub fn from_gguf(g: &Gguf, n_head: usize, n_kv_head: usize) -> Result<Weights> {
-    let mut w = Weights::default();
-    for t in &g.tensors {
-        let Some(name) = gguf_to_hf_name(&t.name) else {
-            continue;
-        };
-        let shape = t.shape();
-        let mut data = g.read_f32(t);
-        if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
-            let heads = if name.ends_with("q_proj.weight") {
-                n_head
-            } else {
-                n_kv_head
-            };
-            if shape.len() != 2 || shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0 {
-                bail!(
-                    "{}: tensor '{}' has shape {shape:?}, not [heads*head_dim, d]",
-                    g.path.display(),
-                    t.name
-                );
-            }
-            data = unpermute_rows(&data, shape[0], shape[1], heads);
-        }
-        if t.ty == GgmlType::F32 && data.iter().any(|x| !x.is_finite()) {
-            bail!("{}: tensor '{}' holds NaN or infinite values", g.path.display(), t.name);
-        }
-        w.insert(name, HostTensor::new(shape, data));
-    }
-    Ok(w)
 }
 
 /// Load safetensors files (one or several shards) into f32 host tensors.

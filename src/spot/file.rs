@@ -2,8 +2,8 @@
 //! `manifest.json` (inputs, aggregation, scope, k list, controls, shares, stability).
 
 use super::Mask;
-use crate::model::names::{self, ModuleKind};
 use crate::model::LlamaConfig;
+use crate::model::{arch::ModuleKind, names};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

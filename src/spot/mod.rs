@@ -190,19 +190,13 @@ pub enum Control {
 }
 
 /// Which module kinds a set keeps.
-pub type KindFilter = fn(crate::model::names::ModuleKind) -> bool;
+pub type KindFilter = fn(crate::model::arch::ModuleKind) -> bool;
 
 /// The parts of a block that [`Control::Arms`] restricts the spot to.
 pub const ARMS: [(&str, KindFilter); 3] = [
     ("attn", |k| k.is_attention()),
-    ("mlp", |k| {
-        use crate::model::names::ModuleKind::*;
-        matches!(k, Gate | Up | Down)
-    }),
-    ("norms", |k| {
-        use crate::model::names::ModuleKind::*;
-        matches!(k, AttnNorm | MlpNorm | FinalNorm)
-    }),
+    ("mlp", |k| k.is_mlp()),
+    ("norms", |k| k.is_norm()),
 ];
 
 impl Control {
@@ -247,7 +241,7 @@ pub fn unit_masks(
     heads: bool,
     head_dim: usize,
 ) -> BTreeMap<String, Mask> {
-    use crate::model::names::{self, ModuleKind as K};
+    use crate::model::{arch::ModuleKind as K, names};
     let mut out = BTreeMap::new();
     for (n, shape) in shapes {
         let Some(p) = names::parse(n) else { continue };
@@ -308,7 +302,7 @@ fn structured_sets(
     cfg: &crate::model::LlamaConfig,
     seed: u64,
 ) -> Vec<(&'static str, BTreeMap<String, Mask>)> {
-    use crate::model::names::{self, ModuleKind as K};
+    use crate::model::{arch::ModuleKind as K, names};
     let count = |kinds: &[K]| -> usize {
         spot_counts
             .iter()

@@ -15,8 +15,18 @@ use anyhow::Result;
 use std::collections::BTreeMap;
 pub use tensorboard::{Histogram, Tb};
 
-/// Module kinds in display order (columns of the layer × module heatmap).
-pub const MODULE_ORDER: [&str; 9] = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"];
+/// Module kinds in display order (columns of the layer × module heatmap): the block's slots in
+/// `model::arch::BLOCK` order.
+pub const MODULE_ORDER: [&str; crate::model::arch::BLOCK.len()] = {
+    let kinds = crate::model::arch::ModuleKind::LAYER_KINDS;
+    let mut s = [""; crate::model::arch::BLOCK.len()];
+    let mut i = 0;
+    while i < kinds.len() {
+        s[i] = kinds[i].short();
+        i += 1;
+    }
+    s
+};
 
 /// Average ranks (ties share the mean of their positions), 0-based.
 fn ranks(v: &[f32]) -> Vec<f64> {
