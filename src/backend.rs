@@ -16,9 +16,9 @@ pub type Ad<B> = Autodiff<B>;
 pub type CpuAd = Ad<Cpu>;
 
 #[cfg(feature = "cuda")]
-pub type Cuda = burn::backend::Cuda<f32, i32>;
+pub(crate) type Cuda = burn::backend::Cuda<f32, i32>;
 #[cfg(feature = "cuda")]
-pub type CudaAd = Autodiff<Cuda>;
+pub(crate) type CudaAd = Autodiff<Cuda>;
 
 /// f32 matmul GFLOP/s of backend `B` at the default model's MLP shape, [2048×576]·[576×1536]
 /// (median of 7): the machine's sgemm rate that `bench score` is measured against.

@@ -41,7 +41,7 @@ impl Nodes {
     }
 
     /// The global rank of local peer `local` of `devices` on this node.
-    pub fn global_rank(&self, local: usize, devices: usize) -> usize {
+    pub(crate) fn global_rank(&self, local: usize, devices: usize) -> usize {
         self.rank as usize * devices + local
     }
 
@@ -77,7 +77,7 @@ impl Nodes {
 static SECTION: Mutex<()> = Mutex::new(());
 
 /// One peer's handle inside [`run_peers`].
-pub struct Peer<B: Backend> {
+pub(crate) struct Peer<B: Backend> {
     pub rank: usize,
     pub device: B::Device,
 }
@@ -88,7 +88,7 @@ impl<B: Backend> Peer<B> {
     }
 
     /// Sum `t` over all peers (every peer gets the sum, on its own device).
-    pub fn all_reduce_sum<const D: usize>(&self, t: Tensor<B, D>) -> Result<Tensor<B, D>> {
+    pub(crate) fn all_reduce_sum<const D: usize>(&self, t: Tensor<B, D>) -> Result<Tensor<B, D>> {
         let shape = t.shape();
         let flat = t.reshape([shape.num_elements()]).into_primitive().tensor();
         let summed = collective::all_reduce::<B>(self.id(), flat, ReduceOperation::Sum)
@@ -97,7 +97,7 @@ impl<B: Backend> Peer<B> {
     }
 
     /// Sum a number over all peers (through a one-element tensor).
-    pub fn all_reduce_scalar(&self, x: f64) -> Result<f64> {
+    pub(crate) fn all_reduce_scalar(&self, x: f64) -> Result<f64> {
         use burn::tensor::ElementConversion;
         let t = Tensor::<B, 1>::from_floats([x as f32], &self.device);
         Ok(self.all_reduce_sum(t)?.into_scalar().elem::<f64>())
@@ -108,7 +108,7 @@ impl<B: Backend> Peer<B> {
 /// burn's collective, and return the peers' results in rank order. `B` is the backend the
 /// all-reduces run on (for autodiff models, the inner backend). A peer's work must not fail
 /// between its all-reduces (the others would wait for it): check inputs before the first.
-pub fn run_peers<B, I, T, F>(inputs: Vec<(B::Device, I)>, nodes: &Nodes, work: F) -> Result<Vec<T>>
+pub(crate) fn run_peers<B, I, T, F>(inputs: Vec<(B::Device, I)>, nodes: &Nodes, work: F) -> Result<Vec<T>>
 where
     B: Backend,
     I: Send,
@@ -163,7 +163,7 @@ pub fn peer_devices<B: Backend>(n: usize) -> Vec<B::Device> {
 }
 
 /// Run the global orchestrator of a multi-node collective on `port` until the process is killed.
-pub fn orchestrator(port: u16) -> Result<()> {
+pub(crate) fn orchestrator(port: u16) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -147,7 +147,7 @@ impl Split {
         }
     }
     /// 80 / 10 / 10 by a stable hash of the file's content.
-    pub fn of_hash(h: u64) -> Split {
+    pub(crate) fn of_hash(h: u64) -> Split {
         match h % 100 {
             0..=79 => Split::Train,
             80..=89 => Split::Calib,
@@ -241,7 +241,7 @@ pub struct Corpora {
 
 impl Corpora {
     /// `$CODESPOT_CORPORA`, else `./corpora`.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let dir = std::env::var_os("CODESPOT_CORPORA")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("corpora"));
@@ -250,7 +250,7 @@ impl Corpora {
     pub fn manifest_path(&self, lang: &str) -> PathBuf {
         self.dir.join(format!("{lang}.toml"))
     }
-    pub fn build_dir(&self, lang: &str) -> PathBuf {
+    pub(crate) fn build_dir(&self, lang: &str) -> PathBuf {
         self.dir.join("build").join(lang)
     }
     pub fn languages(&self) -> Vec<String> {
@@ -316,7 +316,7 @@ impl Corpora {
 }
 
 /// Collapse a multi-line message (toml's errors quote the line) into one line.
-pub fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split('\n')
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -381,7 +381,7 @@ fn walk(root: &Path, out: &mut Vec<PathBuf>) {
 
 /// Why a file is left out, or None to keep it.
 /// `prose`: running text, whose long lines are paragraphs, not minified code.
-pub fn reject_reason(text: &str, prose: bool) -> Option<&'static str> {
+pub(crate) fn reject_reason(text: &str, prose: bool) -> Option<&'static str> {
     if text.len() < 200 {
         return Some("too_small");
     }
@@ -716,7 +716,7 @@ fn read_hf_dataset(
 }
 
 /// The body of the first ``` fenced block.
-pub fn first_fenced_block(s: &str) -> Option<String> {
+pub(crate) fn first_fenced_block(s: &str) -> Option<String> {
     let start = s.find("```")?;
     let after = &s[start + 3..];
     let body_start = after.find('\n')? + 1;
@@ -861,7 +861,7 @@ fn write_pairs<'a>(
 
 /// Where a built corpus keeps the instruction pairs of `split` (train and held-out only: the
 /// calibration split's files never become pairs).
-pub fn pairs_file(split: Split) -> &'static str {
+pub(crate) fn pairs_file(split: Split) -> &'static str {
     match split {
         Split::Heldout => "pairs-heldout.jsonl",
         _ => "pairs.jsonl",
@@ -897,7 +897,7 @@ pub fn read_split(path: &Path) -> Result<impl Iterator<Item = Result<Doc>>> {
 
 /// Pack documents into `n` blocks of `len` tokens (documents joined by `sep`), streaming.
 /// Errors when the documents hold fewer tokens than needed.
-pub fn token_blocks(
+pub(crate) fn token_blocks(
     docs: impl Iterator<Item = Result<Doc>>,
     tok: &Tok,
     sep: Option<u32>,
@@ -916,7 +916,7 @@ pub fn token_blocks(
 }
 
 /// Up to `n` blocks of `len` tokens (fewer when the documents run out), and the tokens seen.
-pub fn token_blocks_at_most(
+pub(crate) fn token_blocks_at_most(
     docs: impl Iterator<Item = Result<Doc>>,
     tok: &Tok,
     sep: Option<u32>,
@@ -948,7 +948,7 @@ pub fn token_blocks_at_most(
 
 /// One language of `codespot corpus list`: its manifest's sources and, when built, its sizes.
 #[derive(Debug, Clone, Serialize)]
-pub struct CorpusRow {
+pub(crate) struct CorpusRow {
     pub language: String,
     /// The manifest's sources in a few words, or why the manifest is invalid.
     pub sources: String,
@@ -957,7 +957,7 @@ pub struct CorpusRow {
 }
 
 /// Every language with a manifest, with its sources and what is built.
-pub fn corpus_list(corpora: &Corpora) -> Vec<CorpusRow> {
+pub(crate) fn corpus_list(corpora: &Corpora) -> Vec<CorpusRow> {
     corpora
         .languages()
         .into_iter()

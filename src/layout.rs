@@ -22,17 +22,17 @@ fn marker(out: &Path) -> PathBuf {
 }
 
 /// Whether `out` holds the result of a stage with this hash.
-pub fn stage_done(out: &Path, hash: &str) -> bool {
+pub(crate) fn stage_done(out: &Path, hash: &str) -> bool {
     out.exists() && std::fs::read_to_string(marker(out)).is_ok_and(|h| h.trim() == hash)
 }
 
 /// Record that `out` holds the result of the stage with this hash.
-pub fn mark(out: &Path, hash: &str) -> Result<()> {
+pub(crate) fn mark(out: &Path, hash: &str) -> Result<()> {
     crate::util::write_atomic(&marker(out), hash.as_bytes())
 }
 
 /// A stage hash: SHA-256 of the JSON of what the stage reads.
-pub fn hash_of(v: serde_json::Value) -> String {
+pub(crate) fn hash_of(v: serde_json::Value) -> String {
     crate::util::sha256_bytes(v.to_string().as_bytes())
 }
 
@@ -112,22 +112,22 @@ impl Plan {
 }
 
 /// A checkpoint's or snapshot's directory name.
-pub fn step_name(step: usize) -> String {
+pub(crate) fn step_name(step: usize) -> String {
     format!("step-{step:06}")
 }
 
 /// One language's tuning run.
-pub fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
+pub(crate) fn tune_dir(loaded: &Loaded, lang: &str) -> PathBuf {
     loaded.out_dir().join("tune").join(lang)
 }
 
 /// A tuning run's checkpoints (`<tune dir>/checkpoints`, one `step_name` directory each).
-pub fn checkpoints_dir(tune_dir: &Path) -> PathBuf {
+pub(crate) fn checkpoints_dir(tune_dir: &Path) -> PathBuf {
     tune_dir.join("checkpoints")
 }
 
 /// A tuning run's importance snapshots (`<tune dir>/snapshots`, one `step_name` directory each).
-pub fn snapshots_dir(tune_dir: &Path) -> PathBuf {
+pub(crate) fn snapshots_dir(tune_dir: &Path) -> PathBuf {
     tune_dir.join("snapshots")
 }
 
@@ -157,7 +157,7 @@ pub fn tune_hash(loaded: &Loaded) -> String {
 }
 
 /// The importance request of the recipe for one language.
-pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
+pub(crate) fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
     let i = &loaded.recipe.importance;
     let mut req = ScoreRequest::new(lang);
     req.tokens = i.tokens;
@@ -181,7 +181,7 @@ pub fn snapshot_request(loaded: &Loaded, lang: &str) -> ScoreRequest {
 
 /// The request of a baseline criterion's snapshot: the language's base request scored with
 /// `method`, without halves or agreement (a criterion's set needs neither).
-pub fn criterion_request(loaded: &Loaded, lang: &str, method: crate::importance::Method) -> ScoreRequest {
+pub(crate) fn criterion_request(loaded: &Loaded, lang: &str, method: crate::importance::Method) -> ScoreRequest {
     let mut req = snapshot_request(loaded, lang);
     req.method = method;
     req.halves = false;
@@ -192,11 +192,11 @@ pub fn criterion_request(loaded: &Loaded, lang: &str, method: crate::importance:
 }
 
 /// A run's evaluation directory (`base`, `tuned-<lang>`).
-pub fn eval_dir(loaded: &Loaded, name: &str) -> PathBuf {
+pub(crate) fn eval_dir(loaded: &Loaded, name: &str) -> PathBuf {
     loaded.out_dir().join("eval").join(name)
 }
 
 /// The snapshot at the last step of a language's tuning.
-pub fn final_snapshot(loaded: &Loaded, lang: &str) -> PathBuf {
+pub(crate) fn final_snapshot(loaded: &Loaded, lang: &str) -> PathBuf {
     snapshots_dir(&tune_dir(loaded, lang)).join(step_name(loaded.recipe.train.steps))
 }

@@ -31,7 +31,7 @@ pub struct Found {
 }
 
 /// Why a found function is not made a pair, or None to keep it.
-pub fn reject(f: &Found) -> Option<&'static str> {
+pub(crate) fn reject(f: &Found) -> Option<&'static str> {
     let words = f.doc.split_whitespace().count();
     if f.doc.len() < 20 || words < 4 {
         return Some("short_doc");
@@ -77,12 +77,12 @@ fn title(lang: &str) -> &str {
 }
 
 /// Whether `lang` has a scanner.
-pub fn supported(lang: &str) -> bool {
+pub(crate) fn supported(lang: &str) -> bool {
     SCANNERS.contains(&lang)
 }
 
 /// The languages with a scanner.
-pub const SCANNERS: [&str; 7] = ["python", "rust", "javascript", "java", "go", "c", "cpp"];
+pub(crate) const SCANNERS: [&str; 7] = ["python", "rust", "javascript", "java", "go", "c", "cpp"];
 
 /// The documented functions of one file of `lang` (empty for languages without a scanner).
 pub fn find(lang: &str, text: &str) -> Vec<Found> {
@@ -97,7 +97,7 @@ pub fn find(lang: &str, text: &str) -> Vec<Found> {
 }
 
 /// The pairs of one file: found, filtered; `skipped` counts the reasons.
-pub fn extract(
+pub(crate) fn extract(
     lang: &str,
     path: &str,
     text: &str,

@@ -64,7 +64,7 @@ pub struct Plan {
 }
 
 /// Bytes a block's autodiff graph keeps for `rows` sequences of `t` tokens.
-pub fn block_activation_bytes(cfg: &LlamaConfig, rows: usize, t: usize, dtype: Dtype) -> u64 {
+pub(crate) fn block_activation_bytes(cfg: &LlamaConfig, rows: usize, t: usize, dtype: Dtype) -> u64 {
     let (d, kv, ff) = (
         cfg.hidden_size as u64,
         (cfg.num_key_value_heads * cfg.head_dim) as u64,
@@ -261,7 +261,7 @@ impl std::str::FromStr for DeviceMemory {
 }
 
 /// The devices `plan` checks against by default.
-pub fn default_memories() -> Vec<DeviceMemory> {
+pub(crate) fn default_memories() -> Vec<DeviceMemory> {
     [("this CPU (RAM)", 24.0), ("H100", 80.0), ("H200", 141.0)]
         .into_iter()
         .map(|(n, g)| DeviceMemory { name: n.into(), gib: g })
@@ -270,7 +270,7 @@ pub fn default_memories() -> Vec<DeviceMemory> {
 
 /// The model config for a plan: `config` (an HF config.json) if given, else the source's own,
 /// read without downloading weights (an `hf:` source must be in the HF cache).
-pub fn model_config(source: &str, config: Option<&std::path::Path>) -> Result<LlamaConfig> {
+pub(crate) fn model_config(source: &str, config: Option<&std::path::Path>) -> Result<LlamaConfig> {
     use crate::source::Source;
     if let Some(p) = config {
         return LlamaConfig::from_hf_json(p);

@@ -24,7 +24,7 @@ fn font_path() -> Option<std::path::PathBuf> {
 }
 
 /// Register the font once (plotters keeps a `'static` reference to its bytes).
-pub fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     FONT.get_or_init(|| {
         let p = font_path().ok_or("no TrueType font found: set CODESPOT_FONT or install fonts-dejavu-core")?;
         let bytes = std::fs::read(&p).map_err(|e| format!("reading font {}: {e}", p.display()))?;
@@ -51,7 +51,7 @@ pub struct Series {
 
 impl Series {
     /// The same series with x replaced by log10 x (points with x ≤ 0 dropped).
-    pub fn log_x(self) -> Self {
+    pub(crate) fn log_x(self) -> Self {
         Self {
             points: self
                 .points
@@ -185,7 +185,7 @@ pub fn heatmap(path: &Path, title: &str, grid: &[Vec<f64>], cols: &[String], ran
 }
 
 /// [`heatmap`] into a square `size × size` RGB buffer (a TensorBoard image).
-pub fn heatmap_rgb(
+pub(crate) fn heatmap_rgb(
     title: &str,
     grid: &[Vec<f64>],
     cols: &[String],
@@ -268,7 +268,7 @@ fn draw_heatmap<DB: DrawingBackend>(
 }
 
 /// A viridis-like colour for t in [0, 1].
-pub fn colour(t: f64) -> [u8; 3] {
+pub(crate) fn colour(t: f64) -> [u8; 3] {
     const STOPS: [[f64; 3]; 5] = [
         [68.0, 1.0, 84.0],
         [59.0, 82.0, 139.0],

@@ -146,7 +146,7 @@ impl TrainFormat {
 
 impl TrainSection {
     /// Whether `step` ends with a checkpoint and a snapshot.
-    pub fn checkpoints_at(&self, step: usize) -> bool {
+    pub(crate) fn checkpoints_at(&self, step: usize) -> bool {
         step.is_multiple_of(self.checkpoint_every) || step == self.steps || self.checkpoint_at.contains(&step)
     }
 }
@@ -385,7 +385,7 @@ impl Loaded {
     }
 
     /// The resolved recipe as TOML.
-    pub fn resolved_toml(&self) -> String {
+    pub(crate) fn resolved_toml(&self) -> String {
         toml::to_string_pretty(&self.recipe).expect("a recipe serializes")
     }
 
@@ -743,7 +743,7 @@ fn apply_override(t: &mut toml::Table, o: &str) -> Result<()> {
 
 /// The 1-based line where dotted `key` is assigned (top-level keys before any table header,
 /// `[section]` then `key =`, or a `section.key =` dotted assignment).
-pub fn line_of(text: &str, key: &str) -> Option<usize> {
+pub(crate) fn line_of(text: &str, key: &str) -> Option<usize> {
     let (section, leaf) = match key.rsplit_once('.') {
         Some((s, l)) => (s, l),
         None => ("", key),

@@ -317,7 +317,7 @@ fn detail_sets(loaded: &Loaded) -> Vec<String> {
         .collect()
 }
 
-pub fn eval_options(loaded: &Loaded, corpora: &crate::data::Corpora) -> crate::eval::EvalOptions {
+pub(crate) fn eval_options(loaded: &Loaded, corpora: &crate::data::Corpora) -> crate::eval::EvalOptions {
     let e = &loaded.recipe.eval;
     crate::eval::EvalOptions {
         limit: (e.limit > 0).then_some(e.limit),
@@ -332,7 +332,7 @@ pub fn eval_options(loaded: &Loaded, corpora: &crate::data::Corpora) -> crate::e
 }
 
 /// `compare.json`, `compare.txt` and `layer_module.png` in a directory, atomically.
-pub fn write_comparison(out: &Path, c: &crate::track::compare::Comparison) -> Result<()> {
+pub(crate) fn write_comparison(out: &Path, c: &crate::track::compare::Comparison) -> Result<()> {
     crate::util::write_dir_atomic(out, true, |tmp| {
         std::fs::write(tmp.join("compare.json"), serde_json::to_string_pretty(c)?)?;
         std::fs::write(tmp.join("compare.txt"), crate::track::compare::text(c))?;

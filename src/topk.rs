@@ -22,7 +22,7 @@ impl Mask {
             bits: vec![0; len.div_ceil(8)],
         }
     }
-    pub fn from_indices(len: usize, idx: &[usize]) -> Self {
+    pub(crate) fn from_indices(len: usize, idx: &[usize]) -> Self {
         let mut m = Self::empty(len);
         for &i in idx {
             m.set(i);
@@ -81,7 +81,7 @@ pub enum Eligible {
 }
 
 impl Eligible {
-    pub fn admits(self, name: &str) -> bool {
+    pub(crate) fn admits(self, name: &str) -> bool {
         match self {
             Eligible::All => true,
             Eligible::Layers => names::parse(name).is_some_and(|p| p.layer.is_some()),
@@ -188,14 +188,14 @@ fn rank<'a, I: Iterator<Item = &'a [f32]>>(slices: impl Fn() -> I, k: usize, hig
 
 /// The value of rank `k` (1-based) among the values of `slices`, counting from the highest
 /// (`highest`) or the lowest, in `total_cmp` order; `1 ≤ k ≤` the number of values.
-pub fn kth_value<'a, I: Iterator<Item = &'a [f32]>>(slices: impl Fn() -> I, k: usize, highest: bool) -> f32 {
+pub(crate) fn kth_value<'a, I: Iterator<Item = &'a [f32]>>(slices: impl Fn() -> I, k: usize, highest: bool) -> f32 {
     let key = rank(slices, k, highest).key;
     let key = if highest { !key } else { key };
     f32::from_bits(if key >> 31 == 1 { key & !(1 << 31) } else { !key })
 }
 
 /// The `count` highest (or lowest) elements of `v` (ties broken by index), ascending.
-pub fn top_indices(v: &[f32], count: usize, highest: bool) -> Vec<usize> {
+pub(crate) fn top_indices(v: &[f32], count: usize, highest: bool) -> Vec<usize> {
     let count = count.min(v.len());
     if count == 0 {
         return vec![];
@@ -272,7 +272,7 @@ pub fn top_masks(scores: &Weights, k_percent: f64) -> BTreeMap<String, Mask> {
 }
 
 /// Jaccard overlap per layer (masks grouped by the layer in their tensor names).
-pub fn jaccard_per_layer(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>, layers: usize) -> Vec<f64> {
+pub(crate) fn jaccard_per_layer(a: &BTreeMap<String, Mask>, b: &BTreeMap<String, Mask>, layers: usize) -> Vec<f64> {
     (0..layers)
         .map(|l| {
             let pick = |m: &BTreeMap<String, Mask>| -> BTreeMap<String, Mask> {

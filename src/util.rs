@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Write `bytes` to `path` atomically: a temp file in the same directory, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -28,7 +28,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Build the directory `out` all-or-nothing: `fill` writes into a fresh temp sibling, which then
 /// replaces `out` in one step (`renameat2(RENAME_EXCHANGE)`, so `out` is never missing; where
 /// the filesystem lacks it, remove then rename). An existing `out` is an error unless `force`.
-pub fn write_dir_atomic(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_dir_atomic(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() && !force {
         anyhow::bail!("{}: already exists (use --force to replace it)", out.display());
     }
@@ -76,7 +76,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 }
 
 /// A hidden temp path beside `path` (same filesystem, so rename is atomic).
-pub fn tmp_sibling(path: &Path) -> PathBuf {
+pub(crate) fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -86,7 +86,7 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
 
 /// Remove temp siblings of `path` left by processes that are gone (killed mid-write): their
 /// name ends in the writer's pid, and a pid with no process means nobody will finish them.
-pub fn clear_stale_tmp(path: &Path) {
+pub(crate) fn clear_stale_tmp(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
     };
@@ -116,7 +116,7 @@ pub fn clear_stale_tmp(path: &Path) {
 }
 
 /// Whether a process with this pid exists.
-pub fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
     pid > 0
         && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
@@ -171,7 +171,7 @@ fn commit_point(_tmp: &Path) -> std::io::Result<()> {
 }
 
 /// codespot's cache: `$CODESPOT_CACHE`, else `$XDG_CACHE_HOME/codespot`, else `~/.cache/codespot`.
-pub fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("CODESPOT_CACHE") {
         return PathBuf::from(p);
     }
@@ -194,7 +194,7 @@ pub fn offline() -> bool {
 }
 
 /// SHA-256 of a file, hex (streams; fine for multi-GB files).
-pub fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -336,7 +336,7 @@ thread_local! {
 /// Run `f`, turning a panic inside it into an error (its message included) without printing
 /// the panic: for third-party decoders that still panic on some corrupt inputs (arrow-ipc).
 /// Panics elsewhere, and on other threads, are reported as usual.
-pub fn catch_decoder_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn catch_decoder_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();

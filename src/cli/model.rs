@@ -17,7 +17,7 @@ pub struct InfoArgs {
 
 /// A model, a prompt, and how to encode it (`generate`, `next-token`).
 #[derive(clap::Args)]
-pub struct PromptArgs {
+pub(crate) struct PromptArgs {
     #[arg(long, default_value = "default")]
     model: String,
     #[arg(long)]
@@ -133,7 +133,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     on_device!(a.p.device, generate_on(&a.p, &opts))
 }
 
-pub fn next_token(a: NextTokenArgs) -> Result<()> {
+pub(crate) fn next_token(a: NextTokenArgs) -> Result<()> {
     on_device!(a.p.device, next_token_on(&a.p, a.top, a.json))
 }
 
@@ -144,7 +144,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn fetch(a: FetchArgs) -> Result<()> {
+pub(crate) fn fetch(a: FetchArgs) -> Result<()> {
     match crate::source::Source::parse(&a.model)?.resolve()? {
         crate::source::Resolved::Gguf(p) | crate::source::Resolved::HfDir(p) => println!("{}", p.display()),
     }

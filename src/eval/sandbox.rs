@@ -71,7 +71,7 @@ pub fn run_python(program: &str, limits: &Limits) -> Result<Outcome> {
 /// then run), each under the limits; the first step that does not pass decides the outcome.
 /// With `fail_on_stderr`, output on stderr containing that text is a failure too (node's
 /// `console.assert` only prints).
-pub fn run_steps(
+pub(crate) fn run_steps(
     files: &[(&str, &str)],
     steps: &[(Vec<String>, Limits)],
     fail_on_stderr: Option<&str>,

@@ -19,7 +19,7 @@ use super::{Method, RawSums};
 use serde::{Deserialize, Serialize};
 
 /// The k (%) at which agreement is recorded.
-pub const KS: [f64; 4] = [0.5, 1.0, 3.0, 5.0];
+pub(crate) const KS: [f64; 4] = [0.5, 1.0, 3.0, 5.0];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Agreement {
@@ -47,10 +47,10 @@ fn is_zero(n: &usize) -> bool {
 }
 
 /// Per k in [`KS`], the top-k elements (sorted indices) of each layer tensor of one sample.
-pub type TopSets = Vec<std::collections::BTreeMap<String, Vec<usize>>>;
+pub(crate) type TopSets = Vec<std::collections::BTreeMap<String, Vec<usize>>>;
 
 /// The pooled Jaccard per k of two samples' [`TopSets`] (rounded as [`measure`]'s).
-pub fn jaccard_sets(a: &TopSets, b: &TopSets) -> Vec<f64> {
+pub(crate) fn jaccard_sets(a: &TopSets, b: &TopSets) -> Vec<f64> {
     a.iter()
         .zip(b)
         .map(|(x, y)| {
@@ -71,7 +71,7 @@ pub fn jaccard_sets(a: &TopSets, b: &TopSets) -> Vec<f64> {
 }
 
 /// [`TopSets`] of a tensor set's scores (`name → scores`), layer tensors only.
-pub fn top_sets<'a>(scores: impl Iterator<Item = (&'a str, Vec<f32>)>) -> TopSets {
+pub(crate) fn top_sets<'a>(scores: impl Iterator<Item = (&'a str, Vec<f32>)>) -> TopSets {
     let mut out: TopSets = vec![Default::default(); KS.len()];
     for (name, s) in scores {
         if crate::model::names::parse(name).and_then(|p| p.layer).is_none() {
@@ -169,7 +169,7 @@ pub(crate) fn common<T: Ord>(a: &[T], b: &[T]) -> usize {
 }
 
 /// Scores of one tensor of raw sums (public for the quarter samples).
-pub fn tensor_scores(method: Method, sum: &[f32], sq: Option<&[f32]>, batches: usize) -> Vec<f32> {
+pub(crate) fn tensor_scores(method: Method, sum: &[f32], sq: Option<&[f32]>, batches: usize) -> Vec<f32> {
     scores(method, sum, sq, batches)
 }
 

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Importance scores under canonical names (same shapes as the parameters).
-pub type Scores = Weights;
+pub(crate) type Scores = Weights;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -52,7 +52,7 @@ impl Method {
     }
 
     /// Whether the method needs gradients (all but `wanda`, which needs activations only).
-    pub fn needs_gradients(self) -> bool {
+    pub(crate) fn needs_gradients(self) -> bool {
         self != Method::Wanda
     }
 
@@ -70,7 +70,7 @@ impl Method {
 }
 
 /// Flattened value of a parameter on the inner (non-autodiff) backend, in f32 (or wider).
-pub fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBackend, 1> {
+pub(crate) fn flat_value<B: AutodiffBackend>(p: &ParamRef<'_, B>) -> Tensor<B::InnerBackend, 1> {
     crate::model::dtype::widen(p.flat().inner())
 }
 
@@ -124,7 +124,7 @@ struct GroupAcc {
 
 /// Running sums for one scoring pass, one flat tensor per parameter.
 #[derive(Clone)]
-pub struct Accumulator<B: Backend> {
+pub(crate) struct Accumulator<B: Backend> {
     pub method: Method,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
@@ -162,7 +162,7 @@ impl<B: Backend> Accumulator<B> {
     }
 
     /// Also sum group Taylor importance of heads and neurons ([`GroupScores`]).
-    pub fn with_groups<AB: AutodiffBackend<InnerBackend = B>>(mut self, model: &Llama<AB>) -> Self {
+    pub(crate) fn with_groups<AB: AutodiffBackend<InnerBackend = B>>(mut self, model: &Llama<AB>) -> Self {
         use crate::model::arch::{self, Groups as G};
         let roles = self
             .names
@@ -230,7 +230,12 @@ impl<B: Backend> Accumulator<B> {
 
     /// Add one parameter's gradient of the current batch (`i`: its index in `model.params()`);
     /// [`Accumulator::end_batch`] once every parameter's is in.
-    pub fn add_one<AB: AutodiffBackend<InnerBackend = B>>(&mut self, p: &ParamRef<'_, AB>, i: usize, g: Tensor<B, 1>) {
+    pub(crate) fn add_one<AB: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        p: &ParamRef<'_, AB>,
+        i: usize,
+        g: Tensor<B, 1>,
+    ) {
         if self.groups.is_some() && self.method.needs_gradients() {
             self.add_groups(p, i, &g);
         }
@@ -265,7 +270,11 @@ impl<B: Backend> Accumulator<B> {
     /// Add one micro-batch's input statistics (`wanda`): `sq[i]` is [`Llama::input_sq_sums`]'s
     /// entry for parameter `i`; each weight gets θ² times its input channel's Σ X² (a row of
     /// the embedding: times its token's count). [`Accumulator::end_batch`] counts the batch.
-    pub fn add_inputs<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &Llama<AB>, sq: Vec<Tensor<B, 1>>) {
+    pub(crate) fn add_inputs<AB: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        model: &Llama<AB>,
+        sq: Vec<Tensor<B, 1>>,
+    ) {
         for (i, ((name, p), x)) in model.params().into_iter().zip(sq).enumerate() {
             let th2 = flat_value(&p).powi_scalar(2);
             let c = match p.shape().as_slice() {
@@ -281,7 +290,7 @@ impl<B: Backend> Accumulator<B> {
 
     /// Count a batch whose gradients went in through [`Accumulator::add_one`] (and fold its
     /// group sums, squared, into the totals).
-    pub fn end_batch(&mut self) {
+    pub(crate) fn end_batch(&mut self) {
         self.batches += 1;
         if let Some(ga) = &mut self.groups {
             let fold = |cur: &mut Vec<Vec<f64>>, tot: &mut Vec<Vec<f64>>| {
@@ -344,7 +353,7 @@ impl<B: Backend> Accumulator<B> {
 
     /// The running scores' top sets at [`agreement::KS`] (layer tensors), one tensor on the
     /// host at a time: the sums stay on, to be added to.
-    pub fn top_sets<AB: AutodiffBackend<InnerBackend = B>>(&self, model: &Llama<AB>) -> agreement::TopSets {
+    pub(crate) fn top_sets<AB: AutodiffBackend<InnerBackend = B>>(&self, model: &Llama<AB>) -> agreement::TopSets {
         let params = model.params();
         let host = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 sums");
         let layer = |i: usize| {
@@ -371,7 +380,7 @@ impl<B: Backend> Accumulator<B> {
     }
 
     /// The running sums as flat tensors (for an all-reduce across peers).
-    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Tensor<B, 1>> {
+    pub(crate) fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Tensor<B, 1>> {
         self.acc.iter_mut().chain(self.sq.iter_mut())
     }
 }
@@ -393,7 +402,7 @@ pub struct RawSums {
 impl RawSums {
     /// The scores ([`Method::score`] of each element), computed in place in `sum`'s buffers (no
     /// second copy of a model-sized set of tensors).
-    pub fn into_scores(self) -> Scores {
+    pub(crate) fn into_scores(self) -> Scores {
         let n = self.batches.max(1) as f32;
         let m = self.method;
         let mut out = self.sum;
@@ -493,12 +502,12 @@ fn add_weights(a: &mut Weights, b: &Weights) -> Result<()> {
 
 /// The batches `[lo, hi)` of shard `index` (1-based) of `count` over `batches` batches: contiguous,
 /// disjoint, covering all batches, sizes differing by at most one.
-pub fn shard_range(batches: usize, index: usize, count: usize) -> std::ops::Range<usize> {
+pub(crate) fn shard_range(batches: usize, index: usize, count: usize) -> std::ops::Range<usize> {
     (index - 1) * batches / count..index * batches / count
 }
 
 /// One flat gradient per parameter (`None`: no gradient), on the inner backend.
-pub type FlatGrads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
+pub(crate) type FlatGrads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
 
 /// Flat gradients of the mean loss over `rows`, computed `micro` rows per backward pass and
 /// summed (weighted by their counted targets), so a batch's gradient needs only one micro-batch's activations.
@@ -673,7 +682,7 @@ fn accumulate_into<B: AutodiffBackend>(
 /// run's peers takes the `r+1`-th of that many contiguous slices of the batches (as
 /// `score --shard`) on its device, and the sums are all-reduced through burn's collective
 /// (across nodes too); returns local peer 0's (on `devices[0]`).
-pub fn accumulate_parallel<B: AutodiffBackend>(
+pub(crate) fn accumulate_parallel<B: AutodiffBackend>(
     model: &Llama<B>,
     chunks: &[&[Vec<u32>]],
     micro: usize,
@@ -912,7 +921,7 @@ pub fn corpus_blocks(
 
 /// The documents of a corpus split (shuffled by `seed` when it is not 0), and a description
 /// for messages. An empty split is an error.
-pub fn split_docs(
+pub(crate) fn split_docs(
     corpora: &crate::data::Corpora,
     lang: &str,
     split: crate::data::Split,
@@ -1356,7 +1365,7 @@ pub fn merge_shards(
 }
 
 /// An indicatif bar with tokens/s and ETA (hidden when `show` is false).
-pub fn progress_bar(len: u64, label: &str, show: bool) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(len: u64, label: &str, show: bool) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }

@@ -31,14 +31,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Candidates per tensor, in multiples of the tracked top-k count.
-pub const MULTIPLE: usize = 3;
+pub(crate) const MULTIPLE: usize = 3;
 /// Bootstrap replicates.
-pub const REPLICATES: usize = 200;
+pub(crate) const REPLICATES: usize = 200;
 /// The file in a snapshot directory.
-pub const FILE: &str = "folds.safetensors";
+pub(crate) const FILE: &str = "folds.safetensors";
 
 /// Which of 2K folds a document falls in (by its content hash and the seed).
-pub fn fold_of(sha256: &str, seed: u64, folds: usize) -> usize {
+pub(crate) fn fold_of(sha256: &str, seed: u64, folds: usize) -> usize {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (sha256, seed, "fold").hash(&mut h);
@@ -83,7 +83,7 @@ impl FoldSums {
     }
 
     /// Add this fold's sums of `name` to `acc`.
-    pub fn add_to(&self, name: &str, acc: &mut [f32]) {
+    pub(crate) fn add_to(&self, name: &str, acc: &mut [f32]) {
         if let Some(t) = self.tensors.get(name) {
             acc.iter_mut().zip(t).for_each(|(a, v)| *a += v.to_f32());
         }

@@ -125,7 +125,7 @@ pub fn write(
 }
 
 /// A shard's snapshot: the scores of its batches plus its raw sums for `snapshot merge`.
-pub fn write_shard(out: &Path, full: Parts, sums: &super::RawSums, force: bool) -> Result<()> {
+pub(crate) fn write_shard(out: &Path, full: Parts, sums: &super::RawSums, force: bool) -> Result<()> {
     crate::util::write_dir_atomic(out, force, |tmp| {
         write_parts(tmp, full)?;
         let meta = [
@@ -137,7 +137,7 @@ pub fn write_shard(out: &Path, full: Parts, sums: &super::RawSums, force: bool) 
 }
 
 /// A shard's raw sums read back, checked against its manifest.
-pub fn read_sums(dir: &Path, manifest: &SnapshotManifest) -> Result<super::RawSums> {
+pub(crate) fn read_sums(dir: &Path, manifest: &SnapshotManifest) -> Result<super::RawSums> {
     let path = dir.join(ACCUMULATORS);
     let shard = manifest.shard.as_ref().with_context(|| {
         format!(
@@ -157,7 +157,7 @@ pub fn read_sums(dir: &Path, manifest: &SnapshotManifest) -> Result<super::RawSu
 }
 
 /// A snapshot with the snapshots of its two calibration halves in `half-a/` and `half-b/`.
-pub fn write_with_halves(out: &Path, full: Parts, a: Parts, b: Parts, force: bool) -> Result<()> {
+pub(crate) fn write_with_halves(out: &Path, full: Parts, a: Parts, b: Parts, force: bool) -> Result<()> {
     write_dir(out, full, Some((a, b)), force)
 }
 
@@ -186,7 +186,7 @@ pub fn read_manifest(dir: &Path) -> Result<SnapshotManifest> {
     serde_json::from_str(&text).with_context(|| format!("{}: invalid snapshot manifest", p.display()))
 }
 
-pub fn read_summaries(dir: &Path) -> Result<Summaries> {
+pub(crate) fn read_summaries(dir: &Path) -> Result<Summaries> {
     let p = dir.join("summaries.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: missing summaries.json", dir.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid summaries", p.display()))

@@ -70,7 +70,7 @@ fn quantiles(v: &[f32]) -> (f64, f64, f64) {
 }
 
 /// The value at rank `k` from the top (0 = largest) over all tensors.
-pub fn global_threshold(scores: &Scores, frac: f64) -> f64 {
+pub(crate) fn global_threshold(scores: &Scores, frac: f64) -> f64 {
     let n: usize = scores.tensors.values().map(|t| t.numel()).sum();
     if n == 0 {
         return 0.0;
@@ -79,7 +79,7 @@ pub fn global_threshold(scores: &Scores, frac: f64) -> f64 {
     crate::topk::kth_value(|| scores.tensors.values().map(|t| t.data.as_slice()), k, true) as f64
 }
 
-pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
+pub(crate) fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
     let nl = cfg.num_hidden_layers;
     let total: f64 = scores
         .tensors
@@ -189,7 +189,7 @@ pub fn summarize(scores: &Scores, cfg: &LlamaConfig) -> Summaries {
 }
 
 /// The layer × module table of importance mass (percent of the total), as text.
-pub fn layer_module_table(s: &Summaries) -> String {
+pub(crate) fn layer_module_table(s: &Summaries) -> String {
     let kinds: Vec<&str> = ModuleKind::LAYER_KINDS.iter().map(|k| k.short()).collect();
     let mut out = format!("{:>5}", "layer");
     for k in &kinds {
@@ -212,7 +212,7 @@ pub fn layer_module_table(s: &Summaries) -> String {
 }
 
 /// The `n` most important tensors (by mean), heads and neurons, as text.
-pub fn top_text(s: &Summaries, n: usize) -> String {
+pub(crate) fn top_text(s: &Summaries, n: usize) -> String {
     let mut out = String::new();
     let mut t: Vec<&TensorSummary> = s.tensors.iter().collect();
     t.sort_by(|a, b| b.mean.total_cmp(&a.mean));

@@ -25,7 +25,7 @@ pub enum Arch {
 
 /// RMSNorm's scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormForm {
+pub(crate) enum NormForm {
     /// `x̂ · w`.
     Weight,
     /// `x̂ · (1 + w)`, computed in f32 (Gemma).
@@ -34,7 +34,7 @@ pub enum NormForm {
 
 /// The gated MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
+pub(crate) enum Activation {
     /// SiLU (SwiGLU).
     Silu,
     /// GELU's tanh approximation (GeGLU).
@@ -43,7 +43,7 @@ pub enum Activation {
 
 impl Activation {
     /// The `hidden_act` value export writes.
-    pub fn hf_name(self) -> &'static str {
+    pub(crate) fn hf_name(self) -> &'static str {
         match self {
             Activation::Silu => "silu",
             Activation::GeluTanh => "gelu_pytorch_tanh",
@@ -54,7 +54,7 @@ impl Activation {
     /// activation. Gemma's legacy `hidden_act` "gelu" means the tanh approximation
     /// (transformers rewrites it so); an explicit `hidden_activation` "gelu" asks for the exact
     /// (erf) one, which is not implemented.
-    pub fn accepts(self, key: &str, value: &str) -> bool {
+    pub(crate) fn accepts(self, key: &str, value: &str) -> bool {
         match self {
             Activation::Silu => ["silu", "swish"].contains(&value),
             Activation::GeluTanh => {
@@ -74,7 +74,7 @@ impl Activation {
 
 /// What a family is.
 #[derive(Debug)]
-pub struct ArchSpec {
+pub(crate) struct ArchSpec {
     pub arch: Arch,
     /// `config.json` `model_type`s read as this family; export writes the first.
     pub model_types: &'static [&'static str],
@@ -94,7 +94,7 @@ pub struct ArchSpec {
 }
 
 /// Every supported family.
-pub const ARCHS: [ArchSpec; 3] = [
+pub(crate) const ARCHS: [ArchSpec; 3] = [
     ArchSpec {
         arch: Arch::Llama,
         model_types: &["llama", "mistral"],
@@ -131,12 +131,12 @@ pub const ARCHS: [ArchSpec; 3] = [
 ];
 
 impl Arch {
-    pub fn spec(self) -> &'static ArchSpec {
+    pub(crate) fn spec(self) -> &'static ArchSpec {
         ARCHS.iter().find(|s| s.arch == self).expect("every Arch is in ARCHS")
     }
 
     /// The family of a `config.json` `model_type` (Llama when it is absent or empty).
-    pub fn from_model_type(model_type: &str) -> Option<Arch> {
+    pub(crate) fn from_model_type(model_type: &str) -> Option<Arch> {
         if model_type.is_empty() {
             return Some(Arch::Llama);
         }
@@ -147,7 +147,7 @@ impl Arch {
     }
 
     /// The `model_type`s codespot reads, for error messages: "llama, mistral, qwen2, gemma".
-    pub fn model_types() -> String {
+    pub(crate) fn model_types() -> String {
         ARCHS
             .iter()
             .flat_map(|s| s.model_types.iter().copied())
@@ -161,12 +161,12 @@ impl Arch {
     }
 
     /// RMSNorm scales by `1 + w` rather than `w`.
-    pub fn norm_plus_one(self) -> bool {
+    pub(crate) fn norm_plus_one(self) -> bool {
         self.spec().norm == NormForm::OnePlusWeight
     }
 
     /// The MLP's gate activation is GELU's tanh approximation rather than SiLU.
-    pub fn gelu_gate(self) -> bool {
+    pub(crate) fn gelu_gate(self) -> bool {
         self.spec().activation == Activation::GeluTanh
     }
 
@@ -196,7 +196,7 @@ pub enum ModuleKind {
 impl ModuleKind {
     /// The per-layer kinds, in [`BLOCK`] order (the order of tables and TensorBoard's
     /// layer × module heatmap).
-    pub const LAYER_KINDS: [ModuleKind; BLOCK.len()] = {
+    pub(crate) const LAYER_KINDS: [ModuleKind; BLOCK.len()] = {
         let mut k = [ModuleKind::Q; BLOCK.len()];
         let mut i = 0;
         while i < BLOCK.len() {
@@ -227,18 +227,18 @@ impl ModuleKind {
         matches!(self, ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O)
     }
 
-    pub fn is_mlp(self) -> bool {
+    pub(crate) fn is_mlp(self) -> bool {
         matches!(self, ModuleKind::Gate | ModuleKind::Up | ModuleKind::Down)
     }
 
-    pub fn is_norm(self) -> bool {
+    pub(crate) fn is_norm(self) -> bool {
         matches!(self, ModuleKind::AttnNorm | ModuleKind::MlpNorm | ModuleKind::FinalNorm)
     }
 }
 
 /// A dimension of a slot's shape, read from the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dim {
+pub(crate) enum Dim {
     Vocab,
     Hidden,
     /// The MLP's inner width (`intermediate_size`).
@@ -252,7 +252,7 @@ pub enum Dim {
 /// How a slot's elements group into attention heads or MLP neurons (a 1-D slot's element `i`
 /// counts as row `i`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Groups {
+pub(crate) enum Groups {
     None,
     /// Rows in blocks of `head_dim`, one per query head (q).
     QueryHeadRows,
@@ -268,14 +268,14 @@ pub enum Groups {
 
 impl Groups {
     /// Heads or neurons run along rows (else along columns).
-    pub fn along_rows(self) -> bool {
+    pub(crate) fn along_rows(self) -> bool {
         matches!(self, Groups::QueryHeadRows | Groups::KvHeadRows | Groups::NeuronRows)
     }
 }
 
 /// One parameter tensor of the model.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     /// HF name: the part after `model.layers.{l}.` for [`BLOCK`] and [`BIASES`], the whole
     /// name for the others.
     pub hf: &'static str,
@@ -300,7 +300,7 @@ const fn slot(hf: &'static str, gguf: &'static str, kind: ModuleKind, shape: &'s
 use Dim::{Hidden, Inner, KvWidth, QueryWidth, Vocab};
 
 /// The token embeddings (also the head when the model ties them).
-pub const EMBED: Slot = slot(
+pub(crate) const EMBED: Slot = slot(
     "model.embed_tokens.weight",
     "token_embd.weight",
     ModuleKind::Embed,
@@ -308,7 +308,7 @@ pub const EMBED: Slot = slot(
     Groups::None,
 );
 /// The norm before the head.
-pub const FINAL_NORM: Slot = slot(
+pub(crate) const FINAL_NORM: Slot = slot(
     "model.norm.weight",
     "output_norm.weight",
     ModuleKind::FinalNorm,
@@ -316,7 +316,7 @@ pub const FINAL_NORM: Slot = slot(
     Groups::None,
 );
 /// The output head of an untied model.
-pub const LM_HEAD: Slot = slot(
+pub(crate) const LM_HEAD: Slot = slot(
     "lm_head.weight",
     "output.weight",
     ModuleKind::LmHead,
@@ -326,7 +326,7 @@ pub const LM_HEAD: Slot = slot(
 
 /// A block's tensors, in the order of `llama::Block`'s fields and of each layer's run in
 /// `Llama::params`.
-pub const BLOCK: [Slot; 9] = [
+pub(crate) const BLOCK: [Slot; 9] = [
     slot(
         "input_layernorm.weight",
         "attn_norm.weight",
@@ -395,7 +395,7 @@ pub const BLOCK: [Slot; 9] = [
 /// A block's biases, where the family has them ([`ArchSpec::qkv_bias`]). They come after every
 /// other tensor in `Llama::params` (all layers' in layer order), so the index of every other
 /// parameter is the same with or without them.
-pub const BIASES: [Slot; 3] = [
+pub(crate) const BIASES: [Slot; 3] = [
     slot(
         "self_attn.q_proj.bias",
         "attn_q.bias",
@@ -444,12 +444,12 @@ pub const fn bias_slot(kind: ModuleKind) -> usize {
 }
 
 /// The canonical name of layer `l`'s block slot or bias `s`.
-pub fn layer_name(l: usize, s: &Slot) -> String {
+pub(crate) fn layer_name(l: usize, s: &Slot) -> String {
     format!("model.layers.{l}.{}", s.hf)
 }
 
 /// The slot of a canonical HF name, with its layer (`None` for the global slots).
-pub fn slot_of(name: &str) -> Option<(Option<usize>, &'static Slot)> {
+pub(crate) fn slot_of(name: &str) -> Option<(Option<usize>, &'static Slot)> {
     if let Some(s) = [&EMBED, &FINAL_NORM, &LM_HEAD].into_iter().find(|s| s.hf == name) {
         return Some((None, s));
     }
@@ -459,7 +459,7 @@ pub fn slot_of(name: &str) -> Option<(Option<usize>, &'static Slot)> {
 }
 
 /// GGUF tensor name → canonical HF name (None for tensors codespot does not use).
-pub fn gguf_to_hf(name: &str) -> Option<String> {
+pub(crate) fn gguf_to_hf(name: &str) -> Option<String> {
     if let Some(s) = [&EMBED, &FINAL_NORM, &LM_HEAD].into_iter().find(|s| s.gguf == name) {
         return Some(s.hf.to_string());
     }

@@ -20,7 +20,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
 
-pub use super::llama::DEFAULT_KEEP_BLOCKS;
+pub(crate) use super::llama::DEFAULT_KEEP_BLOCKS;
 
 /// Hand block `l`'s parameter gradients in `grads` to `sink` (its biases' at their indices
 /// after every other parameter's, [`crate::model::LlamaConfig::bias_index`]).

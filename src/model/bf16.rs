@@ -43,7 +43,7 @@ impl Unit {
 
 /// Environment variable that picks the unit: `amx`, `avx512` or `none` (tests and benchmarks
 /// compare them; unset: the best this CPU has).
-pub const UNIT_ENV: &str = "CODESPOT_BF16_UNIT";
+pub(crate) const UNIT_ENV: &str = "CODESPOT_BF16_UNIT";
 
 /// The unit this CPU has for bf16 products (checked once), or None: products stay f32.
 pub fn unit() -> Option<Unit> {
@@ -75,7 +75,7 @@ pub fn available_units() -> Vec<Unit> {
 }
 
 /// Whether the CPU has AVX512-BF16 (and the AVX-512 it builds on).
-pub fn avx512_bf16() -> bool {
+pub(crate) fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         super::fused::avx512() && is_x86_feature_detected!("avx512bf16")
@@ -135,7 +135,7 @@ impl Packed {
 /// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN). Branch-free, so loops of it
 /// vectorise.
 #[inline(always)]
-pub fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     let quiet = ((b >> 16) | 0x40) as u16;
@@ -302,7 +302,7 @@ pub fn matmul(unit: Unit, c: &mut [f32], a: &Packed, b: &Packed, acc: bool) {
 }
 
 /// A new `a · b` ([`matmul`]).
-pub fn matmul_new(unit: Unit, a: &Packed, b: &Packed) -> Vec<f32> {
+pub(crate) fn matmul_new(unit: Unit, a: &Packed, b: &Packed) -> Vec<f32> {
     let len = a.rows * b.rows;
     let mut c = Vec::with_capacity(len);
     // SAFETY: without `acc` every element is written and none read.

@@ -237,7 +237,7 @@ impl LlamaConfig {
 
     /// The factor the embedding rows are multiplied by on the way in: √hidden for Gemma (in
     /// the weights' dtype, as transformers), else 1.
-    pub fn embed_scale(&self) -> Option<f64> {
+    pub(crate) fn embed_scale(&self) -> Option<f64> {
         // transformers keeps it in a float32 buffer.
         self.arch
             .spec()
@@ -298,7 +298,7 @@ impl LlamaConfig {
     }
 
     /// The length of dimension `d` in this config.
-    pub fn dim(&self, d: Dim) -> usize {
+    pub(crate) fn dim(&self, d: Dim) -> usize {
         match d {
             Dim::Vocab => self.vocab_size,
             Dim::Hidden => self.hidden_size,
@@ -309,7 +309,7 @@ impl LlamaConfig {
     }
 
     /// The shape of slot `s` in this config.
-    pub fn shape_of(&self, s: &Slot) -> Vec<usize> {
+    pub(crate) fn shape_of(&self, s: &Slot) -> Vec<usize> {
         s.shape.iter().map(|&d| self.dim(d)).collect()
     }
 
@@ -335,17 +335,17 @@ impl LlamaConfig {
     }
 
     /// Index in `Llama::params` of layer `l`'s block slot `j` (in [`arch::BLOCK`] order).
-    pub fn block_index(&self, l: usize, j: usize) -> usize {
+    pub(crate) fn block_index(&self, l: usize, j: usize) -> usize {
         1 + arch::BLOCK.len() * l + j
     }
 
     /// Index in `Llama::params` of the final norm.
-    pub fn final_norm_index(&self) -> usize {
+    pub(crate) fn final_norm_index(&self) -> usize {
         self.block_index(self.num_hidden_layers, 0)
     }
 
     /// Index in `Llama::params` of layer `l`'s bias `j` (in [`arch::BIASES`] order).
-    pub fn bias_index(&self, l: usize, j: usize) -> usize {
+    pub(crate) fn bias_index(&self, l: usize, j: usize) -> usize {
         let before = self.final_norm_index() + 1 + usize::from(!self.tie_word_embeddings);
         before + arch::BIASES.len() * l + j
     }
@@ -356,7 +356,7 @@ impl LlamaConfig {
         Self::from_hf_str(&text).with_context(|| format!("{}", path.display()))
     }
 
-    pub fn from_hf_str(text: &str) -> Result<Self> {
+    pub(crate) fn from_hf_str(text: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text).context("invalid JSON")?;
         let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let Some(arch) = Arch::from_model_type(mt) else {
@@ -430,7 +430,7 @@ impl LlamaConfig {
     }
 
     /// The HF `config.json` for this architecture (what `export` writes).
-    pub fn to_hf_json(&self) -> serde_json::Value {
+    pub(crate) fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "architectures": [self.arch.spec().hf_class],
             "model_type": self.arch.model_type(),
@@ -486,7 +486,7 @@ impl LlamaConfig {
     }
 
     /// Read the architecture from GGUF metadata (`{arch}.*` keys).
-    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+    pub(crate) fn from_gguf(g: &Gguf) -> Result<Self> {
         let arch = g
             .require("general.architecture")?
             .as_str()
@@ -544,7 +544,7 @@ impl LlamaConfig {
     /// RoPE inverse frequencies (with llama3 scaling when configured).
     /// RoPE's frequency of each of a head's `head_dim` dimensions, in the configured layout
     /// (pairs `(i, i + hd/2)` for the half layout, `(2j, 2j + 1)` for the interleaved one).
-    pub fn rope_dim_freqs(&self) -> Vec<f64> {
+    pub(crate) fn rope_dim_freqs(&self) -> Vec<f64> {
         let (hd, inv) = (self.head_dim, self.rope_inv_freq());
         (0..hd)
             .map(|i| match self.rope_layout {
@@ -554,7 +554,7 @@ impl LlamaConfig {
             .collect()
     }
 
-    pub fn rope_inv_freq(&self) -> Vec<f64> {
+    pub(crate) fn rope_inv_freq(&self) -> Vec<f64> {
         let hd = self.head_dim as f64;
         (0..self.head_dim / 2)
             .map(|i| {

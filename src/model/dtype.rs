@@ -33,7 +33,7 @@ impl Dtype {
     }
 
     /// The burn dtype to cast weights to (`None`: the backend's own float type).
-    pub fn half_dtype(self) -> Option<FloatDType> {
+    pub(crate) fn half_dtype(self) -> Option<FloatDType> {
         match self {
             Dtype::F32 => None,
             Dtype::Bf16 => Some(FloatDType::BF16),
@@ -42,7 +42,7 @@ impl Dtype {
     }
 
     /// `t` in this dtype (unchanged for `f32`).
-    pub fn apply<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
+    pub(crate) fn apply<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
         match self.half_dtype() {
             Some(d) if t.dtype() != DType::from(d) => t.cast(d),
             _ => t,
@@ -72,7 +72,7 @@ impl Autocast {
     /// What runs on this CPU: `off`, or bf16 on its unit (`bf16-amx`, `bf16-avx512bf16`). The
     /// two units round differently, and a CPU with neither runs f32: snapshots and run hashes
     /// record this, so shards or a resume from another kind of CPU are told apart.
-    pub fn effective(self) -> &'static str {
+    pub(crate) fn effective(self) -> &'static str {
         match (self, super::bf16::unit()) {
             (Autocast::Off, _) | (Autocast::Bf16, None) => "off",
             (Autocast::Bf16, Some(super::bf16::Unit::Amx)) => "bf16-amx",
@@ -82,7 +82,7 @@ impl Autocast {
 }
 
 /// A half-precision tensor as f32; any other unchanged (no graph node, no copy).
-pub fn widen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn widen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     match t.dtype() {
         DType::BF16 | DType::F16 => t.cast(FloatDType::F32),
         _ => t,

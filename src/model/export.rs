@@ -14,13 +14,13 @@ pub fn export_hf_dir(cfg: &LlamaConfig, w: &Weights, tok: &Tok, out: &Path, forc
 }
 
 /// The files of an HF model directory, written into an existing (temporary) directory.
-pub fn write_hf_files(cfg: &LlamaConfig, w: &Weights, tok: &Tok, tmp: &Path) -> Result<()> {
+pub(crate) fn write_hf_files(cfg: &LlamaConfig, w: &Weights, tok: &Tok, tmp: &Path) -> Result<()> {
     write_hf_files_with(cfg, tok, tmp, |name| w.get(name).map(Lazy::host))
 }
 
 /// [`write_hf_files`] with the weights given by name (`None` = missing): only the tensors the
 /// architecture uses are asked for (a tied model has no lm_head), each read when written.
-pub fn write_hf_files_with<'a>(
+pub(crate) fn write_hf_files_with<'a>(
     cfg: &LlamaConfig,
     tok: &Tok,
     tmp: &Path,

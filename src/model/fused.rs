@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Whether this CPU runs the AVX-512 copies that [`simd_fn!`] makes (checked once).
-pub fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -81,12 +81,12 @@ macro_rules! simd_fn {
 pub(crate) use simd_fn;
 
 /// Whether `B` is the f32 CPU backend, whose tensors' storage this module reads and writes.
-pub fn is_cpu<B: Backend>() -> bool {
+pub(crate) fn is_cpu<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<crate::backend::Cpu>()
 }
 
 /// Whether `B` is the f32 CPU backend, with or without autodiff around it.
-pub fn cpu_or_autodiff_cpu<B: Backend>() -> bool {
+pub(crate) fn cpu_or_autodiff_cpu<B: Backend>() -> bool {
     is_cpu::<B>() || TypeId::of::<B>() == TypeId::of::<crate::backend::Ad<crate::backend::Cpu>>()
 }
 
@@ -95,7 +95,7 @@ pub fn cpu_or_autodiff_cpu<B: Backend>() -> bool {
 pub const GENERIC_ENV: &str = "CODESPOT_GENERIC";
 
 /// Whether the hand-written path may run at all (not turned off by [`GENERIC_ENV`]).
-pub fn hand_written() -> bool {
+pub(crate) fn hand_written() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os(GENERIC_ENV).is_none())
 }
@@ -112,7 +112,7 @@ pub fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
 }
 
 /// A CPU-backend tensor from its storage (the inverse of [`flex`]).
-pub fn unflex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+pub(crate) fn unflex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
     let p: Box<dyn Any> = Box::new(t);
     let prim = *p.downcast::<B::FloatTensorPrimitive>().expect("the CPU backend");
     Tensor::from_primitive(TensorPrimitive::Float(prim))
@@ -125,7 +125,7 @@ pub fn values(t: &FlexTensor) -> &[f32] {
 
 /// Products with at most this many rows (a decoding step's tokens) go through
 /// [`few_rows_matmul`] instead of gemm.
-pub const FEW_ROWS: usize = 16;
+pub(crate) const FEW_ROWS: usize = 16;
 
 simd_fn! {
     /// `Σ_i a[i]·b[i]`, in 16 lanes summed at the end (the same order for every row, whatever
@@ -152,7 +152,7 @@ simd_fn! {
 /// with no packing (gemm packs the whole weight matrix on every call, which dominates a
 /// decoding step's product of a handful of rows). Parallel over weight rows. A row's result
 /// does not depend on how many rows are beside it.
-pub fn few_rows_matmul(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub(crate) fn few_rows_matmul(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     debug_assert!(x.len() == rows * k && w.len() == n * k);
     // Output transposed, `[n, rows]`, so each task owns a contiguous run of it.
     let per = 64usize;
@@ -176,7 +176,7 @@ pub fn few_rows_matmul(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) ->
 
 /// Rows `ids` of an embedding table, times `scale` when there is one (Gemma's √hidden, as an
 /// f32 constant like transformers' buffer).
-pub fn embed_rows(table: &[f32], ids: &[u32], d: usize, scale: Option<f64>) -> Vec<f32> {
+pub(crate) fn embed_rows(table: &[f32], ids: &[u32], d: usize, scale: Option<f64>) -> Vec<f32> {
     let mut x = rows_of(table, ids, d);
     if let Some(s) = scale {
         let s = s as f32;
@@ -187,7 +187,7 @@ pub fn embed_rows(table: &[f32], ids: &[u32], d: usize, scale: Option<f64>) -> V
 }
 
 /// Rows `ids` of a `[rows, d]` table (an embedding lookup), as `[ids.len(), d]`.
-pub fn rows_of(table: &[f32], ids: &[u32], d: usize) -> Vec<f32> {
+pub(crate) fn rows_of(table: &[f32], ids: &[u32], d: usize) -> Vec<f32> {
     ids.iter()
         .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].iter().copied())
         .collect()
@@ -195,7 +195,7 @@ pub fn rows_of(table: &[f32], ids: &[u32], d: usize) -> Vec<f32> {
 
 /// Shapes of one call.
 #[derive(Clone, Copy, Debug)]
-pub struct Dims {
+pub(crate) struct Dims {
     /// Rows and tokens per row (`n = b · t` tokens in all).
     pub b: usize,
     pub t: usize,
@@ -268,7 +268,7 @@ impl Dims {
 
 /// One block's weights, HF layout (`[out, in]`), in `arch::BLOCK` order,
 /// borrowed from the backend's storage.
-pub struct BlockWeights<'a> {
+pub(crate) struct BlockWeights<'a> {
     pub w: [&'a [f32]; 9],
     /// The matrices' bf16 packed copies when the products run in bf16.
     packs: [Option<Arc<WeightPacks>>; 9],
@@ -279,7 +279,7 @@ pub struct BlockWeights<'a> {
 }
 
 /// A norm's scale: `1 + w` when `plus_one` (Gemma), else `w` itself.
-pub fn norm_scale(w: &[f32], plus_one: bool) -> std::borrow::Cow<'_, [f32]> {
+pub(crate) fn norm_scale(w: &[f32], plus_one: bool) -> std::borrow::Cow<'_, [f32]> {
     if plus_one {
         std::borrow::Cow::Owned(w.iter().map(|w| w + 1.0).collect())
     } else {
@@ -418,7 +418,7 @@ const WD: usize = arch::block_slot(ModuleKind::Down);
 
 /// A block's backward pass's results: `∂L/∂x`, its nine tensors' gradients and its three
 /// biases'.
-pub type BlockGrads = (Vec<f32>, [Option<Vec<f32>>; 9], [Option<Vec<f32>>; 3]);
+pub(crate) type BlockGrads = (Vec<f32>, [Option<Vec<f32>>; 9], [Option<Vec<f32>>; 3]);
 
 /// What a block's backward pass needs of its forward pass.
 pub struct Saved {
@@ -438,7 +438,7 @@ pub struct Saved {
 }
 
 /// RoPE tables for positions `0..t`: `cos`, `sin` as `[t, hd]`.
-pub struct Rope {
+pub(crate) struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     layout: RopeLayout,
@@ -1376,7 +1376,7 @@ impl<'a> BlockWeights<'a> {
 }
 
 /// The final RMSNorm: normed `x` and its per-row `rstd`.
-pub fn final_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn final_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let mut h = vec![0f32; x.len()];
     let mut rstd = vec![0f32; x.len() / w.len()];
     rms_fwd(x, w, eps, &mut h, &mut rstd);
@@ -1384,7 +1384,7 @@ pub fn final_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The final RMSNorm's backward pass: `∂L/∂x` and `∂L/∂w`.
-pub fn final_norm_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn final_norm_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut dx = vec![0f32; x.len()];
     let dw = rms_bwd(dh, x, rstd, w, &mut dx);
     (dx, dw)
@@ -1392,7 +1392,7 @@ pub fn final_norm_bwd(dh: &[f32], x: &[f32], rstd: &[f32], w: &[f32]) -> (Vec<f3
 
 /// Logits `h · Wᵀ` (`h: [n, d]`, `w: [vocab, d]`) in bf16 on `unit`, with `w`'s packed copy
 /// from `cache`.
-pub fn head_logits(unit: bf16::Unit, h: &[f32], w: &FlexTensor, cache: &PackCache, d: usize) -> Vec<f32> {
+pub(crate) fn head_logits(unit: bf16::Unit, h: &[f32], w: &FlexTensor, cache: &PackCache, d: usize) -> Vec<f32> {
     let wv = values(w);
     let p = cache.of(w, wv.len() / d, d);
     bf16::matmul_new(unit, &bf16::pack_lhs(h, (d, 1), h.len() / d, d), p.nt(wv))

@@ -78,7 +78,7 @@ pub fn sample(logits: &[f32], opts: &GenOptions, rng: &mut impl Rng) -> u32 {
     idx[p.len() - 1] as u32
 }
 
-pub fn argmax(v: &[f32]) -> u32 {
+pub(crate) fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
         if *x > v[best] {

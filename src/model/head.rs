@@ -14,7 +14,7 @@ use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor};
 const CHUNK_ELEMS: usize = 1 << 24;
 
 /// The head's loss and gradients.
-pub struct HeadGrads<B: Backend> {
+pub(crate) struct HeadGrads<B: Backend> {
     /// Σ over tokens of the next-token negative log-likelihood (natural log).
     pub nll_sum: f64,
     /// `∂(scale · Σ nll)/∂h`, `[tokens, hidden]`.
@@ -25,7 +25,7 @@ pub struct HeadGrads<B: Backend> {
 
 /// Cross-entropy of `h · Wᵀ` (`h: [tokens, hidden]`, `W: [vocab, hidden]`) against `targets:
 /// [tokens, 1]`, and the gradients of `scale` times its sum.
-pub fn head_grads<B: Backend>(
+pub(crate) fn head_grads<B: Backend>(
     h: Tensor<B, 2>,
     w: Tensor<B, 2>,
     targets: Tensor<B, 2, Int>,

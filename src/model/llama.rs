@@ -18,7 +18,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 /// Default [`Llama::keep_blocks`]: the top blocks whose autodiff graphs a backward pass
 /// (`model::backprop`) keeps from the forward pass instead of re-running them (each ~75 MB at
 /// batch 4 × 256 on the default model; 6 keeps `bench score` under 2.5 GB there).
-pub const DEFAULT_KEEP_BLOCKS: usize = 6;
+pub(crate) const DEFAULT_KEEP_BLOCKS: usize = 6;
 
 /// One transformer block.
 #[derive(Module, Debug)]
@@ -172,7 +172,12 @@ impl<B: Backend> Llama<B> {
 
     /// [`Llama::from_weights`], consuming the host weights tensor by tensor (peak memory: the
     /// weights once, not twice).
-    pub fn from_weights_owned(config: &LlamaConfig, mut w: Weights, device: &B::Device, dtype: Dtype) -> Result<Self> {
+    pub(crate) fn from_weights_owned(
+        config: &LlamaConfig,
+        mut w: Weights,
+        device: &B::Device,
+        dtype: Dtype,
+    ) -> Result<Self> {
         Self::build(config, device, dtype, |name| {
             w.tensors.remove(name).map(|t| (t.shape, t.data))
         })
@@ -354,7 +359,7 @@ impl<B: Backend> Llama<B> {
 
     /// Every parameter as a tensor for a safetensors file, copied to the host only when the
     /// writer reaches it (so writing needs no second copy of the whole model).
-    pub fn lazy_weights(&self) -> std::collections::BTreeMap<String, crate::source::weights::Lazy<'_>> {
+    pub(crate) fn lazy_weights(&self) -> std::collections::BTreeMap<String, crate::source::weights::Lazy<'_>> {
         self.params()
             .into_iter()
             .map(|(name, p)| {
@@ -438,12 +443,12 @@ impl<B: Backend> Llama<B> {
     }
 
     /// RMSNorm over the last dimension of `[tokens, hidden]`.
-    pub fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
+    pub(crate) fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 1>>) -> Tensor<B, 2> {
         rms_norm(x, w, self.config.rms_norm_eps, self.config.arch.norm_plus_one())
     }
 
     /// The per-call constants of the blocks for `b` rows of `t` new tokens after `past` cached ones.
-    pub fn block_context(&self, b: usize, t: usize, past: usize, device: &B::Device) -> BlockContext<B> {
+    pub(crate) fn block_context(&self, b: usize, t: usize, past: usize, device: &B::Device) -> BlockContext<B> {
         self.block_context_padded(b, t, past, &[], device)
     }
 
@@ -512,7 +517,7 @@ impl<B: Backend> Llama<B> {
     /// Activations are kept token-major (`[batch·seq, features]`, contiguous) so every
     /// projection is one 2-D matmul and no reshape of a transposed tensor forces a copy;
     /// attention broadcasts each key/value head over its query group instead of repeating it.
-    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub(crate) fn hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         if cache.is_none() && self.fused_on::<B>() {
             return self.hidden_fused(tokens);
         }
@@ -575,7 +580,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Whether a forward pass without a cache takes the hand-written CPU block.
-    pub fn uses_fused_forward(&self) -> bool {
+    pub(crate) fn uses_fused_forward(&self) -> bool {
         self.fused_on::<B>()
     }
 
@@ -618,7 +623,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Project hidden states to vocabulary logits.
-    pub fn logits_of(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub(crate) fn logits_of(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = h.dims();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if let (Autocast::Bf16, Some(unit), true) = (self.autocast, super::bf16::unit(), self.fused_on::<B>()) {
@@ -661,7 +666,7 @@ impl<B: Backend> Llama<B> {
     /// `in`), Σ_t x̂_tj² for a norm weight (x̂ = the normalised stream it scales), and for the
     /// embedding the count of each token id (its input is one-hot; length `vocab`). A tied
     /// embedding is counted as the input embedding. In f32, through burn's ops (forward only).
-    pub fn input_sq_sums(&self, tokens: Tensor<B, 2, Int>) -> Vec<Tensor<B, 1>> {
+    pub(crate) fn input_sq_sums(&self, tokens: Tensor<B, 2, Int>) -> Vec<Tensor<B, 1>> {
         let cfg = &self.config;
         let device = tokens.device();
         let [b, t] = tokens.dims();
@@ -733,7 +738,7 @@ pub struct BlockContext<B: Backend> {
 
 /// An activation inside a block, as [`Block::forward_observed`] shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Site {
+pub(crate) enum Site {
     /// The residual stream entering the attention norm.
     AttnResidual,
     /// The attention norm's output: the input of q, k and v.
@@ -750,7 +755,7 @@ pub enum Site {
 
 impl Site {
     /// What a block slot of `kind` multiplies: a projection's input, a norm's residual stream.
-    pub fn input_of(kind: ModuleKind) -> Site {
+    pub(crate) fn input_of(kind: ModuleKind) -> Site {
         match kind {
             ModuleKind::AttnNorm => Site::AttnResidual,
             ModuleKind::Q | ModuleKind::K | ModuleKind::V => Site::AttnInput,
@@ -768,7 +773,7 @@ impl Site {
 /// One layer's cached keys and values, in the layout attention reads them,
 /// `[batch, kv_heads, 1, capacity, head_dim]`: positions `0..len` hold data, the rest is room
 /// to grow into, so a decoding step writes its token in place instead of copying the cache.
-pub type KvSlot<B> = Option<(Tensor<B, 5>, Tensor<B, 5>)>;
+pub(crate) type KvSlot<B> = Option<(Tensor<B, 5>, Tensor<B, 5>)>;
 
 /// Positions a KV buffer is rounded up to when it is made or grows.
 const KV_CHUNK: usize = 256;
@@ -821,7 +826,7 @@ impl<B: Backend> Block<B> {
     }
 
     /// The block's q, k and v biases' storage on the f32 CPU backend (None without biases).
-    pub fn bias_storage(&self) -> Option<[fused::FlexTensor; 3]> {
+    pub(crate) fn bias_storage(&self) -> Option<[fused::FlexTensor; 3]> {
         match (&self.q_bias, &self.k_bias, &self.v_bias) {
             (Some(q), Some(k), Some(v)) => Some([q, k, v].map(|p| fused::flex(p.val()))),
             _ => None,
@@ -831,7 +836,7 @@ impl<B: Backend> Block<B> {
     /// The parameter of the slot of `kind`: the one place that pairs `Block`'s fields with
     /// the slots of [`arch::BLOCK`] and [`arch::BIASES`] (`bias`: the projection's bias, None
     /// where the block has none).
-    pub fn slot(&self, kind: K, bias: bool) -> Option<ParamRef<'_, B>> {
+    pub(crate) fn slot(&self, kind: K, bias: bool) -> Option<ParamRef<'_, B>> {
         let p = match (kind, bias) {
             (K::AttnNorm, false) => ParamRef::Vector(&self.attn_norm),
             (K::Q, false) => ParamRef::Matrix(&self.q),
@@ -851,12 +856,12 @@ impl<B: Backend> Block<B> {
     }
 
     /// The block's parameters in [`arch::BLOCK`] order.
-    pub fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
+    pub(crate) fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
         ModuleKind::LAYER_KINDS.map(|k| self.slot(k, false).expect("every block slot is a field"))
     }
 
     /// The block's biases with their slots, in [`arch::BIASES`] order (none without `qkv_bias`).
-    pub fn bias_refs(&self) -> Vec<(&'static arch::Slot, ParamRef<'_, B>)> {
+    pub(crate) fn bias_refs(&self) -> Vec<(&'static arch::Slot, ParamRef<'_, B>)> {
         arch::BIASES
             .iter()
             .filter_map(|s| Some((s, self.slot(s.kind, true)?)))
@@ -876,7 +881,7 @@ impl<B: Backend> Block<B> {
 
     /// [`Block::forward`], showing `obs` the input of each of the block's products (token-major
     /// `[batch·seq, features]`): what activation-aware criteria (Wanda) weigh the weights by.
-    pub fn forward_observed(
+    pub(crate) fn forward_observed(
         &self,
         cfg: &LlamaConfig,
         x: Tensor<B, 2>,
@@ -1019,12 +1024,12 @@ fn biased<B: Backend>(y: Tensor<B, 2>, bias: &Option<Param<Tensor<B, 1>>>) -> Te
 pub const NO_LOSS: u32 = 1 << 31;
 
 /// A row token's id, without [`NO_LOSS`].
-pub fn strip(token: u32) -> u32 {
+pub(crate) fn strip(token: u32) -> u32 {
     token & !NO_LOSS
 }
 
 /// How many of `rows`' next-token predictions count in the loss (targets without [`NO_LOSS`]).
-pub fn loss_targets(rows: &[Vec<u32>]) -> usize {
+pub(crate) fn loss_targets(rows: &[Vec<u32>]) -> usize {
     rows.iter()
         .flat_map(|r| r.iter().skip(1))
         .filter(|&&x| x & NO_LOSS == 0)

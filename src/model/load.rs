@@ -125,7 +125,7 @@ fn gguf_weights(g: &Gguf, cfg: &LlamaConfig) -> Result<Weights> {
 
 /// A content hash of a model location: the file's SHA-256, or for a directory the SHA-256 of
 /// its config.json and weight files' hashes.
-pub fn source_hash(location: &std::path::Path) -> Result<String> {
+pub(crate) fn source_hash(location: &std::path::Path) -> Result<String> {
     use crate::util::{sha256_bytes, sha256_file};
     if location.is_file() {
         return sha256_file(location);

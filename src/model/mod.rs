@@ -17,6 +17,7 @@ pub mod tokenizer;
 pub use arch::Arch;
 pub use config::{LlamaConfig, RopeLayout};
 pub use dtype::{Autocast, Dtype};
-pub use llama::{loss_targets, strip, tokens_tensor, KvCache, Llama, ParamRef, NO_LOSS};
+pub(crate) use llama::{loss_targets, strip};
+pub use llama::{tokens_tensor, KvCache, Llama, ParamRef, NO_LOSS};
 pub use load::{load, Checkpoint};
 pub use tokenizer::{Message, Tok};

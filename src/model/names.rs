@@ -20,7 +20,7 @@ pub fn parse(name: &str) -> Option<ParamName> {
 
 /// How a tensor splits into attention heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadSlicing {
+pub(crate) struct HeadSlicing {
     /// Heads along rows (q, k, v: `[heads*head_dim, d]`) or columns (o: `[d, heads*head_dim]`).
     pub along_rows: bool,
     /// Number of heads in this tensor (KV heads for k and v).
@@ -33,7 +33,7 @@ pub struct HeadSlicing {
 impl HeadSlicing {
     /// Head of the element at flat index `i` of a tensor of `shape` (a bias, 1-D, is one
     /// column: its element `i` is row `i`).
-    pub fn head_of(&self, i: usize, shape: &[usize]) -> usize {
+    pub(crate) fn head_of(&self, i: usize, shape: &[usize]) -> usize {
         let cols = if shape.len() >= 2 { shape[shape.len() - 1] } else { 1 };
         let (r, c) = (i / cols, i % cols);
         if self.along_rows {
@@ -44,13 +44,13 @@ impl HeadSlicing {
     }
 
     /// Query heads that head `h` of this tensor feeds (GQA-aware).
-    pub fn query_heads(&self, h: usize) -> std::ops::Range<usize> {
+    pub(crate) fn query_heads(&self, h: usize) -> std::ops::Range<usize> {
         h * self.group..(h + 1) * self.group
     }
 }
 
 /// Head slicing of q/k/v/o tensors (their slots' [`Groups`]); `None` for other kinds.
-pub fn head_slicing(kind: ModuleKind, cfg: &LlamaConfig) -> Option<HeadSlicing> {
+pub(crate) fn head_slicing(kind: ModuleKind, cfg: &LlamaConfig) -> Option<HeadSlicing> {
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let groups = arch::BLOCK.iter().find(|s| s.kind == kind)?.groups;
     let (heads, group) = match groups {
@@ -67,7 +67,7 @@ pub fn head_slicing(kind: ModuleKind, cfg: &LlamaConfig) -> Option<HeadSlicing> 
 }
 
 /// Tensors and parameters per module kind (q, k, …, norms, embeddings) of a config.
-pub fn params_by_kind(c: &super::LlamaConfig) -> std::collections::BTreeMap<ModuleKind, (usize, usize)> {
+pub(crate) fn params_by_kind(c: &super::LlamaConfig) -> std::collections::BTreeMap<ModuleKind, (usize, usize)> {
     let mut by_kind = std::collections::BTreeMap::new();
     for (name, shape) in c.tensor_shapes() {
         let kind = parse(&name)

@@ -45,7 +45,7 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 
 impl Tok {
     /// Load an HF `tokenizer.json` (with `tokenizer_config.json` beside it, if present).
-    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+    pub(crate) fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         // tokenizers 0.22 panics on some malformed sections (`expect("Helper")` in its decoder
@@ -95,7 +95,7 @@ impl Tok {
 
     /// Rebuild the tokenizer from GGUF metadata (`tokenizer.ggml.*`): byte-level BPE from the
     /// tokens and merges, with tokens of type 3 (control) and 4 (user-defined) added as special.
-    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+    pub(crate) fn from_gguf(g: &Gguf) -> Result<Self> {
         let p = g.path.display();
         let model = g.require("tokenizer.ggml.model")?.as_str().unwrap_or("");
         if model != "gpt2" {
@@ -219,7 +219,7 @@ impl Tok {
     }
 
     /// Decode, dropping special tokens.
-    pub fn decode_clean(&self, ids: &[u32]) -> Result<String> {
+    pub(crate) fn decode_clean(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
             .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
@@ -287,14 +287,14 @@ impl Tok {
     }
 
     /// The `tokenizer.json` text (for export).
-    pub fn to_json(&self) -> Result<String> {
+    pub(crate) fn to_json(&self) -> Result<String> {
         self.inner
             .to_string(false)
             .map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))
     }
 
     /// A `tokenizer_config.json` for export.
-    pub fn config_json(&self) -> serde_json::Value {
+    pub(crate) fn config_json(&self) -> serde_json::Value {
         let mut v = json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
                            "clean_up_tokenization_spaces": false, "model_max_length": 131072});
         if let Some(b) = &self.bos_token {

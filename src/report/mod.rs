@@ -92,7 +92,7 @@ fn parse_condition(c: &str) -> Option<(String, f64)> {
 
 /// Dose–response series per (task, metric): drop % vs k for each set measured at two or more
 /// k, with each point's paired 95 % interval as a bar.
-pub fn dose_response(conds: &[ConditionResults]) -> BTreeMap<(String, String), Vec<Series>> {
+pub(crate) fn dose_response(conds: &[ConditionResults]) -> BTreeMap<(String, String), Vec<Series>> {
     type Points = BTreeMap<String, Vec<(f64, f64, (f64, f64))>>;
     let mut out: BTreeMap<(String, String), Points> = BTreeMap::new();
     let Some(base) = conds.iter().find(|c| c.condition == "base") else {

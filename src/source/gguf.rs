@@ -44,7 +44,7 @@ impl Value {
             _ => None,
         }
     }
-    pub fn as_bool(&self) -> Option<bool> {
+    pub(crate) fn as_bool(&self) -> Option<bool> {
         match self {
             Value::Bool(b) => Some(*b),
             _ => None,
@@ -312,13 +312,13 @@ impl Gguf {
     }
 
     /// A required metadata field, with an error naming the file and the key.
-    pub fn require(&self, key: &str) -> Result<&Value> {
+    pub(crate) fn require(&self, key: &str) -> Result<&Value> {
         self.meta
             .get(key)
             .with_context(|| format!("{}: missing metadata field '{key}'", self.path.display()))
     }
 
-    pub fn require_u64(&self, key: &str) -> Result<u64> {
+    pub(crate) fn require_u64(&self, key: &str) -> Result<u64> {
         self.require(key)?.as_u64().with_context(|| {
             format!(
                 "{}: metadata field '{key}' is not an unsigned integer",
@@ -327,7 +327,7 @@ impl Gguf {
         })
     }
 
-    pub fn require_f64(&self, key: &str) -> Result<f64> {
+    pub(crate) fn require_f64(&self, key: &str) -> Result<f64> {
         self.require(key)?
             .as_f64()
             .with_context(|| format!("{}: metadata field '{key}' is not a number", self.path.display()))
@@ -348,7 +348,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Dequantise `n` elements of type `ty` stored in `bytes` (llama.cpp's block layouts).
-pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+pub(crate) fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     match ty {
         GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),

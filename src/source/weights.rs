@@ -132,13 +132,13 @@ fn load_safetensors_file(path: &Path, w: &mut Weights) -> Result<()> {
 }
 
 /// The header of a safetensors file: its tensors' shapes by name and its metadata.
-pub struct SafetensorsHeader {
+pub(crate) struct SafetensorsHeader {
     pub shapes: BTreeMap<String, Vec<usize>>,
     pub metadata: std::collections::HashMap<String, String>,
 }
 
 /// Read and check a safetensors file's header (the tensors' data is not read).
-pub fn safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
+pub(crate) fn safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
     use safetensors::SafeTensors;
     let file = std::fs::File::open(path).with_context(|| format!("safetensors file {}", path.display()))?;
     // SAFETY: read-only map of a file codespot does not modify while it is open.
@@ -163,7 +163,7 @@ pub fn save_safetensors(
 }
 
 /// Write weights as one safetensors file, f32 or (with `half`) f16, atomically.
-pub fn save_safetensors_as(
+pub(crate) fn save_safetensors_as(
     w: &Weights,
     path: &Path,
     metadata: Option<std::collections::HashMap<String, String>>,
@@ -175,7 +175,7 @@ pub fn save_safetensors_as(
 
 /// A tensor of a safetensors file being written, encoded only when the writer reaches it: a
 /// file of many tensors then never holds a second, encoded copy of all of them in memory.
-pub struct Lazy<'a> {
+pub(crate) struct Lazy<'a> {
     shape: Vec<usize>,
     values: Values<'a>,
 }
@@ -196,7 +196,7 @@ impl<'a> Lazy<'a> {
     }
 
     /// A tensor of `shape` whose values `fetch` returns (row-major, `shape`'s product of them).
-    pub fn fetch(shape: Vec<usize>, fetch: impl Fn() -> Vec<f32> + 'a) -> Self {
+    pub(crate) fn fetch(shape: Vec<usize>, fetch: impl Fn() -> Vec<f32> + 'a) -> Self {
         Self {
             shape,
             values: Values::Fetch(Box::new(fetch)),
@@ -250,7 +250,7 @@ impl safetensors::View for Encoded<'_> {
 
 /// Write named tensors as one safetensors file, f32 or (with `half`) f16, atomically (a temp
 /// sibling renamed into place). Each tensor is encoded when the writer reaches it.
-pub fn write_safetensors(
+pub(crate) fn write_safetensors(
     tensors: Vec<(String, Lazy<'_>)>,
     path: &Path,
     metadata: Option<std::collections::HashMap<String, String>>,

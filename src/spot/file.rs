@@ -70,7 +70,7 @@ pub fn key(k: f64, set: &str) -> String {
     format!("k{}:{set}", fmt_k(k))
 }
 
-pub fn fmt_k(k: f64) -> String {
+pub(crate) fn fmt_k(k: f64) -> String {
     let s = format!("{k}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }

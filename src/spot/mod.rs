@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use crate::topk::{counts, jaccard, select_by, top_indices, Eligible, Mask, Scope};
+pub use crate::topk::{counts, jaccard, select_by, Eligible, Mask, Scope};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -190,10 +190,10 @@ pub enum Control {
 }
 
 /// Which module kinds a set keeps.
-pub type KindFilter = fn(crate::model::arch::ModuleKind) -> bool;
+pub(crate) type KindFilter = fn(crate::model::arch::ModuleKind) -> bool;
 
 /// The parts of a block that [`Control::Arms`] restricts the spot to.
-pub const ARMS: [(&str, KindFilter); 3] = [
+pub(crate) const ARMS: [(&str, KindFilter); 3] = [
     ("attn", |k| k.is_attention()),
     ("mlp", |k| k.is_mlp()),
     ("norms", |k| k.is_norm()),
@@ -201,7 +201,7 @@ pub const ARMS: [(&str, KindFilter); 3] = [
 
 impl Control {
     /// The sets this control adds beside the spot, given the snapshots' languages.
-    pub fn set_names(self, languages: &[String]) -> Vec<String> {
+    pub(crate) fn set_names(self, languages: &[String]) -> Vec<String> {
         match self {
             Control::Random => vec!["random".into()],
             Control::Bottom => vec!["bottom".into()],
@@ -235,7 +235,7 @@ type Unit = (usize, usize);
 
 /// Masks zeroing whole query heads (q rows, o columns) or whole neurons (gate and up rows, down
 /// column), over every q/o (or gate/up/down) tensor of `shapes`.
-pub fn unit_masks(
+pub(crate) fn unit_masks(
     shapes: &BTreeMap<String, Vec<usize>>,
     units: &[Unit],
     heads: bool,

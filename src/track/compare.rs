@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// One side of a comparison.
-pub enum Side {
+pub(crate) enum Side {
     Snapshot(Box<snapshot::Snapshot>),
     Spot {
         dir: PathBuf,

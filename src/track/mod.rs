@@ -9,11 +9,12 @@ use crate::importance::snapshot::Snapshot;
 use crate::importance::summary::Summaries;
 use crate::importance::Scores;
 use crate::model::names;
-pub use crate::topk::{jaccard_per_layer, top_masks};
+pub(crate) use crate::topk::jaccard_per_layer;
+pub use crate::topk::top_masks;
 
 use anyhow::Result;
 use std::collections::BTreeMap;
-pub use tensorboard::{Histogram, Tb};
+pub(crate) use tensorboard::{Histogram, Tb};
 
 /// Module kinds in display order (columns of the layer × module heatmap): the block's slots in
 /// `model::arch::BLOCK` order.
@@ -105,7 +106,10 @@ fn log10(x: f32) -> f64 {
 
 /// log10-importance histograms per layer (`L07`) and per module kind (`q`, `gate`, …), on a
 /// shared range so they compare.
-pub fn log10_histograms(scores: &Scores, buckets: usize) -> (BTreeMap<String, Histogram>, BTreeMap<String, Histogram>) {
+pub(crate) fn log10_histograms(
+    scores: &Scores,
+    buckets: usize,
+) -> (BTreeMap<String, Histogram>, BTreeMap<String, Histogram>) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for t in scores.tensors.values() {
         for &x in &t.data {
@@ -144,7 +148,7 @@ pub fn log10_histograms(scores: &Scores, buckets: usize) -> (BTreeMap<String, Hi
 }
 
 /// Layer × module-kind importance mass (rows = layers, columns = [`MODULE_ORDER`]).
-pub fn layer_module_grid(s: &Summaries) -> Vec<Vec<f64>> {
+pub(crate) fn layer_module_grid(s: &Summaries) -> Vec<Vec<f64>> {
     (0..s.num_layers)
         .map(|l| {
             MODULE_ORDER
@@ -161,11 +165,11 @@ pub fn layer_module_grid(s: &Summaries) -> Vec<Vec<f64>> {
         .collect()
 }
 
-pub use crate::plot::colour;
+pub(crate) use crate::plot::colour;
 
 /// A square `size × size` RGB heatmap of `grid` (rows top to bottom, colour = value / max),
 /// cells scaled to fill the square.
-pub fn heatmap_rgb(grid: &[Vec<f64>], size: usize) -> Vec<u8> {
+pub(crate) fn heatmap_rgb(grid: &[Vec<f64>], size: usize) -> Vec<u8> {
     let rows = grid.len().max(1);
     let cols = grid.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
     let max = grid.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
@@ -183,9 +187,9 @@ pub fn heatmap_rgb(grid: &[Vec<f64>], size: usize) -> Vec<u8> {
 }
 
 /// Side of the heatmap images written to TensorBoard.
-pub const IMAGE_SIZE: usize = 270;
+pub(crate) const IMAGE_SIZE: usize = 270;
 /// Side of the labelled layer × head image (axes, colour bar on a scale fixed for the run).
-pub const HEAD_IMAGE_SIZE: usize = 660;
+pub(crate) const HEAD_IMAGE_SIZE: usize = 660;
 
 /// What one snapshot contributes to TensorBoard, compared with the base and the previous one.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -219,10 +223,10 @@ pub struct SnapshotMetrics {
 }
 
 /// Elements Spearman correlation is computed on (an evenly strided sample above this).
-pub const SPEARMAN_MAX_ELEMS: usize = 16 << 20;
+pub(crate) const SPEARMAN_MAX_ELEMS: usize = 16 << 20;
 
 /// Compare `cur` with the base snapshot and the previous one; `k` is the top-k % tracked.
-pub fn compare_snapshots(
+pub(crate) fn compare_snapshots(
     step: usize,
     cur: &Snapshot,
     base: &Snapshot,
@@ -272,7 +276,7 @@ fn head_shares(masks: &BTreeMap<String, crate::topk::Mask>, cfg: &crate::model::
 }
 
 /// Write a snapshot's measures, histograms and heatmaps to TensorBoard at `step`.
-pub fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<()> {
+pub(crate) fn log_snapshot(tb: &mut Tb, m: &SnapshotMetrics, cur: &Snapshot) -> Result<()> {
     let step = m.step;
     for (kind, v) in &m.module_share {
         tb.scalar(&format!("importance/module_share/{kind}"), *v, step)?;

@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-pub struct Tb {
+pub(crate) struct Tb {
     dir: PathBuf,
     inner: Option<tensorboard_rs::summary_writer::FileWriter>,
     failed: Option<String>,
@@ -26,7 +26,7 @@ pub struct Tb {
 
 /// A histogram in TensorBoard's form: bucket right edges and counts.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     pub min: f64,
     pub max: f64,
     pub num: f64,
@@ -148,7 +148,7 @@ impl Tb {
     /// Mark a (re)start at `step`: TensorBoard then discards every event of this dir with a
     /// step ≥ `step` written before (by a process killed after its last checkpoint), so a
     /// resumed run shows each step once. The caller re-logs what belongs to `step` itself.
-    pub fn restart(&mut self, step: usize) -> Result<()> {
+    pub(crate) fn restart(&mut self, step: usize) -> Result<()> {
         use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
         let mut log = SessionLog::new();
         log.set_status(SessionLog_SessionStatus::START);
@@ -181,7 +181,7 @@ impl Tb {
     }
 
     /// A square RGB image, `size × size`, row-major interleaved RGB bytes.
-    pub fn image(&mut self, tag: &str, rgb: &[u8], size: usize, step: usize) -> Result<()> {
+    pub(crate) fn image(&mut self, tag: &str, rgb: &[u8], size: usize, step: usize) -> Result<()> {
         if rgb.len() != size * size * 3 {
             bail!("image '{tag}': {} bytes for a {size}×{size} RGB image", rgb.len());
         }
@@ -190,7 +190,7 @@ impl Tb {
         })
     }
 
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         self.call("flush", |w| w.flush())
     }
 

@@ -527,7 +527,7 @@ impl<B: Backend> Sharded<B> {
         self.shards[0].t
     }
 
-    pub fn set_offload(&mut self, offload: bool) {
+    pub(crate) fn set_offload(&mut self, offload: bool) {
         self.shards.iter_mut().for_each(|s| s.offload = offload);
     }
 

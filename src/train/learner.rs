@@ -207,7 +207,7 @@ pub(crate) fn evaluate<B: Backend>(model: &Llama<B>, sets: &[HeldoutBatch]) -> V
 /// every clone (burn-train clones optimizers) and saved by codespot's checkpoint, so its burn
 /// record is empty.
 #[derive(Clone)]
-pub struct TuneOptimizer<B: Backend> {
+pub(crate) struct TuneOptimizer<B: Backend> {
     pub(crate) adamw: Arc<Mutex<Sharded<B>>>,
     avg: f64,
     clip: f64,
@@ -241,7 +241,7 @@ impl<B: Backend> TuneOptimizer<B> {
         lock(&self.adamw).step(module, grads, lr, self.avg * clip)
     }
 
-    pub fn last_norm(&self) -> f64 {
+    pub(crate) fn last_norm(&self) -> f64 {
         *lock(&self.norm)
     }
 }
@@ -328,7 +328,7 @@ pub(super) struct Cursor<B: Backend> {
 
 /// The training loader: each item is one optimizer step's batches, drawn at the cursor.
 #[derive(Clone)]
-pub struct StepLoader<B: Backend> {
+pub(crate) struct StepLoader<B: Backend> {
     cursor: Arc<Mutex<Cursor<B>>>,
 }
 
@@ -397,7 +397,7 @@ impl<B: Backend> DataLoader<B, StepBatch<B>> for StepLoader<B> {
 
 /// The validation loader: every held-out set, once per epoch.
 #[derive(Clone)]
-pub struct HeldoutLoader {
+pub(crate) struct HeldoutLoader {
     sets: Arc<Vec<HeldoutBatch>>,
 }
 

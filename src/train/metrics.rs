@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 /// The named numbers one item (a training step, or one held-out set) reports.
 #[derive(Debug, Clone, Default)]
-pub struct Scalars(pub Vec<(&'static str, f64)>);
+pub(crate) struct Scalars(pub Vec<(&'static str, f64)>);
 
 /// A training step as burn-train's event processor sees it.
 #[derive(Debug, Clone)]
@@ -77,7 +77,7 @@ impl Adaptor<Scalars> for HeldoutOut {
 /// One of [`Scalars`]' numbers as a burn-train numeric metric (averaged over the epoch's items
 /// that report it).
 #[derive(Clone)]
-pub struct Scalar {
+pub(crate) struct Scalar {
     key: &'static str,
     name: MetricName,
     unit: Option<&'static str>,
@@ -163,7 +163,7 @@ impl Numeric for Scalar {
 
 /// Plain lines on standard error, one per training step and one per held-out epoch, with every
 /// metric's value: what `tune` shows when stdout is not a terminal.
-pub struct LineRenderer {
+pub(crate) struct LineRenderer {
     label: String,
     names: BTreeMap<Arc<String>, String>,
     train: BTreeMap<String, String>,

@@ -106,7 +106,7 @@ pub struct TuneOptions {
 
 /// Whether the run in `dir` has a checkpoint made with tune hash `hash` (so `--resume` can
 /// continue it).
-pub fn resumable(dir: &Path, hash: &str) -> bool {
+pub(crate) fn resumable(dir: &Path, hash: &str) -> bool {
     let ck = crate::layout::checkpoints_dir(dir);
     steps_in(&ck)
         .into_iter()
@@ -146,7 +146,7 @@ pub fn steps_in(dir: &Path) -> Vec<usize> {
 
 /// The learning rate at `step` (1-based): linear warm-up, then cosine to `min_lr_ratio · lr`
 /// (or constant).
-pub fn lr_at(t: &TrainSection, step: usize) -> f64 {
+pub(crate) fn lr_at(t: &TrainSection, step: usize) -> f64 {
     if t.warmup > 0 && step <= t.warmup {
         return t.lr * step as f64 / t.warmup as f64;
     }
@@ -312,7 +312,7 @@ impl BlockOrder {
 }
 
 /// Make sure every language's corpus is built (building missing ones as the recipe says).
-pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Checkpoint) -> Result<()> {
+pub(crate) fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Checkpoint) -> Result<()> {
     // The spot's languages, the prose corpus of the text controls, and the one `text-bpb` reads.
     let r = &loaded.recipe;
     // Then the corpora that the recipe's `text-bpb[:CORPUS]` and `code-bpb[:LANG]` read, each once.
@@ -355,7 +355,7 @@ pub fn ensure_corpora(loaded: &Loaded, corpora: &crate::data::Corpora, ck: &Chec
 }
 
 /// Mean next-token loss over `blocks` (forward only), in batches of `batch`.
-pub fn mean_loss<B: Backend>(m: &Llama<B>, blocks: &[Vec<u32>], batch: usize) -> f64 {
+pub(crate) fn mean_loss<B: Backend>(m: &Llama<B>, blocks: &[Vec<u32>], batch: usize) -> f64 {
     use burn::tensor::ElementConversion;
     let device = m.embed.val().device();
     let mut sum = 0.0;

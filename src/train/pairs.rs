@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 /// Batches per length-sorted window.
-pub const WINDOW_BATCHES: usize = 8;
+pub(crate) const WINDOW_BATCHES: usize = 8;
 
 /// The token ids of `pair` in `tok`'s chat template: the user turn with the generation prompt,
 /// then the assistant's response and the template's end of turn. With `train_on_input` false,
@@ -74,7 +74,7 @@ pub fn pad(rows: Vec<Vec<u32>>, pad: u32) -> Vec<Vec<u32>> {
 }
 
 /// The deterministic order of examples (see the module's doc).
-pub struct PairOrder {
+pub(crate) struct PairOrder {
     lens: Vec<usize>,
     batch: usize,
     seed: u64,
@@ -136,7 +136,7 @@ pub struct PairLoss {
 
 /// Per-example (Σ nll over counted targets, counted targets) of `examples`, `batch` at a time,
 /// forward only.
-pub fn example_nll<B: burn::tensor::backend::Backend>(
+pub(crate) fn example_nll<B: burn::tensor::backend::Backend>(
     m: &crate::model::Llama<B>,
     examples: &[Vec<u32>],
     batch: usize,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The file in a language's tune directory.
-pub const FILE: &str = "seeds.json";
+pub(crate) const FILE: &str = "seeds.json";
 
 /// One replicate's spot against the main run's at one checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +30,7 @@ pub struct SeedMovement {
 }
 
 /// A replicate's run directory.
-pub fn replicate_dir(tune_dir: &Path, seed: u64) -> PathBuf {
+pub(crate) fn replicate_dir(tune_dir: &Path, seed: u64) -> PathBuf {
     tune_dir.join(format!("seed-{seed}"))
 }
 
@@ -48,7 +48,7 @@ pub fn read(tune_dir: &Path) -> Result<Option<Vec<SeedMovement>>> {
 
 /// Whether `seeds.json` in a language's tune directory compares every one of `seeds` (true when
 /// there are none).
-pub fn complete(tune_dir: &Path, seeds: &[u64]) -> bool {
+pub(crate) fn complete(tune_dir: &Path, seeds: &[u64]) -> bool {
     seeds.is_empty()
         || read(tune_dir)
             .ok()
