@@ -174,193 +174,29 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
             ))
         })
         .collect();
+    let base = evals.iter().find(|(n, _)| n == "base").map(|(_, c)| c.as_slice());
     let base_dirs: Vec<PathBuf> = r.languages.iter().map(|l| out.join("base").join(l)).collect();
     let final_dirs: Vec<PathBuf> = r
         .languages
         .iter()
         .map(|l| crate::layout::final_snapshot(loaded, l))
         .collect();
-    let mut md = String::new();
     let mut images: Vec<(String, String)> = vec![]; // (file, caption)
-
     crate::util::write_dir_atomic(&out.join("report"), true, |dir| {
         let mut fig = Figures { dir, list: vec![] };
         if !tunes.is_empty() {
-            let train: Vec<Series> = tunes
-                .iter()
-                .map(|(l, t)| Series {
-                    name: format!("{l} (train)"),
-                    points: t.history.iter().map(|h| (h.step as f64, h.loss)).collect(),
-                    dashed: false,
-                    bars: vec![],
-                })
-                .collect();
-            fig.lines(
-                "loss.png",
-                "Training loss",
-                "step",
-                "loss (nats/token)",
-                &train,
-                "Training loss per language (each its own run)".into(),
-            )?;
-            let mut held = vec![];
-            for (l, t) in &tunes {
-                for lang in &r.languages {
-                    held.push(Series {
-                        name: format!("tuned on {l}: {lang}"),
-                        points: t
-                            .heldout
-                            .iter()
-                            .filter_map(|h| Some((h.step as f64, *h.loss.get(lang)?)))
-                            .collect(),
-                        dashed: lang != l,
-                        bars: vec![],
-                    });
-                }
-            }
-            fig.lines(
-                "heldout.png",
-                "Held-out loss",
-                "step",
-                "loss (nats/token)",
-                &held,
-                "Held-out loss of every language while tuning on one (dashed: the other languages)".into(),
-            )?;
-            let overlap: Vec<Series> = tunes
-                .iter()
-                .flat_map(|(l, t)| {
-                    [
-                        Series {
-                            name: format!("{l}: Jaccard with base"),
-                            points: t.metrics.iter().map(|m| (m.step as f64, m.jaccard_base)).collect(),
-                            dashed: false,
-                            bars: vec![],
-                        },
-                        Series {
-                            name: format!("{l}: Spearman with base"),
-                            points: t.metrics.iter().map(|m| (m.step as f64, m.spearman_base)).collect(),
-                            dashed: true,
-                            bars: vec![],
-                        },
-                        Series {
-                            name: format!("{l}: noise floor (split-half Jaccard)"),
-                            points: t
-                                .metrics
-                                .iter()
-                                .filter_map(|m| Some((m.step as f64, m.floor?)))
-                                .collect(),
-                            dashed: true,
-                            bars: vec![],
-                        },
-                    ]
-                })
-                .filter(|s| !s.points.is_empty())
-                .collect();
-            fig.lines(
-                "overlap.png",
-                &format!("Top-{}% set vs the base model across checkpoints", r.importance.track_k),
-                "step",
-                "overlap",
-                &overlap,
-                "Spot overlap with the base model across checkpoints, beside each snapshot's split-half agreement (two disjoint halves of its calibration tokens) for scale; the movement plot holds the test".into(),
-            )?;
-            evolution::figures(&mut fig, &tunes)?;
+            tuning_figures(&mut fig, loaded, &tunes)?;
         }
-        // Calibration convergence and split-half agreement of the base snapshots, by k.
-        let agreements: Vec<(String, crate::importance::agreement::Agreement)> = base_dirs
-            .iter()
-            .filter_map(|d| {
-                let m = crate::importance::snapshot::read_manifest(d).ok()?;
-                Some((m.language, m.agreement?))
-            })
-            .collect();
-        if !agreements.is_empty() {
-            let conv: Vec<Series> = agreements
-                .iter()
-                .flat_map(|(l, a)| {
-                    [
-                        Series {
-                            name: format!("{l}: top-k at {} vs all tokens", a.half_tokens),
-                            points: a.ks.iter().copied().zip(a.convergence.iter().copied()).collect(),
-                            dashed: false,
-                            bars: vec![],
-                        },
-                        Series {
-                            name: format!("{l}: two halves (noise floor)"),
-                            points: a.ks.iter().copied().zip(a.split_half.iter().copied()).collect(),
-                            dashed: true,
-                            bars: vec![],
-                        },
-                        Series {
-                            name: format!("{l}: two quarters ({} tokens each)", a.quarter_tokens),
-                            points: a.ks.iter().copied().zip(a.split_quarter.iter().copied()).collect(),
-                            dashed: true,
-                            bars: vec![],
-                        },
-                    ]
-                })
-                .filter(|s| !s.points.is_empty())
-                .collect();
-            fig.lines(
-                "convergence.png",
-                "Calibration convergence of the base snapshots",
-                "k (%)",
-                "Jaccard",
-                &conv,
-                "Calibration convergence: the top-k set from the first half of the calibration tokens against the one from all of them (inflated: the half is inside the whole), and the fair measure, disjoint samples against each other: two halves (N/2 each, the noise floor) and two quarters (N/4 each); the rise from quarters to halves shows how much agreement doubling the sample buys".into(),
-            )?;
-        }
-        let cols: Vec<String> = crate::track::MODULE_ORDER.iter().map(|s| s.to_string()).collect();
-        for (tag, dirs) in [("base", &base_dirs), ("tuned", &final_dirs)] {
-            let Some((lm, lh)) = summed(dirs) else { continue };
-            fig.heatmap(
-                &format!("mass_{tag}_layer_module.png"),
-                &format!("Importance mass, {tag}: layer × module"),
-                &lm,
-                &cols,
-                format!("Importance mass share ({tag} model(s), summed over languages): layer × module"),
-            )?;
-            let heads: Vec<String> = (0..lh.first().map_or(0, |r| r.len()))
-                .map(|h| format!("H{h}"))
-                .collect();
-            fig.heatmap(
-                &format!("mass_{tag}_layer_head.png"),
-                &format!("Importance mass, {tag}: layer × head"),
-                &lh,
-                &heads,
-                format!("Importance mass share ({tag}): layer × query head"),
-            )?;
-        }
-        if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
-            for ((task, metric), series) in dose_response(base) {
-                // k spanning more than a decade is drawn on a log axis.
-                let ks: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
-                let wide = ks.iter().cloned().fold(0.0, f64::max) > 10.0 * ks.iter().cloned().fold(f64::MAX, f64::min);
-                let series: Vec<Series> = if wide {
-                    series.into_iter().map(Series::log_x).collect()
-                } else {
-                    series
-                };
-                fig.lines(
-                    &format!("dose_{}_{}.png", slug(&task), slug(&metric)),
-                    &format!("{task} {metric}: drop vs spot size"),
-                    if wide {
-                        "log10 k (k: % of layer parameters zeroed)"
-                    } else {
-                        "k (% of layer parameters zeroed)"
-                    },
-                    "drop % (positive = worse)",
-                    &series,
-                    format!(
-                        "Dose–response, {task} {metric}: spot (solid) vs controls (dashed), with paired 95 % intervals"
-                    ),
-                )?;
-            }
+        convergence_figure(&mut fig, &base_dirs)?;
+        mass_heatmaps(&mut fig, &base_dirs, &final_dirs)?;
+        if let Some(base) = base {
+            dose_figures(&mut fig, base)?;
         }
         images = fig.list;
         Ok(())
     })?;
 
+    let mut md = String::new();
     let _ = writeln!(md, "# codespot report: {}\n", r.name);
     let _ = writeln!(
         md,
@@ -369,34 +205,256 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         r.languages.join(", "),
         loaded.path.display()
     );
-    if !tunes.is_empty() {
-        let _ = writeln!(md, "## Tuning\n\n| language | steps | tokens | tokens/s | wall s | first loss | last loss | held-out (own) base → final |\n|---|---:|---:|---:|---:|---:|---:|---:|");
-        for (l, t) in &tunes {
-            let own = |i: usize| {
-                t.heldout
-                    .get(i)
-                    .and_then(|h| h.loss.get(l))
-                    .copied()
-                    .unwrap_or(f64::NAN)
-            };
-            let _ = writeln!(
-                md,
-                "| {l} | {} | {} | {:.1} | {:.0} | {:.4} | {:.4} | {:.4} → {:.4} |",
-                t.steps,
-                t.tokens,
-                t.tokens_per_s,
-                t.elapsed_s,
-                t.first_loss,
-                t.last_loss,
-                own(0),
-                own(t.heldout.len().saturating_sub(1))
-            );
-        }
-        md.push('\n');
-    }
+    md.push_str(&tuning_table(&tunes));
     md.push_str(&evolution::section(&tunes));
-    let compare_dir = out.join("compare");
-    let mut comps: Vec<(String, crate::track::compare::Comparison)> = std::fs::read_dir(&compare_dir)
+    md.push_str(&comparison_section(&out.join("compare")));
+    md.push_str(&evolution::tuning_effect(&evals));
+    for (n, conds) in &evals {
+        let _ = writeln!(md, "## Results: {n}\n\n{}", crate::eval::table(conds));
+    }
+    if let Some(base) = base {
+        md.push_str(&matched_section(loaded, base));
+    }
+    if let Ok(man) = crate::spot::file::read_manifest(&out.join("spots").join("base")) {
+        md.push_str(&overlap_section(&man));
+        if let Some(base) = base {
+            md.push_str(&matrix_section(loaded, &man, base));
+        }
+    }
+    if !images.is_empty() {
+        let _ = writeln!(md, "## Plots\n");
+        for (f, cap) in &images {
+            let _ = writeln!(md, "### {cap}\n\n![{cap}](report/{f})\n");
+        }
+    }
+    let p = out.join("report.md");
+    crate::util::write_atomic(&p, md.as_bytes())?;
+    Ok(p)
+}
+
+/// Loss, held-out loss and spot-overlap curves of the tuning runs, and the evolution figures.
+fn tuning_figures(fig: &mut Figures, loaded: &Loaded, tunes: &[(String, TuneSummary)]) -> Result<()> {
+    let r = &loaded.recipe;
+    let train: Vec<Series> = tunes
+        .iter()
+        .map(|(l, t)| Series {
+            name: format!("{l} (train)"),
+            points: t.history.iter().map(|h| (h.step as f64, h.loss)).collect(),
+            dashed: false,
+            bars: vec![],
+        })
+        .collect();
+    fig.lines(
+        "loss.png",
+        "Training loss",
+        "step",
+        "loss (nats/token)",
+        &train,
+        "Training loss per language (each its own run)".into(),
+    )?;
+    let mut held = vec![];
+    for (l, t) in tunes {
+        for lang in &r.languages {
+            held.push(Series {
+                name: format!("tuned on {l}: {lang}"),
+                points: t
+                    .heldout
+                    .iter()
+                    .filter_map(|h| Some((h.step as f64, *h.loss.get(lang)?)))
+                    .collect(),
+                dashed: lang != l,
+                bars: vec![],
+            });
+        }
+    }
+    fig.lines(
+        "heldout.png",
+        "Held-out loss",
+        "step",
+        "loss (nats/token)",
+        &held,
+        "Held-out loss of every language while tuning on one (dashed: the other languages)".into(),
+    )?;
+    let overlap: Vec<Series> = tunes
+        .iter()
+        .flat_map(|(l, t)| {
+            [
+                Series {
+                    name: format!("{l}: Jaccard with base"),
+                    points: t.metrics.iter().map(|m| (m.step as f64, m.jaccard_base)).collect(),
+                    dashed: false,
+                    bars: vec![],
+                },
+                Series {
+                    name: format!("{l}: Spearman with base"),
+                    points: t.metrics.iter().map(|m| (m.step as f64, m.spearman_base)).collect(),
+                    dashed: true,
+                    bars: vec![],
+                },
+                Series {
+                    name: format!("{l}: noise floor (split-half Jaccard)"),
+                    points: t
+                        .metrics
+                        .iter()
+                        .filter_map(|m| Some((m.step as f64, m.floor?)))
+                        .collect(),
+                    dashed: true,
+                    bars: vec![],
+                },
+            ]
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    fig.lines(
+    "overlap.png",
+    &format!("Top-{}% set vs the base model across checkpoints", r.importance.track_k),
+    "step",
+    "overlap",
+    &overlap,
+    "Spot overlap with the base model across checkpoints, beside each snapshot's split-half agreement (two disjoint halves of its calibration tokens) for scale; the movement plot holds the test".into(),
+)?;
+    evolution::figures(fig, tunes)?;
+    Ok(())
+}
+
+/// Calibration convergence and split-half agreement of the base snapshots, by k.
+fn convergence_figure(fig: &mut Figures, base_dirs: &[PathBuf]) -> Result<()> {
+    let agreements: Vec<(String, crate::importance::agreement::Agreement)> = base_dirs
+        .iter()
+        .filter_map(|d| {
+            let m = crate::importance::snapshot::read_manifest(d).ok()?;
+            Some((m.language, m.agreement?))
+        })
+        .collect();
+    if agreements.is_empty() {
+        return Ok(());
+    }
+    let conv: Vec<Series> = agreements
+        .iter()
+        .flat_map(|(l, a)| {
+            [
+                Series {
+                    name: format!("{l}: top-k at {} vs all tokens", a.half_tokens),
+                    points: a.ks.iter().copied().zip(a.convergence.iter().copied()).collect(),
+                    dashed: false,
+                    bars: vec![],
+                },
+                Series {
+                    name: format!("{l}: two halves (noise floor)"),
+                    points: a.ks.iter().copied().zip(a.split_half.iter().copied()).collect(),
+                    dashed: true,
+                    bars: vec![],
+                },
+                Series {
+                    name: format!("{l}: two quarters ({} tokens each)", a.quarter_tokens),
+                    points: a.ks.iter().copied().zip(a.split_quarter.iter().copied()).collect(),
+                    dashed: true,
+                    bars: vec![],
+                },
+            ]
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    fig.lines(
+        "convergence.png",
+        "Calibration convergence of the base snapshots",
+        "k (%)",
+        "Jaccard",
+        &conv,
+        "Calibration convergence: the top-k set from the first half of the calibration tokens against the one from all of them (inflated: the half is inside the whole), and the fair measure, disjoint samples against each other: two halves (N/2 each, the noise floor) and two quarters (N/4 each); the rise from quarters to halves shows how much agreement doubling the sample buys".into(),
+    )?;
+    Ok(())
+}
+
+/// Importance mass heatmaps (layer × module, layer × head) of the base and tuned snapshots.
+fn mass_heatmaps(fig: &mut Figures, base_dirs: &[PathBuf], final_dirs: &[PathBuf]) -> Result<()> {
+    let cols: Vec<String> = crate::track::MODULE_ORDER.iter().map(|s| s.to_string()).collect();
+    for (tag, dirs) in [("base", base_dirs), ("tuned", final_dirs)] {
+        let Some((lm, lh)) = summed(dirs) else { continue };
+        fig.heatmap(
+            &format!("mass_{tag}_layer_module.png"),
+            &format!("Importance mass, {tag}: layer × module"),
+            &lm,
+            &cols,
+            format!("Importance mass share ({tag} model(s), summed over languages): layer × module"),
+        )?;
+        let heads: Vec<String> = (0..lh.first().map_or(0, |r| r.len()))
+            .map(|h| format!("H{h}"))
+            .collect();
+        fig.heatmap(
+            &format!("mass_{tag}_layer_head.png"),
+            &format!("Importance mass, {tag}: layer × head"),
+            &lh,
+            &heads,
+            format!("Importance mass share ({tag}): layer × query head"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Dose–response of every task and metric of the base model's evaluation.
+fn dose_figures(fig: &mut Figures, base: &[ConditionResults]) -> Result<()> {
+    for ((task, metric), series) in dose_response(base) {
+        // k spanning more than a decade is drawn on a log axis.
+        let ks: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
+        let wide = ks.iter().cloned().fold(0.0, f64::max) > 10.0 * ks.iter().cloned().fold(f64::MAX, f64::min);
+        let series: Vec<Series> = if wide {
+            series.into_iter().map(Series::log_x).collect()
+        } else {
+            series
+        };
+        fig.lines(
+            &format!("dose_{}_{}.png", slug(&task), slug(&metric)),
+            &format!("{task} {metric}: drop vs spot size"),
+            if wide {
+                "log10 k (k: % of layer parameters zeroed)"
+            } else {
+                "k (% of layer parameters zeroed)"
+            },
+            "drop % (positive = worse)",
+            &series,
+            format!("Dose–response, {task} {metric}: spot (solid) vs controls (dashed), with paired 95 % intervals"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The tuning runs' table (empty without runs).
+fn tuning_table(tunes: &[(String, TuneSummary)]) -> String {
+    let mut md = String::new();
+    if tunes.is_empty() {
+        return md;
+    }
+    let _ = writeln!(md, "## Tuning\n\n| language | steps | tokens | tokens/s | wall s | first loss | last loss | held-out (own) base → final |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (l, t) in tunes {
+        let own = |i: usize| {
+            t.heldout
+                .get(i)
+                .and_then(|h| h.loss.get(l))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        let _ = writeln!(
+            md,
+            "| {l} | {} | {} | {:.1} | {:.0} | {:.4} | {:.4} | {:.4} → {:.4} |",
+            t.steps,
+            t.tokens,
+            t.tokens_per_s,
+            t.elapsed_s,
+            t.first_loss,
+            t.last_loss,
+            own(0),
+            own(t.heldout.len().saturating_sub(1))
+        );
+    }
+    md.push('\n');
+    md
+}
+
+/// The spot before and after tuning, from `compare/*/compare.json` (empty without any).
+fn comparison_section(compare_dir: &Path) -> String {
+    let mut md = String::new();
+    let mut comps: Vec<(String, crate::track::compare::Comparison)> = std::fs::read_dir(compare_dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -451,28 +509,7 @@ pub fn write(loaded: &Loaded) -> Result<PathBuf> {
         md.push_str("\nThe floor is the lower of the two sides' split-half agreement (the Jaccard of top-k sets from two disjoint halves of one snapshot's calibration), shown for scale only: a language's base and tuned snapshots read the *same* tokens, so their Jaccard is not lowered by sampling and comparing it with a floor from other tokens tests nothing. The movement column is the test: with `importance.folds`, both snapshots are scored on the same 2K document folds, and the base's own cross-sample agreement J(base_A, base_B) is set against the cross-model, cross-sample ½[J(base_A, tuned_B) + J(base_B, tuned_A)]; \"moved\" when the document-bootstrap interval of their difference excludes 0.\n");
         md.push('\n');
     }
-    md.push_str(&evolution::tuning_effect(&evals));
-    for (n, conds) in &evals {
-        let _ = writeln!(md, "## Results: {n}\n\n{}", crate::eval::table(conds));
-    }
-    if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
-        md.push_str(&matched_section(loaded, base));
-    }
-    if let Ok(man) = crate::spot::file::read_manifest(&out.join("spots").join("base")) {
-        md.push_str(&overlap_section(&man));
-        if let Some((_, base)) = evals.iter().find(|(n, _)| n == "base") {
-            md.push_str(&matrix_section(loaded, &man, base));
-        }
-    }
-    if !images.is_empty() {
-        let _ = writeln!(md, "## Plots\n");
-        for (f, cap) in &images {
-            let _ = writeln!(md, "### {cap}\n\n![{cap}](report/{f})\n");
-        }
-    }
-    let p = out.join("report.md");
-    crate::util::write_atomic(&p, md.as_bytes())?;
-    Ok(p)
+    md
 }
 
 /// Specificity at matched damage: each task's drop where the reference task (prose) has
