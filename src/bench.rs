@@ -203,7 +203,7 @@ pub fn tune<B: Backend>(shape: &StepShape, device: &B::Device) -> Result<Tune> {
     let mut rates = vec![];
     for (i, rows) in blocks.chunks(shape.batch).enumerate() {
         let t0 = std::time::Instant::now();
-        let (_, grads) = crate::importance::batch_loss_grads(&m, rows, shape.micro_batch, true);
+        let (_, grads) = crate::engine::batch_loss_grads(&m, rows, shape.micro_batch, true);
         m = opt.step(m, grads, 1e-5, 1.0);
         let _ = m.embed.val().inner().slice([0..1, 0..1]).into_data(); // wait for the update
         if i > 0 {

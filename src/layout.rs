@@ -9,7 +9,7 @@
 //! <out>/compare/…  <out>/eval/…  <out>/report.md  <out>/report/*.png
 //! ```
 
-use crate::importance::ScoreRequest;
+use crate::importance::run::ScoreRequest;
 use crate::recipe::Loaded;
 use anyhow::Result;
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod collective;
 pub mod data;
+pub mod engine;
 pub mod eval;
 pub mod importance;
 pub mod layout;

@@ -86,7 +86,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
 
     // 1. Base snapshots (the corpora are built first when missing), then the base model scored
     // with each baseline criterion.
-    let mut snapshots: Vec<(String, &Path, &String, importance::ScoreRequest)> = plan
+    let mut snapshots: Vec<(String, &Path, &String, importance::run::ScoreRequest)> = plan
         .base_snap
         .iter()
         .chain(&plan.text_snap)
@@ -122,7 +122,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             device,
             loaded.recipe.dtype,
         )?;
-        importance::score_snapshot(&m, c, corpora, &req, dir, true)?;
+        importance::run::score_snapshot(&m, c, corpora, &req, dir, true)?;
         mark(dir, h)?;
     }
     drop(ck);

@@ -358,3 +358,9 @@ pub(crate) fn catch_decoder_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) 
         anyhow::bail!("{what}: corrupt data ({msg})")
     })
 }
+
+/// The batches `[lo, hi)` of shard `index` (1-based) of `count` over `batches` batches: contiguous,
+/// disjoint, covering all batches, sizes differing by at most one.
+pub(crate) fn shard_range(batches: usize, index: usize, count: usize) -> std::ops::Range<usize> {
+    (index - 1) * batches / count..index * batches / count
+}

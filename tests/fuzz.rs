@@ -190,14 +190,14 @@ fn corrupt_safetensors_snapshots_spots_and_manifests_never_panic() {
         codespot::model::Llama::<codespot::backend::CpuAd>::from_weights(&ck.config, &ck.weights, &Default::default())
             .unwrap();
     ck.weights = Default::default();
-    let mut req = codespot::importance::ScoreRequest::new("toy");
+    let mut req = codespot::importance::run::ScoreRequest::new("toy");
     req.tokens = 64;
     req.seq_len = 16;
     req.batch = 2;
     req.method = Method::TaylorSum;
-    req.shard = Some(codespot::importance::Shard { index: 1, count: 1 });
+    req.shard = Some(codespot::importance::run::Shard { index: 1, count: 1 });
     let snap = root.join("snap");
-    codespot::importance::score_snapshot(&m, &ck, &corpora, &req, &snap, false).unwrap();
+    codespot::importance::run::score_snapshot(&m, &ck, &corpora, &req, &snap, false).unwrap();
     for (file, cases) in [
         ("manifest.json", 1000),
         ("accumulators.safetensors", 1000),
@@ -208,7 +208,7 @@ fn corrupt_safetensors_snapshots_spots_and_manifests_never_panic() {
         let out = root.join("merged");
         let (ok, err) = fuzz(4, &orig, 1024, &target, cases, "snap", |_| {
             codespot::importance::snapshot::read(&snap)?;
-            codespot::importance::merge_shards(std::slice::from_ref(&snap), &out, true).map(|_| ())
+            codespot::importance::run::merge_shards(std::slice::from_ref(&snap), &out, true).map(|_| ())
         });
         std::fs::write(&target, &orig).unwrap();
         println!("snapshot {file}: {cases} cases, {ok} read, {err} errors");

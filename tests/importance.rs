@@ -3,6 +3,7 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
+use codespot::engine;
 use codespot::importance::{self, Method};
 use codespot::model::{self, tokens_tensor, Llama, LlamaConfig};
 use codespot::source::Weights;
@@ -99,8 +100,8 @@ fn cpu_backend_gradients_match_the_f64_reference() {
     let mut a = Llama::<codespot::backend::CpuAd>::from_weights(&cfg, &w, &Default::default()).unwrap();
     a.keep_blocks = 1;
     let b = Llama::<F64Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();
-    let ga = importance::batch_grads(&a, rows, 3);
-    let gb = importance::batch_grads(&b, rows, 2);
+    let ga = engine::batch_grads(&a, rows, 3);
+    let gb = engine::batch_grads(&b, rows, 2);
     for (((name, _), x), y) in a.params().iter().zip(ga).zip(gb) {
         let x: Vec<f64> = x.unwrap().into_data().convert::<f64>().into_vec().unwrap();
         let y: Vec<f64> = y.unwrap().into_data().convert::<f64>().into_vec().unwrap();
@@ -136,8 +137,8 @@ fn fused_block_gives_burn_autodiffs_gradients() {
         let mut reference = fused.clone();
         reference.fused = false;
         assert!(fused.uses_fused() && !reference.uses_fused());
-        let (la, ga) = importance::batch_loss_grads(&fused, &rows, 2, true);
-        let (lb, gb) = importance::batch_loss_grads(&reference, &rows, 2, true);
+        let (la, ga) = engine::batch_loss_grads(&fused, &rows, 2, true);
+        let (lb, gb) = engine::batch_loss_grads(&reference, &rows, 2, true);
         assert!((la - lb).abs() <= 1e-5 * lb.abs(), "config {c}: loss {la} vs {lb}");
         for (((name, _), x), y) in fused.params().iter().zip(ga).zip(gb) {
             let x: Vec<f32> = x.unwrap().into_data().into_vec().unwrap();
@@ -152,7 +153,7 @@ fn fused_block_gives_burn_autodiffs_gradients() {
         // A frozen tensor: no gradient for it, the same for the others.
         let mut frozen = fused.clone();
         frozen.layers[1].up = frozen.layers[1].up.clone().map(|t| t.set_require_grad(false));
-        let g = importance::batch_grads(&frozen, &rows, 4);
+        let g = engine::batch_grads(&frozen, &rows, 4);
         for ((name, _), g) in frozen.params().iter().zip(&g) {
             assert_eq!(g.is_none(), name == "model.layers.1.mlp.up_proj.weight", "{name}");
         }
@@ -175,8 +176,8 @@ fn bf16_autocast_gives_f32s_gradients_within_bf16_rounding() {
         let f32m = Llama::<Ad>::from_weights(&cfg, &w, &Default::default()).unwrap();
         let mut bf = f32m.clone();
         bf.set_autocast(model::Autocast::Bf16).unwrap();
-        let (la, ga) = importance::batch_loss_grads(&bf, &rows, 2, true);
-        let (lb, gb) = importance::batch_loss_grads(&f32m, &rows, 2, true);
+        let (la, ga) = engine::batch_loss_grads(&bf, &rows, 2, true);
+        let (lb, gb) = engine::batch_loss_grads(&f32m, &rows, 2, true);
         let unit = model::bf16::unit();
         let mut worst = 0f32;
         for (((name, _), x), y) in f32m.params().iter().zip(ga).zip(gb) {
@@ -237,7 +238,7 @@ fn bf16_packed_weights_follow_every_change_of_the_weights() {
     let fresh = |m: &Llama<Ad>| {
         let mut f = Llama::<Ad>::from_weights(&cfg, &m.to_weights(), &Default::default()).unwrap();
         f.set_autocast(model::Autocast::Bf16).unwrap();
-        importance::batch_loss_grads(&f, &rows, 2, true).0
+        engine::batch_loss_grads(&f, &rows, 2, true).0
     };
     let cfg_opt = AdamWConfig {
         beta1: 0.9,
@@ -249,17 +250,17 @@ fn bf16_packed_weights_follow_every_change_of_the_weights() {
     let mut losses = vec![];
     let unit = model::bf16::unit();
     for _ in 0..2 {
-        let (loss, grads) = importance::batch_loss_grads(&m, &rows, 2, true);
+        let (loss, grads) = engine::batch_loss_grads(&m, &rows, 2, true);
         losses.push(loss);
         // The packed copies are kept across passes, and the same weights reuse them.
         let held = m.packs.bytes();
         assert_eq!(held > 0, unit.is_some(), "packed copies held: {held}");
-        importance::batch_loss_grads(&m, &rows, 2, true);
+        engine::batch_loss_grads(&m, &rows, 2, true);
         assert_eq!(m.packs.bytes(), held, "a second pass packs nothing new");
         m = opt.step(m, grads, 1e-2, 1.0);
         assert_eq!(m.packs.bytes(), 0, "an optimizer step drops the packed copies");
         assert_eq!(
-            importance::batch_loss_grads(&m, &rows, 2, true).0,
+            engine::batch_loss_grads(&m, &rows, 2, true).0,
             fresh(&m),
             "after an AdamW step"
         );
@@ -268,7 +269,7 @@ fn bf16_packed_weights_follow_every_change_of_the_weights() {
     // Zero one projection in place of the model's own tensor.
     m.layers[0].q = m.layers[0].q.clone().map(|t| t.zeros_like());
     assert_eq!(
-        importance::batch_loss_grads(&m, &rows, 2, true).0,
+        engine::batch_loss_grads(&m, &rows, 2, true).0,
         fresh(&m),
         "after zeroing q_proj"
     );
@@ -392,7 +393,7 @@ fn backward_reports_the_models_mean_loss() {
             .into_vec::<f64>()
             .unwrap()[0];
         for micro in [4, 1] {
-            let (got, _) = importance::batch_loss_grads(&m, &blocks(), micro, true);
+            let (got, _) = engine::batch_loss_grads(&m, &blocks(), micro, true);
             assert!(
                 (got - want).abs() <= 1e-9 * want,
                 "keep {keep}, micro {micro}: {got} vs {want}"
@@ -451,12 +452,12 @@ fn snapshot_from_corpus_covers_every_tensor_and_head_and_is_deterministic() {
     let dev = Default::default();
     let m = Llama::<codespot::backend::CpuAd>::from_weights(&ck.config, &ck.weights, &dev).unwrap();
     ck.weights = Default::default();
-    let mut req = importance::ScoreRequest::new("toy");
+    let mut req = importance::run::ScoreRequest::new("toy");
     req.tokens = 64;
     req.seq_len = 16;
     req.batch = 2;
     let out = dir.path().join("snap");
-    let man = importance::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap();
+    let man = importance::run::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap();
     assert_eq!(man.tokens, 64);
     let snap = importance::snapshot::read(&out).unwrap();
     assert_eq!(snap.manifest, man);
@@ -485,10 +486,10 @@ fn snapshot_from_corpus_covers_every_tensor_and_head_and_is_deterministic() {
     let n = cfg.num_params();
     assert!(top1 >= n / 100 && top1 <= n / 100 + 2, "{top1} of {n}");
     // The same request again is bit-identical; an existing directory needs force.
-    let e = importance::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap_err();
+    let e = importance::run::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     let out2 = dir.path().join("snap2");
-    importance::score_snapshot(&m, &ck, &corpora, &req, &out2, false).unwrap();
+    importance::run::score_snapshot(&m, &ck, &corpora, &req, &out2, false).unwrap();
     assert_eq!(
         std::fs::read(out.join("scores.safetensors")).unwrap(),
         std::fs::read(out2.join("scores.safetensors")).unwrap()
@@ -496,7 +497,7 @@ fn snapshot_from_corpus_covers_every_tensor_and_head_and_is_deterministic() {
     // Asking for more tokens than the split holds is a clear error, and leaves nothing behind.
     req.tokens = 1_000_000;
     let out3 = dir.path().join("snap3");
-    let e = importance::score_snapshot(&m, &ck, &corpora, &req, &out3, false)
+    let e = importance::run::score_snapshot(&m, &ck, &corpora, &req, &out3, false)
         .unwrap_err()
         .to_string();
     assert!(
@@ -599,12 +600,12 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
     codespot::data::build(&corpora, "toy", 64.0, &ck.tokenizer, "tiny", false).unwrap();
     let m = Llama::<codespot::backend::CpuAd>::from_weights(&ck.config, &ck.weights, &Default::default()).unwrap();
     ck.weights = Default::default();
-    let mut req = importance::ScoreRequest::new("toy");
+    let mut req = importance::run::ScoreRequest::new("toy");
     req.tokens = 128;
     req.seq_len = 16;
     req.batch = 2;
     let out = dir.path().join("snap");
-    let man = importance::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap();
+    let man = importance::run::score_snapshot(&m, &ck, &corpora, &req, &out, false).unwrap();
     let a = man.agreement.clone().expect("agreement recorded");
     assert_eq!(a.half_tokens, 64);
     assert!(a
@@ -617,7 +618,7 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
     // batches on their own.
     assert_eq!(a.quarter_tokens, 32);
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
-    let blocks = importance::corpus_blocks(&corpora, &req, &ck.tokenizer, eos).unwrap();
+    let blocks = importance::run::corpus_blocks(&corpora, &req, &ck.tokenizer, eos).unwrap();
     let q = |r: std::ops::Range<usize>| importance::score(&m, &blocks[r], 2, 4, Method::Taylor, |_| {}).unwrap();
     let (q1, q3) = (q(0..2), q(4..6));
     assert_eq!(a.split_quarter.len(), a.ks.len());
@@ -626,7 +627,7 @@ fn snapshots_carry_their_noise_floor_and_compare_prints_it() {
         assert!((j - want).abs() <= 1e-6, "k {k}: quarters {j} vs {want}");
     }
     req.agreement = false;
-    let none = importance::score_snapshot(&m, &ck, &corpora, &req, &dir.path().join("plain"), false).unwrap();
+    let none = importance::run::score_snapshot(&m, &ck, &corpora, &req, &dir.path().join("plain"), false).unwrap();
     assert!(none.agreement.is_none());
     // The full scores do not depend on whether the halves were kept apart (same sums, up to
     // the f32 order of adding them).
@@ -917,7 +918,7 @@ fn group_scores_square_each_batchs_summed_taylor_terms() {
     let mut heads = vec![vec![0.0f64; cfg.num_attention_heads]; cfg.num_hidden_layers];
     let mut neurons = vec![vec![0.0f64; ff]; cfg.num_hidden_layers];
     for batch in b.chunks(2) {
-        let grads = importance::batch_grads(&m, batch, 1);
+        let grads = engine::batch_grads(&m, batch, 1);
         let tg: std::collections::BTreeMap<String, Vec<f64>> = m
             .params()
             .iter()

@@ -5,7 +5,7 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use codespot::importance;
+use codespot::engine;
 use codespot::model::{self, Llama};
 
 type F64Ad = Autodiff<NdArray<f64>>;
@@ -19,7 +19,7 @@ fn rows(ck: &model::Checkpoint) -> Vec<Vec<u32>> {
 }
 
 fn scores<B: burn::tensor::backend::AutodiffBackend>(m: &Llama<B>, rows: &[Vec<u32>]) -> Vec<(String, Vec<f64>)> {
-    let grads = importance::batch_grads(m, rows, 2);
+    let grads = engine::batch_grads(m, rows, 2);
     m.params()
         .iter()
         .zip(grads)

@@ -143,7 +143,7 @@ fn loss_mask_gives_the_hand_computed_masked_loss_and_gradients() {
         burn_path.fused = false;
         for (what, m) in [("fused", &fused), ("burn", &burn_path)] {
             for micro in [1, 3] {
-                let (l, g) = codespot::importance::batch_loss_grads(m, &rows, micro, true);
+                let (l, g) = codespot::engine::batch_loss_grads(m, &rows, micro, true);
                 assert!(
                     (l - hl).abs() <= 1e-5 * hl.abs(),
                     "config {c} {what} micro {micro}: loss {l} vs hand {hl}"
@@ -164,8 +164,8 @@ fn loss_mask_gives_the_hand_computed_masked_loss_and_gradients() {
         let mut other = rows.clone();
         other[1][8] = 1 | NO_LOSS;
         other[2][8] = 63 | NO_LOSS;
-        let (la, ga) = codespot::importance::batch_loss_grads(&fused, &rows, 3, true);
-        let (lb, gb) = codespot::importance::batch_loss_grads(&fused, &other, 3, true);
+        let (la, ga) = codespot::engine::batch_loss_grads(&fused, &rows, 3, true);
+        let (lb, gb) = codespot::engine::batch_loss_grads(&fused, &other, 3, true);
         assert_eq!(la.to_bits(), lb.to_bits());
         for (a, b) in ga.into_iter().zip(gb) {
             let a: Vec<f32> = a.unwrap().into_data().into_vec().unwrap();

@@ -4,7 +4,9 @@
 mod common;
 
 use codespot::backend::{Cpu, CpuAd};
-use codespot::importance::{self, Method, Shard};
+use codespot::engine;
+use codespot::importance::run::Shard;
+use codespot::importance::{self, Method};
 use codespot::model::{self, Llama};
 use std::path::{Path, PathBuf};
 
@@ -52,8 +54,8 @@ fn setup() -> Setup {
     }
 }
 
-fn request(method: Method) -> importance::ScoreRequest {
-    let mut req = importance::ScoreRequest::new("toy");
+fn request(method: Method) -> importance::run::ScoreRequest {
+    let mut req = importance::run::ScoreRequest::new("toy");
     req.tokens = 160; // 10 blocks of 16 → 5 batches of 2
     req.seq_len = 16;
     req.batch = 2;
@@ -61,8 +63,8 @@ fn request(method: Method) -> importance::ScoreRequest {
     req
 }
 
-fn score(s: &Setup, req: &importance::ScoreRequest, out: &Path) -> importance::snapshot::Snapshot {
-    importance::score_snapshot(&s.model, &s.ck, &s.corpora, req, out, false).unwrap();
+fn score(s: &Setup, req: &importance::run::ScoreRequest, out: &Path) -> importance::snapshot::Snapshot {
+    importance::run::score_snapshot(&s.model, &s.ck, &s.corpora, req, out, false).unwrap();
     importance::snapshot::read(out).unwrap()
 }
 
@@ -94,7 +96,7 @@ fn four_shards_merge_into_the_unsharded_snapshot_for_every_method() {
         // Shards given in any order merge the same way.
         dirs.reverse();
         let out = s.root.join(format!("{name}-merged"));
-        let man = importance::merge_shards(&dirs, &out, false).unwrap();
+        let man = importance::run::merge_shards(&dirs, &out, false).unwrap();
         assert_eq!(man.tokens, whole.manifest.tokens);
         assert_eq!(man.merged_from.len(), 4);
         assert!(man.shard.is_none());
@@ -135,11 +137,11 @@ fn merge_refuses_incomplete_or_mismatched_shards() {
         dirs.push(d);
     }
     let out = s.root.join("merged");
-    let e = importance::merge_shards(&dirs[..1], &out, false)
+    let e = importance::run::merge_shards(&dirs[..1], &out, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("each shard 1..2 exactly once"), "{e}");
-    let e = importance::merge_shards(&[dirs[0].clone(), dirs[0].clone()], &out, false)
+    let e = importance::run::merge_shards(&[dirs[0].clone(), dirs[0].clone()], &out, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("exactly once"), "{e}");
@@ -148,14 +150,14 @@ fn merge_refuses_incomplete_or_mismatched_shards() {
     req.shard = Some(Shard { index: 2, count: 2 });
     let other = s.root.join("other");
     score(&s, &req, &other);
-    let e = importance::merge_shards(&[dirs[0].clone(), other.clone()], &out, false)
+    let e = importance::run::merge_shards(&[dirs[0].clone(), other.clone()], &out, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("other") && e.contains("'method'"), "{e}");
     // An unsharded snapshot is not a shard.
     let whole = s.root.join("whole");
     score(&s, &request(Method::TaylorSum), &whole);
-    let e = importance::merge_shards(&[dirs[0].clone(), whole], &out, false)
+    let e = importance::run::merge_shards(&[dirs[0].clone(), whole], &out, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("no 'shard' field"), "{e}");
@@ -165,7 +167,7 @@ fn merge_refuses_incomplete_or_mismatched_shards() {
         b"\x10\0\0\0\0\0\0\0{bad",
     )
     .unwrap();
-    let e = format!("{:#}", importance::merge_shards(&dirs, &out, false).unwrap_err());
+    let e = format!("{:#}", importance::run::merge_shards(&dirs, &out, false).unwrap_err());
     assert!(e.contains("accumulators.safetensors"), "{e}");
     assert!(!out.exists(), "nothing half-written");
     // Bad shard specs.
@@ -217,7 +219,7 @@ fn two_cpu_peers_give_one_devices_tuning_losses() {
         let mut opt = AdamW::<Cpu>::new(acfg, &m);
         let mut losses = vec![];
         for _ in 0..4 {
-            let (l, g) = importance::batch_loss_grads_parallel(&m, &rows, 2, &devs).unwrap();
+            let (l, g) = engine::batch_loss_grads_parallel(&m, &rows, 2, &devs).unwrap();
             losses.push(l);
             m = opt.step(m, g, 3e-3, 1.0);
         }
@@ -238,7 +240,7 @@ fn two_cpu_peers_give_one_devices_tuning_losses() {
     // More peers than rows is refused before any peer starts.
     let devs = codespot::collective::peer_devices::<CpuAd>(5);
     let m = Llama::<CpuAd>::from_weights(&cfg, &w, &dev).unwrap();
-    let e = importance::batch_loss_grads_parallel(&m, &rows, 2, &devs).unwrap_err();
+    let e = engine::batch_loss_grads_parallel(&m, &rows, 2, &devs).unwrap_err();
     assert!(e.to_string().contains("cannot feed 5 devices"), "{e}");
 }
 
@@ -271,8 +273,8 @@ fn bf16_weights_score_and_tune_close_to_f32() {
         assert!(j > 0.6, "{j}");
     }
     // Loss in bf16 is close to f32, and an AdamW step keeps the weights bf16 (moments f32).
-    let (l32, _) = importance::batch_loss_grads(&f32m, &rows, 4, true);
-    let (l16, g16) = importance::batch_loss_grads(&bf16m, &rows, 4, true);
+    let (l32, _) = engine::batch_loss_grads(&f32m, &rows, 4, true);
+    let (l16, g16) = engine::batch_loss_grads(&bf16m, &rows, 4, true);
     assert!((l32 - l16).abs() < 0.02 * l32, "{l32} vs {l16}");
     assert!(
         g16.iter().flatten().all(|g| g.dtype() == DType::F32),
@@ -287,6 +289,6 @@ fn bf16_weights_score_and_tune_close_to_f32() {
     let mut opt = codespot::train::adamw::AdamW::<Cpu>::new(acfg, &bf16m);
     let stepped = opt.step(bf16m, g16, 1e-2, 1.0);
     assert_eq!(stepped.layers[0].q.val().dtype(), DType::BF16);
-    let (after, _) = importance::batch_loss_grads(&stepped, &rows, 4, true);
+    let (after, _) = engine::batch_loss_grads(&stepped, &rows, 4, true);
     assert!(after < l16, "one bf16 step lowers the loss: {l16} → {after}");
 }

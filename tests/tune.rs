@@ -573,7 +573,7 @@ fn fused_adamw_matches_the_tensor_op_update() {
     let mut b = Llama::<Autodiff<F64>>::from_weights(&cfg, &w, &Default::default()).unwrap();
     let (mut oa, mut ob) = (AdamW::<Cpu>::new(acfg, &a), AdamW::<F64>::new(acfg, &b));
     for step in 0..3 {
-        let ga = codespot::importance::batch_grads(&a, &rows, 4);
+        let ga = codespot::engine::batch_grads(&a, &rows, 4);
         let gb: Vec<Option<Tensor<F64, 1>>> = ga
             .iter()
             .map(|g| {
@@ -614,7 +614,7 @@ fn parked_and_resumed_moments_continue_bit_for_bit() {
     let file = dir.path().join("adamw.safetensors");
     let new = || Llama::<CpuAd>::from_weights(&cfg, &w, &Default::default()).unwrap();
     let step = |m: Llama<CpuAd>, o: &mut AdamW<Cpu>| {
-        let g = codespot::importance::batch_grads(&m, &rows, 4);
+        let g = codespot::engine::batch_grads(&m, &rows, 4);
         o.step(m, g, 2e-2, 0.7)
     };
     let (mut kept, mut parked) = (new(), new());

@@ -63,7 +63,7 @@ pub struct ScoreArgs {
     /// Score only the I-th of N contiguous slices of the batches (`snapshot merge` adds the
     /// N shard snapshots up): one job of a Slurm array or Kubernetes indexed job each.
     #[arg(long, value_name = "I/N")]
-    shard: Option<crate::importance::Shard>,
+    shard: Option<crate::importance::run::Shard>,
     /// Data-parallel peers on this node through burn-collective (GPUs 0..N with --device
     /// cuda; on the CPU the N peers share it): sums are all-reduced, scores equal one device's.
     #[arg(long, default_value_t = 1)]
@@ -134,7 +134,7 @@ pub enum SnapshotCmd {
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    let req = crate::importance::ScoreRequest {
+    let req = crate::importance::run::ScoreRequest {
         halves: a.halves,
         groups: a.groups,
         shard: a.shard,
@@ -163,7 +163,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 
 fn score_on<B: Backend>(
     source: &str,
-    req: &crate::importance::ScoreRequest,
+    req: &crate::importance::run::ScoreRequest,
     dtype: crate::model::Dtype,
     out: &std::path::Path,
     force: bool,
@@ -177,7 +177,7 @@ fn score_on<B: Backend>(
     let mut ck = model::load(source)?;
     let w = std::mem::take(&mut ck.weights);
     let m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, dtype)?;
-    let man = crate::importance::score_snapshot(&m, &ck, &corpora, req, out, force)?;
+    let man = crate::importance::run::score_snapshot(&m, &ck, &corpora, req, out, force)?;
     if req.nodes.rank > 0 {
         println!(
             "node {}: its share of the {}-token run scored, sums all-reduced into node 0's snapshot",
@@ -198,7 +198,7 @@ fn score_on<B: Backend>(
 pub fn snapshot(cmd: SnapshotCmd) -> Result<()> {
     match cmd {
         SnapshotCmd::Merge { shards, out, force } => {
-            let m = crate::importance::merge_shards(&shards, &out, force)?;
+            let m = crate::importance::run::merge_shards(&shards, &out, force)?;
             println!(
                 "wrote {} ({} shards, {} tokens, {} method)",
                 out.display(),

@@ -10,7 +10,7 @@
 //!
 //! Invariants:
 //! - The same arithmetic as before for the same seed: the train step is the fused gradient
-//!   (`importance::batch_loss_grads_parallel`), the update is codespot's one-pass AdamW, applied
+//!   (`engine::batch_loss_grads_parallel`), the update is codespot's one-pass AdamW, applied
 //!   in place. The strategy owns the model between steps, so no other handle to a parameter
 //!   exists when AdamW writes it (burn's `Learner::optimizer_step` keeps the old model alive and
 //!   would double parameter memory).
@@ -68,7 +68,7 @@ pub(crate) fn accumulate<AB: AutodiffBackend>(
     batches: &[Vec<Vec<u32>>],
     micro: usize,
     devices: &[AB::Device],
-) -> Result<(f64, crate::importance::FlatGrads<AB>)> {
+) -> Result<(f64, crate::engine::FlatGrads<AB>)> {
     let accum = batches.len();
     let counted: Vec<usize> = batches.iter().map(|b| crate::model::loss_targets(b)).collect();
     let total: usize = counted.iter().sum();
@@ -76,7 +76,7 @@ pub(crate) fn accumulate<AB: AutodiffBackend>(
     let mut sum: Vec<Option<Tensor<AB::InnerBackend, 1>>> = vec![];
     for (rows, c) in batches.iter().zip(&counted) {
         let w = (c * accum) as f64 / total as f64;
-        let (l, g) = crate::importance::batch_loss_grads_parallel(model, rows, micro, devices)?;
+        let (l, g) = crate::engine::batch_loss_grads_parallel(model, rows, micro, devices)?;
         loss += l * w / accum as f64;
         let g = if w == 1.0 {
             g
