@@ -227,150 +227,17 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let bar = progress_bar(total as u64, &format!("score {}", req.lang), req.progress);
     let t0 = std::time::Instant::now();
     let mut sums = None;
-    let mut agreement = None;
-    let mut groups = None;
     let mine = &chunks[range.clone()];
     let parallel = req.devices > 1 || req.nodes.count > 1;
     let mut on_batch = |done: usize| bar.set_position(done as u64);
-    let mut halves = None;
-    let mut folds = None;
-    let raw = if let Some(fb) = &fold_blocks {
-        let mut done = 0;
-        let mut sums: Vec<null::FoldSums> = vec![];
-        let mut half: [Option<RawSums>; 2] = [None, None];
-        let mut half_tokens = 0;
-        for (f, b) in fb.iter().enumerate() {
-            let chunks: Vec<&[Vec<u32>]> = b.chunks(req.batch).collect();
-            let acc = accumulate_with(
-                model,
-                &chunks,
-                req.micro_batch,
-                req.method,
-                req.groups,
-                &mut done,
-                &mut on_batch,
-            );
-            if let Some(g) = acc.groups() {
-                groups = Some(match groups.take() {
-                    Some(mut a) => {
-                        GroupScores::add(&mut a, &g);
-                        a
-                    }
-                    None => g,
-                });
-            }
-            let r = acc.raw(model);
-            sums.push(null::FoldSums::of(&r)?);
-            let h = &mut half[usize::from(f >= req.folds)];
-            match h {
-                Some(x) => x.add(&r)?,
-                None => *h = Some(r),
-            }
-            if f + 1 == req.folds {
-                half_tokens = done;
-            }
-        }
-        let [Some(a), Some(b)] = half else {
-            unreachable!("every half has folds")
-        };
-        // The first ⌊K/2⌋ folds of each half: two disjoint samples of about N/4.
-        let q = req.folds / 2;
-        let quarter_tops = |h: usize| -> agreement::TopSets {
-            let mine = &sums[h * req.folds..h * req.folds + q];
-            let batches: usize = mine.iter().map(|f| f.batches).sum();
-            agreement::top_sets(mine[0].names().map(|name| {
-                let mut acc = vec![0f32; mine[0].len(name)];
-                for f in mine {
-                    f.add_to(name, &mut acc);
-                }
-                (name, agreement::tensor_scores(req.method, &acc, None, batches))
-            }))
-        };
-        let quarters = (q >= 1).then(|| (quarter_tops(0), quarter_tops(1)));
-        let quarter_tokens = fb[..q].iter().map(|b| b.len() * req.seq_len).sum::<usize>();
-        let (sa, sb) = (a.clone().into_scores(), b.clone().into_scores());
-        folds = Some(null::Folds::build(req.method, req.folds_k, &sums, [&sa, &sb]));
-        drop((sums, sa, sb));
-        let mut raw = a.clone();
-        raw.add(&b)?;
-        if req.agreement {
-            agreement = Some(agreement::measure(
-                &a,
-                &b,
-                &raw,
-                model.config.num_hidden_layers,
-                half_tokens,
-                quarters.as_ref().map(|(x, y)| (x, y, quarter_tokens)),
-            ));
-        }
-        if req.halves {
-            halves = Some((a.into_scores(), b.into_scores()));
-        }
-        raw
+    let (raw, x) = if let Some(fb) = &fold_blocks {
+        score_folds(model, req, fb, &mut on_batch)?
     } else if parallel {
         let devices = crate::collective::peer_devices::<B>(req.devices);
-        accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?.raw(model)
+        let acc = accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?;
+        (acc.raw(model), Extras::default())
     } else if (req.agreement || req.halves) && req.shard.is_none() && mine.len() >= 2 {
-        // The two halves summed apart, then added: their scores give the agreement and, with
-        // `halves`, the half snapshots.
-        let mid = mine.len() / 2;
-        let mut done = 0;
-        // Each half's first quarter's top sets are read on the way (the agreement of two
-        // disjoint N/4 samples), when the halves have at least 2 batches.
-        let quarter = (mid / 2).max(1);
-        let with_quarters = req.agreement && mid >= 2 && mine.len() - mid >= 2;
-        let mut half = |range: std::ops::Range<usize>, done: &mut usize| {
-            let cut = if with_quarters {
-                range.start + quarter
-            } else {
-                range.end
-            };
-            let mut acc = accumulate_with(
-                model,
-                &mine[range.start..cut],
-                req.micro_batch,
-                req.method,
-                req.groups,
-                done,
-                &mut on_batch,
-            );
-            let tops = with_quarters.then(|| acc.top_sets(model));
-            accumulate_into(
-                &mut acc,
-                model,
-                &mine[cut..range.end],
-                req.micro_batch,
-                done,
-                &mut on_batch,
-            );
-            (acc, tops)
-        };
-        let (a, qa) = half(0..mid, &mut done);
-        let half_tokens = done;
-        let quarter_tokens = mine[..quarter].iter().map(|c| c.len() * req.seq_len).sum::<usize>();
-        let (b, qb) = half(mid..mine.len(), &mut done);
-        groups = a.groups().zip(b.groups()).map(|(mut a, b)| {
-            a.add(&b);
-            a
-        });
-        // Added on the device first, then each set of sums moved to the host as it is
-        // consumed: three model-sized sets alive at once, not five.
-        let raw = a.clone().merge(b.clone()).raw(model);
-        let (a, b) = (a.raw(model), b.raw(model));
-        if req.agreement {
-            agreement = Some(agreement::measure(
-                &a,
-                &b,
-                &raw,
-                model.config.num_hidden_layers,
-                half_tokens,
-                qa.as_ref().zip(qb.as_ref()).map(|(x, y)| (x, y, quarter_tokens)),
-            ));
-        }
-        if req.halves {
-            halves = Some((a.into_scores(), b.into_scores()));
-        }
-        raw
+        score_halves_of(model, req, mine, &mut on_batch)
     } else {
         anyhow::ensure!(!req.halves, "--halves needs at least 2 batches");
         let acc = accumulate_with(
@@ -382,8 +249,11 @@ pub fn score_snapshot<B: AutodiffBackend>(
             &mut 0,
             &mut on_batch,
         );
-        groups = acc.groups();
-        acc.raw(model)
+        let x = Extras {
+            groups: acc.groups(),
+            ..Extras::default()
+        };
+        (acc.raw(model), x)
     };
     if req.shard.is_some() {
         // A shard keeps its raw sums for the merge beside its scores.
@@ -393,7 +263,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let mut summaries = summary::summarize(&scores, &model.config);
-    summaries.groups = groups;
+    summaries.groups = x.groups;
     let corpus_sha = corpora.stats(&req.lang).map(|s| s.manifest_sha256).unwrap_or_default();
     let manifest = snapshot::SnapshotManifest {
         format: 1,
@@ -431,9 +301,9 @@ pub fn score_snapshot<B: AutodiffBackend>(
         devices: req.devices,
         dtype: model.dtype.name().into(),
         autocast: model.autocast.effective().into(),
-        agreement,
+        agreement: x.agreement,
     };
-    match halves {
+    match x.halves {
         // Every node of a multi-node run holds the same all-reduced sums; node 0 writes them.
         _ if req.nodes.rank > 0 => {}
         None if req.shard.is_some() => {
@@ -459,10 +329,165 @@ pub fn score_snapshot<B: AutodiffBackend>(
             )?;
         }
     }
-    if let Some(f) = folds {
+    if let Some(f) = x.folds {
         f.write(&out.join(null::FILE))?;
     }
     Ok(manifest)
+}
+
+/// What a scoring run's accumulation gives besides the raw sums.
+#[derive(Default)]
+struct Extras {
+    groups: Option<GroupScores>,
+    agreement: Option<agreement::Agreement>,
+    /// The two calibration halves' scores (`--halves`).
+    halves: Option<(Scores, Scores)>,
+    folds: Option<null::Folds>,
+}
+
+/// The run over the null's document folds `fb` (A's folds, then B's): the raw sums, with each
+/// fold's sums at the halves' candidates, the agreement and the halves.
+fn score_folds<B: AutodiffBackend>(
+    model: &Llama<B>,
+    req: &ScoreRequest,
+    fb: &[Vec<Vec<u32>>],
+    on_batch: &mut impl FnMut(usize),
+) -> Result<(RawSums, Extras)> {
+    let mut x = Extras::default();
+    let mut done = 0;
+    let mut sums: Vec<null::FoldSums> = vec![];
+    let mut half: [Option<RawSums>; 2] = [None, None];
+    let mut half_tokens = 0;
+    for (f, b) in fb.iter().enumerate() {
+        let chunks: Vec<&[Vec<u32>]> = b.chunks(req.batch).collect();
+        let acc = accumulate_with(
+            model,
+            &chunks,
+            req.micro_batch,
+            req.method,
+            req.groups,
+            &mut done,
+            on_batch,
+        );
+        if let Some(g) = acc.groups() {
+            x.groups = Some(match x.groups.take() {
+                Some(mut a) => {
+                    GroupScores::add(&mut a, &g);
+                    a
+                }
+                None => g,
+            });
+        }
+        let r = acc.raw(model);
+        sums.push(null::FoldSums::of(&r)?);
+        let h = &mut half[usize::from(f >= req.folds)];
+        match h {
+            Some(x) => x.add(&r)?,
+            None => *h = Some(r),
+        }
+        if f + 1 == req.folds {
+            half_tokens = done;
+        }
+    }
+    let [Some(a), Some(b)] = half else {
+        unreachable!("every half has folds")
+    };
+    // The first ⌊K/2⌋ folds of each half: two disjoint samples of about N/4.
+    let q = req.folds / 2;
+    let quarter_tops = |h: usize| -> agreement::TopSets {
+        let mine = &sums[h * req.folds..h * req.folds + q];
+        let batches: usize = mine.iter().map(|f| f.batches).sum();
+        agreement::top_sets(mine[0].names().map(|name| {
+            let mut acc = vec![0f32; mine[0].len(name)];
+            for f in mine {
+                f.add_to(name, &mut acc);
+            }
+            (name, agreement::tensor_scores(req.method, &acc, None, batches))
+        }))
+    };
+    let quarters = (q >= 1).then(|| (quarter_tops(0), quarter_tops(1)));
+    let quarter_tokens = fb[..q].iter().map(|b| b.len() * req.seq_len).sum::<usize>();
+    let (sa, sb) = (a.clone().into_scores(), b.clone().into_scores());
+    x.folds = Some(null::Folds::build(req.method, req.folds_k, &sums, [&sa, &sb]));
+    drop((sums, sa, sb));
+    let mut raw = a.clone();
+    raw.add(&b)?;
+    if req.agreement {
+        x.agreement = Some(agreement::measure(
+            &a,
+            &b,
+            &raw,
+            model.config.num_hidden_layers,
+            half_tokens,
+            quarters.as_ref().map(|(x, y)| (x, y, quarter_tokens)),
+        ));
+    }
+    if req.halves {
+        x.halves = Some((a.into_scores(), b.into_scores()));
+    }
+    Ok((raw, x))
+}
+
+/// The run in two halves summed apart, then added: their scores give the agreement and, with
+/// `req.halves`, the half snapshots.
+fn score_halves_of<B: AutodiffBackend>(
+    model: &Llama<B>,
+    req: &ScoreRequest,
+    mine: &[&[Vec<u32>]],
+    on_batch: &mut impl FnMut(usize),
+) -> (RawSums, Extras) {
+    let mut x = Extras::default();
+    let mid = mine.len() / 2;
+    let mut done = 0;
+    // Each half's first quarter's top sets are read on the way (the agreement of two
+    // disjoint N/4 samples), when the halves have at least 2 batches.
+    let quarter = (mid / 2).max(1);
+    let with_quarters = req.agreement && mid >= 2 && mine.len() - mid >= 2;
+    let mut half = |range: std::ops::Range<usize>, done: &mut usize| {
+        let cut = if with_quarters {
+            range.start + quarter
+        } else {
+            range.end
+        };
+        let mut acc = accumulate_with(
+            model,
+            &mine[range.start..cut],
+            req.micro_batch,
+            req.method,
+            req.groups,
+            done,
+            on_batch,
+        );
+        let tops = with_quarters.then(|| acc.top_sets(model));
+        accumulate_into(&mut acc, model, &mine[cut..range.end], req.micro_batch, done, on_batch);
+        (acc, tops)
+    };
+    let (a, qa) = half(0..mid, &mut done);
+    let half_tokens = done;
+    let quarter_tokens = mine[..quarter].iter().map(|c| c.len() * req.seq_len).sum::<usize>();
+    let (b, qb) = half(mid..mine.len(), &mut done);
+    x.groups = a.groups().zip(b.groups()).map(|(mut a, b)| {
+        a.add(&b);
+        a
+    });
+    // Added on the device first, then each set of sums moved to the host as it is
+    // consumed: three model-sized sets alive at once, not five.
+    let raw = a.clone().merge(b.clone()).raw(model);
+    let (a, b) = (a.raw(model), b.raw(model));
+    if req.agreement {
+        x.agreement = Some(agreement::measure(
+            &a,
+            &b,
+            &raw,
+            model.config.num_hidden_layers,
+            half_tokens,
+            qa.as_ref().zip(qb.as_ref()).map(|(x, y)| (x, y, quarter_tokens)),
+        ));
+    }
+    if req.halves {
+        x.halves = Some((a.into_scores(), b.into_scores()));
+    }
+    (raw, x)
 }
 
 /// The calibration blocks of each of 2 × `req.folds` document folds ([`null::fold_of`]),
