@@ -991,3 +991,22 @@ pub(crate) fn corpus_list(corpora: &Corpora) -> Vec<CorpusRow> {
         })
         .collect()
 }
+
+/// The documents of a corpus split (shuffled by `seed` when it is not 0), and a description
+/// for messages. An empty split is an error.
+pub(crate) fn split_docs(corpora: &Corpora, lang: &str, split: Split, seed: u64) -> Result<(Vec<Doc>, String)> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let path = corpora.split_path(lang, split)?;
+    let mut docs: Vec<Doc> = read_split(&path)?.collect::<Result<_>>()?;
+    if docs.is_empty() {
+        anyhow::bail!("corpus '{lang}' {} split is empty ({})", split.name(), path.display());
+    }
+    if seed != 0 {
+        docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    }
+    Ok((
+        docs,
+        format!("corpus '{lang}' {} split ({})", split.name(), path.display()),
+    ))
+}

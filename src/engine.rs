@@ -54,7 +54,7 @@ pub fn batch_loss_grads<B: AutodiffBackend>(
 
 /// [`batch_loss_grads`] (with the loss) data-parallel over `devices`: the rows are split into
 /// contiguous slices, one per peer; each peer's loss and gradients are weighted by its share
-/// of the rows and all-reduced through burn's collective, so the result is the whole batch's
+/// of the counted targets and all-reduced through burn's collective, so the result is the whole batch's
 /// mean loss and gradient, on `devices[0]`. One device: plain [`batch_loss_grads`].
 pub fn batch_loss_grads_parallel<B: AutodiffBackend>(
     model: &Llama<B>,

@@ -71,21 +71,98 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         &plan.out.join("recipe.resolved.toml"),
         loaded.resolved_toml().as_bytes(),
     )?;
-    let (mut ran, mut skipped) = (vec![], vec![]);
-    let mut stage = |name: String, done: bool| {
-        if done {
-            say(format!("{name}: done, skipped"));
-            skipped.push(name);
-            false
-        } else {
-            say(format!("{name}: running"));
-            ran.push(name);
-            true
-        }
-    };
+    let mut stages = Stages::default();
 
     // 1. Base snapshots (the corpora are built first when missing), then the base model scored
     // with each baseline criterion.
+    base_snapshots::<B>(loaded, corpora, &plan, &mut stages, device)?;
+    let criteria_dirs = |plan: &Plan| -> Vec<(importance::Method, Vec<PathBuf>)> {
+        plan.criteria_snap
+            .iter()
+            .map(|(m, v)| (*m, v.iter().map(|x| x.1.clone()).collect()))
+            .collect()
+    };
+
+    // 2. Base spot.
+    let (bs, bh) = &plan.base_spot;
+    if stages.start("base spot".into(), stage_done(bs, bh)) {
+        let text = plan.text_snap.as_ref().map(|x| x.1.clone());
+        let snaps = plan.base_snap.iter().map(|x| x.1.clone()).collect();
+        select_spot(loaded, snaps, text, criteria_dirs(&plan), bs)?;
+        mark(bs, bh)?;
+    }
+    if r.train.steps == 0 {
+        say("train.steps = 0: no tuning; the base model only");
+    }
+
+    // 3. Tuning, one language at a time.
+    let tuning = r.train.steps > 0;
+    if tuning {
+        tune_languages::<B>(loaded, corpora, &mut stages, device)?;
+    }
+
+    // 4. Tuned spot: each language's final snapshot (its own tuned model).
+    let (ts, tsh) = &plan.tuned_spot;
+    let finals: Vec<PathBuf> = r.languages.iter().map(|l| final_snapshot(loaded, l)).collect();
+    if tuning && stages.start("tuned spot".into(), stage_done(ts, tsh)) {
+        // The text sets of the tuned spot use the base model's prose snapshot; baseline
+        // criteria are the base model's (the tuned models are scored with the spot's method).
+        let text = plan.text_snap.as_ref().map(|x| x.1.clone());
+        select_spot(loaded, finals.clone(), text, vec![], ts)?;
+        mark(ts, tsh)?;
+    }
+
+    // 5. Comparisons.
+    if tuning {
+        comparisons(loaded, &plan, &finals, &mut stages)?;
+    }
+
+    // 6. Evaluation: the base model with the base spot, each tuned model with the tuned spot.
+    evaluations::<B>(loaded, corpora, &plan, &tasks, &mut stages, device)?;
+
+    // 7. Report (always rewritten: it is cheap and reads everything above).
+    say("report: writing");
+    let report = crate::report::write(loaded)?;
+    Ok(RunSummary {
+        out: plan.out,
+        report,
+        stages_run: stages.ran,
+        stages_skipped: stages.skipped,
+    })
+}
+
+/// The stages run and skipped so far.
+#[derive(Default)]
+struct Stages {
+    ran: Vec<String>,
+    skipped: Vec<String>,
+}
+
+impl Stages {
+    /// Whether stage `name` runs (it is not `done`), said either way.
+    fn start(&mut self, name: String, done: bool) -> bool {
+        if done {
+            say(format!("{name}: done, skipped"));
+            self.skipped.push(name);
+            false
+        } else {
+            say(format!("{name}: running"));
+            self.ran.push(name);
+            true
+        }
+    }
+}
+
+/// Stage 1: the base model's snapshot of each language (and of the prose corpus), then with
+/// each baseline criterion. The model is loaded (and missing corpora built) only when one runs.
+fn base_snapshots<B: Backend>(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    plan: &Plan,
+    stages: &mut Stages,
+    device: &B::Device,
+) -> Result<()> {
+    let r = &loaded.recipe;
     let mut snapshots: Vec<(String, &Path, &String, importance::run::ScoreRequest)> = plan
         .base_snap
         .iter()
@@ -107,7 +184,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
     }
     let mut ck: Option<crate::model::Checkpoint> = None;
     for (label, dir, h, req) in snapshots {
-        if !stage(label, stage_done(dir, h)) {
+        if !stages.start(label, stage_done(dir, h)) {
             continue;
         }
         if ck.is_none() {
@@ -126,29 +203,19 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         mark(dir, h)?;
     }
     drop(ck);
-    let criteria_dirs = |plan: &Plan| -> Vec<(importance::Method, Vec<PathBuf>)> {
-        plan.criteria_snap
-            .iter()
-            .map(|(m, v)| (*m, v.iter().map(|x| x.1.clone()).collect()))
-            .collect()
-    };
+    Ok(())
+}
 
-    // 2. Base spot.
-    let (bs, bh) = &plan.base_spot;
-    if stage("base spot".into(), stage_done(bs, bh)) {
-        let text = plan.text_snap.as_ref().map(|x| x.1.clone());
-        let snaps = plan.base_snap.iter().map(|x| x.1.clone()).collect();
-        select_spot(loaded, snaps, text, criteria_dirs(&plan), bs)?;
-        mark(bs, bh)?;
-    }
-    if r.train.steps == 0 {
-        say("train.steps = 0: no tuning; the base model only");
-    }
-
-    // 3. Tuning, one language at a time.
+/// Stage 3: each language's tuning, resumed from its newest checkpoint of this recipe.
+fn tune_languages<B: Backend>(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    stages: &mut Stages,
+    device: &B::Device,
+) -> Result<()> {
+    let r = &loaded.recipe;
     let th = crate::layout::tune_hash(loaded);
-    let tuning = r.train.steps > 0;
-    for lang in r.languages.iter().filter(|_| tuning) {
+    for lang in &r.languages {
         let dir = crate::layout::tune_dir(loaded, lang);
         let done = std::fs::read_to_string(dir.join("tune.json"))
             .ok()
@@ -156,7 +223,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             .is_some_and(|s| s.tune_hash == th)
             // With replicates, the stage ends with their comparison.
             && train::seeds::complete(&dir, &r.train.seeds);
-        if !stage(format!("tune {lang}"), done) {
+        if !stages.start(format!("tune {lang}"), done) {
             continue;
         }
         // Resume a run of this recipe; start over when there is none (or another recipe's).
@@ -176,19 +243,15 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         };
         train::tune::<B>(loaded, corpora, &opts, device)?;
     }
+    Ok(())
+}
 
-    // 4. Tuned spot: each language's final snapshot (its own tuned model).
-    let (ts, tsh) = &plan.tuned_spot;
-    let finals: Vec<PathBuf> = r.languages.iter().map(|l| final_snapshot(loaded, l)).collect();
-    if tuning && stage("tuned spot".into(), stage_done(ts, tsh)) {
-        // The text sets of the tuned spot use the base model's prose snapshot; baseline
-        // criteria are the base model's (the tuned models are scored with the spot's method).
-        let text = plan.text_snap.as_ref().map(|x| x.1.clone());
-        select_spot(loaded, finals.clone(), text, vec![], ts)?;
-        mark(ts, tsh)?;
-    }
-
-    // 5. Comparisons.
+/// Stage 5: the base spot against the tuned spot, and each language's base snapshot against its
+/// final one.
+fn comparisons(loaded: &Loaded, plan: &Plan, finals: &[PathBuf], stages: &mut Stages) -> Result<()> {
+    let r = &loaded.recipe;
+    let th = crate::layout::tune_hash(loaded);
+    let ((bs, bh), (ts, tsh)) = (&plan.base_spot, &plan.tuned_spot);
     let ks = r.spot.k.clone();
     let mut pairs = vec![(
         "base-vs-tuned-spot".to_string(),
@@ -196,7 +259,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         ts.clone(),
         hash_of(serde_json::json!([bh, tsh])),
     )];
-    for ((lang, base, bh), fin) in plan.base_snap.iter().zip(&finals) {
+    for ((lang, base, bh), fin) in plan.base_snap.iter().zip(finals) {
         pairs.push((
             format!("{lang}-base-vs-final"),
             base.clone(),
@@ -204,16 +267,31 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
             hash_of(serde_json::json!([bh, th])),
         ));
     }
-    for (name, a, b, h) in pairs.iter().filter(|_| tuning) {
+    for (name, a, b, h) in &pairs {
         let out = plan.out.join("compare").join(name);
-        if stage(format!("compare {name}"), stage_done(&out, h)) {
+        if stages.start(format!("compare {name}"), stage_done(&out, h)) {
             let c = crate::track::compare::compare(a, b, &ks)?;
             write_comparison(&out, &c)?;
             mark(&out, h)?;
         }
     }
+    Ok(())
+}
 
-    // 6. Evaluation: the base model with the base spot, each tuned model with the tuned spot.
+/// Stage 6: the base model with the base spot and its sets, each tuned model with the tuned
+/// spot.
+fn evaluations<B: Backend>(
+    loaded: &Loaded,
+    corpora: &crate::data::Corpora,
+    plan: &Plan,
+    tasks: &[crate::eval::Task],
+    stages: &mut Stages,
+    device: &B::Device,
+) -> Result<()> {
+    let r = &loaded.recipe;
+    let th = crate::layout::tune_hash(loaded);
+    let tuning = r.train.steps > 0;
+    let ((bs, bh), (ts, tsh)) = (&plan.base_spot, &plan.tuned_spot);
     let e = &r.eval;
     let opts = eval_options(loaded, corpora);
     let controls = eval_sets(loaded);
@@ -253,7 +331,7 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         let h = hash_of(
             serde_json::json!({"stage": "eval", "eval": e, "controls": sets, "detail": detail, "ks": ks, "dep": dep}),
         );
-        if !stage(format!("eval {name}"), stage_done(&out, &h)) {
+        if !stages.start(format!("eval {name}"), stage_done(&out, &h)) {
             continue;
         }
         let mut conds = crate::eval::conditions(Some(spot), ks, sets)?;
@@ -275,20 +353,11 @@ pub fn run<B: Backend>(loaded: &Loaded, corpora: &crate::data::Corpora, device: 
         } else {
             name.replace("tuned-", "tuned on ")
         };
-        let all = crate::eval::evaluate::<B>(source, &label, &tasks, Some(spot), &conds, &opts, device)?;
+        let all = crate::eval::evaluate::<B>(source, &label, tasks, Some(spot), &conds, &opts, device)?;
         crate::eval::write_results(&out, &all)?;
         mark(&out, &h)?;
     }
-
-    // 7. Report (always rewritten: it is cheap and reads everything above).
-    say("report: writing");
-    let report = crate::report::write(loaded)?;
-    Ok(RunSummary {
-        out: plan.out,
-        report,
-        stages_run: ran,
-        stages_skipped: skipped,
-    })
+    Ok(())
 }
 
 /// The spot file's sets that each `k` of the evaluation ablates beside the spot: every

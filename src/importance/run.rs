@@ -165,32 +165,8 @@ pub fn corpus_blocks(
     tok: &crate::model::Tok,
     eos: Option<u32>,
 ) -> Result<Vec<Vec<u32>>> {
-    let (docs, what) = split_docs(corpora, &req.lang, req.split, req.seed)?;
+    let (docs, what) = crate::data::split_docs(corpora, &req.lang, req.split, req.seed)?;
     crate::data::token_blocks(docs.into_iter().map(Ok), tok, eos, req.seq_len + 1, req.blocks(), &what)
-}
-
-/// The documents of a corpus split (shuffled by `seed` when it is not 0), and a description
-/// for messages. An empty split is an error.
-pub(crate) fn split_docs(
-    corpora: &crate::data::Corpora,
-    lang: &str,
-    split: crate::data::Split,
-    seed: u64,
-) -> Result<(Vec<crate::data::Doc>, String)> {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let path = corpora.split_path(lang, split)?;
-    let mut docs: Vec<crate::data::Doc> = crate::data::read_split(&path)?.collect::<Result<_>>()?;
-    if docs.is_empty() {
-        anyhow::bail!("corpus '{lang}' {} split is empty ({})", split.name(), path.display());
-    }
-    if seed != 0 {
-        docs.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-    }
-    Ok((
-        docs,
-        format!("corpus '{lang}' {} split ({})", split.name(), path.display()),
-    ))
 }
 
 /// Score a model on a language's corpus and write a snapshot directory to `out`.
@@ -230,14 +206,14 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let mine = &chunks[range.clone()];
     let parallel = req.devices > 1 || req.nodes.count > 1;
     let mut on_batch = |done: usize| bar.set_position(done as u64);
-    let (raw, x) = if let Some(fb) = &fold_blocks {
-        score_folds(model, req, fb, &mut on_batch)?
+    let (raw, extras) = if let Some(fb) = &fold_blocks {
+        fold_run(model, req, fb, &mut on_batch)?
     } else if parallel {
         let devices = crate::collective::peer_devices::<B>(req.devices);
         let acc = accumulate_parallel(model, mine, req.micro_batch, req.method, &devices, &req.nodes)?;
         (acc.raw(model), Extras::default())
     } else if (req.agreement || req.halves) && req.shard.is_none() && mine.len() >= 2 {
-        score_halves_of(model, req, mine, &mut on_batch)
+        split_half_run(model, req, mine, &mut on_batch)
     } else {
         anyhow::ensure!(!req.halves, "--halves needs at least 2 batches");
         let acc = accumulate_with(
@@ -263,7 +239,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let mut summaries = summary::summarize(&scores, &model.config);
-    summaries.groups = x.groups;
+    summaries.groups = extras.groups;
     let corpus_sha = corpora.stats(&req.lang).map(|s| s.manifest_sha256).unwrap_or_default();
     let manifest = snapshot::SnapshotManifest {
         format: 1,
@@ -301,9 +277,9 @@ pub fn score_snapshot<B: AutodiffBackend>(
         devices: req.devices,
         dtype: model.dtype.name().into(),
         autocast: model.autocast.effective().into(),
-        agreement: x.agreement,
+        agreement: extras.agreement,
     };
-    match x.halves {
+    match extras.halves {
         // Every node of a multi-node run holds the same all-reduced sums; node 0 writes them.
         _ if req.nodes.rank > 0 => {}
         None if req.shard.is_some() => {
@@ -329,7 +305,7 @@ pub fn score_snapshot<B: AutodiffBackend>(
             )?;
         }
     }
-    if let Some(f) = x.folds {
+    if let Some(f) = extras.folds {
         f.write(&out.join(null::FILE))?;
     }
     Ok(manifest)
@@ -347,13 +323,13 @@ struct Extras {
 
 /// The run over the null's document folds `fb` (A's folds, then B's): the raw sums, with each
 /// fold's sums at the halves' candidates, the agreement and the halves.
-fn score_folds<B: AutodiffBackend>(
+fn fold_run<B: AutodiffBackend>(
     model: &Llama<B>,
     req: &ScoreRequest,
     fb: &[Vec<Vec<u32>>],
     on_batch: &mut impl FnMut(usize),
 ) -> Result<(RawSums, Extras)> {
-    let mut x = Extras::default();
+    let mut extras = Extras::default();
     let mut done = 0;
     let mut sums: Vec<null::FoldSums> = vec![];
     let mut half: [Option<RawSums>; 2] = [None, None];
@@ -370,7 +346,7 @@ fn score_folds<B: AutodiffBackend>(
             on_batch,
         );
         if let Some(g) = acc.groups() {
-            x.groups = Some(match x.groups.take() {
+            extras.groups = Some(match extras.groups.take() {
                 Some(mut a) => {
                     GroupScores::add(&mut a, &g);
                     a
@@ -408,12 +384,12 @@ fn score_folds<B: AutodiffBackend>(
     let quarters = (q >= 1).then(|| (quarter_tops(0), quarter_tops(1)));
     let quarter_tokens = fb[..q].iter().map(|b| b.len() * req.seq_len).sum::<usize>();
     let (sa, sb) = (a.clone().into_scores(), b.clone().into_scores());
-    x.folds = Some(null::Folds::build(req.method, req.folds_k, &sums, [&sa, &sb]));
+    extras.folds = Some(null::Folds::build(req.method, req.folds_k, &sums, [&sa, &sb]));
     drop((sums, sa, sb));
     let mut raw = a.clone();
     raw.add(&b)?;
     if req.agreement {
-        x.agreement = Some(agreement::measure(
+        extras.agreement = Some(agreement::measure(
             &a,
             &b,
             &raw,
@@ -423,20 +399,20 @@ fn score_folds<B: AutodiffBackend>(
         ));
     }
     if req.halves {
-        x.halves = Some((a.into_scores(), b.into_scores()));
+        extras.halves = Some((a.into_scores(), b.into_scores()));
     }
-    Ok((raw, x))
+    Ok((raw, extras))
 }
 
 /// The run in two halves summed apart, then added: their scores give the agreement and, with
 /// `req.halves`, the half snapshots.
-fn score_halves_of<B: AutodiffBackend>(
+fn split_half_run<B: AutodiffBackend>(
     model: &Llama<B>,
     req: &ScoreRequest,
     mine: &[&[Vec<u32>]],
     on_batch: &mut impl FnMut(usize),
 ) -> (RawSums, Extras) {
-    let mut x = Extras::default();
+    let mut extras = Extras::default();
     let mid = mine.len() / 2;
     let mut done = 0;
     // Each half's first quarter's top sets are read on the way (the agreement of two
@@ -466,7 +442,7 @@ fn score_halves_of<B: AutodiffBackend>(
     let half_tokens = done;
     let quarter_tokens = mine[..quarter].iter().map(|c| c.len() * req.seq_len).sum::<usize>();
     let (b, qb) = half(mid..mine.len(), &mut done);
-    x.groups = a.groups().zip(b.groups()).map(|(mut a, b)| {
+    extras.groups = a.groups().zip(b.groups()).map(|(mut a, b)| {
         a.add(&b);
         a
     });
@@ -475,7 +451,7 @@ fn score_halves_of<B: AutodiffBackend>(
     let raw = a.clone().merge(b.clone()).raw(model);
     let (a, b) = (a.raw(model), b.raw(model));
     if req.agreement {
-        x.agreement = Some(agreement::measure(
+        extras.agreement = Some(agreement::measure(
             &a,
             &b,
             &raw,
@@ -485,9 +461,9 @@ fn score_halves_of<B: AutodiffBackend>(
         ));
     }
     if req.halves {
-        x.halves = Some((a.into_scores(), b.into_scores()));
+        extras.halves = Some((a.into_scores(), b.into_scores()));
     }
-    (raw, x)
+    (raw, extras)
 }
 
 /// The calibration blocks of each of 2 × `req.folds` document folds ([`null::fold_of`]),
@@ -499,7 +475,7 @@ fn null_fold_blocks(
     eos: Option<u32>,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let n = 2 * req.folds;
-    let (docs, what) = split_docs(corpora, &req.lang, req.split, 0)?;
+    let (docs, what) = crate::data::split_docs(corpora, &req.lang, req.split, 0)?;
     let mut per: Vec<Vec<crate::data::Doc>> = (0..n).map(|_| vec![]).collect();
     for d in docs {
         per[null::fold_of(&d.sha256, req.seed, n)].push(d);

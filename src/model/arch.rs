@@ -64,7 +64,7 @@ impl Activation {
     }
 
     /// For error messages.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Activation::Silu => "silu (SwiGLU)",
             Activation::GeluTanh => "gelu_pytorch_tanh (GeGLU)",
@@ -156,7 +156,7 @@ impl Arch {
     }
 
     /// The `model_type` export writes.
-    pub fn model_type(self) -> &'static str {
+    pub(crate) fn model_type(self) -> &'static str {
         self.spec().model_types[0]
     }
 
@@ -420,7 +420,7 @@ pub(crate) const BIASES: [Slot; 3] = [
 ];
 
 /// Index in [`BLOCK`] of the slot of `kind` (a per-layer kind).
-pub const fn block_slot(kind: ModuleKind) -> usize {
+pub(crate) const fn block_slot(kind: ModuleKind) -> usize {
     let mut i = 0;
     while i < BLOCK.len() {
         if BLOCK[i].kind as u8 == kind as u8 {
@@ -432,7 +432,7 @@ pub const fn block_slot(kind: ModuleKind) -> usize {
 }
 
 /// Index in [`BIASES`] of the bias of `kind` (q, k or v).
-pub const fn bias_slot(kind: ModuleKind) -> usize {
+pub(crate) const fn bias_slot(kind: ModuleKind) -> usize {
     let mut i = 0;
     while i < BIASES.len() {
         if BIASES[i].kind as u8 == kind as u8 {

@@ -309,8 +309,9 @@ impl<B: AutodiffBackend> Llama<B> {
         for l in (0..layers).rev() {
             let need = self.layers[l].param_refs().map(|p| trains(&p));
             let lb = &self.layers[l];
-            let need_bias =
-                [&lb.q_bias, &lb.k_bias, &lb.v_bias].map(|b| b.as_ref().is_some_and(|b| b.val().is_require_grad()));
+            let need_bias = arch::BIASES
+                .each_ref()
+                .map(|s| lb.slot(s.kind, true).is_some_and(|p| trains(&p)));
             let s = saved.pop().expect("one saved state per block");
             let (dx, grads, bias_grads) = weights(l).backward(&dm, &rope, s, &dy, need, need_bias);
             for (j, g) in grads.into_iter().enumerate() {

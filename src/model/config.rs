@@ -341,7 +341,8 @@ impl LlamaConfig {
 
     /// Index in `Llama::params` of the final norm.
     pub(crate) fn final_norm_index(&self) -> usize {
-        self.block_index(self.num_hidden_layers, 0)
+        // After the embedding and every layer's block slots.
+        1 + arch::BLOCK.len() * self.num_hidden_layers
     }
 
     /// Index in `Llama::params` of layer `l`'s bias `j` (in [`arch::BIASES`] order).
@@ -530,7 +531,7 @@ impl LlamaConfig {
             rope_theta: g.get(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0),
             rope_scaling: None,
             rope_layout: RopeLayout::Half,
-            tie_word_embeddings: g.tensor("output.weight").is_none(),
+            tie_word_embeddings: g.tensor(arch::LM_HEAD.gguf).is_none(),
             max_position_embeddings: g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
             bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tok_id("tokenizer.ggml.eos_token_id").into_iter().collect(),

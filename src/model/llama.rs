@@ -4,7 +4,7 @@
 //! Weights keep the HF layout (`[out, in]` for projections) so canonical names, per-head
 //! slicing and export stay one-to-one with `transformers`.
 
-use super::arch::{self, ModuleKind, ModuleKind as K};
+use super::arch::{self, ModuleKind as K};
 use super::config::{LlamaConfig, RopeLayout};
 use super::dtype::{like, widen, Autocast, Dtype};
 use super::fused;
@@ -706,7 +706,7 @@ impl<B: Backend> Llama<B> {
                     .1
                     .clone()
             };
-            out.extend(ModuleKind::LAYER_KINDS.map(|k| at(Site::input_of(k))));
+            out.extend(K::LAYER_KINDS.map(|k| at(Site::input_of(k))));
         }
         out.push(colsq(&normed(&x)));
         if self.lm_head.is_some() {
@@ -755,15 +755,15 @@ pub(crate) enum Site {
 
 impl Site {
     /// What a block slot of `kind` multiplies: a projection's input, a norm's residual stream.
-    pub(crate) fn input_of(kind: ModuleKind) -> Site {
+    pub(crate) fn input_of(kind: K) -> Site {
         match kind {
-            ModuleKind::AttnNorm => Site::AttnResidual,
-            ModuleKind::Q | ModuleKind::K | ModuleKind::V => Site::AttnInput,
-            ModuleKind::O => Site::OInput,
-            ModuleKind::MlpNorm => Site::MlpResidual,
-            ModuleKind::Gate | ModuleKind::Up => Site::MlpInput,
-            ModuleKind::Down => Site::DownInput,
-            ModuleKind::Embed | ModuleKind::FinalNorm | ModuleKind::LmHead => {
+            K::AttnNorm => Site::AttnResidual,
+            K::Q | K::K | K::V => Site::AttnInput,
+            K::O => Site::OInput,
+            K::MlpNorm => Site::MlpResidual,
+            K::Gate | K::Up => Site::MlpInput,
+            K::Down => Site::DownInput,
+            K::Embed | K::FinalNorm | K::LmHead => {
                 unreachable!("{kind:?} is not a block slot")
             }
         }
@@ -833,9 +833,10 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    /// The parameter of the slot of `kind`: the one place that pairs `Block`'s fields with
-    /// the slots of [`arch::BLOCK`] and [`arch::BIASES`] (`bias`: the projection's bias, None
-    /// where the block has none).
+    /// The parameter of the slot of `kind` (`bias`: the projection's bias, None where the
+    /// block has none): how the slots of [`arch::BLOCK`] and [`arch::BIASES`] reach `Block`'s
+    /// fields for reading. Building (`Llama::from_weights`), `Llama::map_params` and
+    /// `Block::bias_storage` name the fields by kind too.
     pub(crate) fn slot(&self, kind: K, bias: bool) -> Option<ParamRef<'_, B>> {
         let p = match (kind, bias) {
             (K::AttnNorm, false) => ParamRef::Vector(&self.attn_norm),
@@ -857,7 +858,7 @@ impl<B: Backend> Block<B> {
 
     /// The block's parameters in [`arch::BLOCK`] order.
     pub(crate) fn param_refs(&self) -> [ParamRef<'_, B>; 9] {
-        ModuleKind::LAYER_KINDS.map(|k| self.slot(k, false).expect("every block slot is a field"))
+        K::LAYER_KINDS.map(|k| self.slot(k, false).expect("every block slot is a field"))
     }
 
     /// The block's biases with their slots, in [`arch::BIASES`] order (none without `qkv_bias`).

@@ -99,7 +99,9 @@ fn gguf_weights(g: &Gguf, cfg: &LlamaConfig) -> Result<Weights> {
         let kind = names::parse(&name).map(|p| p.kind);
         let shape = t.shape();
         let mut data = g.read_f32(t);
-        // llama.cpp permutes the rows of the q and k weights for its interleaved RoPE.
+        // llama.cpp permutes the rows of the q and k weights for its interleaved RoPE (and of
+        // their biases: a GGUF read here is a Llama, so `check_complete` refuses any bias
+        // tensor before it could be used unpermuted).
         if matches!(kind, Some(ModuleKind::Q | ModuleKind::K)) && name.ends_with(".weight") {
             let heads = if kind == Some(ModuleKind::Q) {
                 cfg.num_attention_heads

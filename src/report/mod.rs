@@ -306,13 +306,13 @@ fn tuning_figures(fig: &mut Figures, loaded: &Loaded, tunes: &[(String, TuneSumm
         .filter(|s| !s.points.is_empty())
         .collect();
     fig.lines(
-    "overlap.png",
-    &format!("Top-{}% set vs the base model across checkpoints", r.importance.track_k),
-    "step",
-    "overlap",
-    &overlap,
-    "Spot overlap with the base model across checkpoints, beside each snapshot's split-half agreement (two disjoint halves of its calibration tokens) for scale; the movement plot holds the test".into(),
-)?;
+        "overlap.png",
+        &format!("Top-{}% set vs the base model across checkpoints", r.importance.track_k),
+        "step",
+        "overlap",
+        &overlap,
+        "Spot overlap with the base model across checkpoints, beside each snapshot's split-half agreement (two disjoint halves of its calibration tokens) for scale; the movement plot holds the test".into(),
+    )?;
     evolution::figures(fig, tunes)?;
     Ok(())
 }

@@ -216,7 +216,7 @@ fn train_data(
         crate::recipe::TrainFormat::Raw => {
             // As many blocks as the steps need, fewer when the split is smaller (epochs).
             let needed = t.steps * t.grad_accum * t.batch;
-            let (docs, what) = importance::run::split_docs(corpora, lang, crate::data::Split::Train, t.seed)?;
+            let (docs, what) = crate::data::split_docs(corpora, lang, crate::data::Split::Train, t.seed)?;
             let (blocks, _) =
                 crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, needed)?;
             if blocks.len() < t.batch {
@@ -381,7 +381,7 @@ fn heldout_blocks(
     let t = &loaded.recipe.train;
     let mut out = BTreeMap::new();
     for lang in &loaded.recipe.languages {
-        let (docs, what) = importance::run::split_docs(corpora, lang, crate::data::Split::Heldout, 0)?;
+        let (docs, what) = crate::data::split_docs(corpora, lang, crate::data::Split::Heldout, 0)?;
         let n = t.heldout_tokens.div_ceil(t.seq_len).max(1);
         let (b, _) = crate::data::token_blocks_at_most(docs.into_iter().map(Ok), &ck.tokenizer, eos, t.seq_len + 1, n)?;
         if b.is_empty() {
