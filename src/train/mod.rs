@@ -467,7 +467,6 @@ fn tune_run<B: Backend>(
     ensure_corpora(loaded, corpora, &ck)?;
     let base_sha = model::load::source_hash(&ck.location)?;
     let eos = ck.tokenizer.stop_ids(&ck.config.eos_token_ids).first().copied();
-    let acfg = AdamWConfig::from(t);
 
     let data = train_data(loaded, corpora, &ck, lang, eos)?;
     let heldout = heldout_blocks(loaded, corpora, &ck, eos)?;
@@ -481,61 +480,21 @@ fn tune_run<B: Backend>(
         vec![]
     };
     let base_weights = std::mem::take(&mut ck.weights);
+    let start = Start {
+        loaded,
+        config: &ck.config,
+        lang,
+        hash: &hash,
+        base_sha: &base_sha,
+        blocks: data.len(),
+        progress: opts.progress,
+    };
     let (model, opt, mut state) = match latest {
         Some(step) => {
             drop(base_weights);
-            let d = ckpt_dir.join(step_name(step));
-            let st = read_state(&d)?;
-            if st.tune_hash != hash {
-                bail!(
-                    "{}: the checkpoint was made with a different recipe (model, languages, corpus, train or importance changed); use --force to start over",
-                    d.display()
-                );
-            }
-            let w = crate::source::weights::from_safetensors(&[d.join("model.safetensors")])?;
-            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, w, device, r.dtype)
-                .with_context(|| format!("{}: model.safetensors", d.display()))?;
-            m.keep_blocks = t.keep_blocks;
-            m.set_autocast(r.autocast)?;
-            // Only the header is read now: the moments stay in the file until the first step,
-            // so the snapshot below runs without them.
-            let mut o = Sharded::resume(acfg, &m, &d.join("optimizer"), &shard_devices)?;
-            o.set_offload(t.offload_optimizer);
-            if o.t() != st.step {
-                bail!(
-                    "{}: the optimizer has made {} updates, train_state.json says step {}",
-                    d.display(),
-                    o.t(),
-                    st.step
-                );
-            }
-            if opts.progress {
-                eprintln!("resuming {lang} from {} (step {})", d.display(), st.step);
-            }
-            (m, o, st)
+            start.resume::<B>(&ckpt_dir.join(step_name(step)), &shard_devices, device)?
         }
-        None => {
-            let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(&ck.config, base_weights, device, r.dtype)?;
-            m.keep_blocks = t.keep_blocks;
-            m.set_autocast(r.autocast)?;
-            let mut o = Sharded::new(acfg, &m, &shard_devices);
-            o.set_offload(t.offload_optimizer);
-            let st = TrainState {
-                format: 1,
-                language: lang.into(),
-                step: 0,
-                tokens_seen: 0,
-                blocks_consumed: 0,
-                blocks_per_epoch: data.len(),
-                seed: t.seed,
-                tune_hash: hash.clone(),
-                base_model_sha256: base_sha.clone(),
-                history: vec![],
-                heldout: vec![],
-                elapsed_s: 0.0,
-            };
-            (m, o, st)
-        }
+        None => start.fresh::<B>(base_weights, &shard_devices, device)?,
     };
     if state.blocks_per_epoch != data.len() {
         bail!(
@@ -545,21 +504,7 @@ fn tune_run<B: Backend>(
         );
     }
     std::fs::create_dir_all(&snap_dir).with_context(|| format!("creating {}", snap_dir.display()))?;
-    let mut tb = Tb::open(&dir.join("tb"))?;
-    // TensorBoard forgets whatever an earlier process logged at this step or later (a process
-    // killed after its last checkpoint); what belongs to this step is logged again here and by
-    // `ensure_snapshot` below.
-    tb.restart(state.step)?;
-    if state.step > 0 {
-        if let Some(log) = state.history.iter().find(|h| h.step == state.step) {
-            if state.step % t.log_every == 0 || state.step == t.steps {
-                log_train(&mut tb, log)?;
-            }
-        }
-        if let Some(h) = state.heldout.iter().find(|h| h.step == state.step) {
-            log_heldout(&mut tb, h)?;
-        }
-    }
+    let mut tb = reopen_tb(&dir, &state, t)?;
 
     let ctx = SnapCtx {
         loaded,
@@ -628,13 +573,132 @@ fn tune_run<B: Backend>(
     }
     state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
 
-    let steps_done = steps_in(&snap_dir);
+    let summary = summarize(lang, t, &state, hash, &ckpt_dir, &snap_dir);
+    crate::util::write_atomic(
+        &dir.join("tune.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    tb.close()?;
+    Ok(summary)
+}
+
+/// What a tuning run starts from: the newest checkpoint of its recipe, or the base weights.
+struct Start<'a> {
+    loaded: &'a Loaded,
+    config: &'a model::LlamaConfig,
+    lang: &'a str,
+    hash: &'a str,
+    base_sha: &'a str,
+    /// Training blocks (or pairs) per epoch.
+    blocks: usize,
+    progress: bool,
+}
+
+type Started<B> = (Llama<crate::backend::Ad<B>>, Sharded<B>, TrainState);
+
+impl Start<'_> {
+    /// The model, optimizer and state of checkpoint `d`, refused when another recipe made it
+    /// or its optimizer disagrees with its state.
+    fn resume<B: Backend>(&self, d: &Path, shard_devices: &[B::Device], device: &B::Device) -> Result<Started<B>> {
+        let (r, t, lang, hash) = (&self.loaded.recipe, &self.loaded.recipe.train, self.lang, self.hash);
+        let acfg = AdamWConfig::from(t);
+        let st = read_state(d)?;
+        if st.tune_hash != hash {
+            bail!(
+                "{}: the checkpoint was made with a different recipe (model, languages, corpus, train or importance changed); use --force to start over",
+                d.display()
+            );
+        }
+        let w = crate::source::weights::from_safetensors(&[d.join("model.safetensors")])?;
+        let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(self.config, w, device, r.dtype)
+            .with_context(|| format!("{}: model.safetensors", d.display()))?;
+        m.keep_blocks = t.keep_blocks;
+        m.set_autocast(r.autocast)?;
+        // Only the header is read now: the moments stay in the file until the first step,
+        // so the snapshot below runs without them.
+        let mut o = Sharded::resume(acfg, &m, &d.join("optimizer"), shard_devices)?;
+        o.set_offload(t.offload_optimizer);
+        if o.t() != st.step {
+            bail!(
+                "{}: the optimizer has made {} updates, train_state.json says step {}",
+                d.display(),
+                o.t(),
+                st.step
+            );
+        }
+        if self.progress {
+            eprintln!("resuming {lang} from {} (step {})", d.display(), st.step);
+        }
+        Ok((m, o, st))
+    }
+
+    /// The base model, a fresh optimizer and the state of step 0.
+    fn fresh<B: Backend>(
+        &self,
+        base: crate::source::Weights,
+        shard_devices: &[B::Device],
+        device: &B::Device,
+    ) -> Result<Started<B>> {
+        let (r, t) = (&self.loaded.recipe, &self.loaded.recipe.train);
+        let acfg = AdamWConfig::from(t);
+        let mut m = Llama::<crate::backend::Ad<B>>::from_weights_owned(self.config, base, device, r.dtype)?;
+        m.keep_blocks = t.keep_blocks;
+        m.set_autocast(r.autocast)?;
+        let mut o = Sharded::new(acfg, &m, shard_devices);
+        o.set_offload(t.offload_optimizer);
+        let st = TrainState {
+            format: 1,
+            language: self.lang.into(),
+            step: 0,
+            tokens_seen: 0,
+            blocks_consumed: 0,
+            blocks_per_epoch: self.blocks,
+            seed: t.seed,
+            tune_hash: self.hash.into(),
+            base_model_sha256: self.base_sha.into(),
+            history: vec![],
+            heldout: vec![],
+            elapsed_s: 0.0,
+        };
+        Ok((m, o, st))
+    }
+}
+
+/// The run's TensorBoard log, reopened at `state.step`. TensorBoard forgets whatever an earlier
+/// process logged at this step or later (a process killed after its last checkpoint); what
+/// belongs to this step is logged again here and by `ensure_snapshot`.
+fn reopen_tb(dir: &Path, state: &TrainState, t: &TrainSection) -> Result<Tb> {
+    let mut tb = Tb::open(&dir.join("tb"))?;
+    tb.restart(state.step)?;
+    if state.step > 0 {
+        if let Some(log) = state.history.iter().find(|h| h.step == state.step) {
+            if state.step.is_multiple_of(t.log_every) || state.step == t.steps {
+                log_train(&mut tb, log)?;
+            }
+        }
+        if let Some(h) = state.heldout.iter().find(|h| h.step == state.step) {
+            log_heldout(&mut tb, h)?;
+        }
+    }
+    Ok(tb)
+}
+
+/// The run's summary (`tune.json`) from its final state and the snapshots on disk.
+fn summarize(
+    lang: &str,
+    t: &TrainSection,
+    state: &TrainState,
+    hash: String,
+    ckpt_dir: &Path,
+    snap_dir: &Path,
+) -> TuneSummary {
+    let steps_done = steps_in(snap_dir);
     let metrics = steps_done
         .iter()
         .filter_map(|s| read_metrics(&snap_dir.join(step_name(*s))))
         .collect();
     let final_ck = ckpt_dir.join(step_name(t.steps));
-    let summary = TuneSummary {
+    TuneSummary {
         language: lang.into(),
         steps: t.steps,
         tokens: state.tokens_seen,
@@ -648,13 +712,7 @@ fn tune_run<B: Backend>(
         history: state.history.clone(),
         heldout: state.heldout.clone(),
         metrics,
-    };
-    crate::util::write_atomic(
-        &dir.join("tune.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    tb.close()?;
-    Ok(summary)
+    }
 }
 
 /// The held-out sets the validation epochs evaluate: each language's raw code, then its pairs.
