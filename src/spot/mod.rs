@@ -489,79 +489,26 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
         let put = |name: &str, m: BTreeMap<String, Mask>, sets: &mut Sets| {
             sets.insert(file::key(k, name), m);
         };
-        for ctl in &req.controls {
-            match ctl {
-                Control::Random => put("random", select_random(&agg, &c, req.seed), &mut sets),
-                Control::Bottom => put("bottom", select_by(&agg, &c, false), &mut sets),
-                Control::Magnitude => put(
-                    "magnitude",
-                    select_by(extra.magnitude.as_ref().expect("loaded"), &c, true),
-                    &mut sets,
-                ),
-                Control::PerLanguage => {
-                    let own: Vec<BTreeMap<String, Mask>> =
-                        used.iter().map(|&i| extra.own(&snaps[i].scores, k)).collect();
-                    for (a, &i) in used.iter().enumerate() {
-                        let mut m = own[a].clone();
-                        for (b, other) in own.iter().enumerate() {
-                            if a != b {
-                                m = minus(&m, other);
-                            }
-                        }
-                        put(&format!("lang={}", all_langs[i]), m, &mut sets);
-                    }
-                }
-                Control::Text => put(
-                    "text",
-                    select_by(extra.text.as_ref().expect("loaded"), &c, true),
-                    &mut sets,
-                ),
-                Control::CodeSpecific => {
-                    let t = select_by(extra.text.as_ref().expect("loaded"), &c, true);
-                    let diff = minus(&spot, &t);
-                    put(
-                        "code-specific-random",
-                        random_like(&agg, &diff, req.seed, "code-specific"),
-                        &mut sets,
-                    );
-                    put("code-specific", diff, &mut sets);
-                }
-                Control::CodeMinusCode => {
-                    let (a, b) = extra.halves_agg.as_ref().expect("loaded");
-                    let diff = minus(&spot_masks(a, k, req.scope).1, &spot_masks(b, k, req.scope).1);
-                    put(
-                        "code-minus-code-random",
-                        random_like(&agg, &diff, req.seed, "code-minus-code"),
-                        &mut sets,
-                    );
-                    put("code-minus-code", diff, &mut sets);
-                }
-                Control::Arms => {
-                    let random = select_random(&agg, &c, req.seed);
-                    for (arm, keep) in ARMS {
-                        put(&format!("spot-{arm}"), restricted(&spot, keep), &mut sets);
-                        put(&format!("random-{arm}"), restricted(&random, keep), &mut sets);
-                    }
-                }
-                Control::Structured => {
-                    let g = extra.groups.as_ref().expect("loaded");
-                    for (name, m) in structured_sets(g, &c, &shapes, &config, req.seed) {
-                        put(name, m, &mut sets);
-                    }
-                }
-                Control::OwnLanguage => {
-                    let own: Vec<BTreeMap<String, Mask>> = snaps.iter().map(|s| extra.own(&s.scores, k)).collect();
-                    let floors: Vec<Option<f64>> = (0..snaps.len())
-                        .map(|i| match &extra.halves {
-                            Some(h) => Some(jaccard(&extra.own(&h[i].0, k), &extra.own(&h[i].1, k))),
-                            None => snaps[i].manifest.agreement.as_ref().and_then(|a| a.floor(k)),
-                        })
-                        .collect();
-                    matrices.insert(file::fmt_k(k), language_matrix(&all_langs, &own, &floors));
-                    for (l, m) in all_langs.iter().zip(own) {
-                        put(&format!("own={l}"), m, &mut sets);
-                    }
-                }
+        let at = AtK {
+            req,
+            k,
+            agg: &agg,
+            counts: &c,
+            spot: &spot,
+            extra: &extra,
+            snaps: &snaps,
+            used: &used,
+            all_langs: &all_langs,
+            shapes: &shapes,
+            config: &config,
+        };
+        for &ctl in &req.controls {
+            let (added, matrix) = control_sets(ctl, &at);
+            for (name, m) in added {
+                put(&name, m, &mut sets);
+            }
+            if let Some(mx) = matrix {
+                matrices.insert(file::fmt_k(k), mx);
             }
         }
         for (m, scores) in &extra.criteria {
@@ -635,6 +582,116 @@ pub fn select(req: &SelectRequest) -> Result<(Sets, file::SpotManifest)> {
         code_version: crate::importance::snapshot::code_version(),
     };
     Ok((sets, manifest))
+}
+
+/// What the controls' sets at one `k` are made from.
+struct AtK<'a> {
+    req: &'a SelectRequest,
+    k: f64,
+    agg: &'a Scores,
+    /// The spot's count per tensor.
+    counts: &'a BTreeMap<String, usize>,
+    spot: &'a BTreeMap<String, Mask>,
+    extra: &'a Extra,
+    snaps: &'a [crate::importance::snapshot::Snapshot],
+    /// The snapshots aggregated (all but the held-out languages').
+    used: &'a [usize],
+    all_langs: &'a [String],
+    shapes: &'a BTreeMap<String, Vec<usize>>,
+    config: &'a crate::model::LlamaConfig,
+}
+
+/// Sets by name.
+type Named = Vec<(String, BTreeMap<String, Mask>)>;
+
+/// The sets control `ctl` adds at `at.k`, by name, with the language matrix for
+/// [`Control::OwnLanguage`].
+fn control_sets(ctl: Control, at: &AtK) -> (Named, Option<LanguageMatrix>) {
+    fn put(out: &mut Named, name: &str, m: BTreeMap<String, Mask>) {
+        out.push((name.to_string(), m));
+    }
+    let mut out = vec![];
+    let mut matrix = None;
+    match ctl {
+        Control::Random => put(&mut out, "random", select_random(at.agg, at.counts, at.req.seed)),
+        Control::Bottom => put(&mut out, "bottom", select_by(at.agg, at.counts, false)),
+        Control::Magnitude => put(
+            &mut out,
+            "magnitude",
+            select_by(at.extra.magnitude.as_ref().expect("loaded"), at.counts, true),
+        ),
+        Control::PerLanguage => {
+            let own: Vec<BTreeMap<String, Mask>> = at
+                .used
+                .iter()
+                .map(|&i| at.extra.own(&at.snaps[i].scores, at.k))
+                .collect();
+            for (a, &i) in at.used.iter().enumerate() {
+                let mut m = own[a].clone();
+                for (b, other) in own.iter().enumerate() {
+                    if a != b {
+                        m = minus(&m, other);
+                    }
+                }
+                put(&mut out, &format!("lang={}", at.all_langs[i]), m);
+            }
+        }
+        Control::Text => put(
+            &mut out,
+            "text",
+            select_by(at.extra.text.as_ref().expect("loaded"), at.counts, true),
+        ),
+        Control::CodeSpecific => {
+            let t = select_by(at.extra.text.as_ref().expect("loaded"), at.counts, true);
+            let diff = minus(at.spot, &t);
+            put(
+                &mut out,
+                "code-specific-random",
+                random_like(at.agg, &diff, at.req.seed, "code-specific"),
+            );
+            put(&mut out, "code-specific", diff);
+        }
+        Control::CodeMinusCode => {
+            let (a, b) = at.extra.halves_agg.as_ref().expect("loaded");
+            let diff = minus(
+                &spot_masks(a, at.k, at.req.scope).1,
+                &spot_masks(b, at.k, at.req.scope).1,
+            );
+            put(
+                &mut out,
+                "code-minus-code-random",
+                random_like(at.agg, &diff, at.req.seed, "code-minus-code"),
+            );
+            put(&mut out, "code-minus-code", diff);
+        }
+        Control::Arms => {
+            let random = select_random(at.agg, at.counts, at.req.seed);
+            for (arm, keep) in ARMS {
+                put(&mut out, &format!("spot-{arm}"), restricted(at.spot, keep));
+                put(&mut out, &format!("random-{arm}"), restricted(&random, keep));
+            }
+        }
+        Control::Structured => {
+            let g = at.extra.groups.as_ref().expect("loaded");
+            for (name, m) in structured_sets(g, at.counts, at.shapes, at.config, at.req.seed) {
+                put(&mut out, name, m);
+            }
+        }
+        Control::OwnLanguage => {
+            let own: Vec<BTreeMap<String, Mask>> = at.snaps.iter().map(|s| at.extra.own(&s.scores, at.k)).collect();
+            let floors: Vec<Option<f64>> = (0..at.snaps.len())
+                .map(|i| match &at.extra.halves {
+                    Some(h) => Some(jaccard(&at.extra.own(&h[i].0, at.k), &at.extra.own(&h[i].1, at.k))),
+                    None => at.snaps[i].manifest.agreement.as_ref().and_then(|a| a.floor(at.k)),
+                })
+                .collect();
+            matrix = Some(language_matrix(at.all_langs, &own, &floors));
+            for (l, m) in at.all_langs.iter().zip(own) {
+                put(&mut out, &format!("own={l}"), m);
+            }
+        }
+    }
+    (out, matrix)
 }
 
 /// What a selection reads beside the spot's own snapshots, loaded once.
