@@ -410,11 +410,19 @@ impl Loaded {
     }
 
     /// Semantic checks that need no model load: numbers in range, languages known, model
-    /// source parseable (and present when local).
+    /// source parseable (and present when local). The first failing check's error names its
+    /// key and where it is set.
     pub fn validate(&self, corpora: &crate::data::Corpora) -> Result<()> {
+        self.check_sources(corpora)?;
+        self.check_spot()?;
+        self.check_sizes()?;
+        self.check_train()?;
+        self.check_eval()
+    }
+
+    /// The name, the languages and prose corpus (known to `corpora`), the model source.
+    fn check_sources(&self, corpora: &crate::data::Corpora) -> Result<()> {
         let r = &self.recipe;
-        let t = &r.train;
-        let i = &r.importance;
         if r.name.trim().is_empty() || r.name.contains('/') {
             return Err(self.err("name", "must be a non-empty name without '/'"));
         }
@@ -467,12 +475,13 @@ impl Loaded {
             }
             _ => {}
         }
-        let pos = |key: &str, v: usize| -> Result<()> {
-            if v == 0 {
-                return Err(self.err(key, "must be at least 1"));
-            }
-            Ok(())
-        };
+        Ok(())
+    }
+
+    /// Held-out languages, baseline criteria and the controls' needs.
+    fn check_spot(&self) -> Result<()> {
+        let r = &self.recipe;
+        let i = &r.importance;
         for h in &r.spot.held_out {
             if !r.languages.contains(h) {
                 return Err(self.err(
@@ -524,6 +533,20 @@ impl Loaded {
         if !(r.eval.matched_pct.is_finite() && r.eval.matched_pct > 0.0) {
             return Err(self.err("eval.matched_pct", "must be > 0"));
         }
+        Ok(())
+    }
+
+    /// Counts, batch sizes and sequence lengths, against the devices too.
+    fn check_sizes(&self) -> Result<()> {
+        let r = &self.recipe;
+        let t = &r.train;
+        let i = &r.importance;
+        let pos = |key: &str, v: usize| -> Result<()> {
+            if v == 0 {
+                return Err(self.err(key, "must be at least 1"));
+            }
+            Ok(())
+        };
         if t.steps > 0 {
             pos("train.checkpoint_every", t.checkpoint_every)?;
         }
@@ -564,6 +587,13 @@ impl Loaded {
                 format!("must be at least importance.seq_len ({})", i.seq_len),
             ));
         }
+        Ok(())
+    }
+
+    /// The optimizer, schedule, checkpoints, replicates and sharding.
+    fn check_train(&self) -> Result<()> {
+        let r = &self.recipe;
+        let t = &r.train;
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(self.err("train.lr", format!("must be > 0 (got {})", t.lr)));
         }
@@ -639,6 +669,14 @@ impl Loaded {
         if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
             return Err(self.err("train.grad_clip", "must be ≥ 0 (0 = off)"));
         }
+        Ok(())
+    }
+
+    /// The spot's k, the evaluation's tasks and k, and the remaining ranges.
+    fn check_eval(&self) -> Result<()> {
+        let r = &self.recipe;
+        let t = &r.train;
+        let i = &r.importance;
         if !(i.track_k.is_finite() && i.track_k > 0.0 && i.track_k <= 100.0) {
             return Err(self.err("importance.track_k", "must be in (0, 100]"));
         }
