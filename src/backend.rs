@@ -17,8 +17,6 @@ pub type CpuAd = Ad<Cpu>;
 
 #[cfg(feature = "cuda")]
 pub(crate) type Cuda = burn::backend::Cuda<f32, i32>;
-#[cfg(feature = "cuda")]
-pub(crate) type CudaAd = Autodiff<Cuda>;
 
 /// f32 matmul GFLOP/s of backend `B` at the default model's MLP shape, [2048×576]·[576×1536]
 /// (median of 7): the machine's sgemm rate that `bench score` is measured against.

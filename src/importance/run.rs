@@ -321,6 +321,27 @@ struct Extras {
     folds: Option<null::Folds>,
 }
 
+impl Extras {
+    /// From the two calibration halves' sums `ab` (their sum `raw`): the split-half agreement
+    /// when `req.agreement`, the halves' scores when `req.halves`.
+    fn of_halves(
+        &mut self,
+        req: &ScoreRequest,
+        layers: usize,
+        (a, b): (RawSums, RawSums),
+        raw: &RawSums,
+        half_tokens: usize,
+        quarters: Option<(&agreement::TopSets, &agreement::TopSets, usize)>,
+    ) {
+        if req.agreement {
+            self.agreement = Some(agreement::measure(&a, &b, raw, layers, half_tokens, quarters));
+        }
+        if req.halves {
+            self.halves = Some((a.into_scores(), b.into_scores()));
+        }
+    }
+}
+
 /// The run over the null's document folds `fb` (A's folds, then B's): the raw sums, with each
 /// fold's sums at the halves' candidates, the agreement and the halves.
 fn fold_run<B: AutodiffBackend>(
@@ -388,19 +409,8 @@ fn fold_run<B: AutodiffBackend>(
     drop((sums, sa, sb));
     let mut raw = a.clone();
     raw.add(&b)?;
-    if req.agreement {
-        extras.agreement = Some(agreement::measure(
-            &a,
-            &b,
-            &raw,
-            model.config.num_hidden_layers,
-            half_tokens,
-            quarters.as_ref().map(|(x, y)| (x, y, quarter_tokens)),
-        ));
-    }
-    if req.halves {
-        extras.halves = Some((a.into_scores(), b.into_scores()));
-    }
+    let quarters = quarters.as_ref().map(|(x, y)| (x, y, quarter_tokens));
+    extras.of_halves(req, model.config.num_hidden_layers, (a, b), &raw, half_tokens, quarters);
     Ok((raw, extras))
 }
 
@@ -450,19 +460,8 @@ fn split_half_run<B: AutodiffBackend>(
     // consumed: three model-sized sets alive at once, not five.
     let raw = a.clone().merge(b.clone()).raw(model);
     let (a, b) = (a.raw(model), b.raw(model));
-    if req.agreement {
-        extras.agreement = Some(agreement::measure(
-            &a,
-            &b,
-            &raw,
-            model.config.num_hidden_layers,
-            half_tokens,
-            qa.as_ref().zip(qb.as_ref()).map(|(x, y)| (x, y, quarter_tokens)),
-        ));
-    }
-    if req.halves {
-        extras.halves = Some((a.into_scores(), b.into_scores()));
-    }
+    let quarters = qa.as_ref().zip(qb.as_ref()).map(|(x, y)| (x, y, quarter_tokens));
+    extras.of_halves(req, model.config.num_hidden_layers, (a, b), &raw, half_tokens, quarters);
     (raw, extras)
 }
 

@@ -419,28 +419,32 @@ pub(crate) const BIASES: [Slot; 3] = [
     ),
 ];
 
-/// Index in [`BLOCK`] of the slot of `kind` (a per-layer kind).
-pub(crate) const fn block_slot(kind: ModuleKind) -> usize {
+/// Index in `slots` of the slot of `kind`.
+const fn index_of(slots: &[Slot], kind: ModuleKind) -> Option<usize> {
     let mut i = 0;
-    while i < BLOCK.len() {
-        if BLOCK[i].kind as u8 == kind as u8 {
-            return i;
+    while i < slots.len() {
+        if slots[i].kind as u8 == kind as u8 {
+            return Some(i);
         }
         i += 1;
     }
-    panic!("not a per-layer kind")
+    None
+}
+
+/// Index in [`BLOCK`] of the slot of `kind` (a per-layer kind).
+pub(crate) const fn block_slot(kind: ModuleKind) -> usize {
+    match index_of(&BLOCK, kind) {
+        Some(i) => i,
+        None => panic!("not a per-layer kind"),
+    }
 }
 
 /// Index in [`BIASES`] of the bias of `kind` (q, k or v).
 pub(crate) const fn bias_slot(kind: ModuleKind) -> usize {
-    let mut i = 0;
-    while i < BIASES.len() {
-        if BIASES[i].kind as u8 == kind as u8 {
-            return i;
-        }
-        i += 1;
+    match index_of(&BIASES, kind) {
+        Some(i) => i,
+        None => panic!("not a biased kind"),
     }
-    panic!("not a biased kind")
 }
 
 /// The canonical name of layer `l`'s block slot or bias `s`.
