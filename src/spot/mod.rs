@@ -610,6 +610,15 @@ fn control_sets(ctl: Control, at: &AtK) -> (Named, Option<LanguageMatrix>) {
     fn put(out: &mut Named, name: &str, m: BTreeMap<String, Mask>) {
         out.push((name.to_string(), m));
     }
+    /// A set difference `name` and `name-random`, a random set of its own size per tensor.
+    fn difference(out: &mut Named, at: &AtK, name: &str, diff: BTreeMap<String, Mask>) {
+        put(
+            out,
+            &format!("{name}-random"),
+            random_like(at.agg, &diff, at.req.seed, name),
+        );
+        put(out, name, diff);
+    }
     let mut out = vec![];
     let mut matrix = None;
     match ctl {
@@ -643,13 +652,7 @@ fn control_sets(ctl: Control, at: &AtK) -> (Named, Option<LanguageMatrix>) {
         ),
         Control::CodeSpecific => {
             let t = select_by(at.extra.text.as_ref().expect("loaded"), at.counts, true);
-            let diff = minus(at.spot, &t);
-            put(
-                &mut out,
-                "code-specific-random",
-                random_like(at.agg, &diff, at.req.seed, "code-specific"),
-            );
-            put(&mut out, "code-specific", diff);
+            difference(&mut out, at, "code-specific", minus(at.spot, &t));
         }
         Control::CodeMinusCode => {
             let (a, b) = at.extra.halves_agg.as_ref().expect("loaded");
@@ -657,12 +660,7 @@ fn control_sets(ctl: Control, at: &AtK) -> (Named, Option<LanguageMatrix>) {
                 &spot_masks(a, at.k, at.req.scope).1,
                 &spot_masks(b, at.k, at.req.scope).1,
             );
-            put(
-                &mut out,
-                "code-minus-code-random",
-                random_like(at.agg, &diff, at.req.seed, "code-minus-code"),
-            );
-            put(&mut out, "code-minus-code", diff);
+            difference(&mut out, at, "code-minus-code", diff);
         }
         Control::Arms => {
             let random = select_random(at.agg, at.counts, at.req.seed);
